@@ -1,0 +1,1 @@
+"""Signed bundles: manifest model, verification, safe archives, the content-addressed store."""
