@@ -231,6 +231,8 @@ class ManifestBody(_Strict):
                 check_member_path(p)
             except ArchiveError as e:
                 raise ValueError(str(e))
+            if p == MANIFEST_NAME:
+                raise ValueError("a bundle file may not be named %s" % MANIFEST_NAME)
         if set(self.models) != {"small", "large"}:
             raise ValueError("models must name exactly 'small' and 'large'")
         if self.expires <= self.created:

@@ -1,0 +1,130 @@
+"""The manifest verifier: bytes in, a verified `ManifestBody` or a typed error out.
+
+Pure: no disk, no network, no clock. The caller passes the trusted keys, the threshold, the trusted
+time (`trusted_now`) and the highest version it already trusts per bundle name, and persists new
+trusted state only after this returns. Checks, in order (cheapest and least trusting first):
+
+1. size limit on the raw bytes (ManifestError)
+2. strict JSON: UTF-8, no duplicate keys, ``{"signed": {...}, "signatures": [...]}`` (ManifestError)
+3. at least `threshold` distinct trusted Ed25519 signatures over the canonical JSON of ``signed``
+   (SignatureError) — before the body is interpreted at all
+4. the body validates as a ManifestBody (ManifestError)
+5. version strictly above the highest trusted version for the name (RollbackError); checked even when
+   the manifest has also expired
+6. not expired against the trusted clock (ExpiredError)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Dict, List, Mapping, Tuple
+
+from pydantic import ValidationError
+
+from edge_agent.bundle.manifest import ManifestBody
+from edge_agent.errors import ExpiredError, ManifestError, RollbackError
+from edge_agent.signing import PublicKey, verify_signatures
+
+#: More signatures than this is not a manifest anyone wrote on purpose.
+MAX_SIGNATURES = 32
+
+
+def trusted_now(system_time: float, time_floor: int) -> int:
+    """The clock used for expiry: the later of the system clock and the persisted trusted floor.
+
+    A Jetson that boots at 1970 before NTP neither refuses every bundle nor accepts one that expired
+    before a time the device has already seen in a signed document.
+    """
+    return max(int(system_time), int(time_floor))
+
+
+def manifest_digest(raw: bytes) -> str:
+    """Hex sha256 of the manifest bytes, as deploy commands and chunk requests name it."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _no_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ManifestError("manifest has a duplicate key %r" % k)
+        out[k] = v
+    return out
+
+
+def parse_document(raw: bytes, *, max_manifest_bytes: int) -> Tuple[Dict[str, Any], List[Any]]:
+    """Split raw manifest bytes into (signed, signatures) without trusting either.
+
+    Raises ManifestError for oversize, non-UTF-8, invalid or ambiguous JSON, or the wrong shape.
+    """
+    if not isinstance(raw, (bytes, bytearray)):
+        raise ManifestError("manifest must be bytes")
+    if len(raw) > max_manifest_bytes:
+        raise ManifestError("manifest of %d bytes is over the %d byte limit" % (len(raw), max_manifest_bytes))
+    try:
+        text = bytes(raw).decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError:
+        raise ManifestError("manifest is not UTF-8")
+    except RecursionError:
+        raise ManifestError("manifest JSON is nested too deeply")
+    except ValueError as e:
+        raise ManifestError("manifest is not valid JSON: %s" % e)
+    if not isinstance(doc, dict) or set(doc) != {"signed", "signatures"}:
+        raise ManifestError('manifest must be an object with exactly "signed" and "signatures"')
+    signed, signatures = doc["signed"], doc["signatures"]
+    if not isinstance(signed, dict):
+        raise ManifestError('manifest "signed" must be an object')
+    if not isinstance(signatures, list):
+        raise ManifestError('manifest "signatures" must be a list')
+    if len(signatures) > MAX_SIGNATURES:
+        raise ManifestError("manifest carries %d signatures, at most %d allowed" % (len(signatures), MAX_SIGNATURES))
+    return signed, signatures
+
+
+def parse_body(signed: Mapping[str, Any]) -> ManifestBody:
+    """Validate the ``signed`` part into a ManifestBody (ManifestError with the first problem)."""
+    try:
+        return ManifestBody.model_validate(dict(signed))
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        more = " (and %d more problems)" % (e.error_count() - 1) if e.error_count() > 1 else ""
+        raise ManifestError("manifest field %s: %s%s" % (loc, first["msg"], more))
+
+
+def read_unverified(raw: bytes, *, max_manifest_bytes: int) -> ManifestBody:
+    """Parse a manifest WITHOUT checking signatures, expiry or version (for `inspect` only)."""
+    signed, _ = parse_document(raw, max_manifest_bytes=max_manifest_bytes)
+    return parse_body(signed)
+
+
+def verify_manifest(
+    raw: bytes,
+    *,
+    trusted: Mapping[str, PublicKey],
+    threshold: int,
+    now: int,
+    highest_versions: Mapping[str, int],
+    max_manifest_bytes: int,
+) -> ManifestBody:
+    """Verify raw manifest bytes completely; returns the body only when every check passes.
+
+    `trusted`: key id -> PublicKey. `now`: trusted Unix time (see `trusted_now`). `highest_versions`:
+    bundle name -> highest version already trusted (absent = none). Raises ManifestError,
+    SignatureError, RollbackError or ExpiredError.
+    """
+    signed, signatures = parse_document(raw, max_manifest_bytes=max_manifest_bytes)
+    verify_signatures(signed, signatures, trusted, threshold)
+    body = parse_body(signed)
+    highest = int(highest_versions.get(body.name, 0))
+    if body.version <= highest:
+        raise RollbackError(
+            "bundle %s version %d is not above the highest trusted version %d" % (body.name, body.version, highest)
+        )
+    if body.expires <= now:
+        raise ExpiredError(
+            "bundle %s version %d expired at %d (trusted time is %d)" % (body.name, body.version, body.expires, now)
+        )
+    return body
