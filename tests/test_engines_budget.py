@@ -1,0 +1,188 @@
+"""Memory budget and platform detection on recorded-style inputs (8 GB Xavier NX, 16 GB Orin NX)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_agent.engines.budget import (
+    MIB,
+    apply_budget,
+    budget_from_cuda,
+    budget_from_jtop,
+    budget_from_meminfo,
+    parse_meminfo,
+    read_budget,
+)
+from edge_agent.engines.platform import (
+    detect_platform,
+    parse_device_tree_model,
+    parse_nv_tegra_release,
+    platform_key,
+)
+from edge_agent.errors import ResourceError
+
+DATA = Path(__file__).parent / "data"
+KB = 1024
+
+
+def _meminfo(board: str) -> str:
+    return (DATA / ("meminfo_%s.txt" % board)).read_text()
+
+
+def _jtop(board: str) -> dict:
+    return json.loads((DATA / ("jtop_memory_%s.json" % board)).read_text())
+
+
+def test_meminfo_parsed_to_bytes():
+    info = parse_meminfo(_meminfo("xavier_nx_8gb"))
+    assert info["MemTotal"] == 7334312 * KB
+    assert info["MemAvailable"] == 4615876 * KB
+    assert info["HugePages_Total"] == 0  # unitless lines stay counts
+
+
+@pytest.mark.parametrize(
+    "board, available_kb",
+    [("xavier_nx_8gb", 4615876), ("orin_nx_16gb", 12731452)],
+)
+def test_budget_from_meminfo_is_available_times_fraction_minus_reserve(board, available_kb):
+    b = budget_from_meminfo(_meminfo(board), fraction=0.6, reserve_bytes=512 * MIB)
+    assert b.source == "meminfo"
+    assert b.available_bytes == available_kb * KB
+    assert b.budget_bytes == int(available_kb * KB * 0.6) - 512 * MIB
+
+
+def test_xavier_budget_is_smaller_than_orin_budget():
+    x = budget_from_meminfo(_meminfo("xavier_nx_8gb"), fraction=0.6, reserve_bytes=512 * MIB)
+    o = budget_from_meminfo(_meminfo("orin_nx_16gb"), fraction=0.6, reserve_bytes=512 * MIB)
+    assert 2000 * MIB < x.budget_bytes < 2300 * MIB  # ~2.1 GiB on an 8 GB Xavier NX with a desktop up
+    assert 6900 * MIB < o.budget_bytes < 7100 * MIB
+    assert o.changed_by(x) > 2.0
+
+
+def test_swap_counts_only_when_allowed():
+    text = _meminfo("xavier_nx_8gb")
+    without = budget_from_meminfo(text, fraction=1.0, reserve_bytes=0)
+    with_swap = budget_from_meminfo(text, fraction=1.0, reserve_bytes=0, allow_swap=True)
+    assert with_swap.available_bytes - without.available_bytes == 3667136 * KB
+
+
+def test_reserve_larger_than_available_gives_zero_not_negative():
+    b = budget_from_meminfo(_meminfo("xavier_nx_8gb"), fraction=0.1, reserve_bytes=8 * 1024 * MIB)
+    assert b.budget_bytes == 0
+
+
+def test_meminfo_without_memavailable_falls_back_to_free_plus_cache():
+    text = "MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 10 kB\nCached: 200 kB\n"
+    assert budget_from_meminfo(text, fraction=1.0, reserve_bytes=0).available_bytes == 310 * KB
+
+
+def test_garbage_meminfo_is_a_resource_error():
+    with pytest.raises(ResourceError, match="MemTotal"):
+        budget_from_meminfo("hello\nworld: lots\n", fraction=0.5, reserve_bytes=0)
+
+
+@pytest.mark.parametrize("board", ["xavier_nx_8gb", "orin_nx_16gb"])
+def test_jtop_budget_agrees_with_meminfo_within_ten_percent(board):
+    j = budget_from_jtop(_jtop(board), fraction=0.6, reserve_bytes=512 * MIB)
+    m = budget_from_meminfo(_meminfo(board), fraction=0.6, reserve_bytes=512 * MIB)
+    assert j.source == "jtop"
+    assert j.total_bytes == m.total_bytes
+    assert abs(j.budget_bytes - m.budget_bytes) / m.budget_bytes < 0.10
+
+
+def test_jtop_swap_added_when_allowed():
+    raw = _jtop("orin_nx_16gb")
+    a = budget_from_jtop(raw, fraction=1.0, reserve_bytes=0)
+    b = budget_from_jtop(raw, fraction=1.0, reserve_bytes=0, allow_swap=True)
+    assert b.available_bytes - a.available_bytes == 7827744 * KB
+
+
+def test_jtop_report_without_ram_is_a_resource_error():
+    with pytest.raises(ResourceError, match="RAM"):
+        budget_from_jtop({"SWAP": {}}, fraction=0.5, reserve_bytes=0)
+
+
+def test_discrete_gpu_budget_from_mem_get_info():
+    b = budget_from_cuda(6 * 1024 * MIB, 8 * 1024 * MIB, fraction=0.5, reserve_bytes=256 * MIB)
+    assert (b.source, b.budget_bytes) == ("cuda", 3 * 1024 * MIB - 256 * MIB)
+
+
+def test_read_budget_reads_the_file_it_is_given(tmp_path):
+    p = tmp_path / "meminfo"
+    p.write_text(_meminfo("orin_nx_16gb"))
+    b = read_budget(fraction=0.5, reserve_bytes=0, meminfo_path=p)
+    assert b.available_bytes == 12731452 * KB
+    with pytest.raises(ResourceError, match="cannot read"):
+        read_budget(fraction=0.5, reserve_bytes=0, meminfo_path=tmp_path / "absent")
+
+
+def test_read_budget_uses_device_memory_on_a_discrete_gpu():
+    b = read_budget(fraction=1.0, reserve_bytes=0, unified_memory=False, cuda_mem_get_info=lambda: (100, 200))
+    assert (b.source, b.available_bytes, b.total_bytes) == ("cuda", 100, 200)
+
+
+def test_apply_budget_rejects_a_bad_fraction():
+    with pytest.raises(ValueError):
+        apply_budget(100, fraction=0.0, reserve_bytes=0)
+
+
+# ------------------------------------------------------------------------------------------ platform
+
+
+@pytest.mark.parametrize(
+    "line, want",
+    [
+        ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, DATE: Tue Aug  1 2023", "35.4.1"),
+        ("# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, DATE: Fri Sep 13 2024", "36.4.0"),
+        ("garbage", None),
+        ("", None),
+    ],
+)
+def test_l4t_release_parsed_from_first_line(line, want):
+    assert parse_nv_tegra_release(line + "\n# KERNEL_VARIANT: oot\n") == want
+
+
+def test_device_tree_model_strips_nul():
+    model = "NVIDIA Jetson Xavier NX Developer Kit"
+    assert parse_device_tree_model(model.encode() + b"\x00") == model
+    assert parse_device_tree_model(b"\x00") is None
+
+
+@pytest.mark.parametrize(
+    "version, cc, key",
+    [
+        ("8.5.2.2", (7, 2), "trt8.5.2-sm72"),
+        ("8.6.2.3", (8, 7), "trt8.6.2-sm87"),
+        ("10.3.0.30", (8, 7), "trt10.3.0-sm87"),
+    ],
+)
+def test_platform_key_matches_the_manifest_pattern(version, cc, key):
+    import re
+
+    from edge_agent.bundle.manifest import PLATFORM_KEY_PATTERN
+
+    assert platform_key(version, cc) == key
+    assert re.match(PLATFORM_KEY_PATTERN, key)
+
+
+def test_detect_platform_on_a_fake_jetson_root(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text("# R35 (release), REVISION: 4.1, GCID: 1, BOARD: t186ref\n")
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Orin NX Developer Kit\x00")
+    info = detect_platform(root=tmp_path, probe_gpu=False)
+    assert info.l4t_release == "35.4.1"
+    assert info.jetson_model == "NVIDIA Orin NX Developer Kit"
+    assert info.is_jetson and info.unified_memory
+    assert info.key is None  # no GPU probed
+
+
+def test_detect_platform_on_this_machine_never_raises():
+    info = detect_platform()
+    d = info.describe()
+    assert d["python"] and d["machine"]
+    if info.trt_version is None:
+        assert info.trt_error and "tensorrt" in info.trt_error
