@@ -257,6 +257,21 @@ def _check_against_manifest(reader: BundleReader, manifest: ManifestBody, max_fi
         raise IntegrityError("bundle lacks file(s) the manifest lists: %s" % ", ".join(missing[:5]))
 
 
+def check_bundle_files(reader: BundleReader, manifest: ManifestBody, *, max_file_bytes: Optional[int] = None) -> None:
+    """Check every file of an open bundle against a verified manifest (listing, size, sha256) without
+    writing anything. Raises ArchiveError or IntegrityError."""
+    _check_against_manifest(reader, manifest, max_file_bytes)
+    for m in reader.files():
+        h = hashlib.sha256()
+        for buf in reader.iter_chunks(m.name):
+            h.update(buf)
+        want = manifest.files[m.name].sha256
+        if h.hexdigest() != want:
+            raise IntegrityError(
+                "bundle file %r has sha256 %s..., the manifest says %s..." % (m.name, h.hexdigest()[:16], want[:16])
+            )
+
+
 def _write_member(reader: BundleReader, member: Member, root: Path, expected_sha256: str) -> None:
     target = root.joinpath(*member.name.split("/"))
     parent = target.parent
