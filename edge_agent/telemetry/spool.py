@@ -1,0 +1,396 @@
+"""A bounded, crash-safe disk spool for messages that could not be published (broker unreachable).
+
+Layout of the spool directory::
+
+    seg-<first seq, 20 digits>.log   append-only segments of records
+    head.json                        {"head": first unacknowledged seq, "dropped": messages dropped so far}
+
+A record is a 24-byte header (magic, body length, seq, CRC-32 of seq+body) followed by the body
+(QoS byte, topic length, topic, payload). Appends are fsynced, so after a crash (kill -9, power loss)
+at most the last record is torn; a torn or corrupt record ends the reading of its segment and is
+never fatal. `head.json` is replaced atomically (temp file, fsync, rename, fsync dir).
+
+Bounds: `max_messages` and `max_bytes`. When a new message does not fit, the oldest are dropped
+first and counted in `dropped` (persisted, so the count survives a restart).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections import deque
+from pathlib import Path
+from typing import Deque, Iterator, List, NamedTuple, Optional, Tuple
+
+from edge_agent.errors import ResourceError
+
+logger = logging.getLogger(__name__)
+
+_MAGIC = b"ESP1"
+_HEADER = struct.Struct(">4sIQI")  # magic, body length, seq, crc32(seq bytes + body)
+_BODY = struct.Struct(">BH")  # qos, topic length
+_SEQ = struct.Struct(">Q")
+HEAD_FILE = "head.json"
+SEGMENT_PREFIX = "seg-"
+SEGMENT_SUFFIX = ".log"
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+
+class SpooledMessage(NamedTuple):
+    """One message waiting in the spool, in append order."""
+
+    seq: int
+    topic: str
+    payload: bytes
+    qos: int
+
+
+class _Entry(NamedTuple):
+    seq: int
+    segment: int  # first seq of the segment file
+    offset: int
+    size: int  # whole record, header included
+
+
+def _segment_name(first_seq: int) -> str:
+    return "%s%020d%s" % (SEGMENT_PREFIX, first_seq, SEGMENT_SUFFIX)
+
+
+def _encode(seq: int, topic: str, payload: bytes, qos: int) -> bytes:
+    t = topic.encode("utf-8")
+    body = _BODY.pack(qos, len(t)) + t + payload
+    crc = zlib.crc32(_SEQ.pack(seq) + body) & 0xFFFFFFFF
+    return _HEADER.pack(_MAGIC, len(body), seq, crc) + body
+
+
+def _decode_body(body: bytes) -> Tuple[int, str, bytes]:
+    qos, tlen = _BODY.unpack_from(body)
+    start = _BODY.size
+    topic = body[start:start + tlen].decode("utf-8")
+    return qos, topic, body[start + tlen:]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Messages kept on disk while the broker is unreachable; oldest dropped first when full.
+
+    Thread-safe. Typical use: `append()` when a publish fails; after reconnect, `peek()` the oldest
+    messages, publish them in order, then `ack(last_delivered_seq)`.
+    """
+
+    def __init__(
+        self,
+        dir: Path,
+        max_messages: int,
+        *,
+        max_bytes: int = 64 * 1024 * 1024,
+        segment_bytes: int = 1024 * 1024,
+        fsync: bool = True,
+    ) -> None:
+        if max_messages < 1 or max_bytes < 1:
+            raise ValueError("spool bounds must be positive")
+        self.dir = Path(dir)
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._segment_bytes = segment_bytes
+        self._fsync = fsync
+        self._lock = threading.RLock()
+        self._entries: Deque[_Entry] = deque()
+        self._bytes = 0
+        self._head = 0
+        self._next_seq = 0
+        self.dropped = 0
+        self.corrupt = 0
+        self._tail_seg: Optional[int] = None
+        self._tail_size = 0
+        self._tail_file = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._load()
+        except OSError as e:
+            raise ResourceError("cannot open the telemetry spool in %s: %s" % (self.dir, e.strerror or e))
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def _load(self) -> None:
+        head, dropped = self._read_head()
+        self._head, self.dropped = head, dropped
+        segments = sorted(self._segments())
+        for i, first in enumerate(segments):
+            last_segment = i == len(segments) - 1
+            good_end = self._scan_segment(first, truncate_tail=last_segment)
+            if last_segment:
+                self._tail_seg, self._tail_size = first, good_end
+        if self._entries:
+            self._next_seq = max(self._entries[-1].seq + 1, self._head)
+        else:
+            self._next_seq = max(self._head, self._next_seq)
+        self._remove_dead_segments()
+        if self._entries:
+            logger.info("telemetry spool %s holds %d message(s) (%d bytes) from before", self.dir,
+                        len(self._entries), self._bytes)
+
+    def _read_head(self) -> Tuple[int, int]:
+        path = self.dir / HEAD_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return int(data["head"]), int(data.get("dropped", 0))
+        except FileNotFoundError:
+            return 0, 0
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            # The head file is only ever replaced atomically, so this is outside damage: resend
+            # rather than lose (duplicates carry their original seq).
+            logger.warning("telemetry spool head %s is unreadable (%s); resending everything kept", path, e)
+            return 0, 0
+
+    def _segments(self) -> List[int]:
+        out = []
+        for p in self.dir.iterdir():
+            name = p.name
+            if name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX):
+                digits = name[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)]
+                if digits.isdigit():
+                    out.append(int(digits))
+        return out
+
+    def _scan_segment(self, first: int, *, truncate_tail: bool) -> int:
+        """Index the valid records of one segment; returns the offset where valid data ends."""
+        path = self.dir / _segment_name(first)
+        with open(path, "rb") as f:
+            data = f.read()
+        off = 0
+        last_seq = -1
+        while off < len(data):
+            bad = None
+            if len(data) - off < _HEADER.size:
+                bad = "torn header"
+            else:
+                magic, blen, seq, crc = _HEADER.unpack_from(data, off)
+                end = off + _HEADER.size + blen
+                if magic != _MAGIC or blen > MAX_RECORD_BYTES:
+                    bad = "bad header"
+                elif end > len(data):
+                    bad = "torn record"
+                elif zlib.crc32(_SEQ.pack(seq) + data[off + _HEADER.size:end]) & 0xFFFFFFFF != crc:
+                    bad = "checksum mismatch"
+                elif seq <= last_seq:
+                    bad = "sequence out of order"
+            if bad is not None:
+                lost = len(data) - off
+                self.corrupt += 1
+                logger.warning("telemetry spool %s: %s at byte %d; skipping the last %d byte(s) of the segment",
+                               path.name, bad, off, lost)
+                if truncate_tail:
+                    with open(path, "r+b") as f:
+                        f.truncate(off)
+                        if self._fsync:
+                            os.fsync(f.fileno())
+                break
+            size = _HEADER.size + blen
+            self._next_seq = max(self._next_seq, seq + 1)
+            last_seq = seq
+            if seq >= self._head:
+                self._entries.append(_Entry(seq, first, off, size))
+                self._bytes += size
+            off += size
+        return off
+
+    def _write_head(self) -> None:
+        path = self.dir / HEAD_FILE
+        tmp = self.dir / (HEAD_FILE + ".tmp")
+        data = json.dumps({"head": self._head, "dropped": self.dropped}).encode("utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if self._fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self._fsync:
+            _fsync_dir(self.dir)
+
+    def _remove_dead_segments(self) -> None:
+        """Delete segments whose every record is below the head (never the tail being written)."""
+        live = {e.segment for e in self._entries}
+        for first in self._segments():
+            if first not in live and first != self._tail_seg:
+                try:
+                    (self.dir / _segment_name(first)).unlink()
+                except OSError as e:
+                    logger.warning("cannot remove spool segment %s: %s", first, e)
+
+    # ------------------------------------------------------------------------------------------- public
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the messages held (records, headers included)."""
+        with self._lock:
+            return self._bytes
+
+    def append(self, topic: str, payload: bytes, qos: int) -> int:
+        """Keep a message; drops the oldest (counted in `dropped`) when a bound would be passed.
+
+        Returns the message's spool sequence number (-1 when the message alone is over the byte bound and
+        was dropped). Raises ResourceError when the disk refuses.
+        """
+        if qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
+        with self._lock:
+            seq = self._next_seq
+            record = _encode(seq, topic, bytes(payload), qos)
+            if len(record) > min(self.max_bytes, MAX_RECORD_BYTES):
+                self.dropped += 1
+                self._write_head()
+                logger.warning("telemetry spool: a %d byte message for %s is over the spool's byte bound; dropped",
+                               len(record), topic)
+                return -1
+            dropped_now = 0
+            while self._entries and (len(self._entries) + 1 > self.max_messages
+                                     or self._bytes + len(record) > self.max_bytes):
+                e = self._entries.popleft()
+                self._bytes -= e.size
+                dropped_now += 1
+            try:
+                if self._tail_file is None or self._tail_size + len(record) > self._segment_bytes:
+                    self._rotate(seq)
+                f = self._tail_file
+                f.write(record)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+            except OSError as e:
+                self._undo_partial_write()
+                try:
+                    self._drop_accounting(dropped_now)
+                except OSError:
+                    pass
+                raise ResourceError("cannot write to the telemetry spool %s: %s" % (self.dir, e.strerror or e))
+            self._entries.append(_Entry(seq, self._tail_seg, self._tail_size, len(record)))
+            self._tail_size += len(record)
+            self._bytes += len(record)
+            self._next_seq = seq + 1
+            if dropped_now:
+                self._drop_accounting(dropped_now)
+            return seq
+
+    def _undo_partial_write(self) -> None:
+        """Cut a half-written record off the tail so later appends are not hidden behind it."""
+        f, self._tail_file = self._tail_file, None
+        if f is None:
+            return
+        try:
+            f.close()
+        except OSError:
+            pass
+        try:
+            with open(self.dir / _segment_name(self._tail_seg), "r+b") as g:
+                g.truncate(self._tail_size)
+        except OSError as e:
+            logger.warning("telemetry spool: cannot trim a partial record: %s", e)
+
+    def _drop_accounting(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.dropped += n
+        self._head = self._entries[0].seq if self._entries else self._next_seq
+        logger.warning("telemetry spool full (%d messages / %d bytes max): dropped the %d oldest, %d dropped so far",
+                       self.max_messages, self.max_bytes, n, self.dropped)
+        self._write_head()
+        self._remove_dead_segments()
+
+    def _rotate(self, first_seq: int) -> None:
+        if self._tail_file is not None:
+            self._tail_file.close()
+            self._tail_file = None
+        if self._tail_seg is not None and self._tail_size < self._segment_bytes:
+            # Reopen the existing tail after a restart instead of starting a new file.
+            self._tail_file = open(self.dir / _segment_name(self._tail_seg), "ab")
+            if self._tail_file.tell() == self._tail_size:
+                return
+            self._tail_file.close()
+            self._tail_file = None
+        self._tail_seg = first_seq
+        self._tail_size = 0
+        self._tail_file = open(self.dir / _segment_name(first_seq), "ab")
+        if self._fsync:
+            _fsync_dir(self.dir)
+        self._remove_dead_segments()
+
+    def peek(self, limit: int = 100) -> List[SpooledMessage]:
+        """The oldest `limit` messages, in order, without removing them; unreadable ones are skipped."""
+        with self._lock:
+            return self._read([e for _, e in zip(range(limit), self._entries)])
+
+    def __iter__(self) -> Iterator[SpooledMessage]:
+        """Every message held, oldest first, read in batches of 100."""
+        after = -1
+        while True:
+            with self._lock:
+                batch = self._read([e for e in self._entries if e.seq > after][:100])
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1].seq
+
+    def _read(self, entries: List[_Entry]) -> List[SpooledMessage]:
+        out: List[SpooledMessage] = []
+        files = {}
+        try:
+            for e in entries:
+                f = files.get(e.segment)
+                if f is None:
+                    f = files[e.segment] = open(self.dir / _segment_name(e.segment), "rb")
+                f.seek(e.offset)
+                raw = f.read(e.size)
+                try:
+                    qos, topic, payload = _decode_body(raw[_HEADER.size:])
+                except (struct.error, UnicodeDecodeError) as err:
+                    logger.warning("telemetry spool: record %d unreadable (%s); skipped", e.seq, err)
+                    continue
+                out.append(SpooledMessage(e.seq, topic, payload, qos))
+        except OSError as err:
+            logger.warning("telemetry spool: cannot read %s: %s", self.dir, err)
+        finally:
+            for f in files.values():
+                f.close()
+        return out
+
+    def ack(self, seq: int) -> int:
+        """Forget every message up to and including `seq` (they were delivered). Returns how many."""
+        with self._lock:
+            n = 0
+            while self._entries and self._entries[0].seq <= seq:
+                e = self._entries.popleft()
+                self._bytes -= e.size
+                n += 1
+            if n:
+                self._head = self._entries[0].seq if self._entries else max(self._head, seq + 1)
+                self._write_head()
+                self._remove_dead_segments()
+            return n
+
+    def close(self) -> None:
+        """Close the open segment file."""
+        with self._lock:
+            if self._tail_file is not None:
+                self._tail_file.close()
+                self._tail_file = None
