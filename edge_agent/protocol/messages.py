@@ -190,6 +190,8 @@ class Telemetry(Message):
     tau: Optional[float] = None
     routes: Dict[str, RouteStats] = Field(default_factory=dict)
     gpu_util: Optional[float] = None
+    gpu_mem_used_mb: Optional[float] = Field(None, description="discrete GPUs (nvidia-smi); null on Jetson")
+    gpu_mem_total_mb: Optional[float] = None
     cpu_percent: Optional[float] = None
     mem_used_mb: Optional[float] = None
     mem_available_mb: Optional[float] = None
