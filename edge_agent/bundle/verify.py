@@ -16,6 +16,7 @@ trusted state only after this returns. Checks, in order (cheapest and least trus
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from typing import Any, Dict, List, Mapping, Tuple
@@ -80,7 +81,20 @@ def parse_document(raw: bytes, *, max_manifest_bytes: int) -> Tuple[Dict[str, An
         raise ManifestError('manifest "signatures" must be a list')
     if len(signatures) > MAX_SIGNATURES:
         raise ManifestError("manifest carries %d signatures, at most %d allowed" % (len(signatures), MAX_SIGNATURES))
+    for entry in signatures:
+        sig = entry.get("sig") if isinstance(entry, dict) else None
+        if isinstance(sig, str) and not _canonical_base64(sig):
+            raise ManifestError("a manifest signature is not canonical base64")
     return signed, signatures
+
+
+def _canonical_base64(text: str) -> bool:
+    """True when `text` is the one standard base64 spelling of its bytes (no slack in the padding bits,
+    so a signature cannot be re-spelled into a different manifest that still verifies)."""
+    try:
+        return base64.b64encode(base64.b64decode(text, validate=True)).decode("ascii") == text
+    except (ValueError, UnicodeEncodeError):
+        return False
 
 
 def parse_body(signed: Mapping[str, Any]) -> ManifestBody:
