@@ -1,0 +1,215 @@
+"""Ingest of device status, telemetry and events into the registry (and on to the rollout runner).
+
+`Ingest.handle(topic, payload)` is called from the controller's MQTT thread for every message on the
+shared subscriptions. It never raises: a payload that does not parse, names another device than its
+topic, or arrives on an unknown topic is logged (rate-limited) and counted. Status and events are
+written at once (they are rare and drive rollouts); telemetry is kept per device in memory and
+written in one batch by `flush()` (the controller calls it every `flush_interval_s`), so a large
+fleet's telemetry costs one transaction per interval, not one per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from edge_agent.protocol import topics
+from edge_agent.protocol.messages import Event, MessageError, Status, Telemetry
+from fleet.registry import Registry
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("status", "telemetry", "events")
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """How a telemetry summary maps to a device's health word."""
+
+    max_error_rate: float = 0.05
+    max_p99_ms: Optional[float] = None
+
+
+def telemetry_summary(t: Telemetry) -> Dict[str, Any]:
+    """The few numbers of a telemetry message that the fleet view shows."""
+    temps = [v for v in t.temperatures_c.values() if v is not None]
+    return {
+        "ts": t.ts,
+        "seq": t.seq,
+        "uptime_s": t.uptime_s,
+        "qps": t.qps,
+        "requests": t.requests,
+        "errors": t.errors,
+        "error_rate": t.error_rate,
+        "p50_ms": t.latency_ms.p50,
+        "p99_ms": t.latency_ms.p99,
+        "queue_depth": t.queue_depth,
+        "mean_batch": t.mean_batch,
+        "large_fraction": t.large_fraction,
+        "tau": t.tau,
+        "gpu_util": t.gpu_util,
+        "cpu_percent": t.cpu_percent,
+        "mem_used_mb": t.mem_used_mb,
+        "mem_available_mb": t.mem_available_mb,
+        "temp_max_c": max(temps) if temps else None,
+        "power_mw": t.power_mw,
+        "throttled": t.throttled,
+        "bundle": t.bundle.model_dump() if t.bundle else None,
+        "spool_dropped": t.spool_dropped,
+    }
+
+
+def health_of(t: Telemetry, policy: HealthPolicy) -> str:
+    """``ok``, ``degraded`` (throttling) or ``unhealthy`` (error rate or p99 over the policy)."""
+    rate = t.error_rate
+    if rate is None and t.requests:
+        rate = t.errors / float(t.requests)
+    if rate is not None and rate > policy.max_error_rate:
+        return "unhealthy"
+    if policy.max_p99_ms is not None and t.latency_ms.p99 is not None and t.latency_ms.p99 > policy.max_p99_ms:
+        return "unhealthy"
+    if t.throttled:
+        return "degraded"
+    return "ok"
+
+
+class Ingest:
+    """Parses device messages, updates the registry, and hands status/events to a listener."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        prefix: str = topics.DEFAULT_PREFIX,
+        on_status: Optional[Callable[[Status], None]] = None,
+        on_event: Optional[Callable[[Event], None]] = None,
+        health: HealthPolicy = HealthPolicy(),
+        max_payload_bytes: int = 1 << 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.prefix = prefix
+        self.on_status = on_status
+        self.on_event = on_event
+        self.health = health
+        self.max_payload_bytes = max_payload_bytes
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pending: Dict[str, Tuple[str, float, Dict[str, Any], str]] = {}
+        self.received: Dict[str, int] = {c: 0 for c in CHANNELS}
+        self.malformed: Dict[str, int] = {c: 0 for c in (*CHANNELS, "topic")}
+        self.listener_errors = 0
+        self.last_error = ""
+        self._last_log = 0.0
+
+    # ---------------------------------------------------------------------------------- handling
+
+    def subscriptions(self, share_group: Optional[str] = "fleet") -> Tuple[str, ...]:
+        """Topic filters to subscribe (MQTT 5 shared subscriptions when `share_group` is set)."""
+        filters = tuple(topics.all_devices(self.prefix, c) for c in CHANNELS)
+        if share_group:
+            return tuple("$share/%s/%s" % (share_group, f) for f in filters)
+        return filters
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Process one message; never raises."""
+        parsed = topics.parse_device_topic(self.prefix, topic)
+        if parsed is None or parsed[1] not in CHANNELS:
+            self._bad("topic", "unexpected topic %r" % topic)
+            return
+        device_id, channel = parsed
+        self.received[channel] += 1
+        if channel == "status" and not payload:
+            return  # a retained status being cleared (device decommissioned)
+        try:
+            if channel == "telemetry":
+                self._telemetry(device_id, payload)
+            elif channel == "status":
+                self._status(device_id, payload)
+            else:
+                self._event(device_id, payload)
+        except MessageError as e:
+            self._bad(channel, "%s from %s: %s" % (channel, device_id, e))
+        except Exception as e:  # a registry or listener failure must not kill the MQTT thread
+            self.listener_errors += 1
+            self.last_error = "%s from %s: %s" % (channel, device_id, e)
+            log.exception("handling %s from %s failed", channel, device_id)
+
+    def _bad(self, channel: str, reason: str) -> None:
+        self.malformed[channel] += 1
+        self.last_error = reason
+        now = time.monotonic()
+        if now - self._last_log > 5.0:
+            self._last_log = now
+            log.warning("malformed message (%d so far): %s", sum(self.malformed.values()), reason)
+
+    def _check_sender(self, device_id: str, claimed: str, channel: str) -> None:
+        if claimed != device_id:
+            raise MessageError("%s payload names device %r but came on the topic of %r" % (channel, claimed, device_id))
+
+    def _telemetry(self, device_id: str, payload: bytes) -> None:
+        t = Telemetry.from_json(payload, max_bytes=self.max_payload_bytes)
+        self._check_sender(device_id, t.device_id, "telemetry")
+        entry = (device_id, t.ts, telemetry_summary(t), health_of(t, self.health))
+        with self._lock:
+            self._pending[device_id] = entry
+
+    def _status(self, device_id: str, payload: bytes) -> None:
+        s = Status.from_json(payload, max_bytes=self.max_payload_bytes)
+        self._check_sender(device_id, s.device_id, "status")
+        now = self.clock()
+        self.registry.record_status(s.to_dict(), now=now)
+        if s.last_command_seq:
+            self.registry.raise_command_seq(device_id, s.last_command_seq)
+        if self.on_status is not None:
+            self.on_status(s)
+
+    def _event(self, device_id: str, payload: bytes) -> None:
+        ev = Event.from_json(payload, max_bytes=self.max_payload_bytes)
+        self._check_sender(device_id, ev.device_id, "events")
+        self.registry.record_event(
+            device_id,
+            {
+                "kind": ev.kind,
+                "level": ev.level,
+                "message": ev.message,
+                "ts": ev.ts,
+                "bundle": ev.bundle.model_dump() if ev.bundle else None,
+                "rollout_id": ev.rollout_id,
+            },
+            now=self.clock(),
+        )
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    # ------------------------------------------------------------------------------------ flushing
+
+    def flush(self) -> int:
+        """Write the telemetry summaries gathered since the last flush; returns how many devices."""
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        if not batch:
+            return 0
+        try:
+            return self.registry.record_telemetry(batch.values(), now=self.clock())
+        except Exception as e:
+            # Keep the newest summaries for the next try rather than lose them.
+            with self._lock:
+                for k, v in batch.items():
+                    self._pending.setdefault(k, v)
+            self.last_error = "telemetry flush failed: %s" % e
+            log.error("telemetry flush failed: %s", e)
+            return 0
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters for the controller's own status."""
+        return {
+            "received": dict(self.received),
+            "malformed": dict(self.malformed),
+            "listener_errors": self.listener_errors,
+            "pending_telemetry": len(self._pending),
+            "last_error": self.last_error,
+        }

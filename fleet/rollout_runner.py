@@ -1,0 +1,342 @@
+"""Runs rollouts: feeds the pure planner (`fleet.rollout`) with status, events and time, persists every
+step to the registry, and carries out the planner's actions by sending commands.
+
+Commands go through `send_command(device_id, args)`, a function the controller supplies: it signs the
+command (with a fresh per-device sequence number) and publishes it. The runner persists the new state
+*before* sending, so a controller that dies in between resumes with the device marked as sent; the
+device then either reports (its status is retained, so the restarted controller sees where it stands)
+or times out. Commands are idempotent on the device, so a resend is harmless.
+
+All public methods are thread-safe (the MQTT thread, the RPC handler and the ticker call them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from edge_agent.errors import EdgeAgentError
+from edge_agent.protocol.messages import (
+    BundleRef,
+    CommandArgs,
+    DeployArgs,
+    Event,
+    PromoteArgs,
+    RollbackArgs,
+    Status,
+)
+from fleet import rollout as plan
+from fleet.registry import Registry
+from fleet.rollout import Action, Rollout, RolloutError, RolloutParams
+
+log = logging.getLogger(__name__)
+
+SendCommand = Callable[[str, CommandArgs], None]
+
+
+def new_rollout_id(now: float) -> str:
+    """A sortable, readable, unique rollout id such as ``r20261122-0815-3fa2``."""
+    return "r%s-%s" % (time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)), os.urandom(2).hex())
+
+
+class RolloutRunner:
+    """Owns the active rollouts of one controller."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        send_command: SendCommand,
+        *,
+        defaults: Optional[RolloutParams] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.send_command = send_command
+        self.defaults = defaults or RolloutParams()
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._active: Dict[str, Rollout] = {}
+        self.send_failures = 0
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def resume_from_registry(self) -> List[str]:
+        """Load every rollout that was running, paused or stalled when the controller stopped."""
+        with self._lock:
+            resumed = []
+            for row in self.registry.list_rollouts(states=(*plan.ACTIVE_STATES, plan.HALTED, plan.ABORTED), limit=1000):
+                body = self.registry.load_rollout(row["rollout_id"])
+                if body is None:
+                    continue
+                r = Rollout.from_dict(body)
+                if r.final and not any(e.state == plan.D_ROLLBACK_SENT for e in r.devices.values()):
+                    continue  # ended, nothing outstanding
+                self._active[r.rollout_id] = r
+                resumed.append(r.rollout_id)
+                self._apply(
+                    r, [plan.Note("resumed-after-restart", "controller restarted; rollout resumed (%s)" % r.state)]
+                )
+            if resumed:
+                log.info("resumed %d rollout(s) from the registry: %s", len(resumed), ", ".join(resumed))
+            return resumed
+
+    def start(
+        self,
+        *,
+        bundle: Dict[str, Any],
+        manifest_sha256: str,
+        manifest_size: int,
+        percents: Optional[Sequence[float]] = None,
+        wave_devices: Optional[Sequence[Sequence[str]]] = None,
+        devices: Optional[Sequence[str]] = None,
+        mode: str = "normal",
+        ab_split: Optional[float] = None,
+        params: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, Any]:
+        """Create and start a rollout; returns its summary. Raises RolloutError on a bad request."""
+        now = self.clock()
+        bref = BundleRef(name=bundle["name"], version=int(bundle["version"])).model_dump()
+        known = {d["device_id"]: d for d in self.registry.list_devices()}
+        if wave_devices:
+            waves = plan.check_explicit_waves(wave_devices)
+            unknown = sorted(d for w in waves for d in w if d not in known)
+            if unknown:
+                raise RolloutError("unknown device(s): %s" % ", ".join(unknown[:10]))
+        else:
+            if devices:
+                unknown = sorted(d for d in devices if d not in known)
+                if unknown:
+                    raise RolloutError("unknown device(s): %s" % ", ".join(unknown[:10]))
+                targets = list(dict.fromkeys(devices))
+            else:
+                targets = list(known)
+            if not targets:
+                raise RolloutError("the registry knows no devices yet; nothing to roll out to")
+            # Online devices first, so the first (canary) wave is made of devices that can answer.
+            targets.sort(key=lambda d: (not known[d]["online"], d))
+            waves = plan.resolve_waves(targets, list(percents or plan.DEFAULT_WAVES))
+        merged = self.defaults.to_dict()
+        merged.update({k: v for k, v in (params or {}).items() if v is not None})
+        try:
+            rparams = RolloutParams(**merged)
+        except TypeError as e:
+            raise RolloutError("bad rollout parameter: %s" % e)
+        with self._lock:
+            busy = {d: r.rollout_id for r in self._active.values() if not r.final for d in r.devices}
+            clash = sorted(d for w in waves for d in w if d in busy)
+            if clash:
+                raise RolloutError(
+                    "device(s) %s are already in rollout %s; pause or abort it first"
+                    % (", ".join(clash[:5]), busy[clash[0]])
+                )
+            r = Rollout.create(
+                rollout_id=new_rollout_id(now),
+                bundle=bref,
+                manifest_sha256=manifest_sha256,
+                manifest_size=manifest_size,
+                waves=waves,
+                priors={d: known[d]["active"] for d in known},
+                params=rparams,
+                mode=mode,
+                ab_split=ab_split,
+                now=now,
+            )
+            self._active[r.rollout_id] = r
+            self._apply(r, r.start(now))
+            return r.summary()
+
+    # ------------------------------------------------------------------------------------- inputs
+
+    def on_status(self, status: Status) -> None:
+        """A device's status arrived (called by ingest)."""
+        deploy = status.deploy
+        with self._lock:
+            for r in list(self._active.values()):
+                if status.device_id not in r.devices:
+                    continue
+                obs = plan.classify_status(
+                    r,
+                    online=status.online,
+                    active=status.active.model_dump() if status.active else None,
+                    deploy_state=deploy.state if deploy else None,
+                    deploy_bundle=deploy.bundle.model_dump() if deploy and deploy.bundle else None,
+                    deploy_rollout_id=deploy.rollout_id if deploy else None,
+                )
+                if obs is not None:
+                    detail = "status %s" % (deploy.state if deploy else "offline")
+                    if deploy and deploy.detail:
+                        detail += ": %s" % deploy.detail
+                    self._apply(r, r.observe(status.device_id, obs, detail, self.clock()))
+
+    def on_event(self, event: Event) -> None:
+        """A device's event arrived (called by ingest)."""
+        with self._lock:
+            for r in list(self._active.values()):
+                if event.device_id not in r.devices:
+                    continue
+                obs = plan.classify_event(
+                    r,
+                    kind=event.kind,
+                    bundle=event.bundle.model_dump() if event.bundle else None,
+                    rollout_id=event.rollout_id,
+                )
+                if obs is not None:
+                    detail = "%s: %s" % (event.kind, event.message) if event.message else event.kind
+                    self._apply(r, r.observe(event.device_id, obs, detail[:300], self.clock()))
+
+    def tick(self) -> None:
+        """Time passes: device timeouts. Call every second or so."""
+        now = self.clock()
+        with self._lock:
+            for r in list(self._active.values()):
+                acts = r.tick(now)
+                if acts:
+                    self._apply(r, acts)
+
+    # ----------------------------------------------------------------------------------- operator
+
+    def _get(self, rollout_id: str) -> Rollout:
+        r = self._active.get(rollout_id)
+        if r is None:
+            if self.registry.load_rollout(rollout_id) is not None:
+                raise RolloutError("rollout %s has already ended" % rollout_id)
+            raise RolloutError("no rollout %s" % rollout_id)
+        return r
+
+    def pause(self, rollout_id: str) -> Dict[str, Any]:
+        """Pause a running rollout."""
+        with self._lock:
+            r = self._get(rollout_id)
+            self._apply(r, r.pause(self.clock()))
+            return r.summary()
+
+    def resume(self, rollout_id: str) -> Dict[str, Any]:
+        """Resume a paused rollout or push a stalled one onwards."""
+        with self._lock:
+            r = self._get(rollout_id)
+            self._apply(r, r.resume(self.clock()))
+            return r.summary()
+
+    def abort(self, rollout_id: str, *, rollback: bool = True) -> Dict[str, Any]:
+        """Abort a rollout (rolling back the devices that took it unless `rollback` is False)."""
+        with self._lock:
+            r = self._get(rollout_id)
+            self._apply(r, r.abort(self.clock(), rollback=rollback))
+            return r.summary()
+
+    def promote(self, rollout_id: str, *, accept: bool = True) -> Dict[str, Any]:
+        """Promote (or drop) a shadow/A-B rollout's candidate on its devices."""
+        with self._lock:
+            r = self._active.get(rollout_id)
+            if r is None:
+                body = self.registry.load_rollout(rollout_id)
+                if body is None:
+                    raise RolloutError("no rollout %s" % rollout_id)
+                r = Rollout.from_dict(body)
+            self._apply(r, r.promote(self.clock(), accept=accept))
+            return r.summary()
+
+    def rollback_devices(
+        self, devices: Sequence[str], *, to: Optional[Dict[str, Any]] = None, reason: str = "operator rollback"
+    ) -> Dict[str, Any]:
+        """Send a rollback to each device (outside any rollout); returns {sent: [...], failed: {...}}."""
+        if not devices:
+            raise RolloutError("no devices given")
+        known = {d["device_id"] for d in self.registry.list_devices()}
+        unknown = sorted(d for d in devices if d not in known)
+        if unknown:
+            raise RolloutError("unknown device(s): %s" % ", ".join(unknown[:10]))
+        target = BundleRef(**to) if to else None
+        sent: List[str] = []
+        failed: Dict[str, str] = {}
+        for d in dict.fromkeys(devices):
+            try:
+                self.send_command(d, RollbackArgs(to=target, reason=reason[:200]))
+                sent.append(d)
+            except EdgeAgentError as e:
+                failed[d] = str(e)
+        return {"sent": sent, "failed": failed}
+
+    # ------------------------------------------------------------------------------------- queries
+
+    def get(self, rollout_id: Optional[str] = None, *, history: int = 50) -> Dict[str, Any]:
+        """A rollout's summary, devices and recent history (the newest rollout when no id is given)."""
+        with self._lock:
+            if rollout_id is None:
+                rows = self.registry.list_rollouts(limit=1)
+                if not rows:
+                    raise RolloutError("no rollouts yet")
+                rollout_id = rows[0]["rollout_id"]
+            r = self._active.get(rollout_id)
+            if r is None:
+                body = self.registry.load_rollout(rollout_id)
+                if body is None:
+                    raise RolloutError("no rollout %s" % rollout_id)
+                r = Rollout.from_dict(body)
+            out = r.summary()
+            out["devices"] = [e.to_dict() for e in r.devices.values()]
+            out["history"] = self.registry.rollout_history(rollout_id, limit=history)
+            return out
+
+    def list(self, *, limit: int = 20) -> List[Dict[str, Any]]:
+        """Recent rollouts, newest first."""
+        return self.registry.list_rollouts(limit=limit)
+
+    def active_ids(self) -> List[str]:
+        """Ids of the rollouts this runner is driving."""
+        with self._lock:
+            return [rid for rid, r in self._active.items() if not r.final]
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _apply(self, r: Rollout, acts: List[Action]) -> None:
+        """Persist the rollout with its history, then send the commands the actions ask for."""
+        now = self.clock()
+        history = []
+        for a in acts:
+            if isinstance(a, plan.Note):
+                history.append((now, a.kind, a.device_id, a.message))
+                log.info(
+                    "rollout %s: %s%s: %s", r.rollout_id, a.kind, " " + a.device_id if a.device_id else "", a.message
+                )
+        self.registry.save_rollout(r.to_dict(), history)
+        failures = []
+        for a in acts:
+            if isinstance(a, plan.Note):
+                continue
+            try:
+                self.send_command(a.device_id, self._command_for(r, a))
+            except EdgeAgentError as e:
+                self.send_failures += 1
+                failures.append((now, "send-failed", a.device_id, "%s not sent: %s" % (type(a).__name__, e)))
+                log.warning("rollout %s: command to %s not sent: %s", r.rollout_id, a.device_id, e)
+        if failures:
+            self.registry.save_rollout(r.to_dict(), failures)
+        if (
+            r.final
+            and r.rollout_id in self._active
+            and not any(e.state == plan.D_ROLLBACK_SENT for e in r.devices.values())
+        ):
+            # Keep a stopped rollout in memory while rollbacks are outstanding, so their results
+            # (and late activations) are still tracked; otherwise it lives on in the registry only.
+            del self._active[r.rollout_id]
+
+    @staticmethod
+    def _command_for(r: Rollout, a: Action) -> CommandArgs:
+        if isinstance(a, plan.SendDeploy):
+            return DeployArgs(
+                bundle=BundleRef(**r.bundle),
+                manifest_sha256=r.manifest_sha256,
+                manifest_size=r.manifest_size,
+                mode=r.mode,
+                ab_split=r.ab_split,
+                rollout_id=r.rollout_id,
+            )
+        if isinstance(a, plan.SendRollback):
+            return RollbackArgs(to=BundleRef(**a.to) if a.to else None, reason=a.reason[:200], rollout_id=r.rollout_id)
+        if isinstance(a, plan.SendPromote):
+            return PromoteArgs(accept=a.accept, reason=a.reason[:200])
+        raise TypeError("not a command action: %r" % (a,))

@@ -1,0 +1,176 @@
+"""The SQLite registry: schema migrations, devices, command sequence numbers, rollouts, concurrency."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from fleet.registry import SCHEMA_VERSION, Registry, RegistryError
+
+
+def status(device_id="dev-1", online=True, active=None, state="idle", seq=0, **kw):
+    d = {
+        "schema": "edge-agent/status/1", "device_id": device_id, "online": online, "ts": 100.0,
+        "agent_version": "0.1.0", "platform": {"machine": "aarch64", "python": "3.8.10", "jetpack": "5.1.2"},
+        "active": active, "previous": None, "deploy": {"state": state, "bundle": active, "since": 1.0},
+        "ready": True, "last_command_seq": seq,
+    }
+    d.update(kw)
+    return d
+
+
+def test_new_file_is_migrated_to_the_current_schema_in_wal_mode(tmp_path):
+    path = tmp_path / "sub" / "fleet.db"
+    with Registry(path) as reg:
+        assert reg.schema_version() == SCHEMA_VERSION
+    db = sqlite3.connect(str(path))
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert [r[0] for r in db.execute("SELECT version FROM schema_migrations")] == list(range(1, SCHEMA_VERSION + 1))
+    db.close()
+    # Re-opening applies nothing twice.
+    with Registry(path) as reg:
+        assert reg.schema_version() == SCHEMA_VERSION
+
+
+def test_file_from_a_newer_controller_is_refused_untouched(tmp_path):
+    path = tmp_path / "fleet.db"
+    Registry(path).close()
+    db = sqlite3.connect(str(path))
+    db.execute("INSERT INTO schema_migrations VALUES (?, 0)", (SCHEMA_VERSION + 1,))
+    db.commit()
+    db.close()
+    with pytest.raises(RegistryError, match="upgrade the controller"):
+        Registry(path)
+    db = sqlite3.connect(str(path))
+    assert db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] == SCHEMA_VERSION + 1
+    db.close()
+
+
+def test_garbage_file_is_a_clear_registry_error(tmp_path):
+    path = tmp_path / "fleet.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RegistryError, match="cannot open registry"):
+        Registry(path)
+    assert path.read_bytes().startswith(b"this is not a database")
+
+
+def test_status_creates_and_updates_a_device(tmp_path):
+    reg = Registry(tmp_path / "fleet.db")
+    reg.record_status(status(), now=10.0)
+    d = reg.get_device("dev-1")
+    assert d["online"] is True and d["first_seen"] == 10.0 and d["platform"]["jetpack"] == "5.1.2"
+    assert d["active"] is None and d["deploy_state"] == "idle"
+    v2 = {"name": "digits", "version": 2}
+    reg.record_status(status(active=v2, state="active"), now=20.0)
+    d = reg.get_device("dev-1")
+    assert d["active"] == v2 and d["deploy_state"] == "active" and d["last_seen"] == 20.0 and d["first_seen"] == 10.0
+    # The Last Will (offline) keeps what we knew and marks health offline.
+    reg.record_status(status(online=False, active=v2, state="active", platform=None, agent_version=None), now=30.0)
+    d = reg.get_device("dev-1")
+    assert d["online"] is False and d["health"] == "offline" and d["platform"]["machine"] == "aarch64"
+    assert [x["device_id"] for x in reg.list_devices(online=False)] == ["dev-1"]
+    assert reg.list_devices(online=True) == []
+
+
+def test_telemetry_batch_updates_summaries_in_one_write(tmp_path):
+    reg = Registry(tmp_path / "fleet.db")
+    items = [("dev-%03d" % i, 5.0, {"qps": float(i)}, "ok") for i in range(500)]
+    assert reg.record_telemetry(items, now=6.0) == 500
+    assert reg.device_count() == 500
+    d = reg.get_device("dev-007")
+    assert d["telemetry"] == {"qps": 7.0} and d["health"] == "ok" and d["telemetry_ts"] == 5.0
+    assert reg.record_telemetry([], now=7.0) == 0
+
+
+def test_command_seq_strictly_increases_and_survives_reopen(tmp_path):
+    path = tmp_path / "fleet.db"
+    reg = Registry(path)
+    assert [reg.next_command_seq("a") for _ in range(3)] == [1, 2, 3]
+    assert reg.next_command_seq("b") == 1
+    reg.close()
+    reg = Registry(path)
+    assert reg.next_command_seq("a") == 4
+    # A device that accepted seq 50 (e.g. from a controller whose registry was lost) pushes us past it.
+    reg.raise_command_seq("a", 50)
+    assert reg.next_command_seq("a") == 51
+    reg.raise_command_seq("a", 10)
+    assert reg.next_command_seq("a") == 52
+
+
+def test_command_seq_is_unique_across_threads(tmp_path):
+    reg = Registry(tmp_path / "fleet.db")
+    got = []
+    lock = threading.Lock()
+
+    def worker():
+        for _ in range(50):
+            s = reg.next_command_seq("x")
+            with lock:
+                got.append(s)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(1, 201))
+
+
+def test_rollout_save_load_and_history(tmp_path):
+    reg = Registry(tmp_path / "fleet.db")
+    body = {
+        "rollout_id": "r1", "bundle": {"name": "digits", "version": 2}, "manifest_sha256": "a" * 64,
+        "manifest_size": 10, "waves": [["a"], ["b"]], "params": {}, "mode": "normal", "ab_split": None,
+        "state": "running", "current_wave": 0, "created": 1.0, "updated": 1.0, "reason": "",
+        "devices": [
+            {"device_id": "a", "wave": 0, "state": "sent", "prior": None, "sent_at": 1.0, "updated": 1.0,
+             "detail": "", "rollback_attempts": 0},
+            {"device_id": "b", "wave": 1, "state": "pending", "prior": {"name": "digits", "version": 1},
+             "sent_at": None, "updated": 1.0, "detail": "", "rollback_attempts": 0},
+        ],
+    }
+    reg.save_rollout(body, [(1.0, "started", None, "go"), (1.0, "sent", "a", "deploy")])
+    body["state"] = "halted"
+    body["devices"][0]["state"] = "failed"
+    reg.save_rollout(body, [(2.0, "halted", None, "boom")])
+    loaded = reg.load_rollout("r1")
+    assert loaded == body
+    assert [h["kind"] for h in reg.rollout_history("r1")] == ["started", "sent", "halted"]
+    assert reg.list_rollouts(states=["running"]) == []
+    assert reg.list_rollouts()[0]["state"] == "halted"
+    assert reg.device_rollouts("a")[0]["state"] == "failed"
+    assert reg.load_rollout("nope") is None
+
+
+def test_readers_in_another_connection_are_not_blocked_by_a_writer(tmp_path):
+    """WAL: a second process/connection reads while the controller writes."""
+    path = tmp_path / "fleet.db"
+    reg = Registry(path)
+    reg.record_telemetry([("d%d" % i, 1.0, {"n": 0}, "ok") for i in range(100)], now=1.0)
+    errors = []
+    stop = threading.Event()
+
+    def reader():
+        other = Registry(path)
+        try:
+            while not stop.is_set():
+                n = len(other.list_devices())
+                if n != 100:
+                    errors.append(n)
+        except Exception as e:  # pragma: no cover - the failure we look for
+            errors.append(e)
+        finally:
+            other.close()
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    for k in range(50):
+        reg.record_telemetry([("d%d" % i, 1.0, {"n": k}, "ok") for i in range(100)], now=2.0 + k)
+    stop.set()
+    for t in readers:
+        t.join()
+    assert errors == []
+    assert reg.get_device("d5")["telemetry"] == {"n": 49}
