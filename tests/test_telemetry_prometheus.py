@@ -1,0 +1,126 @@
+"""Prometheus text exposition: parses, one HELP/TYPE per family, labels escaped, counters named _total."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge_agent.protocol.messages import BundleRef, LatencyMs, RouteStats, Telemetry
+from edge_agent.telemetry.prometheus import escape_label_value, render_prometheus
+
+# One sample line of the 0.0.4 text format, strictly: name{label="value",...} value
+_SAMPLE = re.compile(
+    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)'
+    r'\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*")*)\}'
+    r' (?P<value>[-+]?(?:[0-9.]+(?:[eE][-+]?[0-9]+)?|NaN|Inf))$'
+)
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\\\|\\"|\\n)*)"')
+
+
+def _unescape(v: str) -> str:
+    return re.sub(r'\\(\\|"|n)', lambda m: {"\\": "\\", '"': '"', "n": "\n"}[m.group(1)], v)
+
+
+def strict_parse(text: str):
+    """A small parser of our own: every line is HELP, TYPE or a sample; HELP+TYPE precede a family's samples."""
+    assert text.endswith("\n")
+    families, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert name not in families, "family %s declared twice" % name
+            families[name] = {"help": line.split(" ", 3)[3], "type": None, "samples": []}
+            current = name
+        elif line.startswith("# TYPE "):
+            _, _, name, mtype = line.split(" ")
+            assert name == current and mtype in ("counter", "gauge")
+            families[name]["type"] = mtype
+        else:
+            m = _SAMPLE.match(line)
+            assert m, "not a valid sample line: %r" % line
+            assert m.group("name") == current, "sample %s outside its family" % m.group("name")
+            labels = {k: _unescape(v) for k, v in _LABEL.findall(m.group("labels"))}
+            families[current]["samples"].append((labels, float(m.group("value"))))
+    return families
+
+
+def _telemetry(**kw) -> Telemetry:
+    base = dict(
+        device_id="jetson-01", ts=1.7e9, seq=4, period_s=10.0, uptime_s=3600.5, qps=20.0, requests=200, errors=2,
+        refused=1, error_rate=0.01, latency_ms=LatencyMs(p50=2.0, p95=7.5, p99=11.0), queue_depth=3, mean_batch=2.5,
+        large_fraction=0.25, tau=0.6,
+        routes={"small": RouteStats(requests=150, latency_ms=LatencyMs(p50=1.0, p95=2.0, p99=3.0)),
+                "large": RouteStats(requests=48, errors=2, latency_ms=LatencyMs(p99=12.0), queue_depth=1)},
+        gpu_util=37.0, cpu_percent=9.0, mem_used_mb=3000.0, mem_available_mb=4000.0,
+        temperatures_c={"CPU": 37.5, 'we"ird\\sen\nsor': 40.0}, power_mw=4567.0, throttled=False,
+        bundle=BundleRef(name="digits", version=3), engine={"backend": "tensorrt", "precision": "fp16", "bad key": 1},
+        spool_dropped=7, malformed_messages=2, source="jtop+proc",
+    )
+    base.update(kw)
+    return Telemetry(**base)
+
+
+TOTALS = {"requests": 12345, "errors": 67, "refused": 8,
+          "routes": {"small": {"requests": 10000, "errors": 60}, "large": {"requests": 2270, "errors": 7}}}
+
+
+def test_output_parses_strictly_and_with_prometheus_client():
+    text = render_prometheus(_telemetry(), totals=TOTALS)
+    fams = strict_parse(text)
+    for name, f in fams.items():
+        assert f["type"] is not None and f["help"], name
+        assert f["samples"], name
+        assert all(s[0]["device_id"] == "jetson-01" for s in f["samples"])
+        assert name.endswith("_total") == (f["type"] == "counter"), name
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    # prometheus_client strips _total from counter family names
+    assert parsed["edge_agent_requests"].type == "counter"
+    assert parsed["edge_agent_requests"].samples[0].value == 12345
+    assert parsed["edge_agent_latency_seconds"].type == "gauge"
+
+
+def test_values_are_in_base_units():
+    fams = strict_parse(render_prometheus(_telemetry(), totals=TOTALS))
+    lat = {s[0]["quantile"]: s[1] for s in fams["edge_agent_latency_seconds"]["samples"]}
+    assert lat == {"0.5": 0.002, "0.95": 0.0075, "0.99": 0.011}
+    assert fams["edge_agent_power_watts"]["samples"][0][1] == pytest.approx(4.567)
+    assert fams["edge_agent_memory_available_bytes"]["samples"][0][1] == 4000.0 * 1024 * 1024
+    assert fams["edge_agent_gpu_utilization_ratio"]["samples"][0][1] == pytest.approx(0.37)
+    assert fams["edge_agent_throttled"]["samples"][0][1] == 0
+    routes = {(s[0]["route"], s[0]["quantile"]): s[1] for s in fams["edge_agent_route_latency_seconds"]["samples"]}
+    assert routes[("large", "0.99")] == 0.012 and ("large", "0.5") not in routes  # null quantile left out
+    assert {s[0]["route"]: s[1] for s in fams["edge_agent_route_requests_total"]["samples"]} == {
+        "small": 10000, "large": 2270}
+    assert fams["edge_agent_spool_dropped_total"]["samples"][0][1] == 7
+
+
+def test_label_values_are_escaped_and_round_trip():
+    text = render_prometheus(_telemetry())
+    assert r'sensor="we\"ird\\sen\nsor"' in text
+    fams = strict_parse(text)
+    sensors = {s[0]["sensor"] for s in fams["edge_agent_temperature_celsius"]["samples"]}
+    assert sensors == {"CPU", 'we"ird\\sen\nsor'}
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {s.labels["sensor"] for s in parsed["edge_agent_temperature_celsius"].samples} == sensors
+    assert escape_label_value('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
+
+
+def test_info_carries_bundle_and_engine_and_skips_bad_label_names():
+    fams = strict_parse(render_prometheus(_telemetry()))
+    labels, value = fams["edge_agent_info"]["samples"][0]
+    assert value == 1
+    assert labels["bundle"] == "digits" and labels["bundle_version"] == "3"
+    assert labels["engine_backend"] == "tensorrt" and labels["engine_precision"] == "fp16"
+    assert not any(" " in k for k in labels)
+
+
+def test_unknown_values_are_absent_not_zero_and_counters_need_totals():
+    t = Telemetry(device_id="box", ts=1.0, seq=0, period_s=10.0, uptime_s=1.0)
+    fams = strict_parse(render_prometheus(t))
+    assert "edge_agent_gpu_utilization_ratio" not in fams and "edge_agent_power_watts" not in fams
+    assert "edge_agent_latency_seconds" not in fams and "edge_agent_temperature_celsius" not in fams
+    assert "edge_agent_requests_total" not in fams  # no totals given: no fake counters from period counts
+    assert fams["edge_agent_period_requests"]["samples"][0][1] == 0
+    assert fams["edge_agent_uptime_seconds"]["samples"][0][1] == 1.0
