@@ -22,3 +22,62 @@ def broker(tmp_path_factory):
         yield b
     finally:
         b.close()
+
+
+# ------------------------------------------------------------------ engines: TensorRT double, jetson skip
+
+TRT_DOUBLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trt_double")
+
+
+def _real_tensorrt_and_gpu() -> bool:
+    """True only when the real tensorrt imports and pycuda sees a GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("pycuda") is None:
+        return False
+    try:
+        import pycuda.driver as cuda
+        import tensorrt  # noqa: F401
+
+        cuda.init()
+        return cuda.Device.count() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `jetson` tests unless the real TensorRT and a GPU are present."""
+    jetson_items = [i for i in items if "jetson" in i.keywords]
+    if not jetson_items or _real_tensorrt_and_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a real Jetson: TensorRT and a CUDA GPU are not available here")
+    for item in jetson_items:
+        item.add_marker(skip)
+
+
+def _drop_trt_modules():
+    import sys
+
+    for name in list(sys.modules):
+        if name == "tensorrt" or name.startswith("tensorrt.") or name == "pycuda" or name.startswith("pycuda."):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def trt_double(monkeypatch):
+    """Install the TensorRT/pycuda test double (tests/trt_double) for this test and its child processes."""
+    import sys
+
+    _drop_trt_modules()
+    monkeypatch.syspath_prepend(TRT_DOUBLE_DIR)
+    old = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", TRT_DOUBLE_DIR + (os.pathsep + old if old else ""))
+    import tensorrt
+
+    assert tensorrt.__file__.startswith(TRT_DOUBLE_DIR)
+    try:
+        yield tensorrt
+    finally:
+        _drop_trt_modules()
+        if TRT_DOUBLE_DIR in sys.path:
+            sys.path.remove(TRT_DOUBLE_DIR)

@@ -1,0 +1,338 @@
+"""Build a TensorRT plan from ONNX in a child process, so a builder crash or OOM kill never takes the agent down.
+
+Parent side: `run_build(request, emit=..., timeout_s=...)` starts
+`python -m edge_agent.engines.trt_build REQUEST.json`, turns the child's JSON-line progress on stdout into
+`engine-build-*` events, enforces the timeout, and maps a non-zero exit or a signal to `BuildError`.
+Child side: `build_plan(request)` — the TENSORRT.md build sketch with a profile over the batch range,
+FP16/INT8 where allowed and fast, a workspace limit, and the timing cache loaded and saved.
+The plan is written to a temporary name and renamed, so a killed build leaves no half-written plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from edge_agent.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[str, str, dict], None]
+_MAX_LINE = 64 * 1024
+_STDERR_TAIL = 2000
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything the builder child needs (JSON round-trips through a file)."""
+
+    model: str
+    onnx_path: str
+    plan_path: str
+    precision: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    workspace_bytes: int
+    timing_cache_path: Optional[str] = None
+    calibration_cache_path: Optional[str] = None
+    optimization_level: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ValueError("precision must be fp32, fp16 or int8")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("need 1 <= min_batch <= opt_batch <= max_batch")
+        if self.precision == "int8" and not self.calibration_cache_path:
+            raise ValueError("int8 needs a calibration cache")
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    """What the child built."""
+
+    plan_path: Path
+    precision: str
+    seconds: float
+    notes: List[str]
+
+
+# ------------------------------------------------------------------------------------------ child side
+
+
+def _out(obj: Dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _cache_calibrator(trt: Any, cache: bytes) -> Any:
+    """An entropy calibrator that only replays the bundle's calibration cache (no data on the device)."""
+
+    class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: List[str]) -> None:
+            return None
+
+        def read_calibration_cache(self) -> bytes:
+            return cache
+
+        def write_calibration_cache(self, data: Any) -> None:
+            return None
+
+    return _Calibrator()
+
+
+def build_plan(req: BuildRequest, progress: Callable[[str], None] = lambda s: None) -> BuildOutcome:
+    """Build and write the plan (runs in the child). Raises BuildError with TensorRT's own messages."""
+    from edge_agent.engines.trt import import_tensorrt, make_logger, trt_major
+
+    trt = import_tensorrt()
+    logger = make_logger(trt)
+    started = time.monotonic()
+    notes: List[str] = []
+    builder = trt.Builder(logger)
+    flags = 0 if trt_major(trt) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    progress("parsing")
+    if not parser.parse_from_file(req.onnx_path):
+        raise BuildError("TensorRT cannot parse %s: %s" % (
+            Path(req.onnx_path).name, "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(req.workspace_bytes))
+    if req.optimization_level is not None and hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = int(req.optimization_level)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        shape = tuple(t.shape)
+        if shape and shape[0] == -1:
+            rest = shape[1:]
+            if any(d < 0 for d in rest):
+                raise BuildError("input %s has dynamic axes besides the batch axis: %s" % (t.name, shape))
+            profile.set_shape(t.name, (req.min_batch, *rest), (req.opt_batch, *rest), (req.max_batch, *rest))
+    if config.add_optimization_profile(profile) < 0:
+        raise BuildError("TensorRT refused the optimization profile (batch %d..%d)" % (req.min_batch, req.max_batch))
+    precision = req.precision
+    calibrator = None
+    if precision == "int8":
+        if builder.platform_has_fast_int8:
+            cache = Path(req.calibration_cache_path or "").read_bytes()
+            calibrator = _cache_calibrator(trt, cache)
+            config.set_flag(trt.BuilderFlag.INT8)
+            config.int8_calibrator = calibrator  # keep a reference until the build returns
+            config.set_calibration_profile(profile)
+            # layers without INT8 kernels fall back to FP16 when that is fast
+            if builder.platform_has_fast_fp16:
+                config.set_flag(trt.BuilderFlag.FP16)
+        else:
+            notes.append("no fast INT8 on this GPU: built FP16/FP32 instead")
+            precision = "fp16"
+    if precision == "fp16":
+        if builder.platform_has_fast_fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        else:
+            notes.append("no fast FP16 on this GPU: built FP32 instead")
+            precision = "fp32"
+    timing_blob = b""
+    if req.timing_cache_path and os.path.exists(req.timing_cache_path):
+        timing_blob = Path(req.timing_cache_path).read_bytes()
+    timing = config.create_timing_cache(timing_blob)
+    if timing is None:  # a cache from another TensorRT version or a corrupt file: start empty
+        notes.append("timing cache unreadable: started a new one")
+        timing = config.create_timing_cache(b"")
+    config.set_timing_cache(timing, ignore_mismatch=False)
+    progress("building")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError("TensorRT build failed: %s" % ("; ".join(logger.errors[-3:]) or "no message"))
+    _atomic_write(Path(req.plan_path), bytes(plan))
+    if req.timing_cache_path:
+        cache_obj = config.get_timing_cache()
+        if cache_obj is not None:
+            _atomic_write(Path(req.timing_cache_path), bytes(cache_obj.serialize()))
+    del calibrator
+    return BuildOutcome(Path(req.plan_path), precision, time.monotonic() - started, notes)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".%s." % path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, str(path))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def child_main(argv: List[str]) -> int:
+    """Entry point of the builder child: `python -m edge_agent.engines.trt_build REQUEST.json`."""
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m edge_agent.engines.trt_build REQUEST.json\n")
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        req = BuildRequest(**json.loads(Path(argv[0]).read_text()))
+        outcome = build_plan(req, progress=lambda stage: _out({"stage": stage}))
+    except Exception as e:  # everything becomes one result line; the parent raises BuildError
+        _out({"result": "failed", "message": str(e).splitlines()[0] if str(e) else type(e).__name__})
+        return 1
+    _out({"result": "ok", "plan_path": str(outcome.plan_path), "precision": outcome.precision,
+          "seconds": round(outcome.seconds, 3), "notes": outcome.notes})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- parent side
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = "signal %d" % -rc
+        hint = " (out of memory? the kernel OOM killer sends SIGKILL)" if -rc == signal.SIGKILL else ""
+        return "the engine builder was killed by %s%s" % (name, hint)
+    return "the engine builder exited with status %d" % rc
+
+
+def run_build(
+    req: BuildRequest,
+    *,
+    emit: Emit,
+    timeout_s: float,
+    progress_interval_s: float = 5.0,
+    env: Optional[Dict[str, str]] = None,
+) -> BuildOutcome:
+    """Run the build in a child process; emits engine-build-started/-progress/-done/-failed."""
+    data = {"model": req.model, "precision": req.precision, "max_batch": req.max_batch,
+            "workspace_mb": req.workspace_bytes // (1024 * 1024)}
+    workdir = Path(req.plan_path).parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd, req_file = tempfile.mkstemp(dir=str(workdir), prefix=".build-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(req), f)
+    stderr_file = tempfile.TemporaryFile()
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent.engines.trt_build", req_file],
+            stdout=subprocess.PIPE, stderr=stderr_file, stdin=subprocess.DEVNULL,
+            env=dict(os.environ if env is None else env),
+        )
+    except OSError as e:
+        os.unlink(req_file)
+        stderr_file.close()
+        msg = "cannot start the engine builder: %s" % e.strerror
+        emit("engine-build-failed", msg, dict(data, error=msg))
+        raise BuildError(msg)
+    emit("engine-build-started", "building the %s engine (%s, batch 1..%d)" % (req.model, req.precision, req.max_batch),
+         dict(data, pid=proc.pid))
+    lines: queue.Queue = queue.Queue(maxsize=1024)
+
+    def _reader() -> None:
+        assert proc.stdout is not None
+        for raw in iter(lambda: proc.stdout.readline(_MAX_LINE), b""):
+            try:
+                lines.put(json.loads(raw.decode("utf-8", "replace")), timeout=5)
+            except (ValueError, queue.Full):
+                continue
+        lines.put(None)
+
+    reader = threading.Thread(target=_reader, name="trt-build-reader", daemon=True)
+    reader.start()
+    result: Optional[Dict[str, Any]] = None
+    failure: Optional[str] = None
+    deadline = started + timeout_s
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                proc.kill()
+                failure = "the engine build of %s took longer than %.0f s and was stopped" % (req.model, timeout_s)
+                break
+            try:
+                item = lines.get(timeout=min(progress_interval_s, remaining))
+            except queue.Empty:
+                elapsed = time.monotonic() - started
+                emit("engine-build-progress", "still building the %s engine (%.0f s)" % (req.model, elapsed),
+                     dict(data, stage="building", elapsed_s=round(elapsed, 1)))
+                continue
+            if item is None:
+                break
+            if "stage" in item:
+                emit("engine-build-progress", "%s: %s" % (req.model, item["stage"]),
+                     dict(data, stage=str(item["stage"]), elapsed_s=round(time.monotonic() - started, 1)))
+            elif "result" in item:
+                result = item
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        reader.join(timeout=5)
+        if failure is None:
+            if result is not None and result.get("result") == "failed":
+                failure = str(result.get("message"))
+            elif rc != 0 or result is None:
+                failure = _describe_exit(rc)
+                tail = _tail(stderr_file)
+                if tail:
+                    failure += ": " + tail
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        stderr_file.close()
+        try:
+            os.unlink(req_file)
+        except OSError:
+            pass
+    seconds = time.monotonic() - started
+    if failure is not None:
+        emit("engine-build-failed", failure, dict(data, error=failure, seconds=round(seconds, 1)))
+        raise BuildError(failure)
+    assert result is not None
+    outcome = BuildOutcome(Path(result["plan_path"]), str(result["precision"]), seconds, list(result.get("notes", [])))
+    emit("engine-build-done", "built the %s engine in %.1f s" % (req.model, seconds),
+         dict(data, precision=outcome.precision, seconds=round(seconds, 2), notes="; ".join(outcome.notes)))
+    return outcome
+
+
+def _tail(f: Any) -> str:
+    try:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - _STDERR_TAIL))
+        text = f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Test double of pycuda (only `pycuda.driver` is provided)."""

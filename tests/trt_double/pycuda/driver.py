@@ -1,0 +1,282 @@
+"""Test double of `pycuda.driver`: contexts per thread, device memory as a registry of byte arrays.
+
+Strict like the real driver where our code could go wrong: allocations, pinned memory and streams need a
+context pushed in the calling thread; async copies need page-locked host memory; pop without push fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+
+class Error(Exception):
+    """Base of pycuda.driver errors."""
+
+
+class LogicError(Error):
+    """Misuse of the API (e.g. no current context)."""
+
+
+class MemoryError(Error):
+    """cuMemAlloc failed: out of memory."""
+
+
+class RuntimeError(Error):
+    """A driver call failed at run time."""
+
+
+class host_alloc_flags:
+    """Flags for pagelocked allocations."""
+
+    PORTABLE = 1
+    DEVICEMAP = 2
+    WRITECOMBINED = 4
+
+
+_state_lock = threading.Lock()
+_initialized = False
+_tls = threading.local()
+_addresses = itertools.count(0x7F0000000000, 0x100000)
+_memory: Dict[int, np.ndarray] = {}
+_live_contexts: List[Context] = []
+_streams = itertools.count(0x5000)
+
+
+def _stack() -> List[Context]:
+    if not hasattr(_tls, "stack"):
+        _tls.stack = []
+    return _tls.stack
+
+
+def _need_context(what: str) -> Context:
+    stack = _stack()
+    if not stack:
+        raise LogicError("%s failed: invalid device context - no currently active context?" % what)
+    return stack[-1]
+
+
+def _need_init() -> None:
+    if not _initialized:
+        raise LogicError("cuInit has not been called")
+
+
+def init(flags: int = 0) -> None:
+    """cuInit."""
+    global _initialized
+    _initialized = True
+
+
+def get_version() -> Tuple[int, int, int]:
+    """CUDA version pycuda was compiled against."""
+    return (11, 4, 0)
+
+
+def get_driver_version() -> int:
+    """Driver's CUDA version as an integer."""
+    return 11040
+
+
+def _sm() -> Tuple[int, int]:
+    sm = os.environ.get("TRT_DOUBLE_SM", "72")
+    return int(sm[:-1]), int(sm[-1])
+
+
+class Device:
+    """A CUDA device."""
+
+    def __init__(self, ordinal: int) -> None:
+        _need_init()
+        if not 0 <= ordinal < Device.count():
+            raise LogicError("cuDeviceGet failed: invalid device ordinal")
+        self.ordinal = ordinal
+
+    @staticmethod
+    def count() -> int:
+        """Number of devices."""
+        _need_init()
+        return int(os.environ.get("TRT_DOUBLE_GPUS", "1"))
+
+    def compute_capability(self) -> Tuple[int, int]:
+        """(major, minor)."""
+        return _sm()
+
+    def name(self) -> str:
+        """Device name."""
+        return "Double GPU sm%d%d" % _sm()
+
+    def total_memory(self) -> int:
+        """Bytes of device memory."""
+        return int(os.environ.get("TRT_DOUBLE_MEM_TOTAL", str(8 << 30)))
+
+    def make_context(self, flags: int = 0) -> Context:
+        """Create a context and push it on this thread's stack."""
+        ctx = Context(self)
+        with _state_lock:
+            _live_contexts.append(ctx)
+        _stack().append(ctx)
+        return ctx
+
+
+class Context:
+    """A CUDA context; the current one is per thread."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.detached = False
+
+    def push(self) -> None:
+        """Make this context current in the calling thread."""
+        if self.detached:
+            raise LogicError("cuCtxPushCurrent failed: invalid device context")
+        _stack().append(self)
+
+    @staticmethod
+    def pop() -> None:
+        """Pop the calling thread's current context."""
+        stack = _stack()
+        if not stack:
+            raise LogicError("context::pop failed: invalid device context - cannot pop non-current context")
+        stack.pop()
+
+    @staticmethod
+    def get_current() -> Optional[Context]:
+        """The calling thread's current context."""
+        stack = _stack()
+        return stack[-1] if stack else None
+
+    @staticmethod
+    def get_device() -> Device:
+        """Device of the current context."""
+        return _need_context("cuCtxGetDevice").device
+
+    def detach(self) -> None:
+        """Release the context."""
+        self.detached = True
+        with _state_lock:
+            if self in _live_contexts:
+                _live_contexts.remove(self)
+
+
+class DeviceAllocation:
+    """Device memory; `int(a)` is its address."""
+
+    def __init__(self, address: int, nbytes: int) -> None:
+        self._address = address
+        self.nbytes = nbytes
+        self.freed = False
+
+    def __int__(self) -> int:
+        return self._address
+
+    __index__ = __int__
+
+    def free(self) -> None:
+        """Release the memory."""
+        if not self.freed:
+            self.freed = True
+            with _state_lock:
+                _memory.pop(self._address, None)
+
+
+class PagelockedArray(np.ndarray):
+    """A numpy array in page-locked host memory (views of it stay page-locked)."""
+
+
+def _allocated() -> int:
+    return sum(a.nbytes for a in _memory.values())
+
+
+def mem_alloc(nbytes: int) -> DeviceAllocation:
+    """cuMemAlloc."""
+    _need_context("cuMemAlloc")
+    nbytes = int(nbytes)
+    if nbytes < 1:
+        raise LogicError("cuMemAlloc failed: invalid argument")
+    total = Device(0).total_memory()
+    with _state_lock:
+        if _allocated() + nbytes > total:
+            raise MemoryError("cuMemAlloc failed: out of memory")
+        addr = next(_addresses)
+        _memory[addr] = np.zeros(nbytes, dtype=np.uint8)
+    return DeviceAllocation(addr, nbytes)
+
+
+def mem_get_info() -> Tuple[int, int]:
+    """(free, total) bytes."""
+    _need_context("cuMemGetInfo")
+    total = Device(0).total_memory()
+    return total - _allocated(), total
+
+
+def pagelocked_empty(shape, dtype, order: str = "C", mem_flags: int = 0) -> PagelockedArray:
+    """Page-locked host array."""
+    _need_context("cuMemHostAlloc")
+    return np.empty(shape, dtype=dtype, order=order).view(PagelockedArray)
+
+
+def device_memory(address: int) -> np.ndarray:
+    """(Double only) the bytes behind a device address, for the TensorRT double."""
+    mem = _memory.get(int(address))
+    if mem is None:
+        raise LogicError("invalid device pointer 0x%x (freed or never allocated)" % int(address))
+    return mem
+
+
+def _host_bytes(arr: np.ndarray, what: str) -> np.ndarray:
+    if not isinstance(arr, PagelockedArray):
+        raise LogicError("%s: host memory must be page-locked for async copies" % what)
+    if not arr.flags.c_contiguous:
+        raise LogicError("%s: host array must be contiguous" % what)
+    return arr.view(np.uint8).reshape(-1)
+
+
+class Stream:
+    """A non-default CUDA stream."""
+
+    def __init__(self, flags: int = 0) -> None:
+        _need_context("cuStreamCreate")
+        self.handle = next(_streams)
+
+    def synchronize(self) -> None:
+        """Wait for queued work (the double runs work immediately)."""
+        _need_context("cuStreamSynchronize")
+
+    def is_done(self) -> bool:
+        """True: the double runs work immediately."""
+        return True
+
+
+def memcpy_htod_async(dest, src: np.ndarray, stream: Optional[Stream] = None) -> None:
+    """Host -> device copy."""
+    _need_context("cuMemcpyHtoDAsync")
+    data = _host_bytes(src, "memcpy_htod_async")
+    mem = device_memory(int(dest))
+    if data.size > mem.size:
+        raise LogicError("cuMemcpyHtoDAsync failed: invalid argument (copy larger than allocation)")
+    mem[: data.size] = data
+
+
+def memcpy_dtoh_async(dest: np.ndarray, src, stream: Optional[Stream] = None) -> None:
+    """Device -> host copy."""
+    _need_context("cuMemcpyDtoHAsync")
+    out = _host_bytes(dest, "memcpy_dtoh_async")
+    mem = device_memory(int(src))
+    if out.size > mem.size:
+        raise LogicError("cuMemcpyDtoHAsync failed: invalid argument (copy larger than allocation)")
+    out[:] = mem[: out.size]
+
+
+def double_state() -> Dict[str, int]:
+    """(Double only) live allocations and contexts, and this thread's context stack depth."""
+    with _state_lock:
+        return {
+            "allocations": len(_memory),
+            "allocated_bytes": _allocated(),
+            "contexts": len(_live_contexts),
+            "stack_depth": len(_stack()),
+        }
