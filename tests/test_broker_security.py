@@ -145,7 +145,7 @@ def test_device_cannot_publish_commands_chunks_or_rpc(clients):
     ctl.subscribe(P + "/fleet/rpc")
     ctl.subscribe(P + "/bundles/fetch")
     op = clients(OPERATOR)
-    op.subscribe(P + "/fleet/rpc/replies/%s/#" % OPERATOR)
+    op.subscribe(P + "/fleet/rpc-reply/%s/#" % OPERATOR)
     a = clients("dev-a")
     forbidden = [
         _dev("dev-b", "commands"),
@@ -153,7 +153,7 @@ def test_device_cannot_publish_commands_chunks_or_rpc(clients):
         _dev("dev-b", "chunks"),
         _dev("dev-a", "chunks"),
         P + "/fleet/rpc",
-        P + "/fleet/rpc/replies/%s/x" % OPERATOR,
+        P + "/fleet/rpc-reply/%s/x" % OPERATOR,
     ]
     for topic in forbidden:
         assert a.publish(topic, b"forged") == NOT_AUTHORIZED, topic
@@ -308,13 +308,13 @@ def test_controllers_share_device_reports_and_send_commands_and_chunks(clients):
 
 
 def test_operator_rpc_round_trip_and_replies_are_private(clients):
-    reply_topic = "%s/fleet/rpc/replies/%s/req-1" % (P, OPERATOR)
+    reply_topic = "%s/fleet/rpc-reply/%s/cli-1" % (P, OPERATOR)
     ctl = clients(CONTROLLER)
     ctl.subscribe(P + "/fleet/rpc")
     spy = clients("dev-a")
-    spy.subscribe(P + "/fleet/rpc/#")
+    spy.subscribe(P + "/fleet/#")
     op = clients(OPERATOR)
-    op.subscribe(P + "/fleet/rpc/replies/%s/#" % OPERATOR)
+    op.subscribe(P + "/fleet/rpc-reply/%s/#" % OPERATOR)
     assert op.publish(P + "/fleet/rpc", b"list", ResponseTopic=reply_topic, CorrelationData=b"c1") == 0
     req = ctl.wait_for(P + "/fleet/rpc", b"list")
     assert req.properties.ResponseTopic == reply_topic
