@@ -1,0 +1,549 @@
+"""The MQTT 5 session: one thread owns the paho client, everyone else hands it work through a queue.
+
+paho-mqtt is not thread-safe in practice, so `MqttSession` runs its own network loop (``select`` on
+paho's socket plus a wake-up socket pair, then ``loop_read`` / ``loop_write`` / ``loop_misc``) and is the
+only thread that ever touches the client. Other threads call `MqttSession.publish`, which puts the work
+on a bounded queue and returns a `Delivery` that completes when the broker acknowledged it (QoS 1) or
+when paho wrote it (QoS 0). Reconnects use bounded exponential back-off with jitter; subscriptions are
+re-made on every connect (the session is clean, so a restarted broker that forgot us still works).
+
+Handlers registered with `subscribe` run in the network thread: they must be quick and must not block
+(hand real work to another thread). They may call `publish`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from edge_agent.config import MqttConfig
+from edge_agent.errors import ConfigError, TransportError
+
+log = logging.getLogger(__name__)
+
+#: Bytes an MQTT 5 PUBLISH header may add around the payload (topic, properties, user properties).
+PACKET_OVERHEAD_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Will:
+    """The Last Will the broker publishes when the session dies without a clean disconnect."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One received message, with its MQTT 5 metadata decoded into plain values."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    user_properties: Dict[str, str] = field(default_factory=dict)
+    response_topic: Optional[str] = None
+    correlation_data: Optional[bytes] = None
+
+
+Handler = Callable[[Inbound], None]
+
+
+class Delivery:
+    """The fate of one publish: `wait()` for the broker's acknowledgement (QoS 1) or the write (QoS 0)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.ok = False
+        self.error: Optional[str] = None
+        self.mid: Optional[int] = None
+
+    def _finish(self, ok: bool, error: Optional[str] = None) -> None:
+        if self._done.is_set():
+            return
+        self.ok = ok
+        self.error = error
+        self._done.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """True when delivered within `timeout_s`; False on timeout or failure (see `.error`)."""
+        self._done.wait(timeout_s)
+        return self._done.is_set() and self.ok
+
+    @property
+    def done(self) -> bool:
+        """True once delivered or failed."""
+        return self._done.is_set()
+
+
+@dataclass
+class _Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    user_properties: Optional[Dict[str, str]]
+    response_topic: Optional[str]
+    correlation_data: Optional[bytes]
+    delivery: Delivery
+
+
+class Backoff:
+    """Bounded exponential back-off with full jitter: min, 2·min, 4·min … capped at max."""
+
+    def __init__(self, min_s: float, max_s: float, rng: Optional[random.Random] = None) -> None:
+        self.min_s = min_s
+        self.max_s = max(max_s, min_s)
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt (grows until the cap)."""
+        cap = min(self.max_s, self.min_s * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return self.min_s / 2 + self._rng.uniform(0, cap - self.min_s / 2)
+
+    def reset(self) -> None:
+        """After a successful connect."""
+        self.attempt = 0
+
+
+class MqttSession:
+    """An MQTT 5 session owned by one network thread."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        client_id: str,
+        will: Optional[Will] = None,
+        outgoing_queue: int = 1000,
+        clean_start: bool = True,
+        name: str = "mqtt",
+    ) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.will = will
+        self.clean_start = clean_start
+        self.name = name
+        self._out: queue.Queue = queue.Queue(maxsize=max(1, outgoing_queue))
+        self._subs: List[Tuple[str, int, Handler]] = []
+        self._subs_lock = threading.Lock()
+        self._on_connect_hooks: List[Callable[[], None]] = []
+        self._pending: Dict[int, Delivery] = {}
+        self._running = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._client = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.connected = threading.Event()
+        self._loop_ident: Optional[int] = None
+        self._calls: queue.Queue = queue.Queue()
+        self._final: Optional[_Outgoing] = None
+        self._stop_deadline = 0.0
+        self.stats: Dict[str, int] = {
+            "connects": 0, "disconnects": 0, "connect_failures": 0, "published": 0, "publish_failures": 0,
+            "received": 0, "oversize_dropped": 0, "handler_errors": 0, "queue_full": 0,
+        }
+        self.last_error: Optional[str] = None
+
+    # ------------------------------------------------------------------------------------ public API
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Register a handler; the subscription is (re)made on every connect."""
+        with self._subs_lock:
+            self._subs.append((topic_filter, qos, handler))
+        if self.connected.is_set():
+            self._call_in_loop(lambda: self._client.subscribe(topic_filter, qos))
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Run `hook` in the network thread after every successful connect (e.g. publish status)."""
+        self._on_connect_hooks.append(hook)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        user_properties: Optional[Dict[str, str]] = None,
+        response_topic: Optional[str] = None,
+        correlation_data: Optional[bytes] = None,
+        block_s: float = 0.0,
+    ) -> Delivery:
+        """Queue one message for the network thread. A full queue fails the delivery at once
+        (``block_s=0``) or after waiting `block_s` seconds for room."""
+        d = Delivery()
+        if len(payload) > self.cfg.max_payload_bytes:
+            d._finish(False, "payload of %d bytes is over mqtt.max_payload_bytes" % len(payload))
+            return d
+        item = _Outgoing(topic, bytes(payload), qos, retain, user_properties, response_topic, correlation_data, d)
+        try:
+            if block_s > 0:
+                self._out.put(item, timeout=block_s)
+            else:
+                self._out.put_nowait(item)
+        except queue.Full:
+            self.stats["queue_full"] += 1
+            d._finish(False, "outgoing queue full (%d messages)" % self._out.maxsize)
+            return d
+        self._wake()
+        return d
+
+    def start(self) -> None:
+        """Start the network thread (it connects, and keeps reconnecting, by itself)."""
+        if self._thread is not None:
+            return
+        self._client = self._make_client()
+        self._running.set()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once connected (within `timeout_s`)."""
+        return self.connected.wait(timeout_s)
+
+    def stop(self, *, final: Optional[Tuple[str, bytes, int, bool]] = None, timeout_s: float = 5.0) -> None:
+        """Publish `final` (topic, payload, qos, retain) if connected, flush, disconnect cleanly and
+        join the thread. A clean disconnect means the broker does NOT publish the Last Will."""
+        if self._thread is None:
+            return
+        if final is not None:
+            self._final = _Outgoing(final[0], final[1], final[2], final[3], None, None, None, Delivery())
+        self._stop_deadline = time.monotonic() + timeout_s
+        self._running.clear()
+        self._wake()
+        self._thread.join(timeout_s + 1.0)
+        self._thread = None
+        for s in (self._wake_r, self._wake_w):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------------------------ paho setup
+
+    def _make_client(self):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        cfg = self.cfg
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        client.max_queued_messages_set(cfg.max_queued_messages)
+        client.max_inflight_messages_set(64)
+        if cfg.username:
+            password = None
+            if cfg.password_file is not None:
+                try:
+                    password = cfg.password_file.read_text(encoding="utf-8").strip()
+                except OSError as e:
+                    raise ConfigError("mqtt.password_file %s cannot be read: %s" % (cfg.password_file, e.strerror))
+            client.username_pw_set(cfg.username, password)
+        if cfg.tls is not None:
+            try:
+                client.tls_set(
+                    ca_certs=str(cfg.tls.ca_file),
+                    certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                    keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise ConfigError("mqtt.tls: cannot load certificates: %s" % e)
+            if cfg.tls.insecure_skip_hostname_check:
+                client.tls_insecure_set(True)
+        if self.will is not None:
+            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self._connect_props = Properties(PacketTypes.CONNECT)
+        # Ask the broker never to send us a packet we would refuse anyway: it drops it instead of
+        # making us allocate it.
+        self._connect_props.MaximumPacketSize = cfg.max_payload_bytes + PACKET_OVERHEAD_BYTES
+        self._connect_props.SessionExpiryInterval = 0
+        return client
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake (buffer full) or closed
+
+    def _call_in_loop(self, fn: Callable[[], None]) -> None:
+        if threading.get_ident() == self._loop_ident:
+            fn()
+        else:
+            self._calls.put(fn)
+            self._wake()
+
+    def _run(self) -> None:
+        import paho.mqtt.client as mqtt
+
+        self._loop_ident = threading.get_ident()
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        client = self._client
+        next_attempt = 0.0
+        connect_started = 0.0
+        while self._running.is_set():
+            sock = client.socket()
+            if sock is None:
+                self.connected.clear()
+                now = time.monotonic()
+                if now < next_attempt:
+                    self._idle(min(next_attempt - now, 0.2))
+                    continue
+                try:
+                    client.connect(
+                        self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
+                        clean_start=self.clean_start, properties=self._connect_props,
+                    )
+                    connect_started = time.monotonic()
+                    _set_nodelay(client.socket())
+                except (OSError, ssl.SSLError, ValueError) as e:
+                    self.stats["connect_failures"] += 1
+                    self.last_error = "cannot connect to %s:%d: %s" % (self.cfg.host, self.cfg.port, e)
+                    delay = backoff.next_delay()
+                    log.warning("%s; retrying in %.1f s", self.last_error, delay)
+                    next_attempt = time.monotonic() + delay
+                continue
+            if not self.connected.is_set() and time.monotonic() - connect_started > max(10.0, self.cfg.keepalive_s):
+                log.warning("no CONNACK from %s:%d; reconnecting", self.cfg.host, self.cfg.port)
+                client.disconnect()
+                next_attempt = time.monotonic() + backoff.next_delay()
+                continue
+            if self.connected.is_set():
+                backoff.reset()
+                self._drain_outgoing(client)
+            self._drain_calls()
+            wlist = [sock] if client.want_write() else []
+            try:
+                r, w, _ = select.select([sock, self._wake_r], wlist, [], 1.0)
+            except (OSError, ValueError):
+                r, w = [], []
+            if self._wake_r in r:
+                self._drain_wake()
+            rc = mqtt.MQTT_ERR_SUCCESS
+            if sock in r:
+                rc = client.loop_read(100)
+            if rc == mqtt.MQTT_ERR_SUCCESS and client.socket() is not None and (sock in w or client.want_write()):
+                rc = client.loop_write()
+            if rc == mqtt.MQTT_ERR_SUCCESS and client.socket() is not None:
+                rc = client.loop_misc()
+            if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+                self.connected.clear()
+                next_attempt = time.monotonic() + backoff.next_delay()
+        self._shutdown(client)
+
+    def _idle(self, seconds: float) -> None:
+        try:
+            r, _, _ = select.select([self._wake_r], [], [], seconds)
+        except (OSError, ValueError):
+            r = []
+        if r:
+            self._drain_wake()
+        self._drain_calls()
+        # While disconnected, publishes still queue (bounded); they fail only when the queue is full.
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _drain_calls(self) -> None:
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn()
+            except Exception:  # a bad call must not kill the network thread
+                log.exception("%s: deferred call failed", self.name)
+
+    def _drain_outgoing(self, client, limit: int = 256) -> None:
+        for _ in range(limit):
+            try:
+                item = self._out.get_nowait()
+            except queue.Empty:
+                return
+            self._publish_now(client, item)
+
+    def _publish_now(self, client, item: _Outgoing) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = None
+        if item.user_properties or item.response_topic or item.correlation_data is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            if item.user_properties:
+                props.UserProperty = [(k, str(v)) for k, v in item.user_properties.items()]
+            if item.response_topic:
+                props.ResponseTopic = item.response_topic
+            if item.correlation_data is not None:
+                props.CorrelationData = item.correlation_data
+        try:
+            info = client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain, properties=props)
+        except (ValueError, TypeError) as e:
+            self.stats["publish_failures"] += 1
+            item.delivery._finish(False, str(e))
+            return
+        item.delivery.mid = info.mid
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.stats["publish_failures"] += 1
+            item.delivery._finish(False, "paho queue full (max_queued_messages)")
+            return
+        self.stats["published"] += 1
+        if item.qos == 0:
+            ok = info.rc == mqtt.MQTT_ERR_SUCCESS
+            item.delivery._finish(ok, None if ok else "not connected")
+        else:
+            # QoS 1, or queued by paho while the link is down: done when the PUBACK arrives.
+            self._pending[info.mid] = item.delivery
+
+    def _shutdown(self, client) -> None:
+        deadline = self._stop_deadline or time.monotonic() + 5.0
+        if client.socket() is not None and self.connected.is_set():
+            self._drain_outgoing(client, limit=10000)
+            if self._final is not None:
+                self._publish_now(client, self._final)
+            # Flush until everything QoS 1 is acknowledged or the deadline passes.
+            while time.monotonic() < deadline and client.socket() is not None:
+                if not self._pending and not client.want_write():
+                    break
+                sock = client.socket()
+                wlist = [sock] if client.want_write() else []
+                try:
+                    r, _, _ = select.select([sock], wlist, [], 0.1)
+                except (OSError, ValueError):
+                    break
+                if r:
+                    client.loop_read(100)
+                if client.socket() is not None and client.want_write():
+                    client.loop_write()
+            try:
+                client.disconnect()
+                if client.socket() is not None:
+                    client.loop_write()
+            except Exception:
+                pass
+        self.connected.clear()
+        for d in list(self._pending.values()):
+            d._finish(False, "session stopped")
+        self._pending.clear()
+
+    # ------------------------------------------------------------------------------------ callbacks
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.stats["connect_failures"] += 1
+            self.last_error = "broker refused the connection: %s" % reason_code
+            log.warning("%s", self.last_error)
+            return
+        self.stats["connects"] += 1
+        self.last_error = None
+        with self._subs_lock:
+            subs = list(self._subs)
+        for topic_filter, qos, _ in subs:
+            client.subscribe(topic_filter, qos)
+        self.connected.set()
+        log.info("%s connected to %s:%d as %s", self.name, self.cfg.host, self.cfg.port, self.client_id)
+        for hook in self._on_connect_hooks:
+            try:
+                hook()
+            except Exception:  # a hook must not kill the network thread
+                log.exception("%s: on-connect hook failed", self.name)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected.is_set():
+            self.stats["disconnects"] += 1
+            log.warning("%s disconnected from %s:%d (%s)", self.name, self.cfg.host, self.cfg.port, reason_code)
+        self.connected.clear()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        d = self._pending.pop(mid, None)
+        if d is None:
+            return
+        if getattr(reason_code, "is_failure", False):
+            self.stats["publish_failures"] += 1
+            d._finish(False, "broker refused the publish: %s" % reason_code)
+        else:
+            d._finish(True)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self.stats["received"] += 1
+        payload = msg.payload
+        if len(payload) > self.cfg.max_payload_bytes:
+            self.stats["oversize_dropped"] += 1
+            log.warning("dropped %d-byte message on %s (over max_payload_bytes)", len(payload), msg.topic)
+            return
+        props = getattr(msg, "properties", None)
+        user: Dict[str, str] = {}
+        response_topic = None
+        correlation = None
+        if props is not None:
+            for k, v in getattr(props, "UserProperty", None) or []:
+                user[k] = v
+            response_topic = getattr(props, "ResponseTopic", None)
+            correlation = getattr(props, "CorrelationData", None)
+        inbound = Inbound(msg.topic, payload, msg.qos, bool(msg.retain), user, response_topic, correlation)
+        import paho.mqtt.client as mqtt
+
+        with self._subs_lock:
+            subs = list(self._subs)
+        for topic_filter, _, handler in subs:
+            if mqtt.topic_matches_sub(_plain_filter(topic_filter), msg.topic):
+                try:
+                    handler(inbound)
+                except Exception:  # a bad message must never crash the network thread
+                    self.stats["handler_errors"] += 1
+                    log.exception("%s: handler for %s failed", self.name, topic_filter)
+
+
+def _set_nodelay(sock) -> None:
+    """Small messages (chunk requests, acks) must not wait for Nagle's algorithm."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass  # not a TCP socket (e.g. a unix socket) or already closed
+
+
+def _plain_filter(topic_filter: str) -> str:
+    """A shared subscription `$share/group/filter` matches topics like `filter`."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        return parts[2] if len(parts) == 3 else topic_filter
+    return topic_filter
+
+
+def require_connected(session: MqttSession, timeout_s: float) -> None:
+    """Wait for the first connection; a TransportError naming the broker and the reason otherwise."""
+    if not session.wait_connected(timeout_s):
+        raise TransportError(
+            "could not connect to the MQTT broker at %s:%d within %.0f s%s"
+            % (session.cfg.host, session.cfg.port, timeout_s, (": " + session.last_error) if session.last_error else "")
+        )

@@ -1,0 +1,1 @@
+"""Chunked, resumable, windowed pull of bundle files over MQTT 5."""

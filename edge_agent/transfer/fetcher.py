@@ -1,0 +1,413 @@
+"""Windowed, resumable pull of bundle files over MQTT 5.
+
+The device publishes `ChunkRequest`s to ``{p}/bundles/fetch`` with the MQTT 5 response topic set to its
+own ``{p}/devices/{id}/chunks`` and a fresh correlation id per request. The controller answers with the
+raw bytes; ``sha256``, ``offset``, ``length`` and ``total`` travel as user properties. At most
+``transfer.window`` requests are outstanding. Every answer is checked against its request (hash, offset,
+length, total); a bad one is re-requested, an unsolicited one is dropped. Chunks are written in place
+into ``partial/<sha256>.part`` and the chunk map is saved (after an fsync of the data) every few
+chunks, so a restarted agent, or one that lived through a broker outage, only asks for what it lacks.
+A finished file must match its sha256 before it enters the store; if it does not (e.g. a forged chunk
+slipped in), the whole file is fetched again, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from edge_agent.bundle.store import BundleStore
+from edge_agent.config import TransferConfig
+from edge_agent.errors import IntegrityError, ManifestError, TransportError
+from edge_agent.mqtt import Inbound, MqttSession
+from edge_agent.protocol import topics
+from edge_agent.protocol.messages import BundleRef, ChunkRequest
+from edge_agent.transfer.chunkmap import ChunkMap
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[str, str, dict], None]
+
+#: Save the chunk map after this many new chunks of a file (or `SAVE_INTERVAL_S`, whichever first).
+SAVE_EVERY_CHUNKS = 16
+SAVE_INTERVAL_S = 0.5
+
+
+class TransferCancelled(TransportError):
+    """The transfer was cancelled (agent shutting down)."""
+
+
+@dataclass
+class FetchStats:
+    """What one transfer did, for events and the benchmark."""
+
+    bytes_total: int = 0
+    bytes_received: int = 0
+    bytes_resumed: int = 0
+    chunks_received: int = 0
+    requests_sent: int = 0
+    retries: int = 0
+    bad_chunks: int = 0
+    stray_chunks: int = 0
+    files_refetched: int = 0
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> Dict[str, float]:
+        """JSON-ready form."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Target:
+    sha256: str
+    size: int
+    label: str
+    cmap: ChunkMap
+    fd: int = -1
+    unsaved: int = 0
+    saved_at: float = 0.0
+    refetches: int = 0
+    keep_in_store: bool = True
+
+
+@dataclass
+class _Req:
+    target: _Target
+    index: int
+    sent_at: float
+    attempts: int = 0
+    corr: bytes = b""
+    payload: bytes = field(default=b"", repr=False)
+
+
+@dataclass
+class _Run:
+    bundle: BundleRef
+    stats: FetchStats
+    outstanding: Dict[bytes, _Req] = field(default_factory=dict)
+    remaining: Dict[str, _Target] = field(default_factory=dict)
+    pending: List[Tuple[_Target, int]] = field(default_factory=list)
+
+
+class Fetcher:
+    """Pulls files of one bundle at a time for one device. `on_chunk` is the chunks-topic handler."""
+
+    def __init__(
+        self,
+        session: MqttSession,
+        store: BundleStore,
+        cfg: TransferConfig,
+        *,
+        prefix: str,
+        device_id: str,
+        emit: Optional[Emit] = None,
+    ) -> None:
+        self.session = session
+        self.store = store
+        self.cfg = cfg
+        self.prefix = prefix
+        self.device_id = device_id
+        self.emit = emit or (lambda kind, message, data: None)
+        self.chunks_topic = topics.chunks(prefix, device_id)
+        self.fetch_topic = topics.bundles_fetch(prefix)
+        self._inbox: queue.Queue = queue.Queue(maxsize=4 * cfg.window + 64)
+        self._token = os.urandom(8)
+        self._counter = 0
+        self._cancel = threading.Event()
+        self.inbox_dropped = 0
+
+    # --------------------------------------------------------------------------------- public API
+
+    def on_chunk(self, msg: Inbound) -> None:
+        """Network-thread handler: hand the chunk to the transfer thread (never blocks)."""
+        try:
+            self._inbox.put_nowait(msg)
+        except queue.Full:
+            self.inbox_dropped += 1  # the request times out and is asked again
+
+    def cancel(self) -> None:
+        """Abort the running transfer (TransferCancelled in its thread); partial data is kept."""
+        self._cancel.set()
+
+    def fetch_manifest(self, bundle: BundleRef, sha256: str, size: int, *, max_bytes: int) -> bytes:
+        """The raw manifest bytes (checked against `sha256`; size refused BEFORE any request)."""
+        if size > max_bytes:
+            raise ManifestError(
+                "manifest of %d bytes announced for %s v%d is over limits.max_manifest_bytes %d; not fetched"
+                % (size, bundle.name, bundle.version, max_bytes)
+            )
+        target = self._target(sha256, size, "manifest", keep_in_store=False)
+        self._run(bundle, [target], FetchStats(bytes_total=size), progress=False)
+        path = self.store.partial_path(sha256)
+        data = path.read_bytes()
+        self.store.drop_partial(sha256)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(
+                "manifest of %s v%d does not match its announced sha256"
+                % (bundle.name, bundle.version)
+            )
+        return data
+
+    def fetch_files(self, bundle: BundleRef, files: Dict[str, Tuple[str, int]]) -> FetchStats:
+        """Fetch every file in `files` (sha256 -> (path, size)) into the store's objects."""
+        total = sum(size for _, size in files.values())
+        self.store.check_quota(max(0, total - sum(
+            self.store.partial_path(s).stat().st_size for s in files if self.store.partial_path(s).exists()
+        )))
+        ordered = sorted(files.items(), key=lambda kv: kv[1][0])
+        targets = [self._target(sha, size, path) for sha, (path, size) in ordered]
+        stats = FetchStats(bytes_total=total)
+        stats.bytes_resumed = sum(t.cmap.bytes_done for t in targets)
+        self.emit(
+            "fetch-started",
+            "fetching %d file(s), %d bytes (%d already held from an earlier attempt)"
+            % (len(files), total, stats.bytes_resumed),
+            {"files": len(files), "bytes": total, "bytes_resumed": stats.bytes_resumed},
+        )
+        self._run(bundle, targets, stats, progress=True)
+        return stats
+
+    # --------------------------------------------------------------------------------- internals
+
+    def _target(self, sha256: str, size: int, label: str, keep_in_store: bool = True) -> _Target:
+        chunk = self.cfg.chunk_bytes
+        saved = self.store.load_chunk_map(sha256)
+        part = self.store.partial_path(sha256)
+        cmap = ChunkMap.from_json(saved if part.exists() else None, sha256=sha256, size=size, chunk_bytes=chunk)
+        if cmap.done_count == 0 and part.exists():
+            part.unlink()
+        return _Target(sha256, size, label, cmap, keep_in_store=keep_in_store)
+
+    def _corr(self) -> bytes:
+        self._counter += 1
+        return self._token + struct.pack(">Q", self._counter)
+
+    def _send(self, bundle: BundleRef, req: _Req, stats: FetchStats) -> None:
+        offset, length = req.target.cmap.chunk_range(req.index)
+        if not req.payload:
+            req.payload = ChunkRequest(
+                device_id=self.device_id, bundle=bundle, sha256=req.target.sha256, offset=offset, length=length
+            ).to_json()
+        req.sent_at = time.monotonic()
+        req.attempts += 1
+        stats.requests_sent += 1
+        if req.attempts > 1:
+            stats.retries += 1
+        self.session.publish(
+            self.fetch_topic, req.payload, qos=1, response_topic=self.chunks_topic, correlation_data=req.corr
+        )
+
+    def _open(self, t: _Target) -> None:
+        if t.fd < 0:
+            path = self.store.partial_path(t.sha256)
+            t.fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o600)
+            t.saved_at = time.monotonic()
+
+    def _persist(self, t: _Target, force: bool = False) -> None:
+        if t.fd < 0 or (not force and t.unsaved == 0):
+            return
+        os.fsync(t.fd)
+        self.store.save_chunk_map(t.sha256, t.cmap.to_json())
+        t.unsaved = 0
+        t.saved_at = time.monotonic()
+
+    def _close(self, t: _Target) -> None:
+        if t.fd >= 0:
+            try:
+                self._persist(t, force=True)
+            finally:
+                os.close(t.fd)
+                t.fd = -1
+
+    def _run(self, bundle: BundleRef, targets: List[_Target], stats: FetchStats, *, progress: bool) -> None:
+        self._cancel.clear()
+        # Drop answers left over from an earlier transfer.
+        while True:
+            try:
+                self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        start = time.monotonic()
+        run = _Run(bundle, stats)
+        pending = run.pending
+        for t in targets:
+            self._open(t)
+            pending.extend((t, i) for i in t.cmap.missing())
+        pending.reverse()  # pop() from the end = in file order
+        run.remaining.update((t.sha256, t) for t in targets)
+        remaining, outstanding = run.remaining, run.outstanding
+        last_progress = start
+        bytes_at_last = 0
+        disconnected_since: Optional[float] = None
+        outage_limit = self.cfg.chunk_timeout_s * (self.cfg.max_retries + 1)
+        try:
+            # Files that arrived completely before a restart only need their final check.
+            for t in targets:
+                if t.cmap.complete:
+                    self._finish(t, run)
+            while remaining:
+                if self._cancel.is_set():
+                    raise TransferCancelled("transfer of %s v%d cancelled" % (bundle.name, bundle.version))
+                now = time.monotonic()
+                if not self.session.connected.is_set():
+                    if disconnected_since is None:
+                        disconnected_since = now
+                        log.warning("broker connection lost during transfer; waiting to resume")
+                    elif now - disconnected_since > outage_limit:
+                        raise TransportError(
+                            "broker unreachable for %.0f s during the transfer of %s v%d; partial data kept"
+                            % (now - disconnected_since, bundle.name, bundle.version)
+                        )
+                    self._handle(self._get(0.2), run)
+                    continue
+                if disconnected_since is not None:
+                    # Requests in flight when the link dropped are lost with the clean session: ask again.
+                    disconnected_since = None
+                    for req in outstanding.values():
+                        req.attempts = max(0, req.attempts - 1)
+                        self._send(bundle, req, stats)
+                while pending and len(outstanding) < self.cfg.window:
+                    t, idx = pending.pop()
+                    if t.cmap.has(idx) or t.sha256 not in remaining:
+                        continue
+                    req = _Req(t, idx, now, corr=self._corr())
+                    outstanding[req.corr] = req
+                    self._send(bundle, req, stats)
+                oldest = min((r.sent_at for r in outstanding.values()), default=now)
+                wait = max(0.01, min(0.5, oldest + self.cfg.chunk_timeout_s - time.monotonic()))
+                msg = self._get(wait)
+                if msg is not None:
+                    self._handle(msg, run)
+                    # Drain whatever else is already there before looking at timers.
+                    while True:
+                        more = self._get(0)
+                        if more is None:
+                            break
+                        self._handle(more, run)
+                now = time.monotonic()
+                for req in list(outstanding.values()):
+                    if now - req.sent_at > self.cfg.chunk_timeout_s and self.session.connected.is_set():
+                        if req.attempts > self.cfg.max_retries:
+                            raise TransportError(
+                                "no valid answer for %s offset %d after %d attempts; partial data kept"
+                                % (req.target.label, req.target.cmap.chunk_range(req.index)[0], req.attempts)
+                            )
+                        log.info("chunk %d of %s timed out; asking again", req.index, req.target.label)
+                        self._send(bundle, req, stats)
+                for t in remaining.values():
+                    if t.unsaved and (t.unsaved >= SAVE_EVERY_CHUNKS or now - t.saved_at > SAVE_INTERVAL_S):
+                        self._persist(t)
+                if progress and now - last_progress >= self.cfg.progress_interval_s:
+                    done = stats.bytes_resumed + stats.bytes_received
+                    rate = (stats.bytes_received - bytes_at_last) / (now - last_progress)
+                    self.emit(
+                        "fetch-progress",
+                        "%.0f%% of %d bytes, %.1f MB/s"
+                        % (100.0 * done / max(1, stats.bytes_total), stats.bytes_total, rate / 1e6),
+                        {
+                            "percent": round(100.0 * min(done, stats.bytes_total) / max(1, stats.bytes_total), 1),
+                            "bytes": done, "total": stats.bytes_total, "bytes_per_s": round(rate),
+                        },
+                    )
+                    last_progress = now
+                    bytes_at_last = stats.bytes_received
+        finally:
+            for t in targets:
+                self._close(t)
+            stats.elapsed_s = time.monotonic() - start
+
+    def _get(self, timeout: float) -> Optional[Inbound]:
+        try:
+            if timeout <= 0:
+                return self._inbox.get_nowait()
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _handle(self, msg: Optional[Inbound], run: _Run) -> None:
+        if msg is None:
+            return
+        bundle, outstanding, remaining, stats = run.bundle, run.outstanding, run.remaining, run.stats
+        req = outstanding.get(msg.correlation_data or b"")
+        if req is None:
+            stats.stray_chunks += 1
+            return
+        t = req.target
+        offset, length = t.cmap.chunk_range(req.index)
+        props = msg.user_properties
+        error = props.get("error")
+        if error:
+            raise TransportError("controller refused %s of %s v%d: %s" % (t.label, bundle.name, bundle.version, error))
+        problem = None
+        if props.get("sha256") != t.sha256:
+            problem = "wrong file"
+        elif props.get("offset") != str(offset):
+            problem = "offset %s, asked %d" % (props.get("offset"), offset)
+        elif len(msg.payload) != length or props.get("length") != str(length):
+            problem = "%d bytes, asked %d" % (len(msg.payload), length)
+        elif props.get("total") != str(t.size):
+            problem = "total %s, file is %d" % (props.get("total"), t.size)
+        if problem is not None:
+            stats.bad_chunks += 1
+            log.warning("bad chunk for %s offset %d (%s); asking again", t.label, offset, problem)
+            if req.attempts > self.cfg.max_retries:
+                raise TransportError("chunk %d of %s kept arriving bad (%s)" % (req.index, t.label, problem))
+            self._send(bundle, req, stats)
+            return
+        del outstanding[req.corr]
+        if t.sha256 not in remaining or t.cmap.has(req.index):
+            stats.stray_chunks += 1
+            return
+        os.pwrite(t.fd, msg.payload, offset)
+        t.cmap.mark(req.index)
+        t.unsaved += 1
+        stats.chunks_received += 1
+        stats.bytes_received += length
+        if t.cmap.complete:
+            self._finish(t, run)
+
+    def _finish(self, t: _Target, run: _Run) -> None:
+        """A file has all its chunks: check its hash and move it into the store (or fetch it again)."""
+        remaining, pending, stats = run.remaining, run.pending, run.stats
+        self._close(t)
+        part = self.store.partial_path(t.sha256)
+        try:
+            if t.keep_in_store:
+                self.store.add_object_file(part, t.sha256, t.size)
+                self.store.drop_partial(t.sha256)
+            else:
+                got = _sha256_path(part)
+                if got != t.sha256:
+                    raise IntegrityError("%s hashes to %s…, expected %s…" % (t.label, got[:12], t.sha256[:12]))
+        except IntegrityError as e:
+            t.refetches += 1
+            stats.files_refetched += 1
+            log.warning("%s failed its sha256 after transfer (%s); fetching it again", t.label, e)
+            self.emit(
+                "error", "%s failed its sha256 check after transfer; fetching it again" % t.label,
+                {"file": t.label, "sha256": t.sha256, "refetch": t.refetches},
+            )
+            if t.refetches > self.cfg.max_retries:
+                self.store.drop_partial(t.sha256)
+                raise IntegrityError("%s failed its sha256 check %d times; giving up" % (t.label, t.refetches))
+            self.store.drop_partial(t.sha256)
+            t.cmap.clear()
+            self._open(t)
+            pending.extend((t, i) for i in reversed(list(t.cmap.missing())))
+            return
+        remaining.pop(t.sha256, None)
+
+
+def _sha256_path(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

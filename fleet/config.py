@@ -1,0 +1,60 @@
+"""Controller configuration (`fleet.toml`): one pydantic model per section, unknown keys refused.
+
+`configs/fleet.toml` documents every field; a test checks that it parses into `FleetConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.config import KIB, MIB, MqttConfig, load_model_from_toml
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ControllerSection(_Section):
+    """Who the controller is and where it keeps its state."""
+
+    client_id: str = Field("fleet-controller", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    key_file: Path = Path("/etc/fleet/keys/controller.key")
+    state_dir: Path = Path("/var/lib/fleet")
+    command_ttl_s: int = Field(300, ge=10, le=86400)
+    shared_group: Optional[str] = Field("fleet", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ChunkServerSection(_Section):
+    """The chunk server answering devices' fetch requests."""
+
+    max_chunk_bytes: int = Field(1 * MIB, ge=4 * KIB, le=1 * MIB)
+    max_bytes_per_s: Optional[int] = Field(None, ge=1 * KIB, description="total serving rate cap; none = unlimited")
+    queue: int = Field(4096, ge=16)
+
+
+class BundleTrustSection(_Section):
+    """Checks `fleet push` makes on a bundle before storing and announcing it."""
+
+    bundle_keys_dir: Optional[Path] = None
+    signature_threshold: int = Field(1, ge=1)
+    max_manifest_bytes: int = Field(1 * MIB, ge=1 * KIB)
+    max_bundle_bytes: int = Field(4096 * MIB, ge=1)
+
+
+class FleetConfig(_Section):
+    """The whole controller configuration (`fleet.toml`)."""
+
+    mqtt: MqttConfig = MqttConfig()
+    controller: ControllerSection = ControllerSection()
+    chunks: ChunkServerSection = ChunkServerSection()
+    trust: BundleTrustSection = BundleTrustSection()
+
+
+def load_fleet_config(path: Path) -> FleetConfig:
+    """Load `fleet.toml` (relative paths are relative to the file)."""
+    cfg = load_model_from_toml(FleetConfig, path)
+    assert isinstance(cfg, FleetConfig)
+    return cfg
