@@ -168,9 +168,10 @@ def test_duplicate_json_keys_refused(keys):
         _verify(evil, keys[:1])
 
 
-def test_deeply_nested_json_refused(keys):
+@pytest.mark.parametrize("depth", [600, 100000])
+def test_deeply_nested_json_refused(keys, depth):
     with pytest.raises(ManifestError):
-        _verify(b"[" * 100000 + b"]" * 100000, keys, max_bytes=10 * MIB)
+        _verify(b'{"signed":' + b"[" * depth + b"]" * depth + b',"signatures":[]}', keys, max_bytes=10 * MIB)
 
 
 @pytest.mark.parametrize(
@@ -197,7 +198,7 @@ def test_too_many_signatures_refused(keys):
 def test_float_in_signed_part_refused(keys):
     doc = json.loads(signed_bytes(body_dict(), keys[:1]))
     doc["signed"]["router"]["tau"] = 0.9
-    with pytest.raises(SignatureError, match="floats"):
+    with pytest.raises(ManifestError, match="floats"):
         _verify(doc_bytes(doc["signed"], doc["signatures"]), keys[:1])
 
 

@@ -5,7 +5,8 @@ time (`trusted_now`) and the highest version it already trusts per bundle name, 
 trusted state only after this returns. Checks, in order (cheapest and least trusting first):
 
 1. size limit on the raw bytes (ManifestError)
-2. strict JSON: UTF-8, no duplicate keys, ``{"signed": {...}, "signatures": [...]}`` (ManifestError)
+2. strict JSON: UTF-8, no duplicate keys, canonical form (one spelling per content, so the manifest's
+   sha256 pins it), ``{"signed": {...}, "signatures": [...]}`` (ManifestError)
 3. at least `threshold` distinct trusted Ed25519 signatures over the canonical JSON of ``signed``
    (SignatureError) — before the body is interpreted at all
 4. the body validates as a ManifestBody (ManifestError)
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.errors import ExpiredError, ManifestError, RollbackError
-from edge_agent.signing import PublicKey, verify_signatures
+from edge_agent.signing import CanonicalJSONError, PublicKey, canonical_json, verify_signatures
 
 #: More signatures than this is not a manifest anyone wrote on purpose.
 MAX_SIGNATURES = 32
@@ -72,6 +73,15 @@ def parse_document(raw: bytes, *, max_manifest_bytes: int) -> Tuple[Dict[str, An
         raise ManifestError("manifest JSON is nested too deeply")
     except ValueError as e:
         raise ManifestError("manifest is not valid JSON: %s" % e)
+    try:
+        canonical = canonical_json(doc) == bytes(raw)
+    except CanonicalJSONError as e:
+        raise ManifestError("manifest is not canonical JSON: %s" % e)
+    except RecursionError:
+        raise ManifestError("manifest JSON is nested too deeply")
+    if not canonical:
+        # One spelling per content: the manifest's sha256 (which commands name) pins the document.
+        raise ManifestError("manifest is not canonical JSON (sorted keys, no spaces, UTF-8)")
     if not isinstance(doc, dict) or set(doc) != {"signed", "signatures"}:
         raise ManifestError('manifest must be an object with exactly "signed" and "signatures"')
     signed, signatures = doc["signed"], doc["signatures"]
