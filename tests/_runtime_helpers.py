@@ -80,3 +80,33 @@ def load_split(name: str):
     """(x, y) of a digits split."""
     with np.load(str(DIGITS / ("%s.npz" % name))) as z:
         return z["x"].astype(np.float32), z["y"].astype(np.int64)
+
+
+class GatedEngine:
+    """Wraps a real engine; `infer` waits until the gate opens (to hold a batch in flight on purpose) and
+    records every batch size it ran."""
+
+    def __init__(self, inner, *, open_gate: bool = False) -> None:
+        import threading
+
+        self.inner = inner
+        self.inputs = inner.inputs
+        self.outputs = inner.outputs
+        self.max_batch = inner.max_batch
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list = []
+        if open_gate:
+            self.gate.set()
+
+    def infer(self, feed):
+        """Block on the gate, then run the real engine."""
+        self.entered.set()
+        if not self.gate.wait(30):
+            raise RuntimeError("gate never opened")
+        self.batches.append(len(next(iter(feed.values()))))
+        return self.inner.infer(feed)
+
+    def close(self) -> None:
+        """Close the real engine."""
+        self.inner.close()

@@ -23,8 +23,9 @@ from edge_agent.runtime.stats import LatencyRecorder
 
 log = logging.getLogger(__name__)
 
-#: How often an idle worker wakes to notice `close()`.
-_IDLE_POLL_S = 0.2
+#: How often an idle worker wakes to notice `close()` (close also wakes it with `_STOP`).
+_IDLE_POLL_S = 0.5
+_STOP = object()
 
 
 class BatchItemResult:
@@ -106,6 +107,8 @@ class DynamicBatcher:
             first = self._q.get(timeout=_IDLE_POLL_S)
         except queue.Empty:
             return None
+        if first is _STOP:
+            return None
         batch = [first]
         deadline = first.arrival + self.max_queue_delay_s
         while len(batch) < self.max_batch:
@@ -113,6 +116,8 @@ class DynamicBatcher:
             try:
                 nxt = self._q.get_nowait() if remaining <= 0 else self._q.get(timeout=remaining)
             except queue.Empty:
+                break
+            if nxt is _STOP:
                 break
             batch.append(nxt)
         return batch
@@ -158,7 +163,7 @@ class DynamicBatcher:
                 p = self._q.get_nowait()
             except queue.Empty:
                 return
-            if p.future.set_running_or_notify_cancel():
+            if p is not _STOP and p.future.set_running_or_notify_cancel():
                 p.future.set_exception(ServiceClosedError("the %s model stopped serving" % self.name))
 
     # ------------------------------------------------------------------------------------------- stats
@@ -184,5 +189,9 @@ class DynamicBatcher:
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the worker after the batch it is running; waiting requests fail with ServiceClosedError."""
         self._closed.set()
+        try:
+            self._q.put_nowait(_STOP)
+        except queue.Full:
+            pass  # the worker is busy and will see the flag after this batch
         self._thread.join(timeout_s)
         self._fail_waiting()

@@ -1,0 +1,264 @@
+"""The local HTTP API on the standard library (bound to 127.0.0.1 unless configured otherwise).
+
+    POST /v1/infer   body: image/png, image/jpeg or application/x-npy
+                     -> 200 {"route", "latency_ms", "output", "bundle"}
+    GET  /healthz    the process answers
+    GET  /readyz     200 only while a verified, self-tested model is active
+    GET  /metrics    Prometheus text format
+
+Errors are JSON ``{"error": "<one line>"}``: 400 bad input, 404, 405, 411 no Content-Length,
+413 body over `max_body_bytes` (refused from the header, the body is not read), 415 wrong content type,
+503 no model or overloaded (with Retry-After), 504 timeout, 500 anything else. No request can stop the
+server: every handler failure is answered and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, Optional
+
+from edge_agent.config import ApiConfig
+from edge_agent.errors import EdgeAgentError, InputError
+from edge_agent.runtime.errors import OverloadedError, RequestTimeoutError, ServiceClosedError
+from edge_agent.runtime.preprocess import read_npy
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/png", "image/jpeg")
+NPY_TYPES = ("application/x-npy", "application/npy")
+#: Seconds a client may take to send its request before the connection is dropped (slow clients).
+SOCKET_TIMEOUT_S = 10.0
+#: Seconds an inference may take before the API answers 504.
+INFER_TIMEOUT_S = 10.0
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: Any, handler: Any, api: ApiServer) -> None:
+        self.api = api
+        super().__init__(addr, handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("HTTP connection from %s failed", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_S
+    server_version = "edge-agent"
+    sys_version = ""
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _send(self, code: int, body: bytes, content_type: str, headers: Optional[Dict[str, str]] = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, code: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
+        self._send(code, (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8"), "application/json", headers)
+
+    def _error(self, code: int, message: str, headers: Optional[Dict[str, str]] = None) -> None:
+        self.server.api._count_error(code)
+        self._json(code, {"error": message.splitlines()[0] if message else "error"}, headers)
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:  # the server must survive anything a request does
+            log.exception("unhandled error answering %s %s", self.command, self.path)
+            self.close_connection = True
+            try:
+                self._error(500, "internal error")
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------------------------------ routes
+    def do_GET(self) -> None:
+        """GET /healthz, /readyz, /metrics."""
+        self._guard(self._get)
+
+    def do_HEAD(self) -> None:
+        """HEAD mirrors GET without a body."""
+        self._guard(self._get)
+
+    def do_POST(self) -> None:
+        """POST /v1/infer."""
+        self._guard(self._post)
+
+    def do_PUT(self) -> None:
+        """Not allowed anywhere."""
+        self._guard(self._not_allowed)
+
+    do_DELETE = do_PUT
+    do_PATCH = do_PUT
+
+    def _path(self) -> str:
+        return self.path.split("?", 1)[0]
+
+    def _not_allowed(self) -> None:
+        self._drop_body()
+        path = self._path()
+        if path == "/v1/infer":
+            self._error(405, "use POST for /v1/infer", {"Allow": "POST"})
+        elif path in ("/healthz", "/readyz", "/metrics"):
+            self._error(405, "use GET for %s" % path, {"Allow": "GET, HEAD"})
+        else:
+            self._error(404, "no such endpoint %s" % path)
+
+    def _drop_body(self) -> None:
+        # A body we will not read would be parsed as the next request: close instead.
+        if self.headers.get("Content-Length") not in (None, "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+
+    def _get(self) -> None:
+        api = self.server.api
+        path = self._path()
+        if path == "/healthz":
+            self._json(200, {"status": "ok"})
+        elif path == "/readyz":
+            ready = bool(api.is_ready())
+            svc = api.get_service() if ready else None
+            body = {"ready": ready, "bundle": svc.bundle if svc is not None else None}
+            self._json(200 if ready else 503, body, None if ready else {"Retry-After": "5"})
+        elif path == "/metrics":
+            text = api.metrics_text()
+            self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/v1/infer":
+            self._error(405, "use POST for /v1/infer", {"Allow": "POST"})
+        else:
+            self._error(404, "no such endpoint %s" % path)
+
+    def _post(self) -> None:
+        api = self.server.api
+        if self._path() != "/v1/infer":
+            self._not_allowed()
+            return
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._error(411, "chunked bodies are not accepted; send Content-Length")
+            return
+        raw_len = self.headers.get("Content-Length")
+        if raw_len is None:
+            self.close_connection = True
+            self._error(411, "Content-Length is required")
+            return
+        try:
+            length = int(raw_len)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            self._error(400, "Content-Length %r is not a byte count" % raw_len[:40])
+            return
+        if length > api.cfg.max_body_bytes:
+            self.close_connection = True  # the body is never read
+            self._error(413, "body of %d bytes is over the %d byte limit" % (length, api.cfg.max_body_bytes))
+            return
+        ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype not in IMAGE_TYPES + NPY_TYPES:
+            self.close_connection = True
+            self._error(415, "content type %r is not one of %s" % (ctype, ", ".join(IMAGE_TYPES + NPY_TYPES)))
+            return
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            self._error(400, "body ended after %d of %d bytes" % (len(body), length))
+            return
+        svc = api.get_service()
+        if svc is None:
+            self._error(503, "no model is active yet", {"Retry-After": "5"})
+            return
+        try:
+            if ctype in NPY_TYPES:
+                res = svc.infer_tensor(read_npy(body, max_bytes=api.cfg.max_body_bytes), timeout_s=api.infer_timeout_s)
+            else:
+                res = svc.infer_image(body, timeout_s=api.infer_timeout_s)
+        except InputError as e:
+            self._error(400, str(e))
+            return
+        except OverloadedError as e:
+            self._error(503, str(e), {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
+            return
+        except ServiceClosedError as e:
+            self._error(503, str(e), {"Retry-After": "1"})
+            return
+        except RequestTimeoutError as e:
+            self._error(504, str(e))
+            return
+        except EdgeAgentError as e:
+            log.warning("inference failed: %s", e)
+            self._error(500, str(e))
+            return
+        api._count_ok()
+        self._json(200, {"route": res.route, "latency_ms": res.latency_ms, "output": res.output, "bundle": svc.bundle})
+
+
+class ApiServer:
+    """The HTTP API in a background thread; `port` is the bound port (useful with port 0)."""
+
+    def __init__(self, cfg: ApiConfig, *, get_service: Callable[[], Any], is_ready: Callable[[], bool],
+                 metrics_text: Callable[[], str], infer_timeout_s: float = INFER_TIMEOUT_S) -> None:
+        self.cfg = cfg
+        self.get_service = get_service
+        self.is_ready = is_ready
+        self.metrics_text = metrics_text
+        self.infer_timeout_s = infer_timeout_s
+        self._server: Optional[_Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self.responses: Dict[int, int] = {}
+
+    def _count_ok(self) -> None:
+        self._count_error(200)
+
+    def _count_error(self, code: int) -> None:
+        with self._lock:
+            self.responses[code] = self.responses.get(code, 0) + 1
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (0 before `start`)."""
+        return int(self._server.server_address[1]) if self._server is not None else 0
+
+    def start(self) -> None:
+        """Bind and serve in a daemon thread; an address that cannot be bound is a ConfigError."""
+        from edge_agent.errors import ConfigError
+
+        try:
+            self._server = _Server((self.cfg.host, self.cfg.port), _Handler, self)
+        except OSError as e:
+            raise ConfigError("cannot listen on %s:%d: %s" % (self.cfg.host, self.cfg.port, e.strerror or e))
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="http-api", daemon=True
+        )
+        self._thread.start()
+        log.info("HTTP API on http://%s:%d", self.cfg.host, self.port)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Safe to call twice."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None

@@ -1,0 +1,274 @@
+"""`fleet router calibrate|fit-head`: choose the router threshold τ, or fit a linear gate head.
+
+``fleet router calibrate BUNDLE --data LABELLED.npz [--max-accuracy-drop PTS] [--plot OUT.png]`` runs
+both models of the bundle over labelled data (keys ``x``, ``y``), sweeps τ, prints a table (τ, large
+fraction, accuracy, estimated throughput from measured model costs), recommends the τ with the fewest
+large-model calls whose accuracy is within PTS points of large-only, and draws the accuracy-vs-large
+fraction curve when asked.
+
+``fleet router fit-head BUNDLE --data LABELLED.npz --out head.npz [--source features|input_stats]``
+fits the ``linear`` gate's head (logistic regression predicting "the small model is wrong") to ship
+in the next bundle.
+
+BUNDLE is a bundle archive (``fleet bundle build`` output) or a folder holding ``manifest.json`` and the
+files it lists. Use data the models were not trained on (``samples/digits/calib.npz``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+from edge_agent.clikit import CliError
+
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_BUNDLE_BYTES = 8 << 30
+
+
+@contextlib.contextmanager
+def open_bundle(path: Path) -> Iterator[Tuple[object, Path]]:
+    """Yield (ManifestBody, folder holding its files) for a bundle archive or an unpacked folder."""
+    from edge_agent.bundle.verify import read_unverified
+    from edge_agent.errors import EdgeAgentError
+
+    path = Path(path)
+    if path.is_dir():
+        mpath = path / "manifest.json"
+        try:
+            raw = mpath.read_bytes()
+        except OSError as e:
+            raise CliError("cannot read %s: %s" % (mpath, e.strerror or e))
+        try:
+            yield read_unverified(raw, max_manifest_bytes=MAX_MANIFEST_BYTES), path
+        except EdgeAgentError as e:
+            raise CliError("%s: %s" % (mpath, e))
+        return
+    if not path.is_file():
+        raise CliError("bundle %s does not exist" % path)
+    from edge_agent.bundle.archive import read_bundle, unpack_bundle
+
+    tmp = Path(tempfile.mkdtemp(prefix="fleet-router-"))
+    try:
+        try:
+            raw, reader = read_bundle(path, max_manifest_bytes=MAX_MANIFEST_BYTES, max_bundle_bytes=MAX_BUNDLE_BYTES)
+            reader.close()
+            manifest = read_unverified(raw, max_manifest_bytes=MAX_MANIFEST_BYTES)
+            folder = unpack_bundle(path, tmp / "b", manifest, max_bundle_bytes=MAX_BUNDLE_BYTES)
+        except EdgeAgentError as e:
+            raise CliError("bundle %s: %s" % (path, e))
+        yield manifest, folder
+    finally:
+        shutil.rmtree(str(tmp), ignore_errors=True)
+
+
+def load_labelled(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """(x, y) from an npz with keys `x` and `y`."""
+    try:
+        with np.load(str(path), allow_pickle=False) as z:
+            if "x" not in z.files or "y" not in z.files:
+                raise CliError("%s needs arrays `x` (inputs) and `y` (labels)" % path)
+            x, y = z["x"], z["y"].astype(np.int64).reshape(-1)
+    except (OSError, ValueError) as e:
+        raise CliError("cannot read %s: %s" % (path, e))
+    if len(x) != len(y) or len(y) == 0:
+        raise CliError("%s: x and y must hold the same, non-zero number of items" % path)
+    return x, y
+
+
+def _engines(manifest, folder: Path, batch: int):
+    from edge_agent.engines.ort import OrtEngine
+    from edge_agent.errors import EngineError
+
+    try:
+        small = OrtEngine(folder / manifest.models["small"].path, max_batch=batch)
+        large = OrtEngine(folder / manifest.models["large"].path, max_batch=batch)
+    except EngineError as e:
+        raise CliError(str(e))
+    return small, large
+
+
+def _cast_input(x: np.ndarray, engine) -> np.ndarray:
+    want = tuple(engine.inputs[0].shape[1:])
+    if tuple(x.shape[1:]) != want:
+        raise CliError("data items have shape %s, the model input wants %s" % (tuple(x.shape[1:]), want))
+    return np.ascontiguousarray(x.astype(engine.inputs[0].dtype))
+
+
+def _logits_name(manifest, engine) -> str:
+    name = manifest.postprocessing.output or engine.outputs[0].name
+    if manifest.postprocessing.kind != "classification":
+        raise CliError("router calibration needs a classification bundle (labels to score accuracy)")
+    return name
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from edge_agent.runtime import calibration
+    from edge_agent.runtime.errors import RouterPolicyError
+    from edge_agent.runtime.router import LinearHead
+
+    x, y = load_labelled(Path(args.data))
+    with open_bundle(Path(args.bundle)) as (manifest, folder):
+        pol = manifest.router
+        gate = args.gate or pol.gate
+        head = None
+        if gate == "linear":
+            head_path = Path(args.head) if args.head else (folder / pol.linear_head if pol.linear_head else None)
+            if head_path is None:
+                raise CliError("the linear gate needs a head: the bundle ships none; pass --head HEAD.npz")
+            try:
+                head = LinearHead.load(head_path)
+            except RouterPolicyError as e:
+                raise CliError(str(e))
+        small, large = _engines(manifest, folder, args.batch)
+        try:
+            x = _cast_input(x, small)
+            data = calibration.collect(
+                small, large, x, y, gate=gate, head=head, logits_output=_logits_name(manifest, small),
+                features_output=manifest.models["small"].features_output, batch=args.batch,
+            )
+        except ValueError as e:
+            raise CliError(str(e))
+        finally:
+            small.close()
+            large.close()
+    tau_min, tau_max = float(pol.tau_min), float(pol.tau_max)
+    rows = calibration.sweep(data, calibration.candidate_taus(data.scores, tau_min, tau_max))
+    best = calibration.recommend(rows, large_accuracy=data.large_accuracy, max_drop_pts=args.max_accuracy_drop)
+    large_only = 1000.0 / data.cost_large_ms
+    _print_table(rows, best, data, args.rows)
+    print()
+    print("items: %d   gate: %s   tau bounds: [%g, %g]" % (len(y), gate, tau_min, tau_max))
+    print("small-only accuracy %.4f   large-only accuracy %.4f" % (data.small_accuracy, data.large_accuracy))
+    print("measured cost per item at batch %d: small %.4g ms, large %.4g ms"
+          % (args.batch, data.cost_small_ms, data.cost_large_ms))
+    if args.plot:
+        _plot(Path(args.plot), rows, best, data)
+        print("plot written to %s" % args.plot)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "gate": gate, "rows": rows, "recommended": best, "small_accuracy": data.small_accuracy,
+            "large_accuracy": data.large_accuracy, "cost_small_ms": data.cost_small_ms,
+            "cost_large_ms": data.cost_large_ms,
+        }, indent=2) + "\n")
+    if best is None:
+        raise CliError(
+            "no tau within [%g, %g] keeps accuracy within %g points of large-only (%.4f)"
+            % (tau_min, tau_max, args.max_accuracy_drop, data.large_accuracy)
+        )
+    print("recommended tau = %.6g: large fraction %.3f, accuracy %.4f (%.2f points under large-only), "
+          "estimated %.2fx large-only throughput"
+          % (best["tau"], best["large_fraction"], best["accuracy"],
+             (data.large_accuracy - best["accuracy"]) * 100, best["items_per_s"] / large_only))
+    return 0
+
+
+def _print_table(rows, best, data, max_rows: int) -> None:
+    show = rows
+    if len(rows) > max_rows:
+        idx = set(np.linspace(0, len(rows) - 1, max_rows).round().astype(int).tolist())
+        show = [r for i, r in enumerate(rows) if i in idx or r is best]
+    large_only = 1000.0 / data.cost_large_ms
+    print("%12s  %14s  %9s  %14s  %9s" % ("tau", "large fraction", "accuracy", "est. items/s", "vs large"))
+    for r in show:
+        mark = "  <- recommended" if r is best else ""
+        print("%12.6g  %14.3f  %9.4f  %14.0f  %8.2fx%s"
+              % (r["tau"], r["large_fraction"], r["accuracy"], r["items_per_s"], r["items_per_s"] / large_only, mark))
+
+
+def _plot(out: Path, rows, best, data) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("--plot needs matplotlib (pip install matplotlib, or the package's dev extra)")
+    pts = sorted((r["large_fraction"], r["accuracy"]) for r in rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=2, label="router (%s gate)" % data.gate)
+    ax.axhline(data.large_accuracy, color="g", ls="--", lw=1, label="large only")
+    ax.axhline(data.small_accuracy, color="r", ls=":", lw=1, label="small only")
+    if best is not None:
+        ax.plot([best["large_fraction"]], [best["accuracy"]], "k*", ms=12, label="recommended tau=%.4g" % best["tau"])
+    ax.set_xlabel("fraction of items sent to the large model")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy vs large-model fraction")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(str(out), dpi=120)
+    except OSError as e:
+        raise CliError("cannot write %s: %s" % (out, e.strerror or e))
+    finally:
+        plt.close(fig)
+
+
+def _fit_head(args: argparse.Namespace) -> int:
+    from edge_agent.runtime.router import fit_linear_head, input_stats
+
+    x, y = load_labelled(Path(args.data))
+    with open_bundle(Path(args.bundle)) as (manifest, folder):
+        small, _large = _engines(manifest, folder, args.batch)
+        _large.close()
+        try:
+            x = _cast_input(x, small)
+            logits_name = _logits_name(manifest, small)
+            feats_name = manifest.models["small"].features_output
+            if args.source == "features" and not feats_name:
+                raise CliError("the bundle's small model declares no features_output")
+            outs = [small.infer({small.inputs[0].name: x[s : s + args.batch]}) for s in range(0, len(x), args.batch)]
+        finally:
+            small.close()
+    logits = np.concatenate([o[logits_name] for o in outs]).reshape(len(x), -1)
+    wrong = logits.argmax(axis=1) != y
+    if not wrong.any() or wrong.all():
+        raise CliError("the small model is right on every item or on none: no signal to fit a head on")
+    v = np.concatenate([o[feats_name] for o in outs]) if args.source == "features" else input_stats(x)
+    head = fit_linear_head(v, wrong, source=args.source)
+    head.save(Path(args.out))
+    s = head.scores(v)
+    print("fitted a %d-input head over %s on %d items (small wrong on %d)"
+          % (head.dim, args.source, len(y), wrong.sum()))
+    print("mean score: small wrong %.3f, small right %.3f" % (s[wrong].mean(), s[~wrong].mean()))
+    print("wrote %s (ship it as router.linear_head)" % args.out)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `router` command group."""
+    p = sub.add_parser("router", help="calibrate the small/large router", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    rsub = p.add_subparsers(dest="router_command", metavar="SUBCOMMAND")
+    c = rsub.add_parser("calibrate", help="sweep tau over labelled data and recommend one")
+    c.add_argument("bundle", help="bundle archive or unpacked bundle folder")
+    c.add_argument("--data", required=True, help="npz with `x` (model inputs) and `y` (labels)")
+    c.add_argument("--max-accuracy-drop", type=float, default=0.5, metavar="PTS",
+                   help="allowed accuracy loss vs large-only, in percentage points (default 0.5)")
+    c.add_argument("--plot", metavar="OUT.png", help="draw accuracy vs large fraction (needs matplotlib)")
+    c.add_argument("--gate", choices=["confidence", "linear"], help="gate to calibrate (default: the bundle's)")
+    c.add_argument("--head", help="linear head npz (default: the bundle's router.linear_head)")
+    c.add_argument("--batch", type=int, default=32, help="batch size for running and timing (default 32)")
+    c.add_argument("--rows", type=int, default=20, help="table rows to print (default 20)")
+    c.add_argument("--json", help="also write the sweep as JSON here")
+    c.set_defaults(func=_calibrate)
+    f = rsub.add_parser("fit-head", help="fit the linear gate's head on labelled data")
+    f.add_argument("bundle", help="bundle archive or unpacked bundle folder")
+    f.add_argument("--data", required=True, help="npz with `x` and `y` the models were not trained on")
+    f.add_argument("--out", required=True, help="where to write the head npz")
+    f.add_argument("--source", choices=["features", "input_stats"], default="features")
+    f.add_argument("--batch", type=int, default=32)
+    f.set_defaults(func=_fit_head)
+    p.set_defaults(func=lambda _args: _usage(p))
+
+
+def _usage(p: argparse.ArgumentParser) -> Optional[int]:
+    p.print_help()
+    return 2

@@ -1,0 +1,262 @@
+"""The local HTTP API: answers, every error case, and a server that survives bad clients."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_agent.config import ApiConfig, RuntimeConfig
+from edge_agent.runtime.http_api import ApiServer
+from edge_agent.runtime.service import InferenceService
+from tests._runtime_helpers import GatedEngine, Models, digits_manifest, digits_models, load_split
+
+cv2 = pytest.importorskip("cv2")
+
+
+@pytest.fixture(scope="module")
+def models():
+    m = digits_models(max_batch=8)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return load_split("heldout")
+
+
+class Api:
+    """An ApiServer on a free loopback port around a swappable service."""
+
+    def __init__(self, service, *, max_body_bytes: int = 64 * 1024) -> None:
+        self.service = service
+        self.ready = True
+        self.server = ApiServer(
+            ApiConfig(host="127.0.0.1", port=0, max_body_bytes=max_body_bytes),
+            get_service=lambda: self.service,
+            is_ready=lambda: self.ready,
+            metrics_text=lambda: "# TYPE edge_agent_requests_total counter\nedge_agent_requests_total 3\n",
+            infer_timeout_s=5.0,
+        )
+        self.server.start()
+
+    def request(self, method: str, path: str, body: bytes = b"", headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read()
+        finally:
+            conn.close()
+
+
+@pytest.fixture()
+def api(models, tmp_path):
+    svc = InferenceService(models, digits_manifest(tmp_path, router={"tau": "0.9"}), tmp_path, RuntimeConfig())
+    a = Api(svc)
+    yield a
+    a.server.stop()
+    svc.close()
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _png(img: np.ndarray, ext: str = ".png") -> bytes:
+    ok, enc = cv2.imencode(ext, img)
+    assert ok
+    return enc.tobytes()
+
+
+def test_infer_npy_answers_route_latency_output_and_bundle(api, heldout):
+    x, y = heldout
+    status, headers, body = api.request("POST", "/v1/infer", _npy(x[0]), {"Content-Type": "application/x-npy"})
+    assert status == 200, body
+    doc = json.loads(body)
+    assert set(doc) == {"route", "latency_ms", "output", "bundle"}
+    assert doc["route"] in ("small", "large")
+    assert doc["latency_ms"] > 0
+    assert doc["bundle"] == {"name": "digits", "version": 1}
+    assert doc["output"]["top"][0]["label"] == str(y[0])
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_infer_png_and_jpeg_match_the_tensor_answer(api, heldout):
+    x, _ = heldout
+    for i in range(5):
+        want = api.service.infer_tensor(x[i]).output["top"][0]["index"]
+        gray = np.rint(x[i, 0] * 16).astype(np.uint8)  # preprocessing scale is 1/16: digits pixels are 0..16
+        status, _, body = api.request("POST", "/v1/infer", _png(gray), {"Content-Type": "image/png"})
+        assert status == 200, body
+        assert json.loads(body)["output"]["top"][0]["index"] == want
+    # A larger colour JPEG is converted to gray and resized to 8x8 without error.
+    big = cv2.resize(cv2.cvtColor(np.rint(x[0, 0] * 16).astype(np.uint8), cv2.COLOR_GRAY2BGR), (64, 64))
+    status, _, body = api.request("POST", "/v1/infer", _png(big, ".jpg"), {"Content-Type": "image/jpeg"})
+    assert status == 200, body
+
+
+def test_undecodable_image_is_400_with_reason(api):
+    status, _, body = api.request("POST", "/v1/infer", b"\x89PNG not really", {"Content-Type": "image/png"})
+    assert status == 400
+    assert "not a decodable JPEG or PNG" in json.loads(body)["error"]
+
+
+def test_wrong_tensor_shape_is_400_with_reason(api):
+    status, _, body = api.request(
+        "POST", "/v1/infer", _npy(np.zeros((1, 9, 9), np.float32)), {"Content-Type": "application/x-npy"}
+    )
+    assert status == 400
+    assert "shape (1, 9, 9)" in json.loads(body)["error"]
+
+
+def test_npy_that_needs_pickle_is_400(api):
+    status, _, body = api.request(
+        "POST", "/v1/infer", _npy_object(), {"Content-Type": "application/x-npy"}
+    )
+    assert status == 400
+    assert "not a .npy tensor" in json.loads(body)["error"]
+
+
+def _npy_object() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+def test_wrong_content_type_is_415(api):
+    status, _, body = api.request("POST", "/v1/infer", b"{}", {"Content-Type": "application/json"})
+    assert status == 415
+    assert "application/json" in json.loads(body)["error"]
+
+
+def test_body_over_limit_is_413_without_reading_it(api):
+    # Announce 1 GB, send a few bytes only: the answer must come from the header alone.
+    with socket.create_connection(("127.0.0.1", api.server.port), timeout=5) as s:
+        s.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000000\r\n\r\nabc"
+        )
+        t0 = time.monotonic()
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        took = time.monotonic() - t0
+    assert data.startswith(b"HTTP/1.1 413"), data[:80]
+    assert b"over the 65536 byte limit" in data
+    assert took < 2.0  # answered and closed, not waiting for a gigabyte
+
+
+def test_missing_content_length_is_411(api):
+    with socket.create_connection(("127.0.0.1", api.server.port), timeout=5) as s:
+        s.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n\r\n")
+        data = s.recv(4096)
+    assert data.startswith(b"HTTP/1.1 411")
+
+
+def test_no_active_model_is_503_with_retry_after(api, heldout):
+    api.service_saved, api.service = api.service, None
+    try:
+        status, headers, body = api.request(
+            "POST", "/v1/infer", _npy(heldout[0][0]), {"Content-Type": "application/x-npy"}
+        )
+    finally:
+        api.service = api.service_saved
+    assert status == 503
+    assert headers["Retry-After"] == "5"
+    assert "no model" in json.loads(body)["error"]
+
+
+def test_overload_is_503_with_retry_after_and_server_keeps_serving(models, tmp_path, heldout):
+    x, _ = heldout
+    gated = GatedEngine(models.small)
+    slow = Models(gated, models.large, {"small": 1, "large": 8})
+    svc = InferenceService(
+        slow, digits_manifest(tmp_path, router={"gate": "confidence", "tau": "0.5"}), tmp_path,
+        RuntimeConfig(max_queue=2, max_queue_delay_ms=0),
+    )
+    api = Api(svc)
+    try:
+        results = []
+
+        def call() -> None:
+            results.append(api.request("POST", "/v1/infer", _npy(x[0]), {"Content-Type": "application/x-npy"}))
+
+        first = threading.Thread(target=call)
+        first.start()
+        assert gated.entered.wait(5)  # one request is running and holds the worker
+        waiting = [threading.Thread(target=call) for _ in range(2)]
+        for t in waiting:
+            t.start()
+        deadline = time.monotonic() + 5
+        while svc.small_batcher.queue_depth() < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert svc.small_batcher.queue_depth() == 2
+        status, headers, body = api.request("POST", "/v1/infer", _npy(x[0]), {"Content-Type": "application/x-npy"})
+        assert status == 503
+        assert int(headers["Retry-After"]) >= 1
+        assert "queue is full" in json.loads(body)["error"]
+        gated.gate.set()
+        for t in [first, *waiting]:
+            t.join(10)
+        assert sorted(r[0] for r in results) == [200, 200, 200]
+        assert svc.stats_snapshot()["refused"] == 1
+        status, _, _ = api.request("POST", "/v1/infer", _npy(x[1]), {"Content-Type": "application/x-npy"})
+        assert status == 200
+    finally:
+        gated.gate.set()
+        api.server.stop()
+        svc.close()
+
+
+def test_readyz_follows_is_ready_and_healthz_always_answers(api):
+    status, _, body = api.request("GET", "/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True
+    api.ready = False
+    status, headers, body = api.request("GET", "/readyz")
+    assert status == 503 and json.loads(body)["ready"] is False
+    assert "Retry-After" in headers
+    assert api.request("GET", "/healthz")[0] == 200
+
+
+def test_metrics_is_prometheus_text(api):
+    status, headers, body = api.request("GET", "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert b"edge_agent_requests_total 3" in body
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405(api):
+    assert api.request("GET", "/nope")[0] == 404
+    status, headers, _ = api.request("GET", "/v1/infer")
+    assert status == 405 and headers["Allow"] == "POST"
+    status, headers, _ = api.request("POST", "/healthz", b"x", {"Content-Type": "image/png"})
+    assert status == 405 and "GET" in headers["Allow"]
+    assert api.request("DELETE", "/v1/infer")[0] == 405
+
+
+def test_garbage_and_half_requests_do_not_stop_the_server(api, heldout):
+    for junk in (b"\x00\x01\x02garbage\r\n\r\n", b"GET /healthz HTTP/1.1\r\n" + b"X: " + b"a" * 70000 + b"\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", api.server.port), timeout=5) as s:
+            s.sendall(junk)
+            try:
+                s.recv(4096)
+            except OSError:
+                pass
+    # A client that announces a body and hangs up half-way.
+    with socket.create_connection(("127.0.0.1", api.server.port), timeout=5) as s:
+        s.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\nabc")
+    status, _, _ = api.request("POST", "/v1/infer", _npy(heldout[0][0]), {"Content-Type": "application/x-npy"})
+    assert status == 200
+    assert api.request("GET", "/healthz")[0] == 200

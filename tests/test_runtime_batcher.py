@@ -1,0 +1,157 @@
+"""The dynamic batcher: max batch, max queue delay, a bounded queue that refuses at once, clean close."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from edge_agent.errors import InputError
+from edge_agent.runtime.batcher import DynamicBatcher
+from edge_agent.runtime.errors import OverloadedError, ServiceClosedError
+from tests._runtime_helpers import GatedEngine, digits_models, load_split
+
+
+@pytest.fixture(scope="module")
+def models():
+    m = digits_models(max_batch=16)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def items():
+    x, _ = load_split("heldout")
+    return [{"image": x[i]} for i in range(40)]
+
+
+def _wait(pred, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.002)
+
+
+def test_batches_never_exceed_max_batch_and_fill_up_to_it(models, items):
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=4, max_queue_delay_ms=50, max_queue=64)
+    try:
+        futs = [b.submit(items[i]) for i in range(11)]
+        eng.gate.set()
+        results = [f.result(5) for f in futs]
+    finally:
+        b.close()
+    assert max(eng.batches) == 4
+    assert all(n <= 4 for n in eng.batches)
+    assert sum(eng.batches) == 11
+    assert all(r.batch_size <= 4 for r in results)
+    # Each item got its own row back: same answer as running it alone.
+    alone = models.small.infer({"image": items[7]["image"][None]})["logits"][0]
+    np.testing.assert_allclose(results[7].outputs["logits"], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_lone_request_waits_the_queue_delay_then_runs_alone(models, items):
+    b = DynamicBatcher(models.small, name="small", max_batch=16, max_queue_delay_ms=60, max_queue=8)
+    try:
+        t0 = time.monotonic()
+        r = b.submit(items[0]).result(5)
+        took_ms = (time.monotonic() - t0) * 1000
+    finally:
+        b.close()
+    assert r.batch_size == 1
+    assert 60 <= r.latency_ms <= took_ms + 1
+    assert took_ms < 60 + 250  # the delay bounds the wait
+
+
+def test_a_full_batch_does_not_wait_for_the_queue_delay(models, items):
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=4, max_queue_delay_ms=10_000, max_queue=8)
+    try:
+        futs = [b.submit(items[i]) for i in range(4)]
+        eng.gate.set()
+        t0 = time.monotonic()
+        results = [f.result(5) for f in futs]
+        assert time.monotonic() - t0 < 2.0  # far below the 10 s delay
+    finally:
+        b.close()
+    assert [r.batch_size for r in results] == [4, 4, 4, 4]
+
+
+def test_zero_delay_runs_what_is_there(models, items):
+    b = DynamicBatcher(models.small, name="small", max_batch=16, max_queue_delay_ms=0, max_queue=8)
+    try:
+        r = b.submit(items[0]).result(5)
+    finally:
+        b.close()
+    assert r.batch_size == 1
+    assert r.latency_ms < 50
+
+
+def test_full_queue_refuses_at_once_and_counts_it(models, items):
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=1, max_queue_delay_ms=0, max_queue=3)
+    try:
+        running = b.submit(items[0])
+        assert eng.entered.wait(5)  # the worker holds one batch in the engine
+        queued = [b.submit(items[i]) for i in range(1, 4)]
+        assert b.queue_depth() == 3
+        t0 = time.monotonic()
+        with pytest.raises(OverloadedError, match="queue is full"):
+            b.submit(items[4])
+        assert time.monotonic() - t0 < 0.05  # refused at once, not after a wait
+        assert b.queue_depth() == 3  # nothing was added
+        assert b.total_refused == 1
+        eng.gate.set()
+        for f in [running, *queued]:
+            assert f.result(5).batch_size == 1
+        snap = b.snapshot()
+        assert snap["refused"] == 1 and snap["items"] == 4
+        assert b.submit(items[5]).result(5) is not None  # serving again
+    finally:
+        eng.gate.set()
+        b.close()
+
+
+def test_close_fails_waiting_requests_with_service_closed(models, items):
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=1, max_queue_delay_ms=0, max_queue=8)
+    running = b.submit(items[0])
+    assert eng.entered.wait(5)
+    waiting = b.submit(items[1])
+    eng.gate.set()
+    b.close()
+    assert running.result(5) is not None
+    # The waiting one either ran before the worker saw the close, or failed cleanly: never hangs.
+    try:
+        waiting.result(5)
+    except ServiceClosedError:
+        pass
+    with pytest.raises(ServiceClosedError):
+        b.submit(items[2])
+
+
+def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(models, items):
+    b = DynamicBatcher(models.small, name="small", max_batch=4, max_queue_delay_ms=0, max_queue=8)
+    try:
+        bad = b.submit({"image": np.zeros((1, 8, 8), np.float64)})  # wrong dtype: the engine refuses it
+        with pytest.raises(InputError, match="dtype float64"):
+            bad.result(5)
+        assert b.submit(items[0]).result(5).batch_size == 1
+        assert b.snapshot()["errors"] == 1
+    finally:
+        b.close()
+
+
+def test_latency_is_measured_from_arrival_to_answer(models, items):
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=4, max_queue_delay_ms=0, max_queue=8)
+    try:
+        f = b.submit(items[0])
+        time.sleep(0.1)  # held in the engine for 100 ms
+        eng.gate.set()
+        r = f.result(5)
+    finally:
+        b.close()
+    assert r.latency_ms >= 100
+    assert b.snapshot()["latency_samples_ms"].size == 1
