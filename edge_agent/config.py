@@ -121,7 +121,13 @@ class TelemetryConfig(_Section):
 
     period_s: float = Field(10.0, gt=0)
     spool_max_messages: int = Field(10000, ge=1)
+    spool_max_bytes: int = Field(64 * MIB, ge=64 * KIB)
+    flush_batch: int = Field(50, ge=1, description="spooled messages sent per batch before the spool is trimmed")
+    max_pending: int = Field(1000, ge=1, description="messages waiting in memory for the publishing thread")
     use_jtop: bool = True
+    jtop_interval_s: float = Field(1.0, gt=0)
+    jtop_retry_s: float = Field(60.0, gt=0, description="how long to use /proc before trying jtop again")
+    nvidia_smi_timeout_s: float = Field(2.0, gt=0)
 
 
 class ProbationConfig(_Section):
@@ -129,6 +135,10 @@ class ProbationConfig(_Section):
 
     window_s: float = Field(60.0, ge=0)
     min_requests: int = Field(0, ge=0)
+    early_fail_min_requests: int = Field(
+        50, ge=1, description="requests seen before an error-rate breach fails probation ahead of the window's end")
+    p99_min_requests: int = Field(20, ge=1, description="answered requests a period needs for its p99 to count")
+    golden_recheck: bool = True
 
 
 class SourceConfig(_Section):
