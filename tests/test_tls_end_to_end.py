@@ -1,0 +1,134 @@
+"""The device's MQTT path and the controller work end to end through the shipped TLS broker config.
+
+Product code on both sides — the agent's `MqttSession`, `BundleStore`, `Fetcher`, `verify_command` and
+`verify_manifest`; the controller's `Controller` (chunk server, signed commands) — each with its own
+client certificate from scripts/make_test_pki.py, against mosquitto running configs/mosquitto/
+edge-agent-tls.conf and its ACL. A second device watches every topic and must see none of it.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from agent_helpers import build_sample_bundle
+from secure_broker import REPO, MqttProbe, SecureBroker
+
+from edge_agent.bundle.store import BundleStore
+from edge_agent.bundle.verify import verify_manifest
+from edge_agent.config import MqttConfig, TlsConfig, TransferConfig
+from edge_agent.mqtt import MqttSession
+from edge_agent.protocol import topics
+from edge_agent.protocol.commands import verify_command
+from edge_agent.signing import PrivateKey
+from edge_agent.transfer.fetcher import Fetcher
+from fleet.config import ControllerSection, FleetConfig
+from fleet.controller import Controller
+
+pytestmark = pytest.mark.mqtt
+
+P = topics.DEFAULT_PREFIX
+DEVICE = "cam-01"
+WATCHER = "cam-02"
+CONTROLLER = "fleet-controller"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """Test CA, broker certificate, two devices and the controller."""
+    out = tmp_path_factory.mktemp("pki")
+    cmd = [sys.executable, str(REPO / "scripts" / "make_test_pki.py"), str(out),
+           "--device", DEVICE, "--device", WATCHER, "--controller", CONTROLLER]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return out
+
+
+@pytest.fixture(scope="module")
+def broker(pki):
+    """mosquitto with the shipped TLS drop-in and ACL."""
+    b = SecureBroker("tls", pki)
+    yield b
+    b.close()
+
+
+def _mqtt(broker: SecureBroker, pki: Path, identity: str) -> MqttConfig:
+    tls = TlsConfig(ca_file=pki / "ca.crt", cert_file=pki / ("%s.crt" % identity), key_file=pki / ("%s.key" % identity))
+    return MqttConfig(host=broker.host, port=broker.port, prefix=P, tls=tls)
+
+
+def test_deploy_command_and_bundle_transfer_over_tls(broker, pki, tmp_path):
+    bundle_key = PrivateKey.generate("release")
+    controller_key = PrivateKey.generate("controller")
+    bundle = build_sample_bundle(tmp_path / "build", bundle_key, version=3)
+
+    watcher = MqttProbe("watcher").tls(pki / "ca.crt", pki / ("%s.crt" % WATCHER), pki / ("%s.key" % WATCHER))
+    watcher.connect(broker.host, broker.port)
+    watcher.subscribe("#")
+
+    cfg = FleetConfig(
+        mqtt=_mqtt(broker, pki, CONTROLLER),
+        controller=ControllerSection(client_id="ctl-e2e", state_dir=tmp_path / "controller"),
+    )
+    ctl = Controller(cfg, key=controller_key)
+    body, manifest_sha, manifest_size = ctl.add_bundle(bundle)
+
+    dev = MqttSession(_mqtt(broker, pki, DEVICE), client_id=DEVICE, name="device")
+    store = BundleStore(tmp_path / "device").open()
+    fetcher = Fetcher(dev, store, TransferConfig(), prefix=P, device_id=DEVICE)
+    commands: queue.Queue = queue.Queue()
+    dev.subscribe(topics.commands(P, DEVICE), lambda msg: commands.put(msg.payload), qos=1)
+    dev.subscribe(topics.chunks(P, DEVICE), fetcher.on_chunk, qos=1)
+    try:
+        ctl.start()
+        dev.start()
+        assert ctl.session.wait_connected(10), ctl.session.last_error
+        assert dev.wait_connected(10), dev.last_error
+        time.sleep(0.2)  # subscriptions are made in the network thread right after CONNACK
+
+        # Controller -> device: a signed deploy command through the broker.
+        ctl.send_command(DEVICE, ctl.deploy_args(body.name, body.version))
+        raw = commands.get(timeout=10)
+        cmd = verify_command(
+            raw,
+            device_id=DEVICE,
+            trusted={controller_key.public.keyid: controller_key.public},
+            last_seq=0,
+            now=int(time.time()),
+            max_age_s=600,
+        )
+        assert cmd.args.manifest_sha256 == manifest_sha
+
+        # Device -> controller -> device: the manifest and every file, chunk by chunk.
+        raw_manifest = fetcher.fetch_manifest(cmd.args.bundle, manifest_sha, manifest_size, max_bytes=1 << 20)
+        manifest = verify_manifest(
+            raw_manifest,
+            trusted={bundle_key.public.keyid: bundle_key.public},
+            threshold=1,
+            now=int(time.time()),
+            highest_versions={},
+            max_manifest_bytes=1 << 20,
+        )
+        files = {f.sha256: (path, f.size) for path, f in manifest.files.items()}
+        stats = fetcher.fetch_files(cmd.args.bundle, files)
+        assert stats.bytes_total == sum(size for _, size in files.values())
+        assert all(store.has_object(sha) for sha in files)
+        assert store.check_objects() == []
+
+        # Reports go out; a report under another device's id is refused and the session says so.
+        ok = dev.publish(topics.status(P, DEVICE), b'{"online": true}', qos=1)
+        assert ok.wait(5), ok.error
+        forged = dev.publish(topics.status(P, WATCHER), b'{"online": false}', qos=1)
+        assert not forged.wait(5)
+        assert "not authorized" in (forged.error or "").lower(), forged.error
+    finally:
+        dev.stop()
+        ctl.stop()
+
+    # The other device, subscribed to everything, received nothing of this exchange.
+    time.sleep(0.3)
+    assert watcher.topics_seen() == []
+    watcher.close()
