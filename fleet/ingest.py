@@ -162,8 +162,6 @@ class Ingest:
         self._check_sender(device_id, s.device_id, "status")
         now = self.clock()
         self.registry.record_status(s.to_dict(), now=now)
-        if s.last_command_seq:
-            self.registry.raise_command_seq(device_id, s.last_command_seq)
         if self.on_status is not None:
             self.on_status(s)
 

@@ -10,8 +10,6 @@ Tables:
 
 * ``devices``: one row per device id: platform, agent version, active/previous bundle, deploy state,
   online flag, last seen, health, the last telemetry summary.
-* ``command_seq``: the last command sequence number issued per device (commands are refused by the
-  device when their seq is not above the last one it saw).
 * ``rollouts`` + ``rollout_devices``: the state of every rollout and of each of its devices, enough
   to resume after a controller restart.
 * ``rollout_history``: an append-only log of what happened in each rollout.
@@ -57,10 +55,6 @@ MIGRATIONS: Tuple[str, ...] = (
         telemetry_ts    REAL,
         telemetry       TEXT,
         last_event      TEXT
-    );
-    CREATE TABLE command_seq (
-        device_id TEXT PRIMARY KEY,
-        seq       INTEGER NOT NULL
     );
     CREATE TABLE rollouts (
         rollout_id     TEXT PRIMARY KEY,
@@ -292,33 +286,6 @@ class Registry:
             return db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,)).rowcount > 0
 
         return bool(self._write(write))
-
-    # -------------------------------------------------------------------------------- command seq
-
-    def next_command_seq(self, device_id: str) -> int:
-        """Reserve the next command sequence number for a device (strictly increasing, persisted)."""
-
-        def write(db: sqlite3.Connection) -> int:
-            db.execute(
-                "INSERT INTO command_seq (device_id, seq) VALUES (?, 1) "
-                "ON CONFLICT(device_id) DO UPDATE SET seq = seq + 1",
-                (device_id,),
-            )
-            return int(db.execute("SELECT seq FROM command_seq WHERE device_id = ?", (device_id,)).fetchone()[0])
-
-        return int(self._write(write))
-
-    def raise_command_seq(self, device_id: str, seen: int) -> None:
-        """Make sure the next seq is above `seen` (a device reports the last seq it accepted)."""
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO command_seq (device_id, seq) VALUES (?1, ?2) "
-                "ON CONFLICT(device_id) DO UPDATE SET seq = MAX(seq, ?2)",
-                (device_id, int(seen)),
-            )
-
-        self._write(write)
 
     # ------------------------------------------------------------------------------------ rollouts
 

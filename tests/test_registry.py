@@ -1,4 +1,4 @@
-"""The SQLite registry: schema migrations, devices, command sequence numbers, rollouts, concurrency."""
+"""The SQLite registry: schema migrations, devices, telemetry summaries, rollouts, concurrent readers."""
 
 from __future__ import annotations
 
@@ -82,40 +82,6 @@ def test_telemetry_batch_updates_summaries_in_one_write(tmp_path):
     d = reg.get_device("dev-007")
     assert d["telemetry"] == {"qps": 7.0} and d["health"] == "ok" and d["telemetry_ts"] == 5.0
     assert reg.record_telemetry([], now=7.0) == 0
-
-
-def test_command_seq_strictly_increases_and_survives_reopen(tmp_path):
-    path = tmp_path / "fleet.db"
-    reg = Registry(path)
-    assert [reg.next_command_seq("a") for _ in range(3)] == [1, 2, 3]
-    assert reg.next_command_seq("b") == 1
-    reg.close()
-    reg = Registry(path)
-    assert reg.next_command_seq("a") == 4
-    # A device that accepted seq 50 (e.g. from a controller whose registry was lost) pushes us past it.
-    reg.raise_command_seq("a", 50)
-    assert reg.next_command_seq("a") == 51
-    reg.raise_command_seq("a", 10)
-    assert reg.next_command_seq("a") == 52
-
-
-def test_command_seq_is_unique_across_threads(tmp_path):
-    reg = Registry(tmp_path / "fleet.db")
-    got = []
-    lock = threading.Lock()
-
-    def worker():
-        for _ in range(50):
-            s = reg.next_command_seq("x")
-            with lock:
-                got.append(s)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(got) == list(range(1, 201))
 
 
 def test_rollout_save_load_and_history(tmp_path):

@@ -1,0 +1,196 @@
+"""The controller's fleet-management half: registry, ingest, rollouts and the operator RPC, attached to
+the controller's MQTT session.
+
+`ControlPlane` subscribes to every device's status, telemetry and events through MQTT 5 shared
+subscriptions (``$share/fleet/{p}/devices/+/status`` …; several controllers on a clustered broker share
+the load), answers the CLI's RPC methods, and ticks the rollout runner and the telemetry flush once a
+second. The controller (`fleet serve`) supplies two functions: `send_command(device_id, args)` that
+signs and publishes a command, and `resolve_bundle(name, version)` that returns the manifest's sha256
+and size from its bundle store (deploy commands pin the manifest by hash).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from edge_agent.mqtt import Inbound, MqttSession
+from edge_agent.protocol.messages import BundleRef
+from fleet.ingest import HealthPolicy, Ingest
+from fleet.registry import Registry
+from fleet.rollout import RolloutError, RolloutParams
+from fleet.rollout_runner import RolloutRunner, SendCommand
+from fleet.rpc import RpcServer
+
+log = logging.getLogger(__name__)
+
+ResolveBundle = Callable[[str, int], Tuple[str, int]]
+
+
+class ControlPlane:
+    """Registry + ingest + rollout runner + RPC of one controller."""
+
+    def __init__(
+        self,
+        session: MqttSession,
+        *,
+        prefix: str,
+        registry: Registry,
+        send_command: SendCommand,
+        resolve_bundle: ResolveBundle,
+        defaults: Optional[RolloutParams] = None,
+        health: Optional[HealthPolicy] = None,
+        tick_interval_s: float = 1.0,
+        share_group: Optional[str] = "fleet",
+        offline_after_s: Optional[float] = None,
+    ) -> None:
+        self.session = session
+        self.prefix = prefix
+        self.registry = registry
+        self.resolve_bundle = resolve_bundle
+        self.runner = RolloutRunner(registry, send_command, defaults=defaults)
+        self.ingest = Ingest(
+            registry,
+            prefix=prefix,
+            on_status=self.runner.on_status,
+            on_event=self.runner.on_event,
+            health=health or HealthPolicy(),
+        )
+        self.rpc = RpcServer(session, prefix=prefix, share=share_group is not None)
+        self.tick_interval_s = tick_interval_s
+        self.share_group = share_group
+        self.offline_after_s = offline_after_s
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._ticker: Optional[threading.Thread] = None
+        self._register_methods()
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Resume rollouts from the registry, subscribe, start RPC and the ticker."""
+        self.runner.resume_from_registry()
+        for f in self.ingest.subscriptions(self.share_group):
+            self.session.subscribe(f, self._on_device_message, qos=1)
+        self.rpc.start()
+        self._stop.clear()
+        self._ticker = threading.Thread(target=self._tick_loop, name="fleet-ticker", daemon=True)
+        self._ticker.start()
+
+    def stop(self) -> None:
+        """Stop RPC and the ticker, flush the last telemetry."""
+        self._stop.set()
+        self.rpc.stop()
+        if self._ticker is not None:
+            self._ticker.join(5.0)
+            self._ticker = None
+        self.ingest.flush()
+
+    def _on_device_message(self, msg: Inbound) -> None:
+        self.ingest.handle(msg.topic, msg.payload)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.tick_interval_s):
+            try:
+                self.ingest.flush()
+                self.runner.tick()
+            except Exception:  # the ticker must survive a registry hiccup
+                log.exception("controller tick failed")
+
+    # ------------------------------------------------------------------------------------ RPC methods
+
+    def _register_methods(self) -> None:
+        r = self.rpc.register
+        r("controller.status", self._controller_status)
+        r("devices.list", self._devices_list)
+        r("devices.show", self._devices_show)
+        r("rollout.start", self._rollout_start)
+        r("rollout.status", lambda p: self.runner.get(p.get("rollout_id"), history=int(p.get("history", 50))))
+        r("rollout.list", lambda p: self.runner.list(limit=int(p.get("limit", 20))))
+        r("rollout.pause", lambda p: self.runner.pause(_need(p, "rollout_id")))
+        r("rollout.resume", lambda p: self.runner.resume(_need(p, "rollout_id")))
+        r("rollout.abort", lambda p: self.runner.abort(_need(p, "rollout_id"), rollback=bool(p.get("rollback", True))))
+        r("rollout.promote", lambda p: self.runner.promote(_need(p, "rollout_id"), accept=bool(p.get("accept", True))))
+        r("rollback", self._rollback)
+        r("telemetry.latest", self._telemetry_latest)
+
+    def _controller_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        return {
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "devices": self.registry.device_count(),
+            "active_rollouts": self.runner.active_ids(),
+            "ingest": self.ingest.stats(),
+            "rpc": dict(self.rpc.stats),
+            "command_send_failures": self.runner.send_failures,
+            "registry_schema": self.registry.schema_version(),
+        }
+
+    def _devices_list(self, params: Dict[str, Any]) -> List[Dict[str, Any]]:
+        online = params.get("online")
+        rows = self.registry.list_devices(online=None if online is None else bool(online))
+        wanted = params.get("devices")
+        if wanted:
+            keep = set(wanted)
+            rows = [r for r in rows if r["device_id"] in keep]
+        return rows
+
+    def _devices_show(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        device_id = _need(params, "device_id")
+        d = self.registry.get_device(device_id)
+        if d is None:
+            raise RolloutError("no device %s in the registry" % device_id)
+        d["rollouts"] = self.registry.device_rollouts(device_id)
+        return d
+
+    def _rollout_start(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        bundle = params.get("bundle")
+        if not isinstance(bundle, dict):
+            raise RolloutError("rollout.start needs bundle {name, version}")
+        ref = BundleRef(name=bundle.get("name"), version=bundle.get("version"))
+        sha, size = self.resolve_bundle(ref.name, ref.version)
+        want = params.get("manifest_sha256")
+        if want and want != sha:
+            raise RolloutError(
+                "the controller's %s v%d has manifest sha256 %s…, not the %s… of your file; push it again"
+                % (ref.name, ref.version, sha[:12], str(want)[:12])
+            )
+        return self.runner.start(
+            bundle=ref.model_dump(),
+            manifest_sha256=sha,
+            manifest_size=size,
+            percents=params.get("waves"),
+            wave_devices=params.get("wave_devices"),
+            devices=params.get("devices"),
+            mode=params.get("mode", "normal"),
+            ab_split=params.get("ab_split"),
+            params={
+                "success_threshold": params.get("success_threshold"),
+                "error_threshold": params.get("error_threshold"),
+                "device_timeout_s": params.get("device_timeout_s"),
+            },
+        )
+
+    def _rollback(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        devices = params.get("devices") or []
+        if not isinstance(devices, list):
+            raise RolloutError("rollback needs a list of devices")
+        return self.runner.rollback_devices(
+            devices, to=params.get("to"), reason=str(params.get("reason") or "operator rollback")
+        )
+
+    def _telemetry_latest(self, params: Dict[str, Any]) -> List[Dict[str, Any]]:
+        rows = self.registry.list_devices()
+        dev = params.get("device_id")
+        return [
+            {"device_id": r["device_id"], "online": r["online"], "health": r["health"], "telemetry": r["telemetry"]}
+            for r in rows
+            if dev is None or r["device_id"] == dev
+        ]
+
+
+def _need(params: Dict[str, Any], key: str) -> Any:
+    if key not in params or params[key] in (None, ""):
+        raise RolloutError("missing parameter %r" % key)
+    return params[key]
