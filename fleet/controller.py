@@ -288,7 +288,8 @@ class ChunkServer:
 class Controller:
     """The controller process: one MQTT session, the store, the chunk server, signed commands."""
 
-    def __init__(self, cfg: FleetConfig, *, key: Optional[PrivateKey] = None) -> None:
+    def __init__(self, cfg: FleetConfig, *, key: Optional[PrivateKey] = None, client_id: Optional[str] = None,
+                 serve_chunks: bool = True) -> None:
         self.cfg = cfg
         self.prefix = cfg.mqtt.prefix
         state = cfg.controller.state_dir
@@ -299,12 +300,25 @@ class Controller:
         self.store = ControllerStore(state / "store")
         self.seq = SeqCounter(state / "command-seq.json")
         self.key = key
-        self.session = MqttSession(cfg.mqtt, client_id=cfg.controller.client_id, outgoing_queue=8192, name="controller")
+        self.session = MqttSession(cfg.mqtt, client_id=client_id or cfg.controller.client_id, outgoing_queue=8192,
+                                   name="controller")
         self.chunks = ChunkServer(self.session, self.store, prefix=self.prefix, cfg=cfg.chunks)
-        fetch = topics.bundles_fetch(self.prefix)
-        if cfg.controller.shared_group:
-            fetch = "$share/%s/%s" % (cfg.controller.shared_group, fetch)
-        self.session.subscribe(fetch, self.chunks.on_request, qos=1)
+        self.serve_chunks = serve_chunks
+        if serve_chunks:
+            fetch = topics.bundles_fetch(self.prefix)
+            if cfg.controller.shared_group:
+                fetch = "$share/%s/%s" % (cfg.controller.shared_group, fetch)
+            self.session.subscribe(fetch, self.chunks.on_request, qos=1)
+
+    @classmethod
+    def load_key(cls, cfg: FleetConfig) -> PrivateKey:
+        """The controller's command-signing key (`fleet keygen`), from controller.key_file."""
+        from edge_agent.errors import SignatureError
+
+        try:
+            return PrivateKey.load(cfg.controller.key_file)
+        except SignatureError as e:
+            raise ResourceError("controller key: %s (create one with `fleet keygen --name controller`)" % e)
 
     def bundle_trust(self):
         """Trusted bundle keys for `add_bundle` (empty = only hashes are checked)."""
@@ -328,9 +342,11 @@ class Controller:
             ttl_s=self.cfg.controller.command_ttl_s,
         )
 
-    def send_command(self, device_id: str, args: CommandArgs) -> None:
-        """Sign and publish a command to one device (QoS 1)."""
-        self.session.publish(topics.commands(self.prefix, device_id), self.sign(device_id, args), qos=1, block_s=5.0)
+    def send_command(self, device_id: str, args: CommandArgs):
+        """Sign and publish a command to one device (QoS 1); returns the `Delivery`."""
+        return self.session.publish(
+            topics.commands(self.prefix, device_id), self.sign(device_id, args), qos=1, block_s=5.0
+        )
 
     def deploy_args(self, name: str, version: int, rollout_id: Optional[str] = None):
         """DeployArgs for a stored bundle."""
@@ -344,7 +360,8 @@ class Controller:
 
     def start(self) -> None:
         """Connect and start serving."""
-        self.chunks.start()
+        if self.serve_chunks:
+            self.chunks.start()
         self.session.start()
 
     def stop(self) -> None:

@@ -1,0 +1,482 @@
+"""The agent process: wires the MQTT session, the store, the deployer, engines, runtime and telemetry.
+
+Threads:
+- the MQTT network thread (`MqttSession`): only queues inbound work, never blocks;
+- the worker thread: verifies commands and runs deployments, rollbacks and the start-up restore one
+  at a time, in order;
+- the main thread (`run`): systemd notifications (ready, watchdog), periodic telemetry, shutdown.
+
+Start-up converges from whatever `state.json` says: objects are re-hashed (bad ones quarantined),
+the active bundle is restored (missing objects fetched again first), and a deployment interrupted
+by a crash or a SIGTERM is resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform as _platform
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from edge_agent import __version__
+from edge_agent.bundle.manifest import ManifestBody
+from edge_agent.bundle.store import BundleRecord, BundleStore
+from edge_agent.config import AgentConfig
+from edge_agent.deploy import Deployer, Hooks
+from edge_agent.errors import CommandError, EdgeAgentError, EngineError, ResourceError, TransportError
+from edge_agent.mqtt import MqttSession, Will
+from edge_agent.protocol import topics
+from edge_agent.protocol.commands import peek_command_meta, verify_command
+from edge_agent.protocol.messages import (
+    BundleRef,
+    DeployArgs,
+    DeployState,
+    Event,
+    PingArgs,
+    PlatformInfo,
+    RollbackArgs,
+    SetRouterArgs,
+    Status,
+)
+from edge_agent.signing import load_public_keys
+from edge_agent.transfer.fetcher import Fetcher, TransferCancelled
+
+log = logging.getLogger(__name__)
+
+#: Inbound commands waiting for the worker (more than this while busy are refused with an event).
+COMMAND_QUEUE = 64
+
+
+def platform_info(backend: str) -> PlatformInfo:
+    """What this device is, for the retained status (never raises)."""
+    info: Dict[str, Any] = {"machine": _platform.machine(), "python": _platform.python_version(), "backend": backend}
+    try:
+        from edge_agent.engines.platform import detect_platform
+
+        p = detect_platform(probe_gpu=backend != "onnxruntime")
+        d = p.describe()
+        info.update(
+            jetson_model=d.get("jetson_model"), l4t=d.get("l4t"), tensorrt=d.get("trt"), cuda=d.get("cuda"),
+            compute_capability=("%d.%d" % p.compute_capability) if p.compute_capability else None,
+            platform_key=d.get("platform_key"),
+        )
+    except Exception as e:  # platform probing must never stop the agent
+        log.warning("platform detection failed: %s", e)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    info["memory_total_mb"] = int(line.split()[1]) // 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    return PlatformInfo(**info)
+
+
+class Agent:
+    """One device's agent."""
+
+    def __init__(self, cfg: AgentConfig, *, notifier: Any = None) -> None:
+        self.cfg = cfg
+        self.device_id = cfg.device_id
+        self.prefix = cfg.mqtt.prefix
+        self.notifier = notifier
+        self.store = BundleStore(cfg.state_dir, quota_bytes=cfg.limits.store_quota_bytes)
+        self.stop_event = threading.Event()
+        self._work: queue.Queue = queue.Queue(maxsize=COMMAND_QUEUE)
+        self._event_seq = 0
+        self._event_lock = threading.Lock()
+        self._deploy_state = DeployState()
+        self._service = None
+        self._models = None
+        self._serving: Optional[BundleRecord] = None
+        self._serve_lock = threading.Lock()
+        self._worker: Optional[threading.Thread] = None
+        self._platform: Optional[PlatformInfo] = None
+        self._telemetry = None
+        self._last_telemetry = None
+        self.api = None
+        self.session: Optional[MqttSession] = None
+        self.fetcher: Optional[Fetcher] = None
+        self.deployer: Optional[Deployer] = None
+        self.malformed = 0
+        self._lock_fd: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------ wiring
+
+    def _command_keys(self):
+        return load_public_keys([p for p in self.cfg.trust.command_keys if p.exists()])
+
+    def _bundle_keys(self):
+        d = self.cfg.trust.bundle_keys_dir
+        return load_public_keys([d]) if d.exists() else {}
+
+    def build(self, *, with_mqtt: bool = True) -> Agent:
+        """Open the store and create the session, fetcher and deployer (nothing is started)."""
+        self.store.open()
+        self._lock_state_dir()
+        bad = self.store.check_objects()
+        if bad:
+            log.error("%d store object(s) failed their hash check and were quarantined", len(bad))
+        self._deploy_state = self.store.state.deploy
+        if with_mqtt:
+            offline = Status(device_id=self.device_id, online=False, ts=time.time(), agent_version=__version__)
+            self.session = MqttSession(
+                self.cfg.mqtt, client_id=self.device_id,
+                will=Will(topics.status(self.prefix, self.device_id), offline.to_json(), qos=1, retain=True),
+                outgoing_queue=self.cfg.mqtt.max_queued_messages, name="mqtt",
+            )
+            self.fetcher = Fetcher(self.session, self.store, self.cfg.transfer, prefix=self.prefix,
+                                   device_id=self.device_id, emit=self._emit_fetch)
+            self.session.subscribe(topics.commands(self.prefix, self.device_id), self._on_command, qos=1)
+            self.session.subscribe(topics.chunks(self.prefix, self.device_id), self.fetcher.on_chunk, qos=1)
+            self.session.on_connect(self.publish_status)
+        self.deployer = Deployer(
+            self.store,
+            hooks=Hooks(prepare=self._prepare, selftest=self._selftest, activate=self._activate,
+                        discard=self._discard),
+            trusted_keys=self._bundle_keys, threshold=self.cfg.trust.signature_threshold, limits=self.cfg.limits,
+            emit=self.emit, on_state=self._on_deploy_state, fetcher=self.fetcher,
+        )
+        if bad:
+            self.emit("error", "%d store object(s) failed their hash check; quarantined, will be fetched again"
+                      % len(bad), level="error", data={"objects": bad[:20]})
+        return self
+
+    def _lock_state_dir(self) -> None:
+        """One process per state dir: a second agent, or an install while the service runs, is refused."""
+        import fcntl
+        import os
+
+        fd = os.open(str(self.cfg.state_dir / "agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ResourceError("state dir %s is in use by another edge-agent process (is the service running?)"
+                                % self.cfg.state_dir)
+        self._lock_fd = fd
+
+    # ------------------------------------------------------------------------------------ engines/runtime
+
+    def _prepare(self, bundle_dir: Path, manifest: ManifestBody):
+        try:
+            from edge_agent.engines.prepare import prepare_engines
+        except ImportError as e:
+            raise EngineError("engine preparation is not available in this installation: %s" % e)
+        return prepare_engines(bundle_dir=bundle_dir, manifest=manifest, cfg=self.cfg.engine,
+                               cache_dir=self.cfg.state_dir / "engines", emit=self._emit_engine)
+
+    def _selftest(self, models, bundle_dir: Path, manifest: ManifestBody):
+        try:
+            from edge_agent.engines.golden import run_golden
+        except ImportError as e:
+            raise EngineError("the golden self-test is not available in this installation: %s" % e)
+        return run_golden(models, bundle_dir, manifest)
+
+    def _activate(self, models, bundle_dir: Path, manifest: ManifestBody) -> None:
+        from edge_agent.runtime.service import InferenceService
+
+        service = InferenceService(models, manifest, bundle_dir, self.cfg.runtime)
+        with self._serve_lock:
+            old_service, old_models = self._service, self._models
+            self._service, self._models = service, models
+        for thing in (old_service, old_models):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:  # closing the old model must not undo the new one
+                    log.exception("closing the previous model failed")
+
+    def _discard(self, models) -> None:
+        try:
+            models.close()
+        except Exception:
+            log.exception("closing unused models failed")
+
+    def get_service(self):
+        """The serving InferenceService (None while no model is active)."""
+        return self._service
+
+    def is_ready(self) -> bool:
+        """A verified, self-tested model is serving."""
+        return self._service is not None
+
+    # ------------------------------------------------------------------------------------ publishing
+
+    def emit(self, kind: str, message: str, *, level: str = "info", bundle: Optional[BundleRef] = None,
+             rollout_id: Optional[str] = None, command_seq: Optional[int] = None,
+             data: Optional[Dict[str, Any]] = None) -> None:
+        """Publish an event (QoS 1) and log it."""
+        with self._event_lock:
+            seq = self._event_seq
+            self._event_seq += 1
+        if bundle is None and self._deploy_state.bundle is not None and kind.startswith(("fetch", "engine")):
+            bundle = self._deploy_state.bundle
+        ev = Event(device_id=self.device_id, ts=time.time(), seq=seq, kind=kind, level=level, message=message[:2000],
+                   bundle=bundle, rollout_id=rollout_id, command_seq=command_seq, data=data or {})
+        getattr(log, "warning" if level != "info" else "info")("event %s: %s", kind, message)
+        if self.session is not None:
+            self.session.publish(topics.events(self.prefix, self.device_id), ev.to_json(), qos=1)
+
+    def _emit_fetch(self, kind: str, message: str, data: dict) -> None:
+        ds = self._deploy_state
+        self.emit(kind, message, bundle=ds.bundle, rollout_id=ds.rollout_id, data=data)
+
+    def _emit_engine(self, kind: str, message: str, data: dict) -> None:
+        self._emit_fetch(kind, message, data)
+
+    def status(self, online: bool = True) -> Status:
+        """The retained status message as it stands."""
+        st = self.store.state
+        return Status(
+            device_id=self.device_id, online=online, ts=time.time(), agent_version=__version__,
+            platform=self._platform, active=st.active.ref if st.active else None,
+            previous=st.previous.ref if st.previous else None, deploy=self._deploy_state,
+            ready=self.is_ready(), last_command_seq=st.last_command_seq,
+        )
+
+    def publish_status(self) -> None:
+        """Publish the retained status (QoS 1)."""
+        if self.session is not None:
+            self.session.publish(topics.status(self.prefix, self.device_id), self.status().to_json(), qos=1,
+                                 retain=True)
+
+    def _on_deploy_state(self, ds: DeployState) -> None:
+        self._deploy_state = ds
+        if self.notifier is not None:
+            self.notifier.status("deploy: %s%s" % (ds.state, " %s v%d" % (ds.bundle.name, ds.bundle.version)
+                                                   if ds.bundle else ""))
+        self.publish_status()
+
+    # ------------------------------------------------------------------------------------ commands
+
+    def _on_command(self, msg) -> None:
+        """Network thread: queue the raw command for the worker (never blocks)."""
+        try:
+            self._work.put_nowait(("command", msg.payload))
+        except queue.Full:
+            meta = peek_command_meta(msg.payload)
+            self.emit("command-refused", "agent busy: %d commands already queued" % COMMAND_QUEUE, level="warning",
+                      command_seq=meta.get("seq"), data={"reason": "busy"})
+
+    def handle_command(self, raw: bytes) -> None:
+        """Verify and run one command (worker thread). Refusals change nothing but the event."""
+        st = self.store.state
+        try:
+            body = verify_command(
+                raw, device_id=self.device_id, trusted=self._command_keys(), last_seq=st.last_command_seq,
+                now=self.deployer.now(), max_age_s=self.cfg.trust.max_command_age_s,
+            )
+        except CommandError as e:
+            meta = peek_command_meta(raw)
+            self.emit("command-refused", str(e), level="warning", command_seq=meta.get("seq"),
+                      data={"reason": str(e), "kind": meta.get("kind")})
+            return
+        args = body.args
+        # Persist the sequence number first: a replay of this command is refused even after a crash.
+        self.store.update_state(last_command_seq=body.seq, time_floor=max(st.time_floor, body.issued_at))
+        self.emit("command-accepted", "%s command seq %d accepted" % (args.kind, body.seq), command_seq=body.seq,
+                  rollout_id=getattr(args, "rollout_id", None), data={"kind": args.kind})
+        try:
+            if isinstance(args, DeployArgs):
+                if args.mode != "normal":
+                    raise CommandError("deploy mode %r is not supported by this agent" % args.mode)
+                self.deployer.deploy(args, command_seq=body.seq)
+            elif isinstance(args, RollbackArgs):
+                self.deployer.rollback(args, command_seq=body.seq)
+            elif isinstance(args, PingArgs):
+                self.publish_status()
+            elif isinstance(args, SetRouterArgs):
+                svc = self._service
+                if svc is None:
+                    raise CommandError("no model is serving; router unchanged")
+                svc.set_router(gate=args.gate, tau=args.tau, target_large_fraction=args.target_large_fraction,
+                               adaptive=args.adaptive)
+                self.emit("router-changed", "router policy changed", command_seq=body.seq,
+                          data=svc.router_state() if hasattr(svc, "router_state") else {})
+            else:
+                raise CommandError("command kind %r is not supported by this agent" % args.kind)
+        except TransferCancelled:
+            raise
+        except CommandError as e:
+            self.emit("command-refused", str(e), level="warning", command_seq=body.seq, data={"reason": str(e)})
+        except EdgeAgentError as e:
+            log.warning("command seq %d failed: %s", body.seq, e)
+        self.publish_status()
+
+    # ------------------------------------------------------------------------------------ start-up
+
+    def restore(self) -> None:
+        """Bring the active bundle back after a start (worker thread), then resume an interrupted deploy."""
+        st = self.store.state
+        if st.active is not None:
+            try:
+                self._restore_active(st.active)
+            except TransferCancelled:
+                raise
+            except EdgeAgentError as e:
+                self.emit("error", "could not restore the active bundle %s v%d: %s"
+                          % (st.active.name, st.active.version, e), level="error", bundle=st.active.ref)
+        pending = self.store.state.pending
+        if pending is not None:
+            self.emit("command-accepted", "resuming the interrupted deployment of %s v%d"
+                      % (pending.args.bundle.name, pending.args.bundle.version), bundle=pending.args.bundle,
+                      rollout_id=pending.args.rollout_id, command_seq=pending.command_seq, data={"resumed": True})
+            try:
+                self.deployer.deploy(pending.args, command_seq=pending.command_seq, resumed=True)
+            except TransferCancelled:
+                raise
+            except EdgeAgentError:
+                pass  # reported by the deployer
+        elif st.deploy.state not in ("idle", "active", "failed", "rolled-back"):
+            # Interrupted between steps with nothing to resume: say where we are.
+            self._on_deploy_state(DeployState(state="active" if st.active else "idle",
+                                              bundle=st.active.ref if st.active else None, since=time.time()))
+        self.publish_status()
+
+    def _restore_active(self, record: BundleRecord) -> None:
+        body = self.store.load_manifest(record.manifest_sha256)
+        missing = self.store.missing_files(body)
+        if missing:
+            if self.fetcher is None:
+                raise TransportError("%d file(s) of the active bundle are missing and there is no broker"
+                                     % len(missing))
+            self.emit("fetch-started", "re-fetching %d quarantined or missing file(s) of the active bundle"
+                      % len(missing), bundle=record.ref)
+            self.fetcher.fetch_files(record.ref, missing)
+        bundle_dir = self.store.materialize(body)
+        models = self._prepare(bundle_dir, body)
+        try:
+            report = self._selftest(models, bundle_dir, body)
+            if not report.passed:
+                raise EngineError("active bundle fails its self-test after restart: %s" % report.message)
+            self._activate(models, bundle_dir, body)
+        except BaseException:
+            self._discard(models)
+            raise
+        self._serving = record
+        log.info("restored active bundle %s v%d", record.name, record.version)
+
+    # ------------------------------------------------------------------------------------ threads
+
+    def _work_loop(self) -> None:
+        try:
+            if self.session is not None:
+                self.session.wait_connected(min(10.0, self.cfg.transfer.chunk_timeout_s))
+            self.restore()
+            while not self.stop_event.is_set():
+                try:
+                    item = self._work.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item[0] == "command":
+                    self.handle_command(item[1])
+        except TransferCancelled:
+            log.info("transfer cancelled for shutdown; it resumes on the next start")
+        except Exception:
+            log.exception("worker thread failed")
+            self.stop_event.set()
+
+    def _telemetry_tick(self) -> None:
+        if self.session is None:
+            return
+        try:
+            if self._telemetry is None:
+                from edge_agent.telemetry.builder import TelemetryBuilder
+                from edge_agent.telemetry.system import collect_system
+
+                use_jtop = self.cfg.telemetry.use_jtop
+                self._telemetry = TelemetryBuilder(
+                    self.device_id, system=lambda: collect_system(use_jtop),
+                    bundle=lambda: self.store.state.active.ref if self.store.state.active else None,
+                    engine=lambda: self._models.describe() if self._models is not None and hasattr(
+                        self._models, "describe") else None,
+                    malformed=lambda: self.malformed,
+                )
+            svc = self._service
+            t = self._telemetry.build(svc.stats_snapshot(reset=True) if svc is not None else None)
+            self._last_telemetry = t
+            self.session.publish(topics.telemetry(self.prefix, self.device_id), t.to_json(), qos=0)
+        except Exception as e:  # telemetry must never stop the agent
+            log.warning("telemetry failed: %s", e)
+
+    def metrics_text(self) -> str:
+        """Prometheus text of the last telemetry message."""
+        t = self._last_telemetry
+        if t is None:
+            return ""
+        from edge_agent.telemetry.prometheus import render_prometheus
+
+        return render_prometheus(t, totals=self._telemetry.totals() if self._telemetry is not None else None)
+
+    def start(self) -> None:
+        """Start the session, the worker and the HTTP API."""
+        if self.deployer is None:
+            self.build()
+        self._platform = platform_info(self.cfg.engine.backend)
+        if self.session is not None:
+            self.session.start()
+        if self.cfg.api.enabled:
+            from edge_agent.runtime.http_api import ApiServer
+
+            self.api = ApiServer(self.cfg.api, get_service=self.get_service, is_ready=self.is_ready,
+                                 metrics_text=self.metrics_text)
+            self.api.start()
+        self._worker = threading.Thread(target=self._work_loop, name="worker", daemon=True)
+        self._worker.start()
+        self.emit("agent-started", "edge-agent %s started" % __version__,
+                  data={"state_dir": str(self.cfg.state_dir)})
+
+    def run(self) -> int:
+        """Main loop until `stop_event`: systemd readiness and watchdog, telemetry."""
+        self.start()
+        n = self.notifier
+        if n is not None:
+            n.ready("started; %s" % ("connecting to the broker" if self.session else "offline"))
+        period = self.cfg.telemetry.period_s
+        wd = getattr(n, "watchdog_interval_s", None) if n is not None else None
+        tick = min(period, wd / 2 if wd else period, 1.0)
+        next_telemetry = time.monotonic() + period
+        while not self.stop_event.wait(tick):
+            if n is not None and wd:
+                n.watchdog()
+            if time.monotonic() >= next_telemetry:
+                next_telemetry += period
+                self._telemetry_tick()
+        self.shutdown()
+        return 0
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop cleanly: cancel a transfer (its partial data is kept), stop the worker, publish the
+        offline status, disconnect, close the model."""
+        self.stop_event.set()
+        if self.notifier is not None:
+            self.notifier.stopping()
+        if self.fetcher is not None:
+            self.fetcher.cancel()
+        self.emit("agent-stopping", "edge-agent stopping")
+        if self._worker is not None:
+            self._worker.join(timeout_s)
+        if self.api is not None:
+            self.api.stop()
+        if self.session is not None:
+            final = self.status(online=False)
+            self.session.stop(final=(topics.status(self.prefix, self.device_id), final.to_json(), 1, True))
+        with self._serve_lock:
+            svc, models = self._service, self._models
+            self._service = self._models = None
+        for thing in (svc, models):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:
+                    log.exception("closing the model failed")
+        if self._lock_fd is not None:
+            import os
+
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,336 @@
+"""The deployment state machine: fetch → verify → prepare → self-test → activate (→ probation).
+
+`Deployer` does the I/O around the pure checks: it fetches the manifest first and verifies it
+(signatures, version above the highest trusted one, expiry against the trusted clock, size limits)
+before a single payload byte is requested; then fetches only the files the store lacks; builds the
+bundle tree from verified objects; prepares engines and runs the golden self-test through callables
+the agent supplies; and only then activates. Trusted state (`state.json`) changes only after a step
+succeeded, so a failure at any step leaves the running model serving and the state valid.
+
+Probation (issue: device-side health gates) plugs in through `Hooks.probation`: it is called after
+activation and returns None (committed) or a reason string, on which the deployer rolls back to the
+previous bundle by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from edge_agent.bundle.manifest import ManifestBody
+from edge_agent.bundle.store import BundleRecord, BundleStore, PendingDeploy
+from edge_agent.bundle.verify import manifest_digest, trusted_now, verify_manifest
+from edge_agent.config import LimitsConfig
+from edge_agent.errors import BundleError, EdgeAgentError, EngineError, ManifestError, ResourceError, TransportError
+from edge_agent.protocol.messages import BundleRef, DeployArgs, DeployState, RollbackArgs
+from edge_agent.signing import PublicKey
+from edge_agent.transfer.fetcher import Fetcher, TransferCancelled
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[..., None]
+
+
+class SelfTestError(EngineError):
+    """The golden self-test failed: the bundle is not activated."""
+
+
+@dataclass
+class Hooks:
+    """What the deployer needs from the rest of the agent (engines, runtime, probation)."""
+
+    #: (bundle_dir, manifest) -> prepared models (engines built or loaded).
+    prepare: Callable[[Path, ManifestBody], Any]
+    #: (prepared, bundle_dir, manifest) -> report with `.passed` and `.message`.
+    selftest: Callable[[Any, Path, ManifestBody], Any]
+    #: (prepared, bundle_dir, manifest) -> None: start serving it (the old one is closed by the agent).
+    activate: Callable[[Any, Path, ManifestBody], None]
+    #: release prepared models that will not be activated.
+    discard: Callable[[Any], None] = lambda prepared: None
+    #: (record, manifest) -> None when probation passes, else the reason (the deployer rolls back).
+    probation: Optional[Callable[[BundleRecord, ManifestBody], Optional[str]]] = None
+
+
+class Deployer:
+    """Runs one deployment at a time (called from the agent's worker thread)."""
+
+    def __init__(
+        self,
+        store: BundleStore,
+        *,
+        hooks: Hooks,
+        trusted_keys: Callable[[], Mapping[str, PublicKey]],
+        threshold: int,
+        limits: LimitsConfig,
+        emit: Emit,
+        on_state: Callable[[DeployState], None],
+        fetcher: Optional[Fetcher] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.hooks = hooks
+        self.trusted_keys = trusted_keys
+        self.threshold = threshold
+        self.limits = limits
+        self.emit = emit
+        self.on_state = on_state
+        self.fetcher = fetcher
+        self.clock = clock
+        self.last_fetch: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _state(self, state: str, bundle: Optional[BundleRef], detail: Optional[str] = None,
+               rollout_id: Optional[str] = None, persist: bool = True) -> None:
+        ds = DeployState(state=state, bundle=bundle, detail=detail, rollout_id=rollout_id, since=self.clock())
+        if persist:
+            self.store.update_state(deploy=ds)
+        self.on_state(ds)
+
+    def now(self) -> int:
+        """Trusted time: max(system clock, persisted floor)."""
+        return trusted_now(self.clock(), self.store.state.time_floor)
+
+    def _verify(self, raw: bytes, expect: Optional[BundleRef]) -> ManifestBody:
+        st = self.store.state
+        body = verify_manifest(
+            raw, trusted=self.trusted_keys(), threshold=self.threshold, now=self.now(),
+            highest_versions=st.highest_versions, max_manifest_bytes=self.limits.max_manifest_bytes,
+        )
+        if expect is not None and (body.name, body.version) != (expect.name, expect.version):
+            raise ManifestError(
+                "manifest is %s v%d but the command named %s v%d"
+                % (body.name, body.version, expect.name, expect.version)
+            )
+        for path, entry in body.files.items():
+            if entry.size > self.limits.max_file_bytes:
+                raise ManifestError("file %s of %d bytes is over limits.max_file_bytes %d"
+                                    % (path, entry.size, self.limits.max_file_bytes))
+        if body.total_size() > self.limits.max_bundle_bytes:
+            raise ManifestError("bundle of %d bytes is over limits.max_bundle_bytes %d"
+                                % (body.total_size(), self.limits.max_bundle_bytes))
+        return body
+
+    # ------------------------------------------------------------------------------------ deploy
+
+    def deploy(self, args: DeployArgs, *, command_seq: Optional[int] = None, resumed: bool = False) -> BundleRecord:
+        """Run a deploy command to the end. Raises the step's error after reporting it; the previous
+        model keeps serving and `state.json` stays valid."""
+        st = self.store.state
+        ref = args.bundle
+        rid = args.rollout_id
+        if st.active is not None and st.active.manifest_sha256 == args.manifest_sha256:
+            self.emit("command-accepted", "bundle %s v%d is already active" % (ref.name, ref.version),
+                      bundle=ref, rollout_id=rid, command_seq=command_seq, data={"already_active": True})
+            self._state("active", ref, "already active", rid)
+            return st.active
+        if not resumed:
+            self.store.update_state(pending=PendingDeploy(args=args, command_seq=command_seq))
+        try:
+            return self._deploy(args, command_seq)
+        except TransferCancelled:
+            raise  # shutting down: keep `pending`, a restarted agent resumes
+        except EdgeAgentError as e:
+            self._fail(e, ref, rid, command_seq)
+            raise
+        except OSError as e:
+            err = ResourceError("deploy of %s v%d failed: %s" % (ref.name, ref.version, e))
+            self._fail(err, ref, rid, command_seq)
+            raise err
+
+    def _fail(self, e: EdgeAgentError, ref: BundleRef, rid: Optional[str], command_seq: Optional[int]) -> None:
+        if isinstance(e, BundleError):
+            kind = "bundle-refused"
+        elif isinstance(e, SelfTestError):
+            kind = "selftest-failed"
+        elif isinstance(e, TransportError):
+            kind = "fetch-failed"
+        elif isinstance(e, EngineError):
+            kind = "engine-build-failed"
+        else:
+            kind = "error"
+        log.error("deploy of %s v%d failed: %s", ref.name, ref.version, e)
+        self.emit(kind, str(e), level="error", bundle=ref, rollout_id=rid, command_seq=command_seq,
+                  data={"error": type(e).__name__})
+        self.store.update_state(pending=None)
+        self._state("failed", ref, str(e)[:500], rid)
+        self.store.gc()
+
+    def _deploy(self, args: DeployArgs, command_seq: Optional[int]) -> BundleRecord:
+        ref = args.bundle
+        rid = args.rollout_id
+        self._state("fetching", ref, "manifest", rid)
+        if args.manifest_size > self.limits.max_manifest_bytes:
+            raise ManifestError(
+                "manifest of %d bytes for %s v%d is over limits.max_manifest_bytes %d; nothing fetched"
+                % (args.manifest_size, ref.name, ref.version, self.limits.max_manifest_bytes)
+            )
+        if self.store.has_object(args.manifest_sha256):
+            raw = self.store.read_object(args.manifest_sha256, self.limits.max_manifest_bytes)
+        else:
+            if self.fetcher is None:
+                raise TransportError("no MQTT transport to fetch %s v%d from" % (ref.name, ref.version))
+            raw = self.fetcher.fetch_manifest(ref, args.manifest_sha256, args.manifest_size,
+                                              max_bytes=self.limits.max_manifest_bytes)
+        if manifest_digest(raw) != args.manifest_sha256:
+            raise ManifestError("manifest of %s v%d does not match the command's sha256" % (ref.name, ref.version))
+        self._state("verifying", ref, "manifest", rid)
+        body = self._verify(raw, ref)
+        self.store.add_object_bytes(raw, args.manifest_sha256)
+        self.store.update_state(time_floor=max(self.store.state.time_floor, body.created))
+        missing = self.store.missing_files(body)
+        if missing:
+            if self.fetcher is None:
+                raise TransportError("no MQTT transport to fetch %s v%d from" % (ref.name, ref.version))
+            self._state("fetching", ref, "%d file(s)" % len(missing), rid)
+            stats = self.fetcher.fetch_files(ref, missing)
+            self.last_fetch = stats.as_dict()
+            self.emit(
+                "fetch-done",
+                "fetched %d file(s), %d bytes in %.1f s (%d resumed, %d held already)"
+                % (len(missing), stats.bytes_received, stats.elapsed_s, stats.bytes_resumed,
+                   body.total_size() - stats.bytes_total),
+                bundle=ref, rollout_id=rid, command_seq=command_seq,
+                data=dict(stats.as_dict(), bytes_held=body.total_size() - stats.bytes_total),
+            )
+        return self._install(args.manifest_sha256, body, rid, command_seq)
+
+    def install_verified(self, manifest_sha256: str, body: ManifestBody, *, rollout_id: Optional[str] = None,
+                         command_seq: Optional[int] = None) -> BundleRecord:
+        """Steps after the files are in the store (used by side-loading too)."""
+        try:
+            return self._install(manifest_sha256, body, rollout_id, command_seq)
+        except EdgeAgentError as e:
+            self._fail(e, BundleRef(name=body.name, version=body.version), rollout_id, command_seq)
+            raise
+
+    def _install(self, manifest_sha256: str, body: ManifestBody, rid: Optional[str],
+                 command_seq: Optional[int]) -> BundleRecord:
+        ref = BundleRef(name=body.name, version=body.version)
+        self._state("verifying", ref, "files", rid)
+        bundle_dir = self.store.materialize(body)
+        self.emit("bundle-installed", "bundle %s v%d stored and verified" % (ref.name, ref.version),
+                  bundle=ref, rollout_id=rid, command_seq=command_seq,
+                  data={"manifest_sha256": manifest_sha256, "bytes": body.total_size()})
+        self._state("preparing", ref, None, rid)
+        prepared = self.hooks.prepare(bundle_dir, body)
+        try:
+            self._state("self-testing", ref, None, rid)
+            report = self.hooks.selftest(prepared, bundle_dir, body)
+            if not getattr(report, "passed", False):
+                raise SelfTestError("golden self-test of %s v%d failed: %s"
+                                    % (ref.name, ref.version, getattr(report, "message", "no report")))
+            self.emit("selftest-passed", getattr(report, "message", "golden self-test passed"), bundle=ref,
+                      rollout_id=rid, command_seq=command_seq, data=dict(getattr(report, "details", {}) or {}))
+            self._state("activating", ref, None, rid)
+            self.hooks.activate(prepared, bundle_dir, body)
+        except BaseException:
+            self.hooks.discard(prepared)
+            raise
+        record = BundleRecord(name=body.name, version=body.version, manifest_sha256=manifest_sha256,
+                              installed_at=self.clock())
+        self.store.record_activation(record)
+        self.store.update_state(pending=None)
+        self.emit("activated", "bundle %s v%d is active" % (ref.name, ref.version), bundle=ref, rollout_id=rid,
+                  command_seq=command_seq)
+        if self.hooks.probation is not None:
+            self._state("probation", ref, None, rid)
+            reason = self.hooks.probation(record, body)
+            if reason is not None:
+                self.emit("probation-failed", reason, level="error", bundle=ref, rollout_id=rid,
+                          command_seq=command_seq)
+                self.rollback(RollbackArgs(reason=reason, rollout_id=rid), command_seq=command_seq, failed=True)
+                return self.store.state.active or record
+            self.emit("probation-passed", "probation of %s v%d passed" % (ref.name, ref.version), bundle=ref,
+                      rollout_id=rid, command_seq=command_seq)
+        self._state("active", ref, None, rid)
+        self.store.gc()
+        return record
+
+    # ------------------------------------------------------------------------------------ rollback
+
+    def rollback(self, args: RollbackArgs, *, command_seq: Optional[int] = None, failed: bool = False) -> BundleRecord:
+        """Activate the previous bundle (or the named version, when the store still holds it)."""
+        st = self.store.state
+        rid = args.rollout_id
+        target = st.previous
+        if args.to is not None:
+            target = None
+            for r in (st.previous, st.active):
+                if r is not None and (r.name, r.version) == (args.to.name, args.to.version):
+                    target = r
+        if target is None:
+            err = BundleError("no bundle to roll back to%s" % (
+                "" if args.to is None else " (%s v%d is not held)" % (args.to.name, args.to.version)))
+            self.emit("rollback-failed", str(err), level="error", rollout_id=rid, command_seq=command_seq)
+            raise err
+        if st.active is not None and target.manifest_sha256 == st.active.manifest_sha256:
+            self.emit("rolled-back", "bundle %s v%d is already active" % (target.name, target.version),
+                      bundle=target.ref, rollout_id=rid, command_seq=command_seq)
+            return target
+        try:
+            body = self.store.load_manifest(target.manifest_sha256)
+            self._state("preparing", target.ref, "rollback", rid)
+            bundle_dir = self.store.materialize(body)
+            prepared = self.hooks.prepare(bundle_dir, body)
+            try:
+                report = self.hooks.selftest(prepared, bundle_dir, body)
+                if not getattr(report, "passed", False):
+                    raise SelfTestError("rollback target %s v%d fails its self-test: %s"
+                                        % (target.name, target.version, getattr(report, "message", "")))
+                self.hooks.activate(prepared, bundle_dir, body)
+            except BaseException:
+                self.hooks.discard(prepared)
+                raise
+        except EdgeAgentError as e:
+            self.emit("rollback-failed", str(e), level="error", bundle=target.ref, rollout_id=rid,
+                      command_seq=command_seq)
+            self._state("failed", target.ref, str(e)[:500], rid)
+            raise
+        old = st.active
+        self.store.update_state(active=target, previous=old, pending=None)
+        self.emit("rolled-back", "rolled back to %s v%d%s" % (target.name, target.version,
+                                                              (": " + args.reason) if args.reason else ""),
+                  level="warning" if failed else "info", bundle=target.ref, rollout_id=rid, command_seq=command_seq,
+                  data={"from": old.ref.model_dump() if old else None, "reason": args.reason})
+        self._state("rolled-back" if failed else "active", target.ref, args.reason or None, rid)
+        return target
+
+    # ------------------------------------------------------------------------------------ side-load
+
+    def install_file(self, path: Path, *, max_bundle_bytes: int) -> BundleRecord:
+        """Side-load a bundle archive through the same verify/store path as an MQTT deploy."""
+        from edge_agent.bundle.archive import read_bundle
+
+        raw, reader = read_bundle(Path(path), max_manifest_bytes=self.limits.max_manifest_bytes,
+                                  max_bundle_bytes=max_bundle_bytes)
+        with reader:
+            body = self._verify(raw, None)
+            ref = BundleRef(name=body.name, version=body.version)
+            msha = manifest_digest(raw)
+            names = {m.name for m in reader.files()}
+            lacking = sorted(set(body.files) - names)
+            if lacking:
+                raise BundleError("bundle %s lacks file(s) its manifest lists: %s" % (path, ", ".join(lacking)))
+            self.store.check_quota(sum(size for _, size in self.store.missing_files(body).values()))
+            self.store.add_object_bytes(raw, msha)
+            self.store.update_state(time_floor=max(self.store.state.time_floor, body.created))
+            for sha, (member, size) in self.store.missing_files(body).items():
+                part = self.store.partial_path(sha)
+                with open(part, "wb") as f:
+                    for block in reader.iter_chunks(member):
+                        f.write(block)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    self.store.add_object_file(part, sha, size)
+                except BundleError:
+                    self.store.drop_partial(sha)
+                    raise
+        self.emit("command-accepted", "side-loading %s v%d from %s" % (ref.name, ref.version, Path(path).name),
+                  bundle=ref)
+        return self.install_verified(msha, body)

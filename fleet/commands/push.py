@@ -1,0 +1,108 @@
+"""`fleet push BUNDLE --devices ID[,ID...] --config fleet.toml`: store a bundle and tell devices to deploy it.
+
+The bundle's files are checked against its manifest and copied into the controller's store (so
+`fleet serve` can answer the devices' chunk requests); then each device gets a deploy command signed
+with the controller key, with the next sequence number for that device. `--wait S` follows the
+devices' events until each has activated the bundle or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Dict
+
+from edge_agent.clikit import CliError
+
+DEVICE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+FINAL = {"activated": "activated", "bundle-refused": "refused", "fetch-failed": "fetch failed",
+         "selftest-failed": "self-test failed", "engine-build-failed": "engine failed", "command-refused": "refused"}
+
+
+def _devices(text: str):
+    ids = [d.strip() for d in text.split(",") if d.strip()]
+    if not ids:
+        raise CliError("--devices needs at least one device id")
+    for d in ids:
+        if set(d) - DEVICE_ID_CHARS or len(d) > 64:
+            raise CliError("invalid device id %r" % d)
+    return ids
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_agent.mqtt import require_connected
+    from edge_agent.protocol import topics
+    from fleet.config import load_fleet_config
+    from fleet.controller import Controller
+
+    devices = _devices(args.devices)
+    bundle = Path(args.bundle)
+    if not bundle.is_file():
+        raise CliError("bundle file %s does not exist" % bundle)
+    cfg = load_fleet_config(Path(args.config))
+    ctl = Controller(cfg, key=Controller.load_key(cfg), client_id="fleet-push-%d" % (time.time() * 1000 % 1e9),
+                     serve_chunks=False)
+    body, msha, _ = ctl.add_bundle(bundle)
+    print("stored %s v%d (%d files, %d bytes, manifest %s…)" % (
+        body.name, body.version, len(body.files), body.total_size(), msha[:12]))
+    outcome: Dict[str, str] = {}
+    done = threading.Event()
+
+    def _on_event(msg) -> None:
+        try:
+            ev = json.loads(msg.payload)
+        except ValueError:
+            return
+        dev = ev.get("device_id")
+        b = ev.get("bundle") or {}
+        if dev in devices and ev.get("kind") in FINAL and dev not in outcome and (
+                ev.get("kind") == "command-refused" or (b.get("name"), b.get("version")) == (body.name, body.version)):
+            outcome[dev] = "%s: %s" % (FINAL[ev["kind"]], ev.get("message", ""))
+            print("  %-20s %s" % (dev, outcome[dev]), flush=True)
+            if len(outcome) == len(devices):
+                done.set()
+        elif dev in devices and ev.get("kind") == "fetch-progress" and args.wait:
+            d = ev.get("data") or {}
+            print("  %-20s fetching %5.1f%%  %.1f MB/s" % (dev, d.get("percent", 0), d.get("bytes_per_s", 0) / 1e6),
+                  flush=True)
+
+    if args.wait:
+        ctl.session.subscribe(topics.all_devices(cfg.mqtt.prefix, "events"), _on_event)
+    ctl.session.start()
+    try:
+        try:
+            require_connected(ctl.session, args.timeout)
+        except Exception as e:
+            raise CliError(str(e))
+        deliveries = []
+        for dev in devices:
+            deliveries.append((dev, ctl.send_command(dev, ctl.deploy_args(body.name, body.version))))
+        failed = [dev for dev, d in deliveries if not d.wait(args.timeout)]
+        if failed:
+            raise CliError("the broker did not acknowledge the deploy command for: %s" % ", ".join(failed))
+        print("deploy command sent to %d device(s): %s" % (len(devices), ", ".join(devices)))
+        if args.wait:
+            if not done.wait(args.wait):
+                missing = [d for d in devices if d not in outcome]
+                raise CliError("no final answer within %.0f s from: %s" % (args.wait, ", ".join(missing)))
+            if any(not v.startswith("activated") for v in outcome.values()):
+                return 1
+    finally:
+        ctl.session.stop()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `push` command."""
+    p = sub.add_parser("push", help="store a bundle and send signed deploy commands to devices",
+                       description=__doc__)
+    p.add_argument("bundle", help="bundle file (from `fleet bundle build`)")
+    p.add_argument("--devices", required=True, metavar="ID[,ID...]", help="device ids")
+    p.add_argument("--config", required=True, help="fleet.toml")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="follow device events up to S seconds until each activated or failed")
+    p.set_defaults(func=_run)
