@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +44,18 @@ class BundleTrustSection(_Section):
     max_bundle_bytes: int = Field(4096 * MIB, ge=1)
 
 
+class RolloutSection(_Section):
+    """The registry and the defaults of staged rollouts (`fleet rollout start` may override each)."""
+
+    registry_file: Optional[Path] = Field(None, description="SQLite registry; default <state_dir>/registry.sqlite")
+    waves: List[float] = Field(default_factory=lambda: [10.0, 30.0, 100.0], min_length=1)
+    success_threshold: float = Field(0.9, gt=0, le=1, description="fraction of a wave that must pass")
+    error_threshold: float = Field(0.1, ge=0, lt=1, description="halt when failures exceed this fraction")
+    device_timeout_s: float = Field(1800.0, gt=0, description="time to pass self-test and probation")
+    unhealthy_error_rate: float = Field(0.05, ge=0, le=1, description="telemetry error rate shown as unhealthy")
+    tick_interval_s: float = Field(1.0, gt=0, le=60, description="rollout timeouts and telemetry flush period")
+
+
 class FleetConfig(_Section):
     """The whole controller configuration (`fleet.toml`)."""
 
@@ -51,6 +63,7 @@ class FleetConfig(_Section):
     controller: ControllerSection = ControllerSection()
     chunks: ChunkServerSection = ChunkServerSection()
     trust: BundleTrustSection = BundleTrustSection()
+    rollouts: RolloutSection = RolloutSection()
 
 
 def load_fleet_config(path: Path) -> FleetConfig:
