@@ -37,7 +37,7 @@ def decode_yolo(out: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         a = a[0]
     if a.ndim != 2:
         raise InferenceError("detection output must be 2-D per item, got shape %s" % (a.shape,))
-    if a.shape[0] < a.shape[1] and a.shape[0] >= 5:  # (4 + C, boxes): class scores, no objectness
+    if 5 <= a.shape[0] < a.shape[1]:  # (4 + C, boxes): class scores, no objectness
         a = a.T
         cls = a[:, 4:]
         obj = None
