@@ -225,6 +225,25 @@ def test_another_devices_client_id_grants_none_of_its_rights(clients):
     _nothing_more(b_watch, [])
 
 
+def test_username_in_connect_is_ignored_with_certificates(clients, tls_broker):
+    # dev-a's certificate, but CONNECT claims to be the controller: the certificate CN wins.
+    a = clients("dev-a", connect=False)
+    a.login(CONTROLLER, "anything")
+    a.connect(tls_broker.host, tls_broker.port)
+    b = clients("dev-b")
+    b.subscribe(_dev("dev-b", "commands"))
+    assert a.publish(_dev("dev-b", "commands"), b"forged") == NOT_AUTHORIZED
+    a.subscribe(P + "/devices/+/telemetry")
+    assert b.publish(_dev("dev-b", "telemetry"), b"tel-b") == 0
+    # Positive control: with the same claimed username, dev-a still has its own device rights.
+    a.subscribe(_dev("dev-a", "commands"))
+    ctl = clients(CONTROLLER)
+    assert ctl.publish(_dev("dev-a", "commands"), b"cmd-a") == 0
+    a.wait_for(_dev("dev-a", "commands"), b"cmd-a")
+    _nothing_more(a, [_dev("dev-a", "commands")])
+    _nothing_more(b, [])
+
+
 # --- who may connect ------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from agent_helpers import build_sample_bundle
@@ -28,6 +29,7 @@ from edge_agent.signing import PrivateKey
 from edge_agent.transfer.fetcher import Fetcher
 from fleet.config import ControllerSection, FleetConfig
 from fleet.controller import Controller
+from fleet.rpc import RpcClient, RpcServer
 
 pytestmark = pytest.mark.mqtt
 
@@ -35,6 +37,7 @@ P = topics.DEFAULT_PREFIX
 DEVICE = "cam-01"
 WATCHER = "cam-02"
 CONTROLLER = "fleet-controller"
+OPERATOR = "fleet-operator"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def pki(tmp_path_factory) -> Path:
     """Test CA, broker certificate, two devices and the controller."""
     out = tmp_path_factory.mktemp("pki")
     cmd = [sys.executable, str(REPO / "scripts" / "make_test_pki.py"), str(out),
-           "--device", DEVICE, "--device", WATCHER, "--controller", CONTROLLER]  # fmt: skip
+           "--device", DEVICE, "--device", WATCHER, "--controller", CONTROLLER, "--operator", OPERATOR]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
     return out
 
@@ -55,9 +58,9 @@ def broker(pki):
     b.close()
 
 
-def _mqtt(broker: SecureBroker, pki: Path, identity: str) -> MqttConfig:
+def _mqtt(broker: SecureBroker, pki: Path, identity: str, username: Optional[str] = None) -> MqttConfig:
     tls = TlsConfig(ca_file=pki / "ca.crt", cert_file=pki / ("%s.crt" % identity), key_file=pki / ("%s.key" % identity))
-    return MqttConfig(host=broker.host, port=broker.port, prefix=P, tls=tls)
+    return MqttConfig(host=broker.host, port=broker.port, prefix=P, tls=tls, username=username)
 
 
 def test_deploy_command_and_bundle_transfer_over_tls(broker, pki, tmp_path):
@@ -129,6 +132,31 @@ def test_deploy_command_and_bundle_transfer_over_tls(broker, pki, tmp_path):
         ctl.stop()
 
     # The other device, subscribed to everything, received nothing of this exchange.
+    time.sleep(0.3)
+    assert watcher.topics_seen() == []
+    watcher.close()
+
+
+def test_operator_cli_rpc_over_tls(broker, pki):
+    """The CLI's RpcClient reaches the controller's RpcServer with client certificates; the CLI names its
+    reply topic with its certificate CN (`mqtt.username`), which the ACL lets only that identity read."""
+    ctl = MqttSession(_mqtt(broker, pki, CONTROLLER), client_id="ctl-rpc", name="controller")
+    server = RpcServer(ctl, prefix=P)
+    server.register("echo", lambda params: {"echo": params.get("x")})
+    watcher = MqttProbe("watcher-rpc").tls(pki / "ca.crt", pki / ("%s.crt" % WATCHER), pki / ("%s.key" % WATCHER))
+    watcher.connect(broker.host, broker.port)
+    watcher.subscribe("#")
+    try:
+        ctl.start()
+        server.start()
+        assert ctl.wait_connected(10), ctl.last_error
+        time.sleep(0.2)
+        with RpcClient.connect(_mqtt(broker, pki, OPERATOR, username=OPERATOR)) as cli:
+            assert "/fleet/rpc-reply/%s/" % OPERATOR in cli.reply_topic
+            assert cli.call("echo", {"x": 42}, timeout_s=10) == {"echo": 42}
+    finally:
+        server.stop()
+        ctl.stop()
     time.sleep(0.3)
     assert watcher.topics_seen() == []
     watcher.close()
