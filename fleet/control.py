@@ -41,6 +41,7 @@ class ControlPlane:
         send_command: SendCommand,
         resolve_bundle: ResolveBundle,
         defaults: Optional[RolloutParams] = None,
+        default_waves: Optional[List[float]] = None,
         health: Optional[HealthPolicy] = None,
         tick_interval_s: float = 1.0,
         share_group: Optional[str] = "fleet",
@@ -50,7 +51,7 @@ class ControlPlane:
         self.prefix = prefix
         self.registry = registry
         self.resolve_bundle = resolve_bundle
-        self.runner = RolloutRunner(registry, send_command, defaults=defaults)
+        self.runner = RolloutRunner(registry, send_command, defaults=defaults, default_waves=default_waves)
         self.ingest = Ingest(
             registry,
             prefix=prefix,

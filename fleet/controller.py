@@ -289,7 +289,7 @@ class Controller:
     """The controller process: one MQTT session, the store, the chunk server, signed commands."""
 
     def __init__(self, cfg: FleetConfig, *, key: Optional[PrivateKey] = None, client_id: Optional[str] = None,
-                 serve_chunks: bool = True) -> None:
+                 serve_chunks: bool = True, manage_fleet: Optional[bool] = None) -> None:
         self.cfg = cfg
         self.prefix = cfg.mqtt.prefix
         state = cfg.controller.state_dir
@@ -309,6 +309,31 @@ class Controller:
             if cfg.controller.shared_group:
                 fetch = "$share/%s/%s" % (cfg.controller.shared_group, fetch)
             self.session.subscribe(fetch, self.chunks.on_request, qos=1)
+        # Registry, ingest, rollouts and the operator RPC (fleet/control.py): only in the serving
+        # controller, not in a one-shot `fleet push` (it would join the shared subscriptions).
+        self.control = None
+        if serve_chunks if manage_fleet is None else manage_fleet:
+            self._init_control(cfg)
+
+    def _init_control(self, cfg: FleetConfig) -> None:
+        from fleet.control import ControlPlane
+        from fleet.ingest import HealthPolicy
+        from fleet.registry import Registry
+        from fleet.rollout import RolloutParams
+
+        r = cfg.rollouts
+        self.registry = Registry(r.registry_file or cfg.controller.state_dir / "registry.sqlite")
+        self.control = ControlPlane(
+            self.session, prefix=self.prefix, registry=self.registry, send_command=self.send_command,
+            resolve_bundle=self.resolve_bundle, share_group=cfg.controller.shared_group, default_waves=r.waves,
+            defaults=RolloutParams(r.success_threshold, r.error_threshold, r.device_timeout_s),
+            health=HealthPolicy(max_error_rate=r.unhealthy_error_rate), tick_interval_s=r.tick_interval_s,
+        )
+
+    def resolve_bundle(self, name: str, version: int) -> Tuple[str, int]:
+        """(manifest sha256, manifest size) of a stored bundle (BundleRecordError when unknown)."""
+        rec = self.store.record(name, version)
+        return str(rec["manifest_sha256"]), int(rec["manifest_size"])
 
     @classmethod
     def load_key(cls, cfg: FleetConfig) -> PrivateKey:
@@ -362,10 +387,16 @@ class Controller:
         """Connect and start serving."""
         if self.serve_chunks:
             self.chunks.start()
+        if self.control is not None:
+            self.control.start()
         self.session.start()
 
     def stop(self) -> None:
         """Stop serving and disconnect."""
+        if self.control is not None:
+            self.control.stop()
         self.chunks.stop()
         self.session.stop()
+        if self.control is not None:
+            self.registry.close()
 

@@ -51,11 +51,13 @@ class RolloutRunner:
         send_command: SendCommand,
         *,
         defaults: Optional[RolloutParams] = None,
+        default_waves: Optional[Sequence[float]] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
         self.send_command = send_command
         self.defaults = defaults or RolloutParams()
+        self.default_waves = list(default_waves or plan.DEFAULT_WAVES)
         self.clock = clock
         self._lock = threading.RLock()
         self._active: Dict[str, Rollout] = {}
@@ -117,7 +119,7 @@ class RolloutRunner:
                 raise RolloutError("the registry knows no devices yet; nothing to roll out to")
             # Online devices first, so the first (canary) wave is made of devices that can answer.
             targets.sort(key=lambda d: (not known[d]["online"], d))
-            waves = plan.resolve_waves(targets, list(percents or plan.DEFAULT_WAVES))
+            waves = plan.resolve_waves(targets, list(percents or self.default_waves))
         merged = self.defaults.to_dict()
         merged.update({k: v for k, v in (params or {}).items() if v is not None})
         try:
