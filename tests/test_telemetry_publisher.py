@@ -200,6 +200,27 @@ def test_loop_thread_publishes_every_period_and_stops(tmp_path):
     assert "edge_agent_uptime_seconds" in pub.metrics_text()
 
 
+def test_stats_listeners_see_the_same_period_stats_as_telemetry(tmp_path):
+    from edge_agent.bundle.manifest import HealthGates
+    from edge_agent.config import ProbationConfig
+    from edge_agent.probation import Probation
+
+    link = Link()
+    pub = _publisher(tmp_path, link)
+    prob = Probation(HealthGates(probation_s=0), ProbationConfig(window_s=0))
+    seen = []
+    pub.add_stats_listener(prob.observe)
+    pub.add_stats_listener(lambda st: 1 / 0)  # a broken listener does not stop telemetry
+    pub.add_stats_listener(seen.append)
+    for _ in range(3):
+        pub.tick()
+    assert prob.requests == 3 and len(seen) == 3
+    assert sum(json.loads(p)["requests"] for _, p, _ in link.sent) == 3
+    pub.remove_stats_listener(seen.append)
+    pub.tick()
+    assert len(seen) == 3 and prob.requests == 4
+
+
 # ------------------------------------------------------------------------------------- real broker
 
 

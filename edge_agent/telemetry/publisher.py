@@ -76,6 +76,7 @@ class TelemetryPublisher:
         self.counters = Counters(COUNTERS)
         self.latest: Optional[Telemetry] = None
         self.collector: Optional[SystemCollector] = None  # closed by stop() when set
+        self._listeners: List[Callable[[Dict[str, Any]], None]] = []
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -96,6 +97,18 @@ class TelemetryPublisher:
     def submit_message(self, topic: str, msg: Message, qos: int = 1) -> None:
         """`submit()` a wire message as JSON."""
         self.submit(topic, msg.to_json(), qos)
+
+    def add_stats_listener(self, fn: Callable[[Dict[str, Any]], None]) -> None:
+        """Also hand each period's runtime stats to `fn` (e.g. `Probation.observe`), so the runtime's
+        period counters are read, and reset, by one consumer only."""
+        self._listeners.append(fn)
+
+    def remove_stats_listener(self, fn: Callable[[Dict[str, Any]], None]) -> None:
+        """Stop handing stats to `fn` (no error if it was not added)."""
+        try:
+            self._listeners.remove(fn)
+        except ValueError:
+            pass
 
     def notify_connected(self) -> None:
         """The broker is reachable again: flush the spool now instead of at the next retry."""
@@ -155,6 +168,12 @@ class TelemetryPublisher:
         except Exception as e:
             logger.warning("runtime statistics failed: %s", e)
             stats = None
+        if stats:
+            for fn in list(self._listeners):
+                try:
+                    fn(stats)
+                except Exception as e:
+                    logger.warning("stats listener %r failed: %s", fn, e)
         t = self.builder.build(stats)
         self.latest = t
         self.counters.inc("telemetry_built")
