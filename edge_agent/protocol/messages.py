@@ -44,7 +44,8 @@ class Message(BaseModel):
     def from_json(cls, payload: Union[bytes, str], *, max_bytes: int = 1 << 20):
         """Parse and validate; every failure is a MessageError with a one-line reason."""
         if len(payload) > max_bytes:
-            raise MessageError("%s payload of %d bytes is over the %d byte limit" % (cls.__name__, len(payload), max_bytes))
+            raise MessageError(
+                "%s payload of %d bytes is over the %d byte limit" % (cls.__name__, len(payload), max_bytes))
         try:
             data = json.loads(payload)
         except (ValueError, UnicodeDecodeError) as e:
