@@ -102,3 +102,60 @@ class OrtEngine(Engine):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def io_bytes_per_item(engine: Engine) -> int:
+    """Bytes of one item's inputs and outputs (exact, from the specs)."""
+    total = 0
+    for spec in list(engine.inputs) + list(engine.outputs):
+        n = 1
+        for d in spec.shape[1:]:
+            n *= max(int(d), 1)
+        total += n * np.dtype(spec.dtype).itemsize
+    return total
+
+
+def measure_memory_model(engine: OrtEngine, probe_batch: int) -> Tuple[int, int, str]:
+    """(fixed_bytes, per_item_bytes, method) for an ONNX Runtime engine, measured from the process's peak
+    RSS while running batch 1 and `probe_batch` (Linux), with the exact I/O size per item as a floor.
+
+    The figure is approximate: other threads of the process allocate too, so it is rounded up, never down.
+    """
+    from edge_agent.engines.tuner import make_feed
+
+    floor = io_bytes_per_item(engine)
+    weights = engine.model_path.stat().st_size
+    probe_batch = max(2, min(int(probe_batch), engine.max_batch))
+    rss0 = _proc_status_kib("VmRSS")
+    if rss0 is None or not _reset_peak_rss():
+        engine.infer(make_feed(engine.inputs, 1))
+        return weights, floor, "estimated"
+    engine.infer(make_feed(engine.inputs, 1))
+    hwm1 = _proc_status_kib("VmHWM") or rss0
+    _reset_peak_rss()
+    engine.infer(make_feed(engine.inputs, probe_batch))
+    hwm_p = _proc_status_kib("VmHWM") or hwm1
+    per_item = max(floor, (hwm_p - hwm1) * 1024 // (probe_batch - 1))
+    fixed = weights + max(0, (hwm1 - rss0) * 1024 - per_item)
+    return int(fixed), int(per_item), "measured"

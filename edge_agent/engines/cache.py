@@ -1,0 +1,168 @@
+"""The engine cache: built plans under `<cache_dir>/engines/`, each with a metadata JSON beside it.
+
+An entry is used only when its metadata matches this device and this request exactly (TensorRT version,
+compute capability, L4T release, device name, precision, profile, ONNX sha256) and the plan's sha256 is
+what the metadata says. Anything else — missing, mismatched, corrupt, or a plan TensorRT refuses to
+deserialize — is a miss, and the caller rebuilds. The cache never raises for bad entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from edge_agent.errors import ResourceError
+
+log = logging.getLogger(__name__)
+
+META_SCHEMA = "edge-agent/engine-meta/1"
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """What a plan depends on. `digest` names the cache entry."""
+
+    onnx_sha256: str
+    platform_key: str
+    precision: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    flags: List[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """Stable 32-hex-digit name for this key."""
+        raw = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file, fsync, rename: readers see the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".%s." % path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, str(path))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class EngineCache:
+    """Plans + metadata, timing caches and batch-tuning results under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        try:
+            for sub in ("engines", "timing", "tuning"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ResourceError("engine cache %s is not writable (%s): fix its owner or permissions"
+                                % (self.root, e.strerror))
+        if not os.access(str(self.root / "engines"), os.W_OK):
+            raise ResourceError("engine cache %s is not writable: fix its owner or permissions" % self.root)
+
+    def plan_path(self, key: EngineKey) -> Path:
+        """Where the plan for `key` lives."""
+        return self.root / "engines" / ("%s.plan" % key.digest())
+
+    def meta_path(self, key: EngineKey) -> Path:
+        """Where the metadata for `key` lives."""
+        return self.root / "engines" / ("%s.json" % key.digest())
+
+    def timing_cache_path(self, platform_key: str) -> Path:
+        """The persisted TensorRT timing cache for a platform."""
+        return self.root / "timing" / ("%s.cache" % platform_key)
+
+    def lookup(self, key: EngineKey, expected: Dict[str, Any]) -> Optional[Path]:
+        """The plan path when a valid entry matches `key` and every `expected` metadata field; else None."""
+        meta_file, plan_file = self.meta_path(key), self.plan_path(key)
+        if not meta_file.exists() or not plan_file.exists():
+            return None
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("engine cache entry %s has unreadable metadata (%s): rebuilding", meta_file.name, e)
+            return None
+        if not isinstance(meta, dict) or meta.get("schema") != META_SCHEMA:
+            log.warning("engine cache entry %s has unknown metadata: rebuilding", meta_file.name)
+            return None
+        want = dict(expected, key=asdict(key))
+        for name, value in want.items():
+            if meta.get(name) != value:
+                log.info("engine cache entry %s: %s is %r, need %r: rebuilding", meta_file.name, name,
+                         meta.get(name), value)
+                return None
+        try:
+            actual = sha256_file(plan_file)
+        except OSError:
+            return None
+        if actual != meta.get("plan_sha256"):
+            log.warning("engine cache plan %s does not match its metadata hash: rebuilding", plan_file.name)
+            return None
+        return plan_file
+
+    def store(self, key: EngineKey, plan_file: Path, meta: Dict[str, Any]) -> Path:
+        """Move a freshly built plan into the cache and write its metadata (plan first, then metadata)."""
+        dest = self.plan_path(key)
+        if Path(plan_file) != dest:
+            os.replace(str(plan_file), str(dest))
+        body = dict(meta, schema=META_SCHEMA, key=asdict(key), plan_sha256=sha256_file(dest),
+                    plan_bytes=dest.stat().st_size)
+        atomic_write_bytes(self.meta_path(key), json.dumps(body, indent=1, sort_keys=True).encode())
+        return dest
+
+    def read_meta(self, key: EngineKey) -> Optional[Dict[str, Any]]:
+        """The metadata of an entry, or None."""
+        try:
+            meta = json.loads(self.meta_path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def invalidate(self, key: EngineKey) -> None:
+        """Remove an entry (metadata first, so a crash in between leaves a plan without metadata = a miss)."""
+        for path in (self.meta_path(key), self.plan_path(key)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove %s: %s", path, e.strerror)
+
+    # ---------------------------------------------------------------------------------- tuning results
+
+    def tuning_path(self, name: str) -> Path:
+        """Where a tuning result is persisted."""
+        return self.root / "tuning" / ("%s.json" % name)
+
+    def load_tuning(self, name: str) -> Optional[Dict[str, Any]]:
+        """A persisted tuning result, or None."""
+        try:
+            data = json.loads(self.tuning_path(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def save_tuning(self, name: str, data: Dict[str, Any]) -> None:
+        """Persist a tuning result atomically."""
+        atomic_write_bytes(self.tuning_path(name), json.dumps(data, indent=1, sort_keys=True).encode())
