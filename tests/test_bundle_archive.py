@@ -304,3 +304,23 @@ def test_failure_while_writing_leaves_nothing_behind(tmp_path, area, manifest_ra
     last = members[-1][0].name
     members[-1] = member(last, b"Z" * members[-1][0].size)
     _refused(tmp_path, area, manifest, members, exc=IntegrityError, match="sha256")
+
+
+def test_oversized_pax_header_refused_before_tarfile_reads_it(tmp_path, area, manifest):
+    # a pax header claiming 100 MiB of metadata: tarfile would read it all into memory
+    ti, _ = member("pax", b"", kind=tarfile.XHDTYPE, size=100 * MIB)
+    bundle = tmp_path / "pax.tar"
+    bundle.write_bytes(ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + b"\0" * 4096)
+    with pytest.raises(ArchiveError, match="metadata header"):
+        _unpack(bundle, area / "v3", manifest)
+    _assert_untouched(area)
+
+
+def test_long_member_names_within_limits_round_trip(tmp_path, area):
+    name = "models/" + "d" * 100 + "/" + "n" * 120 + ".onnx"
+    files = {**FILES, name: b"long-named"}
+    body = body_dict(files)
+    raw = signed_bytes(body, [KEY])
+    bundle = pack_bundle(raw, write_files(tmp_path, files), tmp_path / "long.tar")
+    dest = _unpack(bundle, area / "v3", read_unverified(raw, max_manifest_bytes=MIB))
+    assert (dest / name).read_bytes() == b"long-named"

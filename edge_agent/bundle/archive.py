@@ -31,6 +31,8 @@ BLOCK = 512
 COPY_BYTES = 1 << 20
 #: A bundle with more members than this is refused before any data is read.
 MAX_MEMBERS = 10000
+#: Largest pax / GNU long-name header accepted (they hold paths of at most 255 characters).
+MAX_META_BYTES = 64 * 1024
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE)
 
 
@@ -163,8 +165,41 @@ def _kind_of(ti: tarfile.TarInfo) -> str:
     raise ArchiveError("bundle member %r is a %s; only regular files and directories are allowed" % (ti.name, what))
 
 
+def _header_size(buf: bytes) -> int:
+    field = buf[124:136]
+    if field[0] & 0x80:  # base-256 (GNU) for sizes over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.replace(b"\0", b" ").strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise ArchiveError("bundle is not a valid tar archive: bad size field in a header")
+
+
+def precheck_headers(f: BinaryIO, file_size: int) -> None:
+    """Walk the raw 512-byte headers before `tarfile` sees them: `tarfile` reads pax and GNU long-name
+    headers whole into memory, so an oversized one is refused here first."""
+    pos = 0
+    headers = 0
+    while pos + BLOCK <= file_size:
+        f.seek(pos)
+        buf = f.read(BLOCK)
+        if buf == b"\0" * BLOCK:
+            return
+        headers += 1
+        if headers > 4 * MAX_MEMBERS:
+            raise ArchiveError("bundle has more than %d members" % MAX_MEMBERS)
+        size = _header_size(buf)
+        if buf[156:157] in (b"x", b"g", b"L", b"K") and size > MAX_META_BYTES:
+            raise ArchiveError("bundle has a %d byte metadata header (at most %d)" % (size, MAX_META_BYTES))
+        pos += BLOCK + ((size + BLOCK - 1) // BLOCK) * BLOCK
+    f.seek(0)
+
+
 def scan_members(f: BinaryIO, file_size: int, *, max_bundle_bytes: int) -> List[Member]:
     """Parse and validate every header of an open tar; the members in archive order."""
+    precheck_headers(f, file_size)
+    f.seek(0)
     members: List[Member] = []
     seen: Dict[str, str] = {}
     implied_dirs: Set[str] = set()
@@ -221,7 +256,8 @@ def read_bundle(path: Path, *, max_manifest_bytes: int, max_bundle_bytes: int) -
         raise ArchiveError("cannot open bundle %s: %s" % (path, e.strerror or e))
     try:
         size = os.fstat(f.fileno()).st_size
-        if size > max_bundle_bytes + max_manifest_bytes + 64 * BLOCK:
+        # tar framing: header + padding per member, pax headers, end blocks and record padding
+        if size > max_bundle_bytes + max_manifest_bytes + 4 * BLOCK * MAX_MEMBERS + tarfile.RECORDSIZE:
             raise ArchiveError("bundle file of %d bytes is over the %d byte limit" % (size, max_bundle_bytes))
         members = scan_members(f, size, max_bundle_bytes=max_bundle_bytes)
         first = members[0]
