@@ -120,6 +120,7 @@ class TelemetryConfig(_Section):
     """Periodic telemetry and the offline spool."""
 
     period_s: float = Field(10.0, gt=0)
+    qos: int = Field(0, ge=0, le=1, description="telemetry QoS; 1 closes the loss window of a silently dead link")
     spool_max_messages: int = Field(10000, ge=1)
     spool_max_bytes: int = Field(64 * MIB, ge=64 * KIB)
     flush_batch: int = Field(50, ge=1, description="spooled messages sent per batch before the spool is trimmed")

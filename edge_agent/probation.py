@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from edge_agent.bundle.manifest import HealthGates
+from edge_agent.bundle.manifest import HealthGates, ManifestBody
 from edge_agent.config import ProbationConfig
 
 logger = logging.getLogger(__name__)
@@ -238,3 +238,52 @@ def wait_for_verdict(
             return v
         if stop.wait(min(poll_s, max(0.01, probation.remaining_s()))):
             return None
+
+
+INTERRUPTED = "probation interrupted before its window ended (agent stopping)"
+
+
+def make_probation_hook(
+    cfg: ProbationConfig,
+    *,
+    stop: threading.Event,
+    add_listener: Optional[Callable[[Callable[[Dict[str, Any]], None]], None]] = None,
+    remove_listener: Optional[Callable[[Callable[[Dict[str, Any]], None]], None]] = None,
+    get_stats: Optional[Callable[[], Optional[Dict[str, Any]]]] = None,
+    golden_recheck: Optional[Callable[[Any, ManifestBody], Any]] = None,
+    on_verdict: Optional[Callable[[ProbationVerdict], None]] = None,
+    poll_s: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[Any, ManifestBody], Optional[str]]:
+    """The deployer's `Hooks.probation`: `(record, manifest) -> None` when probation passes, else the reason.
+
+    Period stats reach the probation either through `add_listener`/`remove_listener` (the telemetry
+    publisher's stats listeners: one reader of the runtime's reset-on-read counters) or by polling
+    `get_stats`. `golden_recheck(record, manifest)` re-runs the golden set at the window's end. A stop
+    (agent shutting down) before the verdict counts as a failure: an unproven bundle is not committed.
+    """
+
+    def hook(record: Any, manifest: ManifestBody) -> Optional[str]:
+        recheck = None
+        if golden_recheck is not None:
+            def recheck():
+                return golden_recheck(record, manifest)
+        p = Probation(manifest.health, cfg, clock, golden_recheck=recheck)
+        logger.info("probation of %s v%s for %.0f s", manifest.name, manifest.version, p.window_s)
+        if add_listener is not None:
+            add_listener(p.observe)
+        try:
+            v = wait_for_verdict(p, stop=stop, poll_s=poll_s, get_stats=get_stats)
+        finally:
+            if remove_listener is not None:
+                remove_listener(p.observe)
+        if v is None:
+            v = ProbationVerdict(False, INTERRUPTED, p.measured())
+        if on_verdict is not None:
+            try:
+                on_verdict(v)
+            except Exception as e:
+                logger.warning("probation verdict callback failed: %s", e)
+        return None if v.passed else v.reason
+
+    return hook

@@ -200,3 +200,51 @@ def test_error_rate_exactly_at_the_gate_passes(errors, passed):
                           cfg=ProbationConfig(window_s=0, early_fail_min_requests=1000))
     v = _run(p, clock, [period(requests=100, errors=errors)] * 2)
     assert v.passed is (errors * 2 / 200 <= 0.01) and v.passed is passed
+
+
+def _manifest_health(**gates):
+    from _runtime_helpers import DIGITS, digits_manifest
+
+    m = digits_manifest(DIGITS)
+    return m.model_copy(update={"health": HealthGates(**gates)})
+
+
+def test_probation_hook_fed_by_stats_listeners_rolls_back_on_errors_and_commits_when_healthy():
+    from edge_agent.probation import make_probation_hook
+
+    listeners = []
+    verdicts = []
+
+    def feed(stats):
+        for fn in list(listeners):
+            fn(stats)
+
+    hook = make_probation_hook(ProbationConfig(window_s=0.3), stop=threading.Event(), add_listener=listeners.append,
+                               remove_listener=listeners.remove, on_verdict=verdicts.append, poll_s=0.02)
+    manifest = _manifest_health(probation_s=0, max_error_rate="0.01")
+    t = threading.Timer(0.05, feed, args=(period(requests=100, errors=20),))
+    t.start()
+    reason = hook(None, manifest)
+    assert reason is not None and "error rate 0.2000" in reason
+    assert listeners == [] and not verdicts[-1].passed
+
+    t = threading.Timer(0.05, feed, args=(period(requests=100),))
+    t.start()
+    assert hook(None, manifest) is None
+    assert verdicts[-1].passed and verdicts[-1].measured["requests"] == 100
+
+
+def test_probation_hook_runs_the_golden_recheck_with_the_record_and_fails_when_stopped():
+    from edge_agent.probation import INTERRUPTED, make_probation_hook
+
+    seen = []
+    hook = make_probation_hook(ProbationConfig(window_s=0.05), stop=threading.Event(), get_stats=period,
+                               golden_recheck=lambda rec, man: seen.append((rec, man.name)) or (False, "3/10 differ"),
+                               poll_s=0.01)
+    assert hook("record-1", _manifest_health(probation_s=0)) == "golden re-check failed: 3/10 differ"
+    assert seen == [("record-1", "digits")]
+
+    stop = threading.Event()
+    stop.set()
+    hook = make_probation_hook(ProbationConfig(window_s=60), stop=stop, poll_s=0.01)
+    assert hook(None, _manifest_health(probation_s=0)) == INTERRUPTED

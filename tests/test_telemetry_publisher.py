@@ -341,3 +341,41 @@ def test_broker_outage_spools_and_flushes_in_order_with_honest_drop_count(broker
     assert tele[-1]["spool_dropped"] == 13 - len(tele)  # exactly the telemetry that never arrived
     assert all(m["spool_dropped"] == 0 for m in tele[:3])
     assert len(pub.spool) == 0
+
+
+@pytest.mark.mqtt
+def test_agent_mqtt_session_through_a_broker_crash_loses_nothing_with_qos1(broker, tmp_path):
+    from edge_agent.config import MqttConfig
+    from edge_agent.mqtt import MqttSession
+    from edge_agent.telemetry.publisher import session_publish
+
+    sub = Subscriber(broker.host, broker.port)
+    session = MqttSession(MqttConfig(host=broker.host, port=broker.port, keepalive_s=5, reconnect_min_s=0.05,
+                                     reconnect_max_s=0.2), client_id="dev-1")
+    cfg = TelemetryConfig(period_s=3600, qos=1, spool_max_messages=100, use_jtop=False)
+    pub = create_publisher(cfg, device_id="dev-1", prefix="edge/v1", spool_dir=tmp_path / "spool",
+                           publish=session_publish(session, timeout_s=2.0), get_stats=lambda: None)
+    session.on_connect(pub.notify_connected)
+    session.start()
+    try:
+        assert sub.subscribed.wait(10) and session.wait_connected(10)
+        for _ in range(2):
+            pub.tick()
+        sub.wait_for(lambda g: len(g) == 2)
+        broker.kill()  # SIGKILL: no goodbye
+        deadline = time.monotonic() + 10
+        while session.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for _ in range(4):
+            pub.tick()
+        assert len(pub.spool) == 4
+        broker.start()
+        assert sub.subscribed.wait(10) and session.wait_connected(10)
+        pub.tick()
+        got = sub.wait_for(lambda g: any(m.get("seq") == 6 for m in g))
+    finally:
+        pub.stop()
+        session.stop()
+        sub.close()
+    assert [m["seq"] for m in got] == list(range(7))
+    assert got[-1]["spool_dropped"] == 0 and pub.dropped() == 0

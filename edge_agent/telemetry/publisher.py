@@ -291,9 +291,24 @@ def create_publisher(
     )
     pub = TelemetryPublisher(
         builder=builder, get_stats=get_stats, publish=publish, spool=spool,
-        telemetry_topic=topics.telemetry(prefix, device_id), period_s=cfg.period_s,
+        telemetry_topic=topics.telemetry(prefix, device_id), period_s=cfg.period_s, qos=cfg.qos,
         flush_batch=cfg.flush_batch, max_pending=cfg.max_pending,
     )
     pub.collector = collector
     holder.append(pub)
     return pub
+
+
+def session_publish(session: Any, *, timeout_s: float = 5.0) -> PublishFn:
+    """Adapt the agent's `MqttSession` to `publish(topic, payload, qos) -> bool`.
+
+    False while the session is not connected (so the message is spooled rather than left in paho's
+    offline queue), and False when the write (QoS 0) or the PUBACK (QoS 1) does not come in `timeout_s`.
+    """
+
+    def publish(topic: str, payload: bytes, qos: int) -> bool:
+        if not session.connected.is_set():
+            return False
+        return bool(session.publish(topic, payload, qos=qos).wait(timeout_s))
+
+    return publish
