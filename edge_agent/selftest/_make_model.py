@@ -4,7 +4,10 @@ An 8x8 single-channel image classifier with fixed pseudo-random weights (no trai
 compares backends with each other, not with labels). Input `image` float32 (N,1,8,8); outputs
 `logits` (N,10) and `features` (N,16). Opset 13, ops every backend supports: Flatten, Gemm, Relu.
 
-Usage (needs the `onnx` package): python -m edge_agent.selftest._make_model [OUT]
+Also writes `tiny_reference.npz`: 8 fixed inputs `image` and the outputs `logits`/`features` computed in
+plain numpy (float64), so the self-test can check a backend against an independent computation.
+
+Usage (needs the `onnx` package): python -m edge_agent.selftest._make_model [OUT_DIR]
 """
 
 from __future__ import annotations
@@ -18,16 +21,29 @@ SEED = 7
 OPSET = 13
 
 
-def make_model_bytes(seed: int = SEED, hidden: int = 16) -> bytes:
-    """Serialized ONNX model bytes (deterministic for a seed)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
+def weights(seed: int = SEED, hidden: int = 16):
+    """The fixed weights (w1, b1, w2, b2)."""
     rng = np.random.RandomState(seed)
     w1 = (rng.randn(hidden, 64) * 0.3).astype(np.float32)
     b1 = (rng.randn(hidden) * 0.1).astype(np.float32)
     w2 = (rng.randn(10, hidden) * 0.5).astype(np.float32)
     b2 = (rng.randn(10) * 0.1).astype(np.float32)
+    return w1, b1, w2, b2
+
+
+def reference(x: np.ndarray, seed: int = SEED) -> dict:
+    """The model's outputs computed in float64 numpy."""
+    w1, b1, w2, b2 = (w.astype(np.float64) for w in weights(seed))
+    h = np.maximum(x.reshape(len(x), -1).astype(np.float64) @ w1.T + b1, 0)
+    return {"features": h.astype(np.float32), "logits": (h @ w2.T + b2).astype(np.float32)}
+
+
+def make_model_bytes(seed: int = SEED, hidden: int = 16) -> bytes:
+    """Serialized ONNX model bytes (deterministic for a seed)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1, b1, w2, b2 = weights(seed, hidden)
     nodes = [
         helper.make_node("Flatten", ["image"], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "w1", "b1"], ["pre"], transB=1),
@@ -56,10 +72,12 @@ def make_model_bytes(seed: int = SEED, hidden: int = 16) -> bytes:
 
 
 def main(argv: list) -> int:
-    """Write the model to OUT (default: tiny.onnx beside this file)."""
-    out = Path(argv[0]) if argv else Path(__file__).with_name("tiny.onnx")
-    out.write_bytes(make_model_bytes())
-    print("wrote %s" % out)
+    """Write tiny.onnx and tiny_reference.npz into OUT_DIR (default: beside this file)."""
+    out = Path(argv[0]) if argv else Path(__file__).parent
+    (out / "tiny.onnx").write_bytes(make_model_bytes())
+    x = np.random.RandomState(SEED + 1).rand(8, 1, 8, 8).astype(np.float32)
+    np.savez(str(out / "tiny_reference.npz"), image=x, **reference(x))
+    print("wrote %s and %s" % (out / "tiny.onnx", out / "tiny_reference.npz"))
     return 0
 
 
