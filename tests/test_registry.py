@@ -12,10 +12,17 @@ from fleet.registry import SCHEMA_VERSION, Registry, RegistryError
 
 def status(device_id="dev-1", online=True, active=None, state="idle", seq=0, **kw):
     d = {
-        "schema": "edge-agent/status/1", "device_id": device_id, "online": online, "ts": 100.0,
-        "agent_version": "0.1.0", "platform": {"machine": "aarch64", "python": "3.8.10", "jetpack": "5.1.2"},
-        "active": active, "previous": None, "deploy": {"state": state, "bundle": active, "since": 1.0},
-        "ready": True, "last_command_seq": seq,
+        "schema": "edge-agent/status/1",
+        "device_id": device_id,
+        "online": online,
+        "ts": 100.0,
+        "agent_version": "0.1.0",
+        "platform": {"machine": "aarch64", "python": "3.8.10", "jetpack": "5.1.2"},
+        "active": active,
+        "previous": None,
+        "deploy": {"state": state, "bundle": active, "since": 1.0},
+        "ready": True,
+        "last_command_seq": seq,
     }
     d.update(kw)
     return d
@@ -87,14 +94,40 @@ def test_telemetry_batch_updates_summaries_in_one_write(tmp_path):
 def test_rollout_save_load_and_history(tmp_path):
     reg = Registry(tmp_path / "fleet.db")
     body = {
-        "rollout_id": "r1", "bundle": {"name": "digits", "version": 2}, "manifest_sha256": "a" * 64,
-        "manifest_size": 10, "waves": [["a"], ["b"]], "params": {}, "mode": "normal", "ab_split": None,
-        "state": "running", "current_wave": 0, "created": 1.0, "updated": 1.0, "reason": "",
+        "rollout_id": "r1",
+        "bundle": {"name": "digits", "version": 2},
+        "manifest_sha256": "a" * 64,
+        "manifest_size": 10,
+        "waves": [["a"], ["b"]],
+        "params": {},
+        "mode": "normal",
+        "ab_split": None,
+        "state": "running",
+        "current_wave": 0,
+        "created": 1.0,
+        "updated": 1.0,
+        "reason": "",
         "devices": [
-            {"device_id": "a", "wave": 0, "state": "sent", "prior": None, "sent_at": 1.0, "updated": 1.0,
-             "detail": "", "rollback_attempts": 0},
-            {"device_id": "b", "wave": 1, "state": "pending", "prior": {"name": "digits", "version": 1},
-             "sent_at": None, "updated": 1.0, "detail": "", "rollback_attempts": 0},
+            {
+                "device_id": "a",
+                "wave": 0,
+                "state": "sent",
+                "prior": None,
+                "sent_at": 1.0,
+                "updated": 1.0,
+                "detail": "",
+                "rollback_attempts": 0,
+            },
+            {
+                "device_id": "b",
+                "wave": 1,
+                "state": "pending",
+                "prior": {"name": "digits", "version": 1},
+                "sent_at": None,
+                "updated": 1.0,
+                "detail": "",
+                "rollback_attempts": 0,
+            },
         ],
     }
     reg.save_rollout(body, [(1.0, "started", None, "go"), (1.0, "sent", "a", "deploy")])

@@ -26,9 +26,14 @@ DEVICES = ["dev-%02d" % i for i in range(20)]
 
 def make(devices=DEVICES, percents=(10, 30, 100), **params) -> Rollout:
     return Rollout.create(
-        rollout_id="r1", bundle=BUNDLE, manifest_sha256="a" * 64, manifest_size=1234,
-        waves=resolve_waves(devices, percents), priors={d: OLD for d in devices},
-        params=RolloutParams(**params), now=0.0,
+        rollout_id="r1",
+        bundle=BUNDLE,
+        manifest_sha256="a" * 64,
+        manifest_size=1234,
+        waves=resolve_waves(devices, percents),
+        priors={d: OLD for d in devices},
+        params=RolloutParams(**params),
+        now=0.0,
     )
 
 
@@ -68,8 +73,9 @@ def test_bad_wave_percentages_refused(percents):
 
 def test_device_in_two_explicit_waves_refused():
     with pytest.raises(RolloutError, match="more than one wave"):
-        Rollout.create(rollout_id="r", bundle=BUNDLE, manifest_sha256="a" * 64, manifest_size=1,
-                       waves=[["a", "b"], ["b"]], now=0)
+        Rollout.create(
+            rollout_id="r", bundle=BUNDLE, manifest_sha256="a" * 64, manifest_size=1, waves=[["a", "b"], ["b"]], now=0
+        )
 
 
 def test_good_bundle_goes_through_three_waves_to_twenty_devices():
@@ -151,8 +157,12 @@ def test_offline_device_times_out_and_is_reported_then_the_operator_decides():
     r = make(device_timeout_s=60)
     r.start(0)
     pass_device(r, "dev-00", 5)
-    r.observe("dev-01", classify_status(r, online=False, active=OLD, deploy_state=None, deploy_bundle=None,
-                                        deploy_rollout_id=None), "", 6)
+    r.observe(
+        "dev-01",
+        classify_status(r, online=False, active=OLD, deploy_state=None, deploy_bundle=None, deploy_rollout_id=None),
+        "",
+        6,
+    )
     assert r.tick(30) == []
     acts = r.tick(61)
     assert r.devices["dev-01"].state == plan.D_TIMED_OUT
@@ -181,13 +191,15 @@ def test_late_success_of_a_timed_out_device_unstalls_the_wave():
 def test_status_active_with_the_bundle_counts_as_success_but_probation_does_not():
     r = make(devices=["a"], percents=(100,))
     r.start(0)
-    obs = classify_status(r, online=True, active=BUNDLE, deploy_state="probation", deploy_bundle=BUNDLE,
-                          deploy_rollout_id="r1")
+    obs = classify_status(
+        r, online=True, active=BUNDLE, deploy_state="probation", deploy_bundle=BUNDLE, deploy_rollout_id="r1"
+    )
     assert obs == plan.OBS_PROGRESS
     r.observe("a", obs, "", 1)
     assert r.state == plan.RUNNING
-    obs = classify_status(r, online=True, active=BUNDLE, deploy_state="active", deploy_bundle=BUNDLE,
-                          deploy_rollout_id="r1")
+    obs = classify_status(
+        r, online=True, active=BUNDLE, deploy_state="active", deploy_bundle=BUNDLE, deploy_rollout_id="r1"
+    )
     assert obs == plan.OBS_SUCCESS
     r.observe("a", obs, "", 2)
     assert r.state == plan.SUCCEEDED
@@ -198,8 +210,10 @@ def test_events_of_another_rollout_or_bundle_are_ignored():
     assert event_obs(r, "selftest-failed", rollout_id="other") is None
     assert event_obs(r, "selftest-failed", rollout_id=None, bundle={"name": "digits", "version": 9}) is None
     assert event_obs(r, "selftest-failed", rollout_id=None, bundle=BUNDLE) == plan.OBS_FAILURE
-    assert classify_status(r, online=True, active=OLD, deploy_state="failed", deploy_bundle=BUNDLE,
-                           deploy_rollout_id="r0") is None
+    assert (
+        classify_status(r, online=True, active=OLD, deploy_state="failed", deploy_bundle=BUNDLE, deploy_rollout_id="r0")
+        is None
+    )
 
 
 def test_pause_holds_the_next_wave_and_resume_starts_it():
@@ -254,8 +268,9 @@ def test_unconfirmed_rollback_is_reported_after_the_timeout():
 
 def test_shadow_rollout_succeeds_on_shadow_started_and_promotes():
     devs = ["a", "b"]
-    r = Rollout.create(rollout_id="r1", bundle=BUNDLE, manifest_sha256="a" * 64, manifest_size=1, waves=[devs],
-                       mode="shadow", now=0)
+    r = Rollout.create(
+        rollout_id="r1", bundle=BUNDLE, manifest_sha256="a" * 64, manifest_size=1, waves=[devs], mode="shadow", now=0
+    )
     r.start(0)
     for d in devs:
         r.observe(d, event_obs(r, "shadow-started"), "", 1)

@@ -1,0 +1,312 @@
+"""`fleet rollout`: staged rollouts with health gates, run by the controller.
+
+    fleet rollout start BUNDLE [--waves 10,30,100 | --wave ID,ID --wave ID,...] [--devices ID,...]
+    fleet rollout status [ID] [--watch] [--devices]
+    fleet rollout list
+    fleet rollout pause|resume ID
+    fleet rollout abort ID [--keep]
+    fleet rollout promote ID [--drop]
+
+BUNDLE is NAME@VERSION of a bundle the controller stores (`fleet push` stores one), or the bundle file
+itself (its manifest names the bundle, and the controller checks it holds the same manifest).
+A wave advances only when its devices passed self-test and probation; failures past the error
+threshold halt the rollout and roll back every device that took the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from edge_agent.clikit import CliError
+from fleet._table import age, bar, bundle_text, render_table
+from fleet.commands._connect import add_connection_args, rpc_call, split_ids
+
+_REF = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,63})[@:]([0-9]+)$")
+FINAL = ("succeeded", "halted", "aborted")
+
+
+def bundle_params(text: str) -> Dict[str, Any]:
+    """{bundle: {name, version}[, manifest_sha256]} from NAME@VERSION or a bundle file."""
+    m = _REF.match(text)
+    if m:
+        return {"bundle": {"name": m.group(1), "version": int(m.group(2))}}
+    path = Path(text)
+    if not path.is_file():
+        raise CliError("%s is neither NAME@VERSION nor a bundle file" % text)
+    from edge_agent.bundle.archive import read_bundle
+    from edge_agent.bundle.verify import manifest_digest, read_unverified
+
+    raw, reader = read_bundle(path, max_manifest_bytes=1 << 20, max_bundle_bytes=1 << 62)
+    with reader:
+        body = read_unverified(raw, max_manifest_bytes=1 << 20)
+    return {"bundle": {"name": body.name, "version": body.version}, "manifest_sha256": manifest_digest(raw)}
+
+
+def _percents(text: str) -> List[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError("--waves %r: expected percentages such as 10,30,100" % text)
+    if not vals:
+        raise CliError("--waves is empty")
+    return vals
+
+
+def render_rollout(r: Dict[str, Any], *, devices: bool = False, history: int = 8, now: Optional[float] = None) -> str:
+    """The human view of a rollout: header, per-wave progress, optional per-device table, recent history."""
+    now = time.time() if now is None else now
+    head = "rollout %s  %s  mode %s  %s" % (r["rollout_id"], bundle_text(r["bundle"]), r["mode"], r["state"].upper())
+    if r["state"] not in FINAL:
+        head += "  (wave %d of %d)" % (max(1, r["current_wave"]), r["waves"])
+    lines = [head]
+    if r.get("reason"):
+        lines.append("reason: %s" % r["reason"])
+    rows = []
+    for w in r["wave_progress"]:
+        c = w["counts"]
+        inflight = c.get("sent", 0) + c.get("in-progress", 0)
+        rolled = c.get("rolled-back", 0) + c.get("rollback-sent", 0) + c.get("rollback-failed", 0)
+        status = "waiting"
+        if w["started"]:
+            status = "running" if inflight else ("passed" if w["succeeded"] >= w["needed"] else "done")
+        if c.get("skipped"):
+            status = "skipped"
+        rows.append(
+            [
+                w["wave"],
+                w["devices"],
+                bar(w["succeeded"], w["devices"]),
+                "%d/%d" % (w["succeeded"], w["needed"]),
+                inflight,
+                c.get("failed", 0),
+                c.get("timed-out", 0),
+                rolled,
+                status,
+            ]
+        )
+    lines.append(
+        render_table(
+            ("WAVE", "DEVICES", "PROGRESS", "OK/NEEDED", "IN FLIGHT", "FAILED", "TIMED OUT", "ROLLED BACK", "STATUS"),
+            rows,
+            numeric=(0, 1, 4, 5, 6, 7),
+        )
+    )
+    if devices and r.get("devices"):
+        lines.append("")
+        lines.append(
+            render_table(
+                ("DEVICE", "WAVE", "STATE", "UPDATED", "DETAIL"),
+                [
+                    [
+                        e["device_id"],
+                        e["wave"] + 1,
+                        e["state"],
+                        age(e.get("updated"), now),
+                        (e.get("detail") or "")[:70],
+                    ]
+                    for e in r["devices"]
+                ],
+                numeric=(1,),
+            )
+        )
+    hist = r.get("history") or []
+    if hist and history:
+        lines.append("")
+        for h in hist[-history:]:
+            who = " %s" % h["device_id"] if h.get("device_id") else ""
+            lines.append(
+                "  %s  %s%s: %s" % (time.strftime("%H:%M:%S", time.localtime(h["ts"])), h["kind"], who, h["message"])
+            )
+    return "\n".join(lines)
+
+
+def _show(args: argparse.Namespace, r: Dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(r, sort_keys=True))
+    else:
+        print(render_rollout(r, devices=getattr(args, "show_devices", False)))
+    sys.stdout.flush()
+
+
+def _watch(args: argparse.Namespace, rollout_id: str) -> int:
+    """Poll the rollout until it ends; redraw on a terminal, print changes otherwise."""
+    tty = sys.stdout.isatty() and not args.json
+    last = None
+    deadline = time.monotonic() + args.watch_timeout if args.watch_timeout else None
+    while True:
+        r = rpc_call(args, "rollout.status", {"rollout_id": rollout_id, "history": 8})
+        key = json.dumps([r["state"], r["wave_progress"], r.get("reason")], sort_keys=True)
+        if key != last:
+            if tty:
+                sys.stdout.write("\x1b[2J\x1b[H")
+            elif last is not None and not args.json:
+                print()
+            _show(args, r)
+            last = key
+        if r["state"] in FINAL:
+            return 0 if r["state"] == "succeeded" else 3
+        if deadline is not None and time.monotonic() > deadline:
+            raise CliError(
+                "rollout %s still %s after --watch-timeout %g s" % (rollout_id, r["state"], args.watch_timeout)
+            )
+        time.sleep(args.interval)
+
+
+def _start(args: argparse.Namespace) -> int:
+    params = bundle_params(args.bundle)
+    if args.wave:
+        if args.waves:
+            raise CliError("give either --waves (percentages) or --wave (device lists), not both")
+        params["wave_devices"] = [split_ids([w]) for w in args.wave]
+    elif args.waves:
+        params["waves"] = _percents(args.waves)
+    devs = split_ids(args.devices)
+    if devs:
+        if args.wave:
+            raise CliError("--devices restricts percentage waves; with --wave the lists name the devices already")
+        params["devices"] = devs
+    params["mode"] = args.mode
+    for key in ("ab_split", "success_threshold", "error_threshold", "device_timeout_s"):
+        v = getattr(args, key)
+        if v is not None:
+            params[key] = v
+    r = rpc_call(args, "rollout.start", params)
+    if not args.json:
+        print("started rollout %s" % r["rollout_id"])
+    if args.watch:
+        return _watch(args, r["rollout_id"])
+    _show(args, r)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.watch:
+        rid = args.id or rpc_call(args, "rollout.status", {"history": 0})["rollout_id"]
+        return _watch(args, rid)
+    r = rpc_call(args, "rollout.status", {"rollout_id": args.id} if args.id else {})
+    _show(args, r)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = rpc_call(args, "rollout.list", {"limit": args.limit})
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    if not rows:
+        print("no rollouts yet")
+        return 0
+    print(
+        render_table(
+            ("ROLLOUT", "BUNDLE", "MODE", "STATE", "STARTED", "REASON"),
+            [
+                [
+                    r["rollout_id"],
+                    bundle_text(r["bundle"]),
+                    r["mode"],
+                    r["state"],
+                    age(r["created"]) + " ago",
+                    (r.get("reason") or "")[:60],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
+def _simple(method: str, extra=None):
+    def run(args: argparse.Namespace) -> int:
+        params = {"rollout_id": args.id}
+        if extra:
+            params.update(extra(args))
+        r = rpc_call(args, method, params)
+        _show(args, r)
+        return 0
+
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `rollout` command group."""
+    p = sub.add_parser(
+        "rollout",
+        help="staged rollouts: start, status, pause, resume, abort",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rs = p.add_subparsers(dest="rollout_command", metavar="ACTION")
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+    s = rs.add_parser("start", help="start a rollout of a stored bundle")
+    s.add_argument("bundle", metavar="BUNDLE", help="NAME@VERSION or a bundle file")
+    s.add_argument("--waves", metavar="P,P,...", help="cumulative wave percentages (default: the controller's)")
+    s.add_argument("--wave", action="append", metavar="ID,ID,...", help="an explicit wave (repeat for each wave)")
+    s.add_argument("--devices", action="append", metavar="ID,ID,...", help="only these devices (default: all)")
+    s.add_argument(
+        "--mode",
+        choices=("normal", "shadow", "ab"),
+        default="normal",
+        help="normal (activate), shadow (mirror traffic to the candidate) or ab (split traffic)",
+    )
+    s.add_argument("--ab-split", type=float, dest="ab_split", metavar="PCT", help="A/B: percent of traffic to B")
+    s.add_argument("--success-threshold", type=float, metavar="F", help="fraction of a wave that must pass (0.9)")
+    s.add_argument(
+        "--error-threshold",
+        type=float,
+        metavar="F",
+        help="halt when failures exceed this fraction of the devices started (0.1)",
+    )
+    s.add_argument(
+        "--device-timeout",
+        type=float,
+        dest="device_timeout_s",
+        metavar="S",
+        help="seconds a device has to pass self-test and probation (1800)",
+    )
+    s.add_argument("--watch", action="store_true", help="follow the rollout until it ends")
+    s.set_defaults(func=_start)
+
+    st = rs.add_parser("status", help="per-wave progress of a rollout (default: the newest)")
+    st.add_argument("id", nargs="?", metavar="ID")
+    st.add_argument(
+        "--watch", action="store_true", help="follow until the rollout ends (exit 3 if it does not succeed)"
+    )
+    st.add_argument("--devices", dest="show_devices", action="store_true", help="also list every device")
+    st.set_defaults(func=_status)
+
+    ls = rs.add_parser("list", help="recent rollouts")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.set_defaults(func=_list)
+
+    for name, help_text in (("pause", "stop starting new waves"), ("resume", "continue a paused or stalled rollout")):
+        x = rs.add_parser(name, help=help_text)
+        x.add_argument("id", metavar="ID")
+        x.set_defaults(func=_simple("rollout.%s" % name))
+    ab = rs.add_parser("abort", help="stop for good and roll back the devices that took the bundle")
+    ab.add_argument("id", metavar="ID")
+    ab.add_argument("--keep", action="store_true", help="do not roll back; devices keep the bundle")
+    ab.set_defaults(func=_simple("rollout.abort", lambda a: {"rollback": not a.keep}))
+    pr = rs.add_parser("promote", help="shadow/ab rollouts: make the candidate active on its devices")
+    pr.add_argument("id", metavar="ID")
+    pr.add_argument("--drop", action="store_true", help="drop the candidate instead")
+    pr.set_defaults(func=_simple("rollout.promote", lambda a: {"accept": not a.drop}))
+
+    for x in (s, st, ls, *[rs.choices[n] for n in ("pause", "resume", "abort", "promote")]):
+        x.add_argument("--json", action="store_true", help="machine-readable output")
+        add_connection_args(x)
+        if x in (s, st):
+            x.add_argument("--interval", type=float, default=2.0, metavar="S", help="--watch poll interval")
+            x.add_argument(
+                "--watch-timeout",
+                type=float,
+                default=0.0,
+                metavar="S",
+                help="give up watching after S seconds (0: never)",
+            )
