@@ -191,3 +191,21 @@ def test_build_with_an_engine_option(built, tmp_path, capsys):
     rc, _, err = run(capsys, "bundle", "build", SAMPLES / "bundle.toml", "--key", d / "keys/release.key",
                      "--out", tmp_path / "f.bundle", "--engine", "bogus")
     assert rc == 1 and "PLATFORM_KEY=MODEL:PLAN" in err
+
+
+def test_verify_refuses_an_expired_bundle(built, tmp_path, capsys):
+    from edge_agent.signing import PrivateKey
+    from fleet.bundle_builder import build_bundle
+
+    d, _ = built
+    old = tmp_path / "old.bundle"
+    build_bundle(SAMPLES / "bundle.toml", PrivateKey.load(d / "keys/release.key"), old, now=1_000_000_000)
+    rc, out, err = run(capsys, "bundle", "verify", old, "--trusted", d / "keys/release.pub")
+    assert rc == 1 and out == ""
+    assert "ExpiredError" in err and "expired at" in err
+
+
+def test_verify_refuses_a_threshold_below_one(built, capsys):
+    d, bundle = built
+    rc, _, err = run(capsys, "bundle", "verify", bundle, "--trusted", d / "keys", "--threshold", "0")
+    assert rc == 2 and "at least 1" in err

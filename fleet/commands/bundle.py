@@ -39,6 +39,8 @@ def _build(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     """Verify signatures, expiry and every file hash of a bundle."""
     limits = LimitsConfig()
+    if args.threshold < 1:
+        raise CliError("--threshold must be at least 1", code=2)
     try:
         trusted = load_public_keys([Path(p) for p in args.trusted])
     except SignatureError as e:
