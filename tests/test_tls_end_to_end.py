@@ -8,6 +8,7 @@ edge-agent-tls.conf and its ACL. A second device watches every topic and must se
 
 from __future__ import annotations
 
+import json
 import queue
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from agent_helpers import build_sample_bundle
+from agent_helpers import agent_toml, build_sample_bundle, start_agent, stop_process, write_key
 from secure_broker import REPO, MqttProbe, SecureBroker
 
 from edge_agent.bundle.store import BundleStore
@@ -160,3 +161,71 @@ def test_operator_cli_rpc_over_tls(broker, pki):
     time.sleep(0.3)
     assert watcher.topics_seen() == []
     watcher.close()
+
+
+def _active_bundle(probe: MqttProbe, device_id: str):
+    """(name, version) of the newest retained/live status of `device_id` that names an active bundle."""
+    for msg in reversed(probe.messages):
+        if msg.topic == topics.status(P, device_id) and msg.payload:
+            data = json.loads(msg.payload)
+            if data.get("active"):
+                return data["active"]["name"], data["active"]["version"], data.get("last_command_seq")
+    return None
+
+
+def test_agent_process_deploys_a_bundle_over_tls(broker, pki, tmp_path):
+    """`edge-agent run` (a real child process) with its device certificate and the real `Controller`:
+    the controller signs a deploy command, the agent fetches, verifies, prepares, self-tests and activates
+    the bundle, and reports it in its retained status — all through the shipped TLS config and ACL."""
+    release = write_key(tmp_path / "bundle-keys", "release")
+    controller_key = write_key(tmp_path / "command-keys", "controller")
+    bundle = build_sample_bundle(tmp_path / "build", release, version=1)
+    tls = "\n".join([
+        "[mqtt.tls]",
+        'ca_file = "%s"' % (pki / "ca.crt"),
+        'cert_file = "%s"' % (pki / ("%s.crt" % DEVICE)),
+        'key_file = "%s"' % (pki / ("%s.key" % DEVICE)),
+    ])  # fmt: skip
+    conf = agent_toml(
+        tmp_path / "agent.toml", device_id=DEVICE, state_dir=tmp_path / "agent-state", port=broker.port,
+        bundle_keys=tmp_path / "bundle-keys", command_key=tmp_path / "command-keys" / "controller.pub", extra=tls,
+    )  # fmt: skip
+    observer = MqttProbe("observer").tls(pki / "ca.crt", pki / ("%s.crt" % CONTROLLER), pki / ("%s.key" % CONTROLLER))
+    observer.connect(broker.host, broker.port)
+    observer.subscribe(topics.status(P, DEVICE))
+    ctl = Controller(
+        FleetConfig(
+            mqtt=_mqtt(broker, pki, CONTROLLER),
+            controller=ControllerSection(client_id="ctl-agent-e2e", state_dir=tmp_path / "controller"),
+        ),
+        key=controller_key,
+    )
+    body, _, _ = ctl.add_bundle(bundle)
+    log_path = tmp_path / "agent.log"
+    agent = start_agent(conf, log_path)
+    try:
+        ctl.start()
+        assert ctl.session.wait_connected(10), ctl.session.last_error
+        # The agent is online (its retained status arrived) before the command is sent.
+        deadline = time.monotonic() + 60
+        while not any(m.topic == topics.status(P, DEVICE) for m in observer.messages):
+            assert agent.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, (
+                "agent never published its status over TLS\n%s" % (log_path.read_text(errors="replace")[-3000:])
+            )
+            time.sleep(0.1)
+        ctl.send_command(DEVICE, ctl.deploy_args(body.name, body.version))
+        deadline = time.monotonic() + 120
+        while _active_bundle(observer, DEVICE) is None:
+            assert agent.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, (
+                "bundle not activated over TLS\n%s" % (log_path.read_text(errors="replace")[-4000:])
+            )
+            time.sleep(0.2)
+        name, version, seq = _active_bundle(observer, DEVICE)
+        assert (name, version) == (body.name, body.version)
+        assert seq >= 1
+    finally:
+        stop_process(agent)
+        ctl.stop()
+        observer.close()
