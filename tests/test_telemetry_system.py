@@ -209,3 +209,72 @@ def test_collect_system_on_this_machine_has_every_key():
     assert set(out) == set(SYSTEM_KEYS)
     if os.path.exists("/proc/meminfo"):
         assert out["mem_available_mb"] is not None and out["mem_available_mb"] > 0
+
+
+TEGRASTATS_JP4_NX = ("RAM 2257/7765MB (lfb 5392x4MB) SWAP 0/3882MB (cached 0MB) CPU [12%@1190,8%@1190,off,off,"
+                     "10%@1190,6%@1190] EMC_FREQ 0% GR3D_FREQ 37% AO@36.5C GPU@36C PMIC@100C AUX@35C CPU@37.5C "
+                     "thermal@36.6C VDD_IN 4567/4500 VDD_CPU_GPU_CV 1234/1200 VDD_SOC 1100/1090")
+TEGRASTATS_JP5_NX = ("11-22-2026 00:00:00 RAM 3004/7765MB (lfb 512x4MB) SWAP 0/3882MB (cached 0MB) CPU [12%@1190,"
+                     "8%@1190,off,off,10%@1190,6%@1190] EMC_FREQ 5%@1600 GR3D_FREQ 37%@1109 VIC_FREQ 115 APE 150 "
+                     "AUX@35C CPU@37.5C thermal@36.6C AO@36.5C GPU@36C PMIC@-256C VDD_IN 4567mW/4500mW "
+                     "VDD_CPU_GPU_CV 1234mW/1200mW VDD_SOC 1100mW/1090mW")
+TEGRASTATS_JP6_AGX_ORIN = ("11-22-2026 00:00:00 RAM 6432/30623MB (lfb 2x4MB) SWAP 0/15311MB (cached 0MB) CPU "
+                           "[21%@2201,22%@2201,23%@2201,24%@2201,25%@2201,26%@2201,27%@2201,28%@2201] EMC_FREQ "
+                           "3%@3199 GR3D_FREQ 88%@[1300,1300] NVENC off NVDEC off cpu@48.2C soc2@46.9C soc0@47C "
+                           "gpu@50.3C tj@50.3C soc1@46.5C VDD_GPU_SOC 9120mW/8900mW VDD_CPU_CV 2410mW/2300mW "
+                           "VIN_SYS_5V0 4100mW/4000mW")
+
+
+@pytest.mark.parametrize("line,expect,temps", [
+    (TEGRASTATS_JP4_NX, (9.0, 37.0, 2257.0, 4567.0), {"AO": 36.5, "GPU": 36.0, "PMIC": 100.0, "AUX": 35.0,
+                                                     "CPU": 37.5, "thermal": 36.6}),
+    (TEGRASTATS_JP5_NX, (9.0, 37.0, 3004.0, 4567.0), {"AUX": 35.0, "CPU": 37.5, "thermal": 36.6, "AO": 36.5,
+                                                     "GPU": 36.0}),
+    (TEGRASTATS_JP6_AGX_ORIN, (24.5, 88.0, 6432.0, 9120.0 + 2410.0 + 4100.0),
+     {"cpu": 48.2, "soc2": 46.9, "soc0": 47.0, "gpu": 50.3, "tj": 50.3, "soc1": 46.5}),
+])
+def test_parse_tegrastats_lines_of_jetpack_4_5_and_6(line, expect, temps):
+    from edge_agent.telemetry.system import parse_tegrastats
+
+    cpu, gpu, used, power = expect
+    out = parse_tegrastats(line)
+    assert out["cpu_percent"] == pytest.approx(cpu)
+    assert out["gpu_util"] == gpu
+    assert out["mem_used_mb"] == used  # RAM is MB in tegrastats, not a rail
+    assert out["power_mw"] == pytest.approx(power)
+    assert out["temperatures_c"] == temps
+
+
+def test_parse_tegrastats_garbage_gives_nothing():
+    from edge_agent.telemetry.system import parse_tegrastats
+
+    out = parse_tegrastats("tegrastats: permission denied")
+    assert out.get("gpu_util") is None and out["power_mw"] is None and out["temperatures_c"] == {}
+
+
+def test_jetson_without_jtop_service_reads_one_tegrastats_line(tmp_path, monkeypatch):
+    # A stand-in for the Jetson-only tegrastats binary: prints lines at its interval until killed.
+    JtopDouble(XAVIER_NX, service_active=False).install(monkeypatch)
+    exe = tmp_path / "tegrastats"
+    exe.write_text("#!/bin/sh\nwhile true; do echo '%s'; sleep 0.1; done\n" % TEGRASTATS_JP5_NX)
+    os.chmod(exe, 0o755)
+    c = _collector(tmp_path, proc_root=_fake_proc(tmp_path / "proc"), tegrastats=str(exe))
+    out = c.collect()
+    assert out["source"] == "tegrastats+proc"
+    assert out["gpu_util"] == 37.0 and out["power_mw"] == 4567.0 and out["mem_used_mb"] == 3004.0
+    assert out["mem_available_mb"] == pytest.approx(6000000 / 1024.0)
+
+
+def test_tegrastats_that_prints_nothing_is_bounded_and_not_retried_at_once(tmp_path, monkeypatch):
+    hide_jtop(monkeypatch)
+    exe = tmp_path / "tegrastats"
+    exe.write_text("#!/bin/sh\nexec sleep 30\n")
+    os.chmod(exe, 0o755)
+    c = _collector(tmp_path, proc_root=_fake_proc(tmp_path / "proc"), tegrastats=str(exe),
+                   tegrastats_timeout_s=0.3, clock=FakeClock())
+    t0 = time.monotonic()
+    out = c.collect()
+    assert time.monotonic() - t0 < 3 and out["source"] == "proc"
+    t0 = time.monotonic()
+    c.collect()
+    assert time.monotonic() - t0 < 0.25

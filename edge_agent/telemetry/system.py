@@ -1,5 +1,8 @@
 """System statistics for telemetry: jetson-stats (jtop) on a Jetson, /proc, /sys, psutil and nvidia-smi elsewhere.
 
+On a Jetson whose jtop service is not running, one `tegrastats` line fills GPU load, temperatures and
+power (the service-free fallback).
+
 `collect_system()` always returns the same keys (`SYSTEM_KEYS`); a value the machine cannot give is None
 (`temperatures_c` is then an empty dict). Nothing here raises: a sensor that fails is logged once and
 reported as unknown, a jtop service that is not running means the /proc path is used instead and
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import select
 import shutil
 import subprocess
 import threading
@@ -123,6 +128,45 @@ def parse_nvidia_smi(text: str) -> Dict[str, Any]:
     }
 
 
+_TS_CPU = re.compile(r"\bCPU \[([^\]]*)\]")
+_TS_GPU = re.compile(r"\bGR3D_FREQ (\d+(?:\.\d+)?)%")
+_TS_RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
+_TS_TEMP = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)@(-?\d+(?:\.\d+)?)C\b")
+_TS_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?![0-9A-Za-z])")
+_TS_TOTAL_RAILS = ("VDD_IN", "POM_5V_IN")
+
+
+def parse_tegrastats(line: str) -> Dict[str, Any]:
+    """One `tegrastats` line (JetPack 4, 5 and 6 spellings) as system keys; missing parts stay None.
+
+    Power is the board input rail (VDD_IN / POM_5V_IN) when there is one, else the sum of the rails
+    (as jtop does on AGX Orin); rails are `cur/avg` in mW, with or without the `mW` unit.
+    """
+    out: Dict[str, Any] = {"temperatures_c": {}}
+    m = _TS_CPU.search(line)
+    if m:
+        loads = [_num(c.split("%")[0]) for c in m.group(1).split(",") if "%" in c]
+        loads_ok = [x for x in loads if x is not None]
+        out["cpu_percent"] = sum(loads_ok) / len(loads_ok) if loads_ok else None
+    m = _TS_GPU.search(line)
+    if m:
+        out["gpu_util"] = float(m.group(1))
+    m = _TS_RAM.search(line)
+    if m:
+        out["mem_used_mb"] = float(m.group(1))
+        out["mem_total_mb"] = float(m.group(2))
+    for name, val in _TS_TEMP.findall(line):
+        t = _temp(val)
+        if t is not None:
+            out["temperatures_c"][name] = t
+    rails = {name: float(cur) for name, cur, _ in _TS_RAIL.findall(line) if name not in ("RAM", "SWAP", "IRAM")}
+    total = next((rails[n] for n in _TS_TOTAL_RAILS if n in rails), None)
+    if total is None and rails:
+        total = sum(rails.values())
+    out["power_mw"] = total
+    return out
+
+
 def read_jtop(j: Any) -> Dict[str, Any]:
     """Map a started jtop object's data (jetson-stats 4.x API) to system keys; missing parts stay None.
 
@@ -208,6 +252,8 @@ class SystemCollector:
         nvidia_smi: Optional[str] = "nvidia-smi",
         nvidia_smi_timeout_s: float = 2.0,
         nvidia_smi_retry_s: float = 300.0,
+        tegrastats: Optional[str] = "tegrastats",
+        tegrastats_timeout_s: float = 3.0,
         proc_root: Path = Path("/proc"),
         thermal_root: Path = Path("/sys/class/thermal"),
         use_psutil: bool = True,
@@ -224,6 +270,9 @@ class SystemCollector:
         self._smi_timeout_s = nvidia_smi_timeout_s
         self._smi_retry_s = nvidia_smi_retry_s
         self._smi_retry_at = 0.0
+        self._tegrastats = tegrastats
+        self._ts_timeout_s = tegrastats_timeout_s
+        self._ts_retry_at = 0.0
         self._proc = Path(proc_root)
         self._thermal = Path(thermal_root)
         self._use_psutil = use_psutil
@@ -261,6 +310,13 @@ class SystemCollector:
             data = self._read_jtop()
             if data is not None:
                 sources.append("jtop")
+                mem_total_jtop = data.pop("mem_total_mb", None)
+                _fill(out, data)
+        if self.use_jtop and "jtop" not in sources and self._tegrastats:
+            # A Jetson whose jtop service is missing: tegrastats still has GPU load and power.
+            data = self._read_tegrastats()
+            if data is not None:
+                sources.append("tegrastats")
                 mem_total_jtop = data.pop("mem_total_mb", None)
                 _fill(out, data)
         if self._read_proc(out):
@@ -437,6 +493,44 @@ class SystemCollector:
         except Exception as e:
             self._warn_once("psutil", "psutil failed: %s", e)
         return got
+
+    def _read_tegrastats(self) -> Optional[Dict[str, Any]]:
+        if self._clock() < self._ts_retry_at:
+            return None
+        exe = shutil.which(self._tegrastats or "")
+        if exe is None:
+            self._ts_retry_at = float("inf")  # not a Jetson (or not installed): never look again
+            return None
+        try:
+            proc = subprocess.Popen([exe, "--interval", "100"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            self._warn_once("tegrastats", "cannot run tegrastats: %s", e)
+            self._ts_retry_at = self._clock() + self._smi_retry_s
+            return None
+        line = b""
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], self._ts_timeout_s)
+            if ready:
+                line = proc.stdout.readline(64 * 1024)
+        except (OSError, ValueError) as e:
+            self._warn_once("tegrastats", "reading tegrastats failed: %s", e)
+        finally:
+            proc.kill()
+            try:
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                logger.debug("tegrastats did not exit after SIGKILL")
+            if proc.stdout is not None:
+                proc.stdout.close()
+        data = parse_tegrastats(line.decode("utf-8", "replace"))
+        if not any(v for k, v in data.items() if k != "mem_total_mb"):
+            self._warn_once("tegrastats", "tegrastats gave no usable line in %.1f s; not asking again for %.0f s",
+                            self._ts_timeout_s, self._smi_retry_s)
+            self._ts_retry_at = self._clock() + self._smi_retry_s
+            return None
+        return data
 
     def _read_nvidia_smi(self, out: Dict[str, Any]) -> bool:
         if self._clock() < self._smi_retry_at:
