@@ -1,0 +1,150 @@
+"""`fleet devices`, `fleet rollback`, `fleet telemetry` against a real controller and mosquitto, and the
+controller's ingest under malformed and spoofed device messages."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from fleet_helpers import PREFIX, FleetRig, mqtt_cfg
+
+from edge_agent.mqtt import MqttSession, require_connected
+from edge_agent.protocol import topics
+from edge_agent.protocol.messages import BundleRef
+
+pytestmark = pytest.mark.mqtt
+
+
+@pytest.fixture
+def rig(broker, tmp_path):
+    r = FleetRig(broker, tmp_path, devices=5).start()
+    yield r
+    r.stop()
+
+
+def publisher(broker, name="pub"):
+    s = MqttSession(mqtt_cfg(broker), client_id=name, name=name)
+    s.start()
+    require_connected(s, 5)
+    return s
+
+
+def test_devices_table_and_json(rig, capsys):
+    rc, out, err = rig.cli(capsys, "devices")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["DEVICE", "ONLINE", "HEALTH", "BUNDLE"]
+    assert sum(1 for ln in lines if ln.startswith("dev-")) == 5
+    assert "digits v1" in out and "5 devices, 5 online, 0 unhealthy" in out
+    rc, out, _ = rig.cli(capsys, "devices", "--json", "--device", "dev-01,dev-03")
+    rows = json.loads(out)
+    assert [r["device_id"] for r in rows] == ["dev-01", "dev-03"]
+    assert rows[0]["platform"]["backend"] == "sim" and rows[0]["online"] is True
+
+
+def test_offline_device_shows_offline(rig, capsys):
+    d = rig.fleet.devices["dev-02"]
+    d.online = False
+    rig.fleet.publish_status(d)
+    rig.wait(lambda: not rig.controller.registry.get_device("dev-02")["online"], 5, "offline recorded")
+    _rc, out, _ = rig.cli(capsys, "devices", "--offline", "--json")
+    rows = json.loads(out)
+    assert [r["device_id"] for r in rows] == ["dev-02"] and rows[0]["health"] == "offline"
+
+
+def test_rollback_sends_signed_commands_the_devices_accept(rig, capsys):
+    # Give two devices something to roll back from.
+    for dev in ("dev-00", "dev-01"):
+        sd = rig.fleet.devices[dev]
+        sd.previous = sd.active
+        sd.active = BundleRef(name="digits", version=2)
+    rc, out, err = rig.cli(capsys, "rollback", "--devices", "dev-00,dev-01", "--reason", "bad night")
+    assert rc == 0, err
+    assert "rollback sent to dev-00" in out and "rollback sent to dev-01" in out
+    rig.wait(lambda: all(rig.fleet.devices[d].active.version == 1 for d in ("dev-00", "dev-01")), 5, "rolled back")
+    assert rig.commands_of("dev-02") == []
+    assert rig.fleet.devices["dev-00"].refused == [], "the device verified the controller's signature"
+    rc, out, err = rig.cli(capsys, "rollback", "--devices", "ghost")
+    assert rc == 1 and err.strip() == "fleet: error: unknown device(s): ghost"
+
+
+def test_telemetry_snapshot_and_follow(rig, broker, capsys):
+    pub = publisher(broker)
+    stop = threading.Event()
+
+    def send():
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            for d in rig.device_ids:
+                pub.publish(
+                    topics.telemetry(PREFIX, d),
+                    rig.fleet.telemetry_payload(d, seq, error_rate=0.1 if d == "dev-04" else 0.0),
+                )
+            time.sleep(0.1)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    try:
+        rc, out, err = rig.cli(capsys, "telemetry", "--follow", "--json", "--count", "10", "--duration", "10")
+        assert rc == 0, err
+        msgs = [json.loads(x) for x in out.splitlines()]
+        assert len(msgs) == 10 and all(m["schema"] == "edge-agent/telemetry/1" for m in msgs)
+        rc, out, _ = rig.cli(capsys, "telemetry", "--follow", "--device", "dev-03", "--json", "--count", "3")
+        assert {json.loads(x)["device_id"] for x in out.splitlines()} == {"dev-03"}
+        rc, out, _ = rig.cli(capsys, "telemetry", "--follow", "--duration", "1.0", "--interval", "0.3")
+        assert "P99 MS" in out and "dev-00" in out and "7.90" in out
+        # The controller's registry got the summaries too (flushed once per tick).
+        rig.wait(
+            lambda: (rig.controller.registry.get_device("dev-04") or {}).get("health") == "unhealthy",
+            5,
+            "unhealthy health from telemetry",
+        )
+    finally:
+        stop.set()
+        t.join()
+        pub.stop()
+    rc, out, _ = rig.cli(capsys, "telemetry")
+    assert "dev-04" in out and "10.0%" in out
+    rc, out, _ = rig.cli(capsys, "devices")
+    assert "5 devices, 5 online, 1 unhealthy" in out
+
+
+def test_malformed_and_spoofed_device_messages_are_counted_not_fatal(rig, broker, capsys):
+    pub = publisher(broker, "rogue")
+    good = rig.fleet.telemetry_payload("dev-00", 1)
+    pub.publish(topics.telemetry(PREFIX, "dev-00"), b"{not json", qos=1).wait(5)
+    pub.publish(topics.events(PREFIX, "dev-00"), b'{"schema": "edge-agent/event/1"}', qos=1).wait(5)
+    pub.publish(topics.status(PREFIX, "dev-00"), b"[1, 2]", qos=1).wait(5)
+    ingest = rig.controller.control.ingest
+    rig.wait(lambda: sum(ingest.malformed.values()) == 3, 5, "malformed counted")
+    # dev-01 pretending to be dev-00 (payload and topic disagree).
+    pub.publish(topics.telemetry(PREFIX, "dev-01"), good, qos=1).wait(5)
+    pub.stop()
+    rig.wait(lambda: sum(ingest.malformed.values()) == 4, 5, "spoof counted")
+    assert ingest.malformed["telemetry"] == 2 and ingest.malformed["events"] == 1 and ingest.malformed["status"] == 1
+    assert "names device 'dev-00' but came on the topic of 'dev-01'" in ingest.stats()["last_error"]
+    # The controller still answers and its registry is intact.
+    rc, out, err = rig.cli(capsys, "devices", "--json")
+    assert rc == 0, err
+    rows = {r["device_id"]: r for r in json.loads(out)}
+    assert rows["dev-00"]["online"] is True and rows["dev-01"]["telemetry"] is None
+
+
+def test_no_controller_is_a_one_line_error(broker, capsys):
+    from fleet.cli import main
+
+    rc = main(["devices", "--broker", "%s:%d" % (broker.host, broker.port), "--timeout", "1"])
+    _, err = capsys.readouterr()
+    assert rc == 1
+    assert err.startswith("fleet: error: no controller answered devices.list") and err.count("\n") == 1
+
+
+def test_bad_broker_option_is_a_usage_error(capsys):
+    from fleet.cli import main
+
+    rc = main(["devices", "--broker", "host:notaport"])
+    _, err = capsys.readouterr()
+    assert rc == 1 and "port 'notaport' is not a number" in err
