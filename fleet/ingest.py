@@ -108,11 +108,16 @@ class Ingest:
     # ---------------------------------------------------------------------------------- handling
 
     def subscriptions(self, share_group: Optional[str] = "fleet") -> Tuple[str, ...]:
-        """Topic filters to subscribe (MQTT 5 shared subscriptions when `share_group` is set)."""
-        filters = tuple(topics.all_devices(self.prefix, c) for c in CHANNELS)
-        if share_group:
-            return tuple("$share/%s/%s" % (share_group, f) for f in filters)
-        return filters
+        """Topic filters to subscribe. Telemetry and events go through MQTT 5 shared subscriptions when
+        `share_group` is set (each message to one controller of the group). Status stays a plain
+        subscription: MQTT 5 says a server does not send *retained* messages to shared subscriptions
+        (mosquitto 2.0 does anyway; EMQX and HiveMQ follow the spec), and the retained status is how a
+        (re)started controller learns every device's state. Status is low-rate and idempotent."""
+        out = [topics.all_devices(self.prefix, "status")]
+        for c in ("telemetry", "events"):
+            f = topics.all_devices(self.prefix, c)
+            out.append("$share/%s/%s" % (share_group, f) if share_group else f)
+        return tuple(out)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Process one message; never raises."""

@@ -148,3 +148,26 @@ def test_bad_broker_option_is_a_usage_error(capsys):
     rc = main(["devices", "--broker", "host:notaport"])
     _, err = capsys.readouterr()
     assert rc == 1 and "port 'notaport' is not a number" in err
+
+
+def test_controller_started_after_the_devices_learns_them_from_retained_status(broker, tmp_path, capsys):
+    rig = FleetRig(broker, tmp_path, devices=3)
+    rig.fleet.start()
+    try:
+        rig.start_controller()
+        rig.wait(lambda: rig.controller.registry.device_count() == 3, 5, "retained statuses ingested")
+        rc, out, _ = rig.cli(capsys, "devices", "--json")
+        assert rc == 0 and {r["device_id"] for r in json.loads(out)} == set(rig.device_ids)
+    finally:
+        rig.stop()
+
+
+def test_status_is_subscribed_unshared_so_retained_statuses_reach_every_controller():
+    from fleet.ingest import Ingest
+
+    subs = Ingest(registry=None, prefix="edge/v1").subscriptions("fleet")
+    assert subs == (
+        "edge/v1/devices/+/status",
+        "$share/fleet/edge/v1/devices/+/telemetry",
+        "$share/fleet/edge/v1/devices/+/events",
+    )
