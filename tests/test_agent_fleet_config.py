@@ -28,7 +28,7 @@ def test_every_field_is_mentioned_in_the_shipped_file():
     keys = set(re.findall(r"(?m)^#?\s*([a-z_]+)\s*=", text))
     for section in ("mqtt", "controller", "chunks", "trust"):
         model = type(getattr(FleetConfig(), section))
-        for name, field in model.model_fields.items():
+        for name, _field in model.model_fields.items():
             if name == "tls":
                 continue
             assert name in keys, "%s.%s is not documented in configs/fleet.toml" % (section, name)
@@ -38,10 +38,10 @@ def test_unknown_key_and_oversize_chunk_refused_with_one_line(tmp_path):
     """A typo or a chunk above 1 MiB is a ConfigError naming the field."""
     p = tmp_path / "fleet.toml"
     p.write_text("[chunks]\nmax_chunk_bytes = 2097152\n")
-    with pytest.raises(ConfigError, match="chunks.max_chunk_bytes"):
+    with pytest.raises(ConfigError, match=r"chunks\.max_chunk_bytes"):
         load_fleet_config(p)
     p.write_text("[controller]\nkey_fiel = 'x'\n")
-    with pytest.raises(ConfigError, match="controller.key_fiel"):
+    with pytest.raises(ConfigError, match=r"controller\.key_fiel"):
         load_fleet_config(p)
 
 

@@ -73,7 +73,7 @@ def test_corrupt_state_json_refused_with_clear_error_and_left_alone(tmp_path):
     root = tmp_path / "state"
     root.mkdir()
     (root / "state.json").write_text("{not json")
-    with pytest.raises(ResourceError, match="state.json"):
+    with pytest.raises(ResourceError, match=r"state\.json"):
         BundleStore(root).open()
     assert (root / "state.json").read_text() == "{not json"
 
@@ -150,7 +150,7 @@ def test_store_quota_refuses_before_writing(tmp_path):
 
 
 def test_materialized_tree_matches_manifest(store):
-    rec, body = _install(store)
+    _rec, body = _install(store)
     d = store.materialize(body)
     for path, entry in body.files.items():
         assert _sha((d / path).read_bytes()) == entry.sha256
