@@ -175,3 +175,61 @@ def test_kill_9_while_appending_leaves_a_readable_ordered_prefix(tmp_path):
     assert [json.loads(m.payload)["i"] for m in msgs] == list(range(len(msgs)))
     s.append("t", b"after", 1)  # still appendable after the crash
     assert list(s)[-1].payload == b"after"
+
+
+def test_spool_matches_a_simple_model_under_random_operations(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    ops = st.lists(st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 300)),
+        st.tuples(st.just("ack"), st.integers(0, 8)),
+        st.tuples(st.just("reopen"), st.just(0)),
+        st.tuples(st.just("tear"), st.integers(1, 40)),
+    ), max_size=60)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(ops)
+    def run(seq_ops):
+        d = tmp_path_factory.mktemp("model")
+        max_messages, max_bytes = 7, 2000
+        s = Spool(d, max_messages, max_bytes=max_bytes, segment_bytes=300, fsync=False)
+        model = []  # (seq, payload)
+        dropped = 0
+        next_seq = 0
+        for op, arg in seq_ops:
+            if op == "append":
+                payload = bytes([next_seq % 251]) * arg
+                rec = 24 + 3 + len(TOPIC) + len(payload)
+                got = s.append(TOPIC, payload, 1)
+                if rec > max_bytes:
+                    assert got == -1
+                    dropped += 1
+                    continue
+                assert got == next_seq
+                model.append((next_seq, payload, rec))
+                next_seq += 1
+                while len(model) > max_messages or sum(r for _, _, r in model) > max_bytes:
+                    model.pop(0)
+                    dropped += 1
+            elif op == "ack":
+                if model:
+                    upto = model[min(arg, len(model) - 1)][0]
+                    s.ack(upto)
+                    model = [m for m in model if m[0] > upto]
+            elif op == "reopen":
+                s.close()
+                s = Spool(d, max_messages, max_bytes=max_bytes, segment_bytes=300, fsync=False)
+            elif op == "tear":
+                # a crash mid-append: garbage after the last complete record
+                s.close()
+                segs = _segments(d)
+                if segs:
+                    with open(segs[-1], "ab") as f:
+                        f.write(b"ESP1" + bytes(arg))
+                s = Spool(d, max_messages, max_bytes=max_bytes, segment_bytes=300, fsync=False)
+            assert [(m.seq, m.payload) for m in s] == [(q, p) for q, p, _ in model]
+            assert s.dropped == dropped
+        s.close()
+
+    run()
