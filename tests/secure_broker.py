@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
-from mqtt_broker import find_mosquitto, free_port
+from mqtt_broker import MosquittoMissing, find_mosquitto, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -137,6 +137,18 @@ class SecureBroker:
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
         shutil.rmtree(str(self.workdir), ignore_errors=True)
+
+
+def start_secure_broker(kind: str, pki_dir: Path, *, passwords: Optional[Dict[str, str]] = None) -> SecureBroker:
+    """A `SecureBroker` for a pytest fixture: fails when mosquitto is missing, skips with EDGE_AGENT_SKIP_MQTT=1."""
+    try:
+        return SecureBroker(kind, pki_dir, passwords=passwords)
+    except MosquittoMissing as e:
+        if os.environ.get("EDGE_AGENT_SKIP_MQTT") == "1":
+            import pytest
+
+            pytest.skip(str(e))
+        raise
 
 
 class ProbeError(AssertionError):

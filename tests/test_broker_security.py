@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from secure_broker import REPO, MqttProbe, ProbeError, SecureBroker
+from secure_broker import REPO, MqttProbe, ProbeError, start_secure_broker
 
 pytestmark = pytest.mark.mqtt
 
@@ -57,7 +57,7 @@ def rogue_pki(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tls_broker(pki):
     """mosquitto with configs/mosquitto/edge-agent-tls.conf."""
-    b = SecureBroker("tls", pki)
+    b = start_secure_broker("tls", pki)
     yield b
     b.close()
 
@@ -65,7 +65,7 @@ def tls_broker(pki):
 @pytest.fixture(scope="module")
 def pw_broker(pki):
     """mosquitto with configs/mosquitto/edge-agent-password.conf."""
-    b = SecureBroker("password", pki, passwords=PASSWORDS)
+    b = start_secure_broker("password", pki, passwords=PASSWORDS)
     yield b
     b.close()
 

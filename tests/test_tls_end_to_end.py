@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytest
 from agent_helpers import agent_toml, build_sample_bundle, start_agent, stop_process, write_key
-from secure_broker import REPO, MqttProbe, SecureBroker
+from secure_broker import REPO, MqttProbe, SecureBroker, start_secure_broker
 
 from edge_agent.bundle.store import BundleStore
 from edge_agent.bundle.verify import verify_manifest
@@ -54,7 +54,7 @@ def pki(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def broker(pki):
     """mosquitto with the shipped TLS drop-in and ACL."""
-    b = SecureBroker("tls", pki)
+    b = start_secure_broker("tls", pki)
     yield b
     b.close()
 
