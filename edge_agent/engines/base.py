@@ -40,6 +40,12 @@ class Engine(abc.ABC):
         self.outputs = list(outputs)
         self.max_batch = max_batch
         self._closed = False
+        # precomputed for the per-call check: (name, dtype, fixed (axis, size) pairs, ndim)
+        self._input_names = frozenset(s.name for s in self.inputs)
+        self._checks = [
+            (s.name, np.dtype(s.dtype), tuple((i, d) for i, d in enumerate(s.shape) if d != -1), len(s.shape))
+            for s in self.inputs
+        ]
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Run one batch. Raises InputError for a feed that does not match the input specs."""
@@ -49,34 +55,42 @@ class Engine(abc.ABC):
         return self._infer_impl(feed)
 
     def check_feed(self, feed: Mapping[str, np.ndarray]) -> int:
-        """Validate names, dtypes and shapes; returns the batch size."""
-        want = {s.name for s in self.inputs}
-        got = set(feed)
-        if got != want:
-            raise InputError(
-                "inputs %s expected, got %s" % (", ".join(sorted(want)), ", ".join(sorted(got)) or "none")
-            )
-        batch = None
-        for spec in self.inputs:
-            x = feed[spec.name]
-            if not isinstance(x, np.ndarray):
-                raise InputError("input %s must be a numpy array" % spec.name)
-            if x.dtype != np.dtype(spec.dtype):
-                raise InputError("input %s has dtype %s, expected %s" % (spec.name, x.dtype, spec.dtype))
-            if x.ndim != len(spec.shape) or any(
-                want_d != -1 and want_d != got_d for want_d, got_d in zip(spec.shape, x.shape)
-            ):
-                raise InputError(
-                    "input %s has shape %s, expected %s" % (spec.name, tuple(x.shape), _fmt_shape(spec.shape))
-                )
-            if batch is None:
-                batch = x.shape[0]
-            elif x.shape[0] != batch:
-                raise InputError("inputs disagree on the batch size (%d vs %d)" % (batch, x.shape[0]))
-        assert batch is not None
+        """Validate names, dtypes and shapes; returns the batch size.
+
+        The passing path is kept short (it runs on every call); messages are built only on failure.
+        """
+        if len(feed) != len(self._input_names) or not self._input_names.issuperset(feed):
+            self._refuse_names(feed)
+        batch = -1
+        for name, dtype, fixed, ndim in self._checks:
+            x = feed[name]
+            if type(x) is not np.ndarray and not isinstance(x, np.ndarray):
+                raise InputError("input %s must be a numpy array" % name)
+            if x.dtype != dtype:
+                raise InputError("input %s has dtype %s, expected %s" % (name, x.dtype, dtype.name))
+            shape = x.shape
+            if len(shape) != ndim:
+                self._refuse_shape(name, shape)
+            for i, d in fixed:
+                if shape[i] != d:
+                    self._refuse_shape(name, shape)
+            if batch < 0:
+                batch = shape[0]
+            elif shape[0] != batch:
+                raise InputError("inputs disagree on the batch size (%d vs %d)" % (batch, shape[0]))
         if not 1 <= batch <= self.max_batch:
             raise InputError("batch of %d is outside 1..%d" % (batch, self.max_batch))
         return batch
+
+    def _refuse_shape(self, name: str, shape: Tuple[int, ...]) -> None:
+        spec = next(s for s in self.inputs if s.name == name)
+        raise InputError("input %s has shape %s, expected %s" % (name, tuple(shape), _fmt_shape(spec.shape)))
+
+    def _refuse_names(self, feed: Mapping[str, np.ndarray]) -> None:
+        want = self._input_names
+        raise InputError(
+            "inputs %s expected, got %s" % (", ".join(sorted(want)), ", ".join(sorted(feed)) or "none")
+        )
 
     @abc.abstractmethod
     def _infer_impl(self, feed: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:

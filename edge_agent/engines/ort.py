@@ -90,7 +90,7 @@ class OrtEngine(Engine):
 
     def _infer_impl(self, feed: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         try:
-            values = self._session.run(self._output_names, dict(feed))
+            values = self._session.run(self._output_names, feed if type(feed) is dict else dict(feed))
         except Exception as e:
             raise InferenceError("onnxruntime failed on %s: %s" % (self.model_path.name, _first_line(e))) from e
         return dict(zip(self._output_names, values))
