@@ -594,7 +594,7 @@ class Rollout:
         self.current_wave = i
         self.updated = now
         acts: List[Action] = [
-            Note("wave-started", "wave %d of %d: %d devices" % (i + 1, len(self.waves), len(self.waves[i])))
+            Note("wave-started", "wave %d of %d: %s" % (i + 1, len(self.waves), _devices(len(self.waves[i]))))
         ]
         for e in self.wave_entries(i):
             self._set(e, D_SENT, "deploy sent", now)
@@ -610,8 +610,8 @@ class Rollout:
         if failed > self.params.error_threshold * len(started):
             return self._stop(
                 HALTED,
-                "%d of %d devices failed (error threshold %g%%)"
-                % (failed, len(started), self.params.error_threshold * 100),
+                "%d of %s failed (error threshold %g%%)"
+                % (failed, _devices(len(started)), self.params.error_threshold * 100),
                 now,
                 rollback=True,
             )
@@ -676,6 +676,10 @@ class Rollout:
             elif rollback and e.state in TOOK_IT:
                 acts += self._rollback(e, "rollout %s %s: %s" % (self.rollout_id, state, reason), now)
         return acts
+
+
+def _devices(n: int) -> str:
+    return "1 device" if n == 1 else "%d devices" % n
 
 
 # ------------------------------------------------------------------------------------- classification

@@ -74,7 +74,7 @@ def render_rollout(r: Dict[str, Any], *, devices: bool = False, history: int = 8
         rolled = c.get("rolled-back", 0) + c.get("rollback-sent", 0) + c.get("rollback-failed", 0)
         status = "waiting"
         if w["started"]:
-            status = "running" if inflight else ("passed" if w["succeeded"] >= w["needed"] else "done")
+            status = "running" if inflight else ("passed" if w["succeeded"] >= w["needed"] else "failed")
         if c.get("skipped"):
             status = "skipped"
         rows.append(
