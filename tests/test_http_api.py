@@ -260,3 +260,16 @@ def test_garbage_and_half_requests_do_not_stop_the_server(api, heldout):
     status, _, _ = api.request("POST", "/v1/infer", _npy(heldout[0][0]), {"Content-Type": "application/x-npy"})
     assert status == 200
     assert api.request("GET", "/healthz")[0] == 200
+
+
+def test_npy_batch_answers_every_item_in_order(api, heldout):
+    x, y = heldout
+    status, _, body = api.request("POST", "/v1/infer", _npy(x[:20]), {"Content-Type": "application/x-npy"})
+    assert status == 200, body
+    doc = json.loads(body)
+    assert len(doc["results"]) == 20 and doc["bundle"]["name"] == "digits"
+    labels = [int(r["output"]["top"][0]["label"]) for r in doc["results"]]
+    assert np.mean(np.array(labels) == y[:20]) >= 0.9
+    status, _, body = api.request("POST", "/v1/infer", _npy(np.zeros((300, 1, 8, 8), np.float16)),
+                                  {"Content-Type": "application/x-npy"})
+    assert status == 400 and "1 to 256 items" in json.loads(body)["error"]

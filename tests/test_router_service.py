@@ -218,3 +218,26 @@ def test_stats_snapshot_builds_a_telemetry_message_and_resets(models, heldout, t
         assert again["requests"] == 0 and again["latency_ms"]["p50"] is None
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("source", [None, "input_stats"])
+def test_a_multi_item_request_answers_each_item_as_single_requests_do(models, calib, heldout, tmp_path, source):
+    x, _ = heldout
+    router = {"tau": "0.95"}
+    if source:
+        xc, yc = calib
+        wrong = models.small.infer({"image": xc[:32]})["logits"].argmax(axis=1) != yc[:32]
+        fit_linear_head(input_stats(xc[:32]), wrong, source=source).save(tmp_path / "head.npz")
+        router = {"gate": "linear", "linear_head": "head.npz", "tau": "0.5", "tau_min": "0", "tau_max": "1"}
+    svc = InferenceService(models, digits_manifest(tmp_path, router=router), tmp_path, FAST)
+    try:
+        one_by_one = [svc.infer_tensor(v) for v in x[:100]]
+        together = svc.infer_batch(x[:100])
+        snap = svc.stats_snapshot()
+    finally:
+        svc.close()
+    assert [r.route for r in together] == [r.route for r in one_by_one]
+    assert [r.output for r in together] == [r.output for r in one_by_one]
+    assert 0 < sum(r.route == "large" for r in together) < 100
+    assert snap["requests"] == 200
+    assert snap["routes"]["small"]["requests"] + snap["routes"]["large"]["requests"] == 200

@@ -155,3 +155,46 @@ def test_latency_is_measured_from_arrival_to_answer(models, items):
         b.close()
     assert r.latency_ms >= 100
     assert b.snapshot()["latency_samples_ms"].size == 1
+
+
+def test_chunks_are_split_to_the_max_batch_and_never_overfill_a_batch(models, items):
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=4, max_queue_delay_ms=50, max_queue=64)
+    x = np.stack([it["image"] for it in items[:10]])
+    try:
+        single = b.submit(items[0])
+        chunk = b.submit_chunk({"image": x})  # 10 items -> pieces of 4, 4, 2
+        tail = b.submit(items[1])
+        eng.gate.set()
+        outs = [f.result(5) for f in chunk]
+        assert single.result(5).outputs["logits"].shape == (10,)
+        assert tail.result(5) is not None
+    finally:
+        b.close()
+    assert [o.outputs["logits"].shape[0] for o in outs] == [4, 4, 2]
+    assert all(n <= 4 for n in eng.batches) and sum(eng.batches) == 12
+    got = np.concatenate([o.outputs["logits"] for o in outs])
+    np.testing.assert_allclose(got, models.small.infer({"image": x})["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_queue_bound_counts_items_and_a_chunk_is_admitted_whole_or_not_at_all(models, items):
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=1, max_queue_delay_ms=0, max_queue=6)
+    x = np.stack([it["image"] for it in items[:5]])
+    try:
+        running = b.submit(items[0])
+        assert eng.entered.wait(5)
+        first = b.submit_chunk({"image": x[:4]})
+        assert b.queue_depth() == 4
+        with pytest.raises(OverloadedError, match="queue is full"):
+            b.submit_chunk({"image": x[:3]})  # 4 + 3 > 6: refused, nothing queued
+        assert b.queue_depth() == 4
+        last = b.submit_chunk({"image": x[:2]})  # exactly fills the queue
+        assert b.queue_depth() == 6
+        eng.gate.set()
+        for f in [running, *first, *last]:
+            assert f.result(5) is not None
+        assert b.queue_depth() == 0 and b.total_refused == 1
+    finally:
+        eng.gate.set()
+        b.close()

@@ -29,7 +29,8 @@ _STOP = object()
 
 
 class BatchItemResult:
-    """What a batcher future resolves to: one item's outputs and the size of the batch it ran in."""
+    """What a batcher future resolves to: the outputs of one entry (one item without a batch axis, or a
+    chunk with one) and the size of the batch it ran in."""
 
     __slots__ = ("batch_size", "latency_ms", "outputs")
 
@@ -40,16 +41,21 @@ class BatchItemResult:
 
 
 class _Pending:
-    __slots__ = ("arrival", "future", "item")
+    __slots__ = ("arrival", "future", "item", "n", "single")
 
-    def __init__(self, item: Dict[str, np.ndarray], arrival: float) -> None:
+    def __init__(self, item: Dict[str, np.ndarray], arrival: float, n: int, single: bool) -> None:
         self.item = item
         self.arrival = arrival
+        self.n = n
+        self.single = single
         self.future: Future = Future()
 
 
 class DynamicBatcher:
-    """Batches single items for one engine; `submit` returns a Future of `BatchItemResult`."""
+    """Batches queued items for one engine; `submit`/`submit_chunk` return Futures of `BatchItemResult`.
+
+    The queue bound counts items, not requests: a chunk of 32 items takes 32 places.
+    """
 
     def __init__(self, engine: Engine, *, name: str, max_batch: int, max_queue_delay_ms: float, max_queue: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -61,7 +67,9 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue = int(max_queue)
         self._clock = clock
-        self._q: queue.Queue = queue.Queue(maxsize=self.max_queue)
+        self._q: queue.Queue = queue.Queue()  # bounded by `_depth` (items), checked in `_admit`
+        self._depth = 0
+        self._carry: Optional[_Pending] = None  # an entry that did not fit the previous batch
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self.latency = LatencyRecorder()
@@ -77,24 +85,46 @@ class DynamicBatcher:
     # ------------------------------------------------------------------------------------------ submit
     def submit(self, item: Dict[str, np.ndarray]) -> Future:
         """Queue one item (arrays without the batch axis). Raises OverloadedError when the queue is full."""
+        p = _Pending(item, self._clock(), 1, True)
+        self._admit([p])
+        return p.future
+
+    def submit_chunk(self, items: Dict[str, np.ndarray]) -> List[Future]:
+        """Queue several items at once (arrays with a batch axis), split into pieces of at most the max
+        batch; all are admitted or none (OverloadedError)."""
+        n = len(next(iter(items.values())))
+        now = self._clock()
+        pending = [
+            _Pending({k: v[s : s + self.max_batch] for k, v in items.items()}, now, min(self.max_batch, n - s), False)
+            for s in range(0, n, self.max_batch)
+        ]
+        self._admit(pending)
+        return [p.future for p in pending]
+
+    def _admit(self, pending: List[_Pending]) -> None:
         if self._closed.is_set():
             raise ServiceClosedError("the %s model is not serving any more" % self.name)
-        p = _Pending(item, self._clock())
-        try:
-            self._q.put_nowait(p)
-        except queue.Full:
-            with self._lock:
+        n = sum(p.n for p in pending)
+        with self._lock:
+            if self._depth + n > self.max_queue:
                 self._refused += 1
                 self._total_refused += 1
+                full = True
+            else:
+                self._depth += n
+                full = False
+        if full:
             raise OverloadedError(
-                "the %s model's queue is full (%d waiting); retry later" % (self.name, self.max_queue),
+                "the %s model's queue is full (%d items waiting, limit %d); retry later"
+                % (self.name, self._depth, self.max_queue),
                 retry_after_s=max(0.1, self.max_queue_delay_s * 4),
             )
-        return p.future
+        for p in pending:
+            self._q.put_nowait(p)
 
     def queue_depth(self) -> int:
         """Items waiting (not counting the batch running now)."""
-        return self._q.qsize()
+        return self._depth
 
     @property
     def total_refused(self) -> int:
@@ -102,24 +132,38 @@ class DynamicBatcher:
         return self._total_refused
 
     # ------------------------------------------------------------------------------------------ worker
-    def _collect(self) -> Optional[List[_Pending]]:
+    def _take(self, timeout: Optional[float]) -> Optional[_Pending]:
+        """The carried-over entry, else the next queued one (None on timeout or stop)."""
+        if self._carry is not None:
+            p, self._carry = self._carry, None
+            return p
         try:
-            first = self._q.get(timeout=_IDLE_POLL_S)
+            p = self._q.get_nowait() if timeout is None else self._q.get(timeout=timeout)
         except queue.Empty:
             return None
-        if first is _STOP:
+        if p is _STOP:
+            return None
+        with self._lock:
+            self._depth -= p.n
+        return p
+
+    def _collect(self) -> Optional[List[_Pending]]:
+        first = self._take(_IDLE_POLL_S)
+        if first is None:
             return None
         batch = [first]
+        size = first.n
         deadline = first.arrival + self.max_queue_delay_s
-        while len(batch) < self.max_batch:
+        while size < self.max_batch:
             remaining = deadline - self._clock()
-            try:
-                nxt = self._q.get_nowait() if remaining <= 0 else self._q.get(timeout=remaining)
-            except queue.Empty:
+            nxt = self._take(None if remaining <= 0 else remaining)
+            if nxt is None:
                 break
-            if nxt is _STOP:
+            if size + nxt.n > self.max_batch:
+                self._carry = nxt  # starts the next batch
                 break
             batch.append(nxt)
+            size += nxt.n
         return batch
 
     def _run(self) -> None:
@@ -133,10 +177,18 @@ class DynamicBatcher:
         self._fail_waiting()
 
     def _run_batch(self, batch: List[_Pending]) -> None:
-        n = len(batch)
+        n = sum(p.n for p in batch)
         t0 = self._clock()
         try:
-            feed = {k: np.stack([p.item[k] for p in batch]) for k in batch[0].item}
+            if len(batch) == 1 and not batch[0].single:
+                feed = batch[0].item
+            elif all(p.single for p in batch):
+                feed = {k: np.stack([p.item[k] for p in batch]) for k in batch[0].item}
+            else:
+                feed = {
+                    k: np.concatenate([p.item[k][None] if p.single else p.item[k] for p in batch])
+                    for k in batch[0].item
+                }
             out = self.engine.infer(feed)
         except Exception as e:  # one bad batch must not stop the worker
             err = e if isinstance(e, EdgeAgentError) else InferenceError("%s model failed: %s" % (self.name, e))
@@ -152,18 +204,31 @@ class DynamicBatcher:
             self._batches += 1
             self._items += n
             self._busy_s += done - t0
-        for i, p in enumerate(batch):
+        off = 0
+        for p in batch:
             lat = (done - p.arrival) * 1000.0
             self.latency.add(lat, done)
-            p.future.set_result(BatchItemResult({k: v[i] for k, v in out.items()}, n, lat))
+            if p.single:
+                outs = {k: v[off] for k, v in out.items()}
+            else:
+                outs = {k: v[off : off + p.n] for k, v in out.items()}
+            off += p.n
+            p.future.set_result(BatchItemResult(outs, n, lat))
 
     def _fail_waiting(self) -> None:
+        pending = [self._carry] if self._carry is not None else []
+        self._carry = None
         while True:
             try:
                 p = self._q.get_nowait()
             except queue.Empty:
-                return
-            if p is not _STOP and p.future.set_running_or_notify_cancel():
+                break
+            if p is not _STOP:
+                with self._lock:
+                    self._depth -= p.n
+                pending.append(p)
+        for p in pending:
+            if p.future.set_running_or_notify_cancel():
                 p.future.set_exception(ServiceClosedError("the %s model stopped serving" % self.name))
 
     # ------------------------------------------------------------------------------------------- stats
@@ -189,9 +254,6 @@ class DynamicBatcher:
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the worker after the batch it is running; waiting requests fail with ServiceClosedError."""
         self._closed.set()
-        try:
-            self._q.put_nowait(_STOP)
-        except queue.Full:
-            pass  # the worker is busy and will see the flag after this batch
+        self._q.put_nowait(_STOP)
         self._thread.join(timeout_s)
         self._fail_waiting()

@@ -2,6 +2,8 @@
 
     POST /v1/infer   body: image/png, image/jpeg or application/x-npy
                      -> 200 {"route", "latency_ms", "output", "bundle"}
+                     an .npy of N > 1 items (N, *input shape) -> 200 {"results": [{"route", "output"}],
+                     "latency_ms", "bundle"}
     GET  /healthz    the process answers
     GET  /readyz     200 only while a verified, self-tested model is active
     GET  /metrics    Prometheus text format
@@ -187,9 +189,14 @@ class _Handler(BaseHTTPRequestHandler):
         if svc is None:
             self._error(503, "no model is active yet", {"Retry-After": "5"})
             return
+        many = None
         try:
             if ctype in NPY_TYPES:
-                res = svc.infer_tensor(read_npy(body, max_bytes=api.cfg.max_body_bytes), timeout_s=api.infer_timeout_s)
+                arr = read_npy(body, max_bytes=api.cfg.max_body_bytes)
+                if arr.ndim == len(svc.pre.item_shape) + 1 and arr.shape[0] > 1:
+                    many = svc.infer_batch(arr, timeout_s=api.infer_timeout_s)
+                else:
+                    res = svc.infer_tensor(arr, timeout_s=api.infer_timeout_s)
             else:
                 res = svc.infer_image(body, timeout_s=api.infer_timeout_s)
         except InputError as e:
@@ -209,6 +216,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, str(e))
             return
         api._count_ok()
+        if many is not None:
+            self._json(200, {
+                "results": [{"route": r.route, "output": r.output} for r in many],
+                "latency_ms": many[0].latency_ms, "bundle": svc.bundle,
+            })
+            return
         self._json(200, {"route": res.route, "latency_ms": res.latency_ms, "output": res.output, "bundle": svc.bundle})
 
 

@@ -189,6 +189,21 @@ class Preprocessor:
                 "tensor has shape %s, expected %s or %s for input %s"
                 % (_shape(x.shape), _shape(self.item_shape), _shape((1, *self.item_shape)), self.decl.name)
             )
+        return self._cast_tensor(x)
+
+    def from_tensor_batch(self, x: np.ndarray, *, max_items: int) -> np.ndarray:
+        """Check a batch (N, *item shape) of 1..`max_items` items and cast it."""
+        x = np.asarray(x)
+        if x.ndim != len(self.item_shape) + 1 or tuple(x.shape[1:]) != self.item_shape:
+            raise InputError(
+                "tensor batch has shape %s, expected (N, %s) for input %s"
+                % (_shape(x.shape), ", ".join(str(d) for d in self.item_shape), self.decl.name)
+            )
+        if not 1 <= x.shape[0] <= max_items:
+            raise InputError("a request may hold 1 to %d items, this one holds %d" % (max_items, x.shape[0]))
+        return self._cast_tensor(x)
+
+    def _cast_tensor(self, x: np.ndarray) -> np.ndarray:
         if x.dtype == self.dtype:
             return np.ascontiguousarray(x)
         if x.dtype.kind not in "biuf" or not (

@@ -26,7 +26,7 @@ import collections
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Deque, Optional
+from typing import Deque, Optional, Sequence
 
 import numpy as np
 
@@ -47,8 +47,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def confidence_scores(logits: np.ndarray) -> np.ndarray:
-    """Top softmax probability per row of (N, C) logits."""
-    return softmax(np.asarray(logits).reshape(len(logits), -1)).max(axis=1)
+    """Top softmax probability per row of (N, C) logits (= 1 / sum(exp(z - max z)))."""
+    z = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    return 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
+
+
+def top_probability(logits: Sequence[float]) -> float:
+    """Top softmax probability of one item's logits; plain Python, which beats numpy on a few classes."""
+    m = max(logits)
+    return 1.0 / sum(math.exp(v - m) for v in logits)
 
 
 def input_stats(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from edge_agent.runtime.batcher import BatchItemResult, DynamicBatcher
 from edge_agent.runtime.errors import OverloadedError, RequestTimeoutError, RouterPolicyError
 from edge_agent.runtime.postprocess import Postprocessor, decode_yolo
 from edge_agent.runtime.preprocess import Preprocessor
-from edge_agent.runtime.router import LinearHead, TauController, confidence_scores, input_stats
+from edge_agent.runtime.router import LinearHead, TauController, confidence_scores, input_stats, top_probability
 from edge_agent.runtime.stats import LatencyRecorder, percentiles
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,16 @@ class InferenceService:
         t0 = time.monotonic()
         item = self.pre.from_tensor(x)
         return self._serve(item, t0, timeout_s)
+
+    def infer_batch(self, x: np.ndarray, timeout_s: float = 10.0) -> List[InferResult]:
+        """Serve N items of one request (x with a leading batch axis): one answer per item, in order.
+
+        The items enter the batchers as one chunk, so a request of many items costs one queue round
+        trip instead of N; the router still decides per item. At most `max_queue` items per request.
+        """
+        t0 = time.monotonic()
+        items = self.pre.from_tensor_batch(x, max_items=self.cfg.max_queue)
+        return self._serve_many(items, t0, timeout_s)
 
     def infer_image(self, data: bytes, timeout_s: float = 10.0) -> InferResult:
         """Serve one encoded JPEG/PNG image; detection boxes are in the original image's pixels."""
@@ -251,6 +261,108 @@ class InferenceService:
         return InferResult(route=route, output=output, latency_ms=round(latency_ms, 3),
                            extra={"batch": res.batch_size})
 
+    def _serve_many(self, items: np.ndarray, t0: float, timeout_s: float) -> List[InferResult]:
+        n = len(items)
+        deadline = t0 + timeout_s
+        with self._lock:
+            self._requests += n
+        to_large = np.zeros(n, dtype=bool)
+        small_out: Optional[Dict[str, np.ndarray]] = None
+        large_out: Optional[Dict[str, np.ndarray]] = None
+        try:
+            with self._router_lock:
+                gate = self.router.gate
+                head = self.head
+            if gate == "large-only":
+                to_large[:] = True
+            elif gate == "linear" and head is not None and head.source == "input_stats":
+                to_large = self._decide_many(head.scores(input_stats(items)))
+            else:
+                small_out = self._run_chunk("small", items, deadline)
+                if gate != "small-only":
+                    to_large = self._decide_many(self._scores_many(gate, head, small_out, n))
+            idx_large = np.nonzero(to_large)[0]
+            if idx_large.size:
+                try:
+                    large_out = self._run_chunk("large", items[idx_large], deadline)
+                except OverloadedError:  # shed: these items get the small model's answers
+                    with self._lock:
+                        self._shed += int(idx_large.size)
+                    to_large[:] = False
+                    idx_large = idx_large[:0]
+            if small_out is None and idx_large.size < n:
+                idx_small = np.nonzero(~to_large)[0]
+                part = self._run_chunk("small", items[idx_small], deadline)
+                small_out = {k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in part.items()}
+                for k, v in part.items():
+                    small_out[k][idx_small] = v
+        except OverloadedError:
+            with self._lock:
+                self._refused += n
+            raise
+        except EdgeAgentError:
+            with self._lock:
+                self._errors += n
+                self._routes["small"].errors += n
+            raise
+        large_pos = {int(i): j for j, i in enumerate(np.nonzero(to_large)[0])}
+        results = []
+        for i in range(n):
+            if i in large_pos:
+                assert large_out is not None
+                route, outs = "large", {k: v[large_pos[i]] for k, v in large_out.items()}
+            else:
+                assert small_out is not None
+                route, outs = "small", {k: v[i] for k, v in small_out.items()}
+            results.append((route, self._post[route](outs, input_hw=self.pre.size_hw)))
+        done = time.monotonic()
+        latency_ms = (done - t0) * 1000.0
+        n_large = len(large_pos)
+        with self._lock:
+            self._routes["large"].requests += n_large
+            self._routes["small"].requests += n - n_large
+        for route, _ in results:
+            self._routes[route].latency.add(latency_ms, done)
+            self._latency.add(latency_ms, done)
+        return [InferResult(route=r, output=o, latency_ms=round(latency_ms, 3)) for r, o in results]
+
+    def _run_chunk(self, route: str, items: np.ndarray, deadline: float) -> Dict[str, np.ndarray]:
+        futs = self._batchers[route].submit_chunk({self._input_names[route]: items})
+        parts = []
+        try:
+            for f in futs:
+                parts.append(f.result(timeout=max(0.0, deadline - time.monotonic())).outputs)
+        except concurrent.futures.TimeoutError:
+            for f in futs:
+                f.cancel()
+            raise RequestTimeoutError("no answer from the %s model within the timeout" % route)
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _scores_many(self, gate: str, head: Optional[LinearHead], out: Dict[str, np.ndarray], n: int) -> np.ndarray:
+        if gate == "linear" and head is not None:
+            assert self._features_output is not None
+            return head.scores(out[self._features_output])
+        post = self._post["small"]
+        o = out[post.output_name]
+        if post.post.kind == "detection":
+            return np.array([float(decode_yolo(o[i])[1].max(initial=0.0)) for i in range(n)])
+        if post.post.kind == "classification" and not post.post.apply_softmax:
+            return np.asarray(o, dtype=np.float64).reshape(n, -1).max(axis=1)
+        return confidence_scores(np.asarray(o).reshape(n, -1))
+
+    def _decide_many(self, scores: np.ndarray) -> np.ndarray:
+        now = time.monotonic()
+        large = self._batchers["large"]
+        t_p99, p99 = self._p99_cache
+        if now - t_p99 > _P99_REFRESH_S:
+            p99 = large.latency.recent_p99(now)
+            self._p99_cache = (now, p99)
+        with self._router_lock:
+            self.router.update_load(now, large.queue_depth(), p99)
+            return np.array([self.router.decide(float(s)) for s in scores], dtype=bool)
+
     def _run(self, route: str, item: np.ndarray, deadline: float) -> BatchItemResult:
         fut = self._batchers[route].submit({self._input_names[route]: item})
         remaining = deadline - time.monotonic()
@@ -283,6 +395,8 @@ class InferenceService:
             return float(scores.max()) if scores.size else 0.0
         if post.post.kind == "classification" and not post.post.apply_softmax:
             return float(np.max(out))
+        if out.size <= 64:
+            return top_probability(out.reshape(-1).tolist())
         return float(confidence_scores(np.asarray(out).reshape(1, -1))[0])
 
     def _decide(self, score: float) -> bool:
