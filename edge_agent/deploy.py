@@ -154,11 +154,12 @@ class Deployer:
         else:
             kind = "error"
         log.error("deploy of %s v%d failed: %s", ref.name, ref.version, e)
+        # Persist first, report second: whoever reacts to the event finds the state already settled.
+        self.store.update_state(pending=None)
+        self.store.gc()
+        self._state("failed", ref, str(e)[:500], rid)
         self.emit(kind, str(e), level="error", bundle=ref, rollout_id=rid, command_seq=command_seq,
                   data={"error": type(e).__name__})
-        self.store.update_state(pending=None)
-        self._state("failed", ref, str(e)[:500], rid)
-        self.store.gc()
 
     def _deploy(self, args: DeployArgs, command_seq: Optional[int]) -> BundleRecord:
         ref = args.bundle

@@ -200,3 +200,93 @@ def stop_process(p: subprocess.Popen, timeout_s: float = 15.0) -> int:
             p.kill()
             p.wait(timeout_s)
     return p.returncode
+
+
+class FleetRig:
+    """A broker, `fleet serve` as a real process, keys, a watcher, and agents as real processes."""
+
+    def __init__(self, broker, tmp: Path, *, max_bytes_per_s: Optional[int] = None) -> None:
+        self.broker = broker
+        self.tmp = Path(tmp)
+        self.release_key = write_key(self.tmp / "bundle-keys", "release")
+        self.controller_key = write_key(self.tmp / "controller-keys", "controller")
+        self.fleet_toml = fleet_toml(
+            self.tmp / "fleet.toml", state_dir=self.tmp / "controller", port=broker.port,
+            key_file=self.tmp / "controller-keys" / "controller.key",
+            extra_chunks=("max_bytes_per_s = %d" % max_bytes_per_s) if max_bytes_per_s else "",
+        )
+        self.watcher = Watcher(broker.host, broker.port)
+        self.serve = subprocess.Popen(
+            [sys.executable, "-m", "fleet.cli", "serve", "--config", str(self.fleet_toml)],
+            stdout=open(self.tmp / "serve.log", "ab"), stderr=subprocess.STDOUT, cwd=str(REPO),
+        )
+        self.agents: Dict[str, subprocess.Popen] = {}
+        self._pusher = None
+
+    def agent_config(self, device_id: str, extra: str = "") -> Path:
+        """The agent.toml of `device_id` (written once)."""
+        return agent_toml(
+            self.tmp / ("%s.toml" % device_id), device_id=device_id, state_dir=self.tmp / ("state-" + device_id),
+            port=self.broker.port, bundle_keys=self.tmp / "bundle-keys",
+            command_key=self.tmp / "controller-keys" / "controller.pub", extra=extra,
+        )
+
+    def start_agent(self, device_id: str, extra: str = "", wait_online: bool = True) -> subprocess.Popen:
+        """Start `edge-agent run` for `device_id` and wait until its status says online."""
+        cfg = self.tmp / ("%s.toml" % device_id)
+        if not cfg.exists() or extra:
+            self.agent_config(device_id, extra)
+        started = time.time()
+        p = start_agent(cfg, self.tmp / ("%s.log" % device_id))
+        self.agents[device_id] = p
+        if wait_online:
+            self.watcher.wait_for(
+                lambda: self.watcher.status.get(device_id, {}).get("online") and
+                self.watcher.status[device_id]["ts"] >= started - 1, 30, "%s online" % device_id)
+        return p
+
+    def state(self, device_id: str) -> dict:
+        """The device's state.json."""
+        return json.loads((self.tmp / ("state-" + device_id) / "state.json").read_bytes())
+
+    def push(self, bundle: Path, devices: List[str], wait: float = 60) -> subprocess.CompletedProcess:
+        """`fleet push` as a real process."""
+        return subprocess.run(
+            [sys.executable, "-m", "fleet.cli", "push", str(bundle), "--devices", ",".join(devices),
+             "--config", str(self.fleet_toml), "--wait", str(wait)],
+            check=False, capture_output=True, text=True, cwd=str(REPO), timeout=wait + 60,
+        )
+
+    def pusher(self):
+        """An in-process controller session (no chunk serving) for hand-made commands."""
+        if self._pusher is None:
+            from fleet.config import load_fleet_config
+            from fleet.controller import Controller
+
+            cfg = load_fleet_config(self.fleet_toml)
+            self._pusher = Controller(cfg, key=self.controller_key, client_id="test-pusher", serve_chunks=False)
+            self._pusher.session.start()
+            assert self._pusher.session.wait_connected(10)
+        return self._pusher
+
+    def publish_raw_command(self, device_id: str, payload: bytes) -> None:
+        """Publish bytes on a device's commands topic (as an attacker with broker access could)."""
+        from edge_agent.protocol import topics
+
+        assert self.pusher().session.publish(topics.commands("edge/v1", device_id), payload, qos=1).wait(5)
+
+    def logs(self, device_id: str) -> str:
+        """The tail of an agent's log."""
+        try:
+            return (self.tmp / ("%s.log" % device_id)).read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        """Stop everything this rig started."""
+        for p in self.agents.values():
+            stop_process(p)
+        if self._pusher is not None:
+            self._pusher.session.stop()
+        stop_process(self.serve)
+        self.watcher.close()
