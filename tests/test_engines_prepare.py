@@ -281,3 +281,22 @@ def test_prebuilt_engine_for_our_platform_is_verified_and_loaded(trt_double, tmp
     with pytest.raises(IntegrityError, match="prebuilt engine"):
         prepare_engines(bundle_dir=bundle_dir, manifest=manifest, cfg=TRT_CFG, cache_dir=tmp_path / "c",
                         emit=Events(), platform=plat, budget=_budget(1024))
+
+
+def test_retune_runs_on_command_or_when_budget_moves(bundle, tmp_path):
+    from edge_agent.engines.prepare import retune_if_needed
+
+    bundle_dir, manifest = bundle
+    models = prepare_engines(bundle_dir=bundle_dir, manifest=manifest, cfg=CFG, cache_dir=tmp_path / "c",
+                             emit=Events(), platform=_platform(), budget=_budget(512))
+    try:
+        events = Events()
+        assert not retune_if_needed(models, cfg=CFG, cache_dir=tmp_path / "c", emit=events, budget=_budget(600))
+        assert events == []
+        assert retune_if_needed(models, cfg=CFG, cache_dir=tmp_path / "c", emit=events, budget=_budget(200))
+        assert events.kinds() == ["batch-tuned", "batch-tuned"] and models.budget_bytes == 200 * MIB
+        assert retune_if_needed(models, cfg=CFG, cache_dir=tmp_path / "c", emit=events, force=True,
+                                budget=_budget(200))
+        assert len(events) == 4
+    finally:
+        models.close()

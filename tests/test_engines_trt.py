@@ -244,3 +244,31 @@ def test_int8_build_uses_the_shipped_calibration_cache(trt_double, tmp_path):
     assert outcome.precision == "int8"
     with TrtEngine(outcome.plan_path.read_bytes()) as eng:
         assert eng.infer({"image": _x(2)})["logits"].shape == (2, 10)
+
+
+@pytest.mark.parametrize("version", ["8.5.2.2", "8.6.2.3", "10.3.0.30"])
+def test_same_code_builds_and_runs_on_each_tensorrt_generation(trt_double, tmp_path, monkeypatch, version):
+    import importlib
+
+    from edge_agent.engines.trt import TrtEngine, device_memory_bytes
+
+    monkeypatch.setenv("TRT_DOUBLE_VERSION", version)
+    trt = importlib.reload(trt_double)
+    assert trt.__version__ == version
+    outcome = build_plan(_req(tmp_path, optimization_level=2))  # level is applied only where it exists
+    with TrtEngine(outcome.plan_path.read_bytes()) as eng, OrtEngine(tiny_model_path(), max_batch=8) as ref:
+        np.testing.assert_allclose(eng.infer({"image": _x(3)})["logits"], ref.infer({"image": _x(3)})["logits"],
+                                   rtol=1e-6, atol=1e-6)
+        assert device_memory_bytes(eng._engine) == eng.device_memory_bytes > 0
+        has_v2 = hasattr(eng._engine, "device_memory_size_v2")
+    assert has_v2 == (version.startswith("10."))
+
+
+def test_execute_uses_a_non_default_stream(trt_double, tmp_path):
+    from edge_agent.engines.trt import TrtEngine
+
+    build_plan(_req(tmp_path))
+    with TrtEngine((tmp_path / "p.plan").read_bytes()) as eng:
+        eng.infer({"image": _x(2)})
+        assert eng._buffers.stream.handle != 0
+        assert eng._context.default_stream_calls == 0

@@ -471,3 +471,30 @@ def available_backends() -> List[str]:
     except Exception:  # ImportError, or OSError from a broken libnvinfer
         pass
     return out
+
+
+def retune_if_needed(
+    models: PreparedModels,
+    *,
+    cfg: EngineConfig,
+    cache_dir: Path,
+    emit: Emit,
+    force: bool = False,
+    budget: Optional[MemoryBudget] = None,
+) -> bool:
+    """Re-measure the batch sizes of running engines on a `retune` command (`force`) or when the memory
+    budget moved by more than `cfg.retune_memory_change` since they were prepared. Returns whether it ran.
+
+    The engines' max batch (their profile) is kept: shrinking it needs a new `prepare_engines`.
+    """
+    if budget is None:
+        plat = models.platform
+        budget = budget_for_config(cfg, unified_memory=plat.unified_memory if plat else True)
+    old = models.budget_bytes
+    moved = abs(budget.budget_bytes - old) / max(old, 1) > cfg.retune_memory_change
+    if not (force or moved):
+        return False
+    models.budget = budget
+    models.budget_bytes = budget.budget_bytes
+    tune_models(models, cfg=cfg, cache_dir=Path(cache_dir), emit=emit, force=True)
+    return True

@@ -349,6 +349,11 @@ class IBuilderConfig:
             raise AttributeError("'tensorrt.IBuilderConfig' object has no attribute %r" % name)
         object.__setattr__(self, name, value)
 
+    def __getattr__(self, name: str) -> Any:
+        if name == "builder_optimization_level" and (_MAJOR, _MINOR) >= (8, 6):
+            return self._level
+        raise AttributeError("'tensorrt.IBuilderConfig' object has no attribute %r" % name)
+
     def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
         self._pools[int(pool)] = int(pool_size)
 
