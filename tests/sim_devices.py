@@ -47,6 +47,7 @@ class SimDevice:
         self.event_seq = 0
         self.online = True
         self.commands: List[str] = []
+        self.deploys: List = []
         self.refused: List[str] = []
 
 
@@ -222,6 +223,7 @@ class SimFleet:
             args = body.args
             d.commands.append(args.kind)
             if args.kind == "deploy":
+                d.deploys.append(args)
                 self._deploy(d, args.bundle, args.rollout_id)
             elif args.kind == "rollback":
                 self._rollback(d, args.to, args.rollout_id, args.reason)

@@ -194,3 +194,45 @@ def test_explicit_device_waves(rig_factory, capsys):
     assert rc == 0, err
     assert rig.commands_of("dev-01") == [], "a device in no wave is not touched"
     assert rig.commands_of("dev-03") == ["deploy"]
+
+
+def test_rollout_of_a_bundle_file_stores_it_on_the_controller_first(rig_factory, capsys, tmp_path):
+    from agent_helpers import build_sample_bundle
+
+    from edge_agent.signing import PrivateKey
+
+    rig = rig_factory(devices=3)
+    bundle = build_sample_bundle(tmp_path / "b", PrivateKey.generate("release"), version=7)
+    toml = tmp_path / "fleet.toml"
+    toml.write_text(
+        '[mqtt]\nhost = "%s"\nport = %d\n[controller]\nstate_dir = "%s"\n'
+        % (rig.broker.host, rig.broker.port, rig.state_dir)
+    )
+    # Without the controller's config the CLI only names the bundle, which the controller does not hold.
+    rc, _out, err = rig.cli(capsys, "rollout", "start", str(bundle))
+    assert rc == 1 and "does not store bundle digits v7" in err
+    rc, out, err = rig.cli(
+        capsys,
+        "rollout",
+        "start",
+        str(bundle),
+        "--config",
+        str(toml),
+        "--watch",
+        "--interval",
+        "0.2",
+        "--watch-timeout",
+        "20",
+    )
+    assert rc == 0, err
+    assert "stored digits v7" in out and "SUCCEEDED" in out
+    assert all(rig.fleet.devices[d].active.version == 7 for d in rig.device_ids)
+    # The deploy commands pin the file's own manifest by hash and size.
+    from edge_agent.bundle.archive import read_bundle
+    from edge_agent.bundle.verify import manifest_digest
+
+    raw, reader = read_bundle(bundle, max_manifest_bytes=1 << 20, max_bundle_bytes=1 << 30)
+    reader.close()
+    for d in rig.device_ids:
+        (dep,) = rig.fleet.devices[d].deploys
+        assert (dep.manifest_sha256, dep.manifest_size) == (manifest_digest(raw), len(raw))

@@ -7,8 +7,9 @@
     fleet rollout abort ID [--keep]
     fleet rollout promote ID [--drop]
 
-BUNDLE is NAME@VERSION of a bundle the controller stores (`fleet push` stores one), or the bundle file
-itself (its manifest names the bundle, and the controller checks it holds the same manifest).
+BUNDLE is NAME@VERSION of a bundle the controller stores, or the bundle file itself: with the
+controller's fleet.toml (--config, on the controller's host) the file is checked and stored first;
+without, the controller must already hold the same manifest.
 A wave advances only when its devices passed self-test and probation; failures past the error
 threshold halt the rollout and roll back every device that took the bundle.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -25,20 +27,32 @@ from typing import Any, Dict, List, Optional
 
 from edge_agent.clikit import CliError
 from fleet._table import age, bar, bundle_text, render_table
-from fleet.commands._connect import add_connection_args, rpc_call, split_ids
+from fleet.commands._connect import CONFIG_ENV, add_connection_args, rpc_call, split_ids
 
 _REF = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,63})[@:]([0-9]+)$")
 FINAL = ("succeeded", "halted", "aborted")
 
 
-def bundle_params(text: str) -> Dict[str, Any]:
-    """{bundle: {name, version}[, manifest_sha256]} from NAME@VERSION or a bundle file."""
+def bundle_params(text: str, config: Optional[str] = None) -> Dict[str, Any]:
+    """{bundle: {name, version}[, manifest_sha256]} from NAME@VERSION or a bundle file.
+
+    With a bundle file and the controller's `fleet.toml` (on the controller's host), the bundle is first
+    checked and stored in the controller's store, as `fleet push` does; otherwise the controller must
+    already hold the same manifest."""
     m = _REF.match(text)
     if m:
         return {"bundle": {"name": m.group(1), "version": int(m.group(2))}}
     path = Path(text)
     if not path.is_file():
         raise CliError("%s is neither NAME@VERSION nor a bundle file" % text)
+    if config:
+        from fleet.config import load_fleet_config
+        from fleet.controller import Controller
+
+        cfg = load_fleet_config(Path(config))
+        body, sha, _size = Controller(cfg, serve_chunks=False).add_bundle(path)
+        print("stored %s v%d in %s" % (body.name, body.version, cfg.controller.state_dir / "store"))
+        return {"bundle": {"name": body.name, "version": body.version}, "manifest_sha256": sha}
     from edge_agent.bundle.archive import read_bundle
     from edge_agent.bundle.verify import manifest_digest, read_unverified
 
@@ -159,7 +173,7 @@ def _watch(args: argparse.Namespace, rollout_id: str) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    params = bundle_params(args.bundle)
+    params = bundle_params(args.bundle, args.config or os.environ.get(CONFIG_ENV))
     if args.wave:
         if args.waves:
             raise CliError("give either --waves (percentages) or --wave (device lists), not both")
