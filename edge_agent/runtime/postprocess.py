@@ -102,6 +102,22 @@ class Postprocessor:
             return self.classify(out)
         return self.detect(out, input_hw=input_hw, original_hw=original_hw)
 
+    def many(self, outputs: Mapping[str, np.ndarray], n: int,
+             input_hw: Optional[Tuple[int, int]] = None) -> List[Dict[str, Any]]:
+        """Results for `n` items whose outputs carry a batch axis (classification is vectorised)."""
+        if self.post.kind != "classification":
+            return [self({k: v[i] for k, v in outputs.items()}, input_hw=input_hw) for i in range(n)]
+        arr = np.asarray(outputs[self.output_name], dtype=np.float64).reshape(n, -1)
+        p = softmax(arr) if self.post.apply_softmax else arr
+        k = min(self.post.top_k, p.shape[1])
+        top = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        scores = np.round(np.take_along_axis(p, top, axis=1), 6).tolist()
+        return [
+            {"kind": "classification",
+             "top": [{"index": i, "label": self._label(i), "score": s} for i, s in zip(ti, si)]}
+            for ti, si in zip(top.tolist(), scores)
+        ]
+
     def _label(self, i: int) -> Optional[str]:
         if self.labels and 0 <= i < len(self.labels):
             return self.labels[i]

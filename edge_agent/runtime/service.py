@@ -305,26 +305,28 @@ class InferenceService:
                 self._errors += n
                 self._routes["small"].errors += n
             raise
-        large_pos = {int(i): j for j, i in enumerate(np.nonzero(to_large)[0])}
-        results = []
-        for i in range(n):
-            if i in large_pos:
-                assert large_out is not None
-                route, outs = "large", {k: v[large_pos[i]] for k, v in large_out.items()}
-            else:
-                assert small_out is not None
-                route, outs = "small", {k: v[i] for k, v in small_out.items()}
-            results.append((route, self._post[route](outs, input_hw=self.pre.size_hw)))
+        idx_large = np.nonzero(to_large)[0]
+        idx_small = np.nonzero(~to_large)[0]
+        answers: List[Any] = [None] * n
+        for route, idx, outs in (("large", idx_large, large_out), ("small", idx_small, small_out)):
+            if idx.size == 0:
+                continue
+            assert outs is not None
+            if route == "small" and idx.size < n:
+                outs = {k: v[idx] for k, v in outs.items()}
+            for i, o in zip(idx.tolist(), self._post[route].many(outs, int(idx.size), input_hw=self.pre.size_hw)):
+                answers[i] = (route, o)
         done = time.monotonic()
         latency_ms = (done - t0) * 1000.0
-        n_large = len(large_pos)
         with self._lock:
-            self._routes["large"].requests += n_large
-            self._routes["small"].requests += n - n_large
-        for route, _ in results:
-            self._routes[route].latency.add(latency_ms, done)
-            self._latency.add(latency_ms, done)
-        return [InferResult(route=r, output=o, latency_ms=round(latency_ms, 3)) for r, o in results]
+            self._routes["large"].requests += int(idx_large.size)
+            self._routes["small"].requests += int(idx_small.size)
+        for route, idx in (("large", idx_large), ("small", idx_small)):
+            if idx.size:
+                self._routes[route].latency.add_many(latency_ms, int(idx.size), done)
+        self._latency.add_many(latency_ms, n, done)
+        lat = round(latency_ms, 3)
+        return [InferResult(route=r, output=o, latency_ms=lat) for r, o in answers]
 
     def _run_chunk(self, route: str, items: np.ndarray, deadline: float) -> Dict[str, np.ndarray]:
         futs = self._batchers[route].submit_chunk({self._input_names[route]: items})

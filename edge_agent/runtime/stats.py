@@ -35,6 +35,12 @@ class LatencyRecorder:
             self._period.append(latency_ms)
             self._recent.append((now, latency_ms))
 
+    def add_many(self, latency_ms: float, count: int, now: float) -> None:
+        """Record the same latency for `count` items answered together."""
+        with self._lock:
+            self._period.extend([latency_ms] * count)
+            self._recent.extend([(now, latency_ms)] * count)
+
     def snapshot(self, reset: bool) -> np.ndarray:
         """The period's samples; cleared when `reset`."""
         with self._lock:

@@ -1,0 +1,248 @@
+"""Runtime benchmark on the held-out sample digits (ONNX Runtime, CPU), everything through
+`InferenceService.infer_tensor` -- the same serving path the HTTP API and the sources use.
+
+1. Router vs large-only: τ calibrated on the calibration split (allowed drop 0.5 points), then the
+   held-out split served by C closed-loop client threads, once with the router and once with every
+   request sent to the large model. Figures: throughput ratio (target >= 2x) and the accuracy
+   difference in points (target <= 0.5).
+2. Dynamic batching: the large model (every request routed to it) at concurrency 16 with dynamic
+   batching, against serving one request at a time (engine batch 1, no queue delay) -- measured both at
+   the same concurrency 16 and as lone sequential requests (concurrency 1). Figures: throughput ratio
+   (target >= 3x) and the batched p99 against the single-request p99 (target <= 2x).
+
+Usage: python bench/runtime.py [--quick] [--json PATH] [--concurrency N]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import environment, figure, parser, print_table, write_json
+
+DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
+
+
+def _load(name: str) -> Tuple[np.ndarray, np.ndarray]:
+    with np.load(str(DIGITS / ("%s.npz" % name))) as z:
+        return z["x"].astype(np.float32), z["y"].astype(np.int64)
+
+
+class _Models:
+    def __init__(self, small, large, batch: int) -> None:
+        self.small, self.large, self.batch = small, large, {"small": batch, "large": batch}
+
+
+def _manifest(tau: float):
+    from tests._runtime_helpers import digits_manifest
+
+    return digits_manifest(Path(tempfile.gettempdir()), router={"tau": "%.6f" % tau, "tau_min": "0.5"})
+
+
+def _drive(svc, x: np.ndarray, y: np.ndarray, *, concurrency: int, passes: int, items: int = 1) -> Dict[str, float]:
+    """Closed-loop clients; each serves its share of (x repeated `passes` times), `items` per request.
+    Returns items/s, accuracy, large fraction and per-request latency percentiles (client-side)."""
+    n = len(x) * passes
+    order = np.arange(n) % len(x)
+    shares = [order[k::concurrency] for k in range(concurrency)]
+    if items > 1:
+        return _drive_many(svc, x, y, shares, items)
+    lat: List[List[float]] = [[] for _ in range(concurrency)]
+    correct = [0] * concurrency
+    large = [0] * concurrency
+    start = threading.Barrier(concurrency + 1)
+
+    def client(k: int) -> None:
+        start.wait()
+        for i in shares[k]:
+            t0 = time.perf_counter()
+            r = svc.infer_tensor(x[i], timeout_s=60)
+            lat[k].append((time.perf_counter() - t0) * 1000.0)
+            correct[k] += int(r.output["top"][0]["index"] == y[i])
+            large[k] += int(r.route == "large")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    all_lat = np.concatenate([np.array(v) for v in lat])
+    return {
+        "rps": n / wall,
+        "accuracy": sum(correct) / n,
+        "large_fraction": sum(large) / n,
+        "p50_ms": float(np.percentile(all_lat, 50)),
+        "p99_ms": float(np.percentile(all_lat, 99)),
+        "mean_batch": svc.stats_snapshot()["mean_batch"] or 0.0,
+    }
+
+
+def _drive_many(svc, x: np.ndarray, y: np.ndarray, shares: List[np.ndarray], items: int) -> Dict[str, float]:
+    concurrency = len(shares)
+    lat: List[List[float]] = [[] for _ in range(concurrency)]
+    correct = [0] * concurrency
+    large = [0] * concurrency
+    start = threading.Barrier(concurrency + 1)
+
+    def client(k: int) -> None:
+        start.wait()
+        idx = shares[k]
+        for s in range(0, len(idx), items):
+            part = idx[s : s + items]
+            t0 = time.perf_counter()
+            rs = svc.infer_batch(x[part], timeout_s=60)
+            lat[k].append((time.perf_counter() - t0) * 1000.0)
+            correct[k] += sum(int(r.output["top"][0]["index"] == y[i]) for r, i in zip(rs, part))
+            large[k] += sum(int(r.route == "large") for r in rs)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    n = sum(len(s) for s in shares)
+    all_lat = np.concatenate([np.array(v) for v in lat])
+    return {
+        "rps": n / wall,
+        "accuracy": sum(correct) / n,
+        "large_fraction": sum(large) / n,
+        "p50_ms": float(np.percentile(all_lat, 50)),
+        "p99_ms": float(np.percentile(all_lat, 99)),
+        "mean_batch": svc.stats_snapshot()["mean_batch"] or 0.0,
+    }
+
+
+def main(argv=None) -> int:
+    """Run both parts and print/write the figures."""
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, default=16, help="client threads, single-item requests (default 16)")
+    ap.add_argument("--items", type=int, default=32, help="items per request in the multi-item run (default 32)")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per model (default 1)")
+    args = ap.parse_args(argv)
+
+    from edge_agent.config import RuntimeConfig
+    from edge_agent.engines.ort import OrtEngine
+    from edge_agent.runtime import calibration
+    from edge_agent.runtime.service import InferenceService
+
+    passes = 3 if args.quick else 12
+    c = args.concurrency
+    xc, yc = _load("calib")
+    xh, yh = _load("heldout")
+    small = OrtEngine(DIGITS / "small.onnx", max_batch=32, intra_op_threads=args.threads)
+    large = OrtEngine(DIGITS / "large.onnx", max_batch=32, intra_op_threads=args.threads)
+    one = OrtEngine(DIGITS / "large.onnx", max_batch=1, intra_op_threads=args.threads)
+    tmp = Path(tempfile.gettempdir())
+
+    # ---- calibrate τ on the calibration split only
+    data = calibration.collect(small, large, xc, yc, gate="confidence", batch=32)
+    rows = calibration.sweep(data, calibration.candidate_taus(data.scores, 0.5, 0.999))
+    best = calibration.recommend(rows, large_accuracy=data.large_accuracy, max_drop_pts=0.5)
+    tau = best["tau"] if best else 0.999
+    print("calibrated tau = %.4f on %d calibration items (calib large fraction %.3f); model cost per item at "
+          "batch 32: small %.4f ms, large %.4f ms"
+          % (tau, len(yc), best["large_fraction"] if best else float("nan"), data.cost_small_ms, data.cost_large_ms))
+
+    # Dynamic batching as served: engine batch = the client concurrency, 1 ms max queue delay.
+    batch = min(c, 32)
+    cfg = RuntimeConfig(max_queue_delay_ms=1.0, max_queue=256)
+    runs: Dict[str, Dict[str, float]] = {}
+
+    def both(svc, key: str, conc: int, items: int) -> None:
+        svc.set_router(gate="confidence")
+        _drive(svc, xh[:96], yh[:96], concurrency=conc, passes=1, items=items)  # warm-up
+        runs["router" + key] = _drive(svc, xh, yh, concurrency=conc, passes=passes, items=items)
+        svc.set_router(gate="large-only")
+        _drive(svc, xh[:96], yh[:96], concurrency=conc, passes=1, items=items)
+        runs["large" + key] = _drive(svc, xh, yh, concurrency=conc, passes=passes, items=items)
+
+    svc = InferenceService(_Models(small, large, batch), _manifest(tau), tmp, cfg)
+    try:
+        both(svc, "", c, 1)
+    finally:
+        svc.close()
+    many_c = max(1, c // 4)
+    svc = InferenceService(_Models(small, large, 32), _manifest(tau), tmp, cfg)
+    try:
+        both(svc, "_many", many_c, args.items)
+    finally:
+        svc.close()
+    svc1 = InferenceService(_Models(small, one, 1), _manifest(tau), tmp, RuntimeConfig(max_queue_delay_ms=0.0))
+    try:
+        svc1.set_router(gate="large-only")
+        _drive(svc1, xh[:96], yh[:96], concurrency=16, passes=1)
+        runs["one16"] = _drive(svc1, xh, yh, concurrency=16, passes=passes)
+        runs["seq"] = _drive(svc1, xh, yh, concurrency=1, passes=max(1, passes // 3))
+    finally:
+        svc1.close()
+    for e in (small, large, one):
+        e.close()
+
+    r, lo, rm, lm = runs["router"], runs["large"], runs["router_many"], runs["large_many"]
+    b16, one16, seq = runs["large"], runs["one16"], runs["seq"]
+    figures = [
+        figure("router/large-only throughput, 1 item/request, c=%d" % c, r["rps"] / lo["rps"], "x",
+               baseline=1.0, target=2.0),
+        figure("router/large-only throughput, %d items/request, c=%d" % (args.items, many_c), rm["rps"] / lm["rps"],
+               "x", baseline=1.0, target=2.0),
+        figure("router accuracy loss vs large-only (heldout)", (lo["accuracy"] - r["accuracy"]) * 100, "points",
+               baseline=0.0, target=0.5, higher_is_better=False),
+        figure("router large fraction (heldout)", r["large_fraction"], "fraction", baseline=1.0,
+               higher_is_better=False),
+        figure("router throughput, 1 item/request", r["rps"], "items/s", baseline=lo["rps"]),
+        figure("router throughput, %d items/request" % args.items, rm["rps"], "items/s", baseline=lm["rps"]),
+        figure("router p99, 1 item/request", r["p99_ms"], "ms", baseline=lo["p99_ms"], higher_is_better=False),
+        figure("batching gain vs one-at-a-time, both c=16", b16["rps"] / one16["rps"], "x", baseline=1.0,
+               target=3.0),
+        figure("batching gain vs lone sequential requests (c=1)", b16["rps"] / seq["rps"], "x", baseline=1.0,
+               target=3.0),
+        figure("batched p99 (c=16) / single-request p99 (c=1)", b16["p99_ms"] / seq["p99_ms"], "x", baseline=1.0,
+               target=2.0, higher_is_better=False),
+        figure("batched p99 (c=16) / one-at-a-time p99 (c=16)", b16["p99_ms"] / one16["p99_ms"], "x", baseline=1.0,
+               target=2.0, higher_is_better=False),
+        figure("batched mean batch (c=16)", b16["mean_batch"], "items", baseline=1.0),
+    ]
+    print()
+    print_table(figures, "runtime benchmark: %d heldout digits x %d passes, ONNX Runtime CPU, %d intra-op thread(s), "
+                "engine batch %d, max queue delay %.1f ms"
+                % (len(yh), passes, args.threads, batch, cfg.max_queue_delay_ms))
+    print()
+    names = (("router", r, c, 1), ("large-only", lo, c, 1), ("router", rm, many_c, args.items),
+             ("large-only", lm, many_c, args.items), ("one-at-a-time", one16, 16, 1), ("sequential", seq, 1, 1))
+    print("%-14s %4s %5s %10s %9s %9s %7s %6s %6s" % ("run", "c", "items", "items/s", "p50 ms", "p99 ms", "acc",
+                                                    "large", "batch"))
+    for name, m, conc, items in names:
+        print("%-14s %4d %5d %10.0f %9.3f %9.3f %7.4f %6.3f %6.2f" % (name, conc, items, m["rps"], m["p50_ms"],
+              m["p99_ms"], m["accuracy"], m["large_fraction"], m["mean_batch"]))
+    write_json(args.json, figures, environment(
+        onnxruntime=_ort_version(), tau=tau, concurrency=c, multi_item_concurrency=many_c, items_per_request=args.items,
+        passes=passes, intra_op_threads=args.threads, max_queue_delay_ms=cfg.max_queue_delay_ms, engine_batch=batch,
+        cost_small_ms_per_item=data.cost_small_ms, cost_large_ms_per_item=data.cost_large_ms,
+        runs=runs, cpu_count=os.cpu_count(),
+    ))
+    return 0
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
