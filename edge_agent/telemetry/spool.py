@@ -211,7 +211,9 @@ class Spool:
             off += size
         return off
 
-    def _write_head(self) -> None:
+    def _write_head(self, *, sync_dir: bool = True) -> None:
+        """Replace head.json atomically. `sync_dir=False` (acks) skips the directory fsync: after a power
+        loss the rename may be undone, which only means resending a batch, never losing one."""
         path = self.dir / HEAD_FILE
         tmp = self.dir / (HEAD_FILE + ".tmp")
         data = json.dumps({"head": self._head, "dropped": self.dropped}).encode("utf-8")
@@ -221,7 +223,7 @@ class Spool:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-        if self._fsync:
+        if self._fsync and sync_dir:
             _fsync_dir(self.dir)
 
     def _remove_dead_segments(self) -> None:
@@ -384,7 +386,7 @@ class Spool:
                 n += 1
             if n:
                 self._head = self._entries[0].seq if self._entries else max(self._head, seq + 1)
-                self._write_head()
+                self._write_head(sync_dir=False)
                 self._remove_dead_segments()
             return n
 
