@@ -109,6 +109,26 @@ ORIN: Dict[str, Any] = {
 }
 
 
+class _Interface:
+    """Like jtop's dict-like interfaces (`memory`, `gpu`): indexing, iteration and items(), no dict methods
+    beyond those, so code that works on the double does not depend on more than jtop gives."""
+
+    def __init__(self, data: Dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def items(self):
+        return self._data.items()
+
+
 class JtopDouble:
     """Controls what the fake `jtop` class does; one per test."""
 
@@ -163,8 +183,8 @@ class JtopDouble:
                 return double.board[name]
 
             stats = property(lambda self: self._get("stats"))
-            memory = property(lambda self: self._get("memory"))
-            gpu = property(lambda self: self._get("gpu"))
+            memory = property(lambda self: _Interface(self._get("memory")))
+            gpu = property(lambda self: _Interface(self._get("gpu")))
             temperature = property(lambda self: self._get("temperature"))
             power = property(lambda self: self._get("power"))
 

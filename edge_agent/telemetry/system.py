@@ -167,15 +167,35 @@ def parse_tegrastats(line: str) -> Dict[str, Any]:
     return out
 
 
+def _key(obj: Any, key: str) -> Any:
+    """`obj[key]` for dicts and jtop's dict-like interfaces (Memory, GPU); None when absent."""
+    if obj is None:
+        return None
+    try:
+        return obj[key]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _pairs(obj: Any) -> List[tuple]:
+    """(key, value) pairs of a dict or a jtop dict-like interface."""
+    if obj is None:
+        return []
+    if hasattr(obj, "items"):
+        return list(obj.items())
+    return [(k, obj[k]) for k in list(obj)]
+
+
 def read_jtop(j: Any) -> Dict[str, Any]:
     """Map a started jtop object's data (jetson-stats 4.x API) to system keys; missing parts stay None.
 
-    Each part is read on its own so one missing property does not lose the others.
+    Each part is read on its own so one missing property does not lose the others. jtop's `memory`
+    and `gpu` are dict-like objects rather than dicts, so only `[key]` and `items()` are used on them.
     """
     out: Dict[str, Any] = {}
     stats: Dict[str, Any] = {}
     try:
-        stats = dict(j.stats or {})
+        stats = dict(_pairs(j.stats))
     except Exception as e:  # any failure inside jtop: degrade, never raise
         logger.debug("jtop stats unavailable: %s", e)
     cpus = [_num(v) for k, v in stats.items() if isinstance(k, str) and k.startswith("CPU") and k[3:].isdigit()]
@@ -184,14 +204,14 @@ def read_jtop(j: Any) -> Dict[str, Any]:
     out["gpu_util"] = _num(stats.get("GPU"))
     if out["gpu_util"] is None:
         try:
-            loads = [_num(g.get("status", {}).get("load")) for g in (j.gpu or {}).values()]
+            loads = [_num(_key(_key(g, "status"), "load")) for _, g in _pairs(j.gpu)]
             loads_ok = [x for x in loads if x is not None]
             out["gpu_util"] = sum(loads_ok) / len(loads_ok) if loads_ok else None
         except Exception as e:
             logger.debug("jtop gpu unavailable: %s", e)
     try:
-        ram = (j.memory or {}).get("RAM") or {}
-        used_kb, tot_kb = _num(ram.get("used")), _num(ram.get("tot"))
+        ram = _key(j.memory, "RAM")
+        used_kb, tot_kb = _num(_key(ram, "used")), _num(_key(ram, "tot"))
         out["mem_used_mb"] = used_kb / 1024.0 if used_kb is not None else None
         if used_kb is not None and tot_kb is not None:
             out["mem_total_mb"] = tot_kb / 1024.0
@@ -200,14 +220,14 @@ def read_jtop(j: Any) -> Dict[str, Any]:
     temps: Dict[str, float] = {}
     throttled: Optional[bool] = None
     try:
-        for name, t in sorted((j.temperature or {}).items()):
-            if not isinstance(t, dict) or not t.get("online", True):
+        for name, t in sorted(_pairs(j.temperature), key=lambda kv: str(kv[0])):
+            if _key(t, "online") is False:
                 continue
-            val = _temp(t.get("temp"))
+            val = _temp(_key(t, "temp"))
             if val is None:
                 continue
             temps[str(name)] = val
-            limit = _num(t.get("max"))
+            limit = _num(_key(t, "max"))
             if limit is not None and limit > 0:
                 throttled = bool(throttled) or val >= limit
     except Exception as e:
@@ -221,12 +241,12 @@ def read_jtop(j: Any) -> Dict[str, Any]:
     out["temperatures_c"] = temps
     power: Optional[float] = None
     try:
-        pw = j.power or {}
-        power = _num((pw.get("tot") or {}).get("power"))
-        for rail in (pw.get("rail") or {}).values():
+        pw = j.power
+        power = _num(_key(_key(pw, "tot"), "power"))
+        for _, rail in _pairs(_key(pw, "rail")):
             # Over-current throttling: a rail drawing at or past its critical current limit (mA).
-            curr, crit = _num(rail.get("curr")), _num(rail.get("crit"))
-            if rail.get("online", True) and curr is not None and crit is not None and crit > 0:
+            curr, crit = _num(_key(rail, "curr")), _num(_key(rail, "crit"))
+            if _key(rail, "online") is not False and curr is not None and crit is not None and crit > 0:
                 throttled = bool(throttled) or curr >= crit
     except Exception as e:
         logger.debug("jtop power unavailable: %s", e)
