@@ -105,6 +105,7 @@ class RuntimeConfig(_Section):
 
     max_queue_delay_ms: float = Field(2.0, ge=0)
     max_queue: int = Field(256, ge=1)
+    request_timeout_s: float = Field(10.0, gt=0)
 
 
 class ApiConfig(_Section):
@@ -149,6 +150,8 @@ class SourceConfig(_Section):
     uri: str
     max_fps: Optional[float] = Field(None, gt=0)
     publish_results: bool = True
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
 
 
 class AgentConfig(_Section):

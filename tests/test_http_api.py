@@ -43,7 +43,6 @@ class Api:
             get_service=lambda: self.service,
             is_ready=lambda: self.ready,
             metrics_text=lambda: "# TYPE edge_agent_requests_total counter\nedge_agent_requests_total 3\n",
-            infer_timeout_s=5.0,
         )
         self.server.start()
 
@@ -273,3 +272,27 @@ def test_npy_batch_answers_every_item_in_order(api, heldout):
     status, _, body = api.request("POST", "/v1/infer", _npy(np.zeros((300, 1, 8, 8), np.float16)),
                                   {"Content-Type": "application/x-npy"})
     assert status == 400 and "1 to 256 items" in json.loads(body)["error"]
+
+
+def test_a_request_that_outlives_its_timeout_is_504_and_the_server_recovers(models, tmp_path, heldout):
+    x, _ = heldout
+    gated = GatedEngine(models.small)
+    svc = InferenceService(
+        Models(gated, models.large, {"small": 4, "large": 4}),
+        digits_manifest(tmp_path, router={"tau": "0.5"}), tmp_path,
+        RuntimeConfig(max_queue_delay_ms=0, request_timeout_s=0.2),
+    )
+    api = Api(svc)
+    try:
+        t0 = time.monotonic()
+        status, _, body = api.request("POST", "/v1/infer", _npy(x[0]), {"Content-Type": "application/x-npy"})
+        assert status == 504 and "within the timeout" in json.loads(body)["error"]
+        assert time.monotonic() - t0 < 3
+        gated.gate.set()
+        status, _, _ = api.request("POST", "/v1/infer", _npy(x[1]), {"Content-Type": "application/x-npy"})
+        assert status == 200
+        assert svc.stats_snapshot()["errors"] == 1
+    finally:
+        gated.gate.set()
+        api.server.stop()
+        svc.close()

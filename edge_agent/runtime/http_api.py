@@ -34,8 +34,6 @@ IMAGE_TYPES = ("image/png", "image/jpeg")
 NPY_TYPES = ("application/x-npy", "application/npy")
 #: Seconds a client may take to send its request before the connection is dropped (slow clients).
 SOCKET_TIMEOUT_S = 10.0
-#: Seconds an inference may take before the API answers 504.
-INFER_TIMEOUT_S = 10.0
 
 
 class _Server(ThreadingHTTPServer):
@@ -229,7 +227,7 @@ class ApiServer:
     """The HTTP API in a background thread; `port` is the bound port (useful with port 0)."""
 
     def __init__(self, cfg: ApiConfig, *, get_service: Callable[[], Any], is_ready: Callable[[], bool],
-                 metrics_text: Callable[[], str], infer_timeout_s: float = INFER_TIMEOUT_S) -> None:
+                 metrics_text: Callable[[], str], infer_timeout_s: Optional[float] = None) -> None:
         self.cfg = cfg
         self.get_service = get_service
         self.is_ready = is_ready

@@ -126,13 +126,13 @@ class InferenceService:
         """The large model's batcher."""
         return self._batchers["large"]
 
-    def infer_tensor(self, x: np.ndarray, timeout_s: float = 10.0) -> InferResult:
+    def infer_tensor(self, x: np.ndarray, timeout_s: Optional[float] = None) -> InferResult:
         """Serve one input tensor (without the batch axis, or with a batch axis of 1)."""
         t0 = time.monotonic()
         item = self.pre.from_tensor(x)
-        return self._serve(item, t0, timeout_s)
+        return self._serve(item, t0, self._timeout(timeout_s))
 
-    def infer_batch(self, x: np.ndarray, timeout_s: float = 10.0) -> List[InferResult]:
+    def infer_batch(self, x: np.ndarray, timeout_s: Optional[float] = None) -> List[InferResult]:
         """Serve N items of one request (x with a leading batch axis): one answer per item, in order.
 
         The items enter the batchers as one chunk, so a request of many items costs one queue round
@@ -140,19 +140,19 @@ class InferenceService:
         """
         t0 = time.monotonic()
         items = self.pre.from_tensor_batch(x, max_items=self.cfg.max_queue)
-        return self._serve_many(items, t0, timeout_s)
+        return self._serve_many(items, t0, self._timeout(timeout_s))
 
-    def infer_image(self, data: bytes, timeout_s: float = 10.0) -> InferResult:
+    def infer_image(self, data: bytes, timeout_s: Optional[float] = None) -> InferResult:
         """Serve one encoded JPEG/PNG image; detection boxes are in the original image's pixels."""
         t0 = time.monotonic()
         item, hw = self.pre.from_image_bytes(data)
-        return self._serve(item, t0, timeout_s, original_hw=hw)
+        return self._serve(item, t0, self._timeout(timeout_s), original_hw=hw)
 
-    def infer_frame(self, frame: np.ndarray, timeout_s: float = 10.0) -> InferResult:
+    def infer_frame(self, frame: np.ndarray, timeout_s: Optional[float] = None) -> InferResult:
         """Serve one decoded frame (BGR as OpenCV reads it, or grayscale)."""
         t0 = time.monotonic()
         item = self.pre.from_decoded(frame)
-        return self._serve(item, t0, timeout_s, original_hw=(int(frame.shape[0]), int(frame.shape[1])))
+        return self._serve(item, t0, self._timeout(timeout_s), original_hw=(int(frame.shape[0]), int(frame.shape[1])))
 
     def set_router(self, gate: Optional[str] = None, tau: Union[str, float, None] = None,
                    target_large_fraction: Union[str, float, None] = None, adaptive: Optional[bool] = None) -> dict:
@@ -220,6 +220,9 @@ class InferenceService:
             b.close()
 
     # --------------------------------------------------------------------------------------- internals
+    def _timeout(self, timeout_s: Optional[float]) -> float:
+        return self.cfg.request_timeout_s if timeout_s is None else float(timeout_s)
+
     def _serve(self, item: np.ndarray, t0: float, timeout_s: float,
                original_hw: Optional[Tuple[int, int]] = None) -> InferResult:
         deadline = t0 + timeout_s

@@ -66,15 +66,17 @@ class SourceRunner:
     """Reads one source in a thread, serves each frame through the active service, publishes results."""
 
     def __init__(self, cfg: SourceConfig, *, get_service: Callable[[], Any], publish: Callable[[Result], None],
-                 device_id: Optional[str] = None, emit: Optional[EmitFn] = None, reconnect_min_s: float = 0.5,
-                 reconnect_max_s: float = 30.0, infer_timeout_s: float = 10.0) -> None:
+                 device_id: Optional[str] = None, emit: Optional[EmitFn] = None,
+                 reconnect_min_s: Optional[float] = None, reconnect_max_s: Optional[float] = None,
+                 infer_timeout_s: Optional[float] = None) -> None:
         self.cfg = cfg
         self.get_service = get_service
         self.publish = publish
         self.device_id = device_id or _default_device_id()
         self.emit = emit
-        self.reconnect_min_s = reconnect_min_s
-        self.reconnect_max_s = max(reconnect_max_s, reconnect_min_s)
+        self.reconnect_min_s = cfg.reconnect_min_s if reconnect_min_s is None else reconnect_min_s
+        self.reconnect_max_s = max(cfg.reconnect_max_s if reconnect_max_s is None else reconnect_max_s,
+                                   self.reconnect_min_s)
         self.infer_timeout_s = infer_timeout_s
         self.kind = source_kind(cfg.uri)
         self.live = self.kind in ("camera", "stream")
