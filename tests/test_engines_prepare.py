@@ -300,3 +300,44 @@ def test_retune_runs_on_command_or_when_budget_moves(bundle, tmp_path):
         assert len(events) == 4
     finally:
         models.close()
+
+
+def test_builder_killed_during_prepare_fails_cleanly_and_serving_models_stay_up(
+    trt_double, bundle, tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    from edge_agent.errors import BuildError
+
+    bundle_dir, manifest = bundle
+    plat = _platform(trt_double.__version__, (7, 2))
+    serving = prepare_engines(bundle_dir=bundle_dir, manifest=manifest, cfg=TRT_CFG, cache_dir=tmp_path / "old",
+                              emit=Events(), platform=plat, budget=_budget(1024))
+    monkeypatch.setenv("TRT_DOUBLE_BUILD_SECONDS", "30")
+    killed = []
+
+    class KillOnBuild(Events):
+        def __call__(self, kind, message, data):
+            super().__call__(kind, message, data)
+            if kind == "engine-build-started":
+                killed.append(data["pid"])
+            if kind == "engine-build-progress" and data.get("stage") == "building" and killed:
+                os.kill(killed[0], signal.SIGKILL)
+
+    events = KillOnBuild()
+    try:
+        with pytest.raises(BuildError, match="SIGKILL"):
+            prepare_engines(bundle_dir=bundle_dir, manifest=manifest, cfg=TRT_CFG, cache_dir=tmp_path / "new",
+                            emit=events, platform=plat, budget=_budget(1024))
+        assert events.kinds()[-1] == "engine-build-failed"
+        assert "SIGKILL" in events[-1][2]["error"]
+        assert not list((tmp_path / "new" / "engines").glob("*.plan"))
+        x = np.zeros((3, 1, 8, 8), np.float32)
+        assert serving.small.infer({"image": x})["logits"].shape == (3, 10)
+        assert serving.large.infer({"image": x})["logits"].shape == (3, 10)
+    finally:
+        serving.close()
+    import pycuda.driver as cuda
+
+    assert cuda.double_state()["allocations"] == 0 and cuda.double_state()["contexts"] == 0

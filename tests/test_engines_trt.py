@@ -272,3 +272,44 @@ def test_execute_uses_a_non_default_stream(trt_double, tmp_path):
         eng.infer({"image": _x(2)})
         assert eng._buffers.stream.handle != 0
         assert eng._context.default_stream_calls == 0
+
+
+def test_builder_child_dies_with_a_killed_agent(trt_double, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import textwrap
+
+    monkeypatch.setenv("TRT_DOUBLE_BUILD_SECONDS", "60")
+    script = textwrap.dedent("""
+        import sys
+        from edge_agent.engines.trt_build import BuildRequest, run_build
+        from edge_agent.selftest import tiny_model_path
+        def emit(kind, msg, data):
+            if kind == "engine-build-started":
+                print(data["pid"], flush=True)
+        run_build(BuildRequest(model="m", onnx_path=str(tiny_model_path()), plan_path=sys.argv[1], precision="fp32",
+                               min_batch=1, opt_batch=1, max_batch=2, workspace_bytes=1 << 26),
+                  emit=emit, timeout_s=120)
+    """)
+    agent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "x.plan")], stdout=subprocess.PIPE)
+    try:
+        child = int(agent.stdout.readline())
+        time.sleep(1.5)  # past the builder's start-up, inside its 60 s build
+        os.kill(child, 0)
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        alive = True
+        while alive and time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+                with open("/proc/%d/stat" % child) as f:
+                    alive = f.read().split(")")[-1].split()[0] != "Z"
+            except (ProcessLookupError, FileNotFoundError):
+                alive = False
+            time.sleep(0.05)
+        assert not alive, "the builder outlived the agent"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.stdout.close()

@@ -186,11 +186,31 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+_PARENT_ENV = "EDGE_AGENT_BUILD_PARENT_PID"
+
+
+def _die_with_parent() -> bool:
+    """Linux: have the kernel SIGKILL this builder when the agent dies, so an orphaned build never keeps
+    eating the memory the restarted agent needs. False when the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    want = os.environ.get(_PARENT_ENV)
+    return not (want and want.isdigit() and os.getppid() != int(want))
+
+
 def child_main(argv: List[str]) -> int:
     """Entry point of the builder child: `python -m edge_agent.engines.trt_build REQUEST.json`."""
     if len(argv) != 1:
         sys.stderr.write("usage: python -m edge_agent.engines.trt_build REQUEST.json\n")
         return 2
+    if not _die_with_parent():
+        return 3
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         req = BuildRequest(**json.loads(Path(argv[0]).read_text()))
@@ -239,7 +259,7 @@ def run_build(
         proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent.engines.trt_build", req_file],
             stdout=subprocess.PIPE, stderr=stderr_file, stdin=subprocess.DEVNULL,
-            env=dict(os.environ if env is None else env),
+            env=dict(os.environ if env is None else env, **{_PARENT_ENV: str(os.getpid())}),
         )
     except OSError as e:
         os.unlink(req_file)
