@@ -124,3 +124,50 @@ def test_unknown_values_are_absent_not_zero_and_counters_need_totals():
     assert "edge_agent_requests_total" not in fams  # no totals given: no fake counters from period counts
     assert fams["edge_agent_period_requests"]["samples"][0][1] == 0
     assert fams["edge_agent_uptime_seconds"]["samples"][0][1] == 1.0
+
+
+def test_metrics_endpoint_serves_the_publishers_latest_telemetry(tmp_path):
+    import urllib.request
+
+    import numpy as np
+    from _runtime_helpers import DIGITS, digits_manifest, digits_models, load_split
+
+    from edge_agent.config import ApiConfig, RuntimeConfig
+    from edge_agent.runtime.http_api import ApiServer
+    from edge_agent.runtime.service import InferenceService
+    from edge_agent.telemetry.builder import TelemetryBuilder
+    from edge_agent.telemetry.publisher import TelemetryPublisher
+    from edge_agent.telemetry.spool import Spool
+    from edge_agent.telemetry.system import empty_system
+
+    models = digits_models(max_batch=8)
+    svc = InferenceService(models, digits_manifest(DIGITS), DIGITS, RuntimeConfig())
+    sent = []
+    pub = TelemetryPublisher(
+        builder=TelemetryBuilder("cpu-box", system=empty_system, bundle=lambda: svc.bundle),
+        get_stats=lambda: svc.stats_snapshot(reset=True), publish=lambda *a: sent.append(a) or True,
+        spool=Spool(tmp_path / "spool", 10), telemetry_topic="edge/v1/devices/cpu-box/telemetry", period_s=60)
+    api = ApiServer(ApiConfig(port=0), get_service=lambda: svc, is_ready=lambda: True,
+                    metrics_text=pub.metrics_text)
+    api.start()
+    try:
+        x, _ = load_split("heldout")
+        for rnd in (25, 15):
+            for i in range(rnd):
+                svc.infer_tensor(np.asarray(x[i], dtype=np.float32), timeout_s=10)
+            pub.tick()
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % api.port, timeout=5) as r:
+            ctype = r.headers["Content-Type"]
+            text = r.read().decode("utf-8")
+    finally:
+        api.stop()
+        pub.stop()
+        svc.close()
+        models.close()
+    assert ctype.startswith("text/plain; version=0.0.4")
+    fams = strict_parse(text)
+    assert fams["edge_agent_requests_total"]["samples"][0][1] == 40  # running total over both periods
+    assert fams["edge_agent_period_requests"]["samples"][0][1] == 15  # the latest period only
+    assert sum(s[1] for s in fams["edge_agent_route_requests_total"]["samples"]) == 40
+    assert fams["edge_agent_info"]["samples"][0][0]["bundle"] == "digits"
+    assert len(sent) == 2
