@@ -113,6 +113,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from edge_agent.runtime.errors import RouterPolicyError
     from edge_agent.runtime.router import LinearHead
 
+    if args.max_accuracy_drop < 0 or args.batch < 1 or args.rows < 2:
+        raise CliError("--max-accuracy-drop must be >= 0, --batch >= 1 and --rows >= 2", code=2)
     x, y = load_labelled(Path(args.data))
     with open_bundle(Path(args.bundle)) as (manifest, folder):
         pol = manifest.router
@@ -214,6 +216,8 @@ def _plot(out: Path, rows, best, data) -> None:
 def _fit_head(args: argparse.Namespace) -> int:
     from edge_agent.runtime.router import fit_linear_head, input_stats
 
+    if args.batch < 1:
+        raise CliError("--batch must be >= 1", code=2)
     x, y = load_labelled(Path(args.data))
     with open_bundle(Path(args.bundle)) as (manifest, folder):
         small, _large = _engines(manifest, folder, args.batch)
