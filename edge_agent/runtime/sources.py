@@ -154,7 +154,12 @@ class SourceRunner:
         return self._capture_frames(cap)
 
     def _open_capture(self) -> Any:
-        import cv2
+        try:
+            import cv2
+        except ImportError:
+            self._event("error", "source %s needs OpenCV (pip install opencv-python-headless)" % self.cfg.name)
+            self._stop.set()
+            return None
 
         uri = self.cfg.uri
         target: Any = int(uri) if uri.isdigit() else uri
