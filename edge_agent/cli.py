@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "edge_agent.commands.install",
     "edge_agent.commands.selftest",
     "edge_agent.commands.bench",
+    "edge_agent.commands.telemetry",
 ]
 
 

@@ -102,6 +102,7 @@ class Spool:
         max_bytes: int = 64 * 1024 * 1024,
         segment_bytes: int = 1024 * 1024,
         fsync: bool = True,
+        readonly: bool = False,
     ) -> None:
         if max_messages < 1 or max_bytes < 1:
             raise ValueError("spool bounds must be positive")
@@ -120,8 +121,12 @@ class Spool:
         self._tail_seg: Optional[int] = None
         self._tail_size = 0
         self._tail_file = None
+        self.readonly = readonly  # inspection while the agent owns the spool: never writes anything
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            if not readonly:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            elif not self.dir.is_dir():
+                return
             self._load()
         except OSError as e:
             raise ResourceError("cannot open the telemetry spool in %s: %s" % (self.dir, e.strerror or e))
@@ -196,7 +201,7 @@ class Spool:
                 self.corrupt += 1
                 logger.warning("telemetry spool %s: %s at byte %d; skipping the last %d byte(s) of the segment",
                                path.name, bad, off, lost)
-                if truncate_tail:
+                if truncate_tail and not self.readonly:
                     with open(path, "r+b") as f:
                         f.truncate(off)
                         if self._fsync:
@@ -228,6 +233,8 @@ class Spool:
 
     def _remove_dead_segments(self) -> None:
         """Delete segments whose every record is below the head (never the tail being written)."""
+        if self.readonly:
+            return
         live = {e.segment for e in self._entries}
         for first in self._segments():
             if first not in live and first != self._tail_seg:
@@ -256,6 +263,8 @@ class Spool:
         """
         if qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
+        if self.readonly:
+            raise ValueError("this spool was opened read-only")
         with self._lock:
             seq = self._next_seq
             record = _encode(seq, topic, bytes(payload), qos)
@@ -378,6 +387,8 @@ class Spool:
 
     def ack(self, seq: int) -> int:
         """Forget every message up to and including `seq` (they were delivered). Returns how many."""
+        if self.readonly:
+            raise ValueError("this spool was opened read-only")
         with self._lock:
             n = 0
             while self._entries and self._entries[0].seq <= seq:
@@ -389,6 +400,20 @@ class Spool:
                 self._write_head(sync_dir=False)
                 self._remove_dead_segments()
             return n
+
+    def summary(self) -> dict:
+        """Messages held, their bytes, the oldest and newest sequence numbers, drops and corrupt records."""
+        with self._lock:
+            return {
+                "messages": len(self._entries),
+                "bytes": self._bytes,
+                "oldest_seq": self._entries[0].seq if self._entries else None,
+                "newest_seq": self._entries[-1].seq if self._entries else None,
+                "dropped": self.dropped,
+                "corrupt_records": self.corrupt,
+                "max_messages": self.max_messages,
+                "max_bytes": self.max_bytes,
+            }
 
     def close(self) -> None:
         """Close the open segment file."""
