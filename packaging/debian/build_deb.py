@@ -59,7 +59,7 @@ def log(msg: str) -> None:
 
 def run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
     """Run a command; a failure becomes a BuildError carrying its output."""
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
     if proc.returncode != 0:
         raise BuildError("%s failed (exit %d):\n%s" % (" ".join(cmd[:6]), proc.returncode, proc.stdout[-4000:]))
     return proc
@@ -123,7 +123,8 @@ def build_project_wheel(work: Path, cache: Path) -> Path:
     if not (src / "README.md").exists():
         # pyproject names a readme; the wheel's long description is not used on the device.
         (src / "README.md").write_text("edge-agent\n", encoding="utf-8")
-    tools = cache / "build-tools"
+    # The build backend runs on this interpreter, so its wheels are cached per builder Python.
+    tools = cache / ("build-tools-py%d%d" % sys.version_info[:2])
     if not list(tools.glob("setuptools-*.whl")) or not list(tools.glob("wheel-*.whl")):
         log("downloading build tools (setuptools, wheel) into %s" % tools)
         run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(tools),
@@ -143,7 +144,7 @@ def resolve(requirements: List[str], target_args: List[str], cache: Path, work: 
 
     def _resolve(offline: bool) -> Dict[str, str]:
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
-               "--report", str(report), "--target", str(work / "dry-target")] + target_args
+               "--report", str(report), "--target", str(work / "dry-target"), *target_args]
         if offline:
             cmd += ["--no-index", "--find-links", str(cache)]
         run(cmd + requirements)
@@ -158,12 +159,12 @@ def resolve(requirements: List[str], target_args: List[str], cache: Path, work: 
     except BuildError:
         pass
     log("downloading wheels for the target into %s" % cache)
-    run([sys.executable, "-m", "pip", "download", "-q", "-d", str(cache)] + target_args + requirements)
+    run([sys.executable, "-m", "pip", "download", "-q", "-d", str(cache), *target_args, *requirements])
     return _resolve(offline=True)
 
 
 def install_venv(
-    stage: Path, project_wheel: Path, pins: Dict[str, str], target_args: List[str], cache: Path, python: str
+    stage: Path, project_wheel: Path, *, pins: Dict[str, str], target_args: List[str], cache: Path, python: str
 ) -> None:
     """Lay out the venv at stage/opt/edge-agent and install the wheels into its site-packages."""
     venv = stage / PREFIX.lstrip("/")
@@ -173,7 +174,7 @@ def install_venv(
                                     if n != "edge-agent" and n not in EXCLUDED]
     log("installing %d wheels into the venv" % len(specs))
     run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--find-links", str(cache),
-         "--no-compile", "--no-warn-script-location", "--target", str(site)] + target_args + specs)
+         "--no-compile", "--no-warn-script-location", "--target", str(site), *target_args, *specs])
     # pip writes console scripts for the *build* interpreter; ours is written below.
     shutil.rmtree(site / "bin", ignore_errors=True)
     for direct_url in site.glob("*.dist-info/direct_url.json"):
@@ -205,7 +206,10 @@ def install_files(stage: Path, version: str, python: str) -> None:
     """Config, unit, launcher link, docs and lintian overrides."""
     etc = stage / "etc" / PACKAGE
     (etc / "keys").mkdir(parents=True)
-    shutil.copy2(HERE / "agent.toml", etc / "agent.toml")
+    # The documented configs/agent.toml already uses the installed paths; the package adds a header.
+    conffile = (HERE / "agent.toml.head").read_text(encoding="utf-8")
+    conffile += (REPO / "configs" / "agent.toml").read_text(encoding="utf-8")
+    (etc / "agent.toml").write_text(conffile, encoding="utf-8")
     unit_dir = stage / "lib" / "systemd" / "system"
     unit_dir.mkdir(parents=True)
     shutil.copy2(HERE / "edge-agent.service", unit_dir / "edge-agent.service")
@@ -252,7 +256,7 @@ def write_gzip(path: Path, data: bytes) -> None:
 
 def normalize_permissions(stage: Path) -> None:
     """0755 dirs and executables (scripts with a shebang, ELF executables), 0644 everything else."""
-    for dirpath, dirnames, filenames in os.walk(str(stage)):
+    for dirpath, _dirnames, filenames in os.walk(str(stage)):
         os.chmod(dirpath, 0o755)
         for name in filenames:
             p = Path(dirpath) / name
@@ -349,12 +353,12 @@ def build(
     target_args = pip_target_args(arch, python, glibc)
 
     wheel = build_project_wheel(work, cache_root)
-    requirements = [str(wheel)] + read_requirements(HERE / "requirements.txt")
+    requirements = [str(wheel), *read_requirements(HERE / "requirements.txt")]
     pins = resolve(requirements, target_args, cache, work)
     # The project wheel itself is installed from its path; the cache only holds third-party wheels.
     for stale in cache.glob("edge_agent-*.whl"):
         stale.unlink()
-    install_venv(stage, wheel, pins, target_args, cache, python)
+    install_venv(stage, wheel, pins=pins, target_args=target_args, cache=cache, python=python)
     install_files(stage, version, python)
     normalize_permissions(stage)
     write_control(stage, version, arch, python, glibc)
