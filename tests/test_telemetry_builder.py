@@ -110,9 +110,14 @@ def test_malformed_runtime_stats_and_failing_collectors_do_not_stop_telemetry(ca
 def test_value_outside_the_contract_is_dropped_field_by_field():
     s = _system()
     s["cpu_percent"] = "not a number"
+    s["temperatures_c"] = {"CPU": 37.5, "bogus": "hot"}
     b = TelemetryBuilder("box", system=lambda: s, clock=Clock())
-    t = b.build(_stats())
-    assert t.cpu_percent is None and t.gpu_util == 37.0 and t.requests == 200
+    stats = _stats()
+    stats["queue_depth"] = "deep"
+    t = b.build(stats)
+    assert t.cpu_percent is None and t.queue_depth is None
+    assert t.gpu_util == 37.0 and t.requests == 200 and t.temperatures_c == {"CPU": 37.5}
+    _validate(t)
 
 
 def test_telemetry_from_a_real_inference_service_validates():

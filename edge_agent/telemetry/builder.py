@@ -98,7 +98,10 @@ class TelemetryBuilder:
             logger.warning("telemetry fields rejected (%s); sending the message without them", e.errors()[0]["loc"])
             bad = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
             keep = ("device_id", "ts", "seq", "period_s", "uptime_s")
-            t = Telemetry(**{k: v for k, v in fields.items() if k in keep or k not in bad})
+            try:
+                t = Telemetry(**{k: v for k, v in fields.items() if k in keep or k not in bad})
+            except ValidationError:
+                t = Telemetry(**{k: fields[k] for k in keep})
         self._seq += 1
         return t
 
@@ -144,8 +147,13 @@ class TelemetryBuilder:
             logger.warning("system statistics failed: %s", e)
             return {}
         out = {k: sysd.get(k) for k in _SYSTEM_FIELDS if sysd.get(k) is not None}
-        temps = sysd.get("temperatures_c") or {}
-        out["temperatures_c"] = {str(k): float(v) for k, v in temps.items()}
+        temps: Dict[str, float] = {}
+        for k, v in (sysd.get("temperatures_c") or {}).items():
+            try:
+                temps[str(k)] = float(v)
+            except (TypeError, ValueError):
+                logger.debug("temperature %r=%r is not a number; left out", k, v)
+        out["temperatures_c"] = temps
         if sysd.get("source"):
             out["source"] = sysd["source"]
         return out
