@@ -109,7 +109,8 @@ def main() -> int:
     iterations = 20 if args.quick else 60
     figures = []
     tune = tuned_vs_batch1(iterations=iterations, backend=args.backend)
-    for model, batch in (("large", 1), ("large", int(tune["tuned"])), ("small", 1)):
+    cases = [("large", b) for b in sorted({1, 8, int(tune["tuned"])})] + [("small", 1), ("small", 8)]
+    for model, batch in cases:
         r = overhead(model, batch, blocks=blocks, per_block=per_block, threads=args.threads)
         figures.append(figure("%s batch %d: engine path median latency" % (model, batch), r["engine_ms"], "ms",
                               baseline=r["raw_ms"], higher_is_better=False))

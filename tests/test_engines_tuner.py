@@ -138,3 +138,35 @@ def test_unusable_cache_dir_is_a_resource_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ResourceError, match="not writable"):
         EngineCache(blocker / "cache")
+
+
+class _Recorder:
+    """An Engine that records the batch of every call (no model behind it)."""
+
+    def __new__(cls):
+        import numpy as np
+
+        from edge_agent.engines.base import Engine, TensorSpec
+
+        class Rec(Engine):
+            backend = "record"
+
+            def __init__(self):
+                super().__init__(inputs=[TensorSpec("x", "float32", (-1, 3))],
+                                 outputs=[TensorSpec("y", "float32", (-1, 3))], max_batch=8)
+                self.calls = []
+
+            def _infer_impl(self, feed):
+                self.calls.append(len(feed["x"]))
+                return {"y": np.zeros_like(feed["x"])}
+
+        return Rec()
+
+
+def test_candidates_are_measured_round_robin_so_a_load_burst_is_shared():
+    eng = _Recorder()
+    table = measure_batches(eng, [1, 4], iterations=10, warmup=1, rounds=5)
+    measured = eng.calls[2:]  # after one warm-up call per batch
+    assert len(measured) == 20
+    assert measured[:4] == [1, 1, 4, 4] and measured[4:8] == [1, 1, 4, 4]
+    assert [t.batch for t in table] == [1, 4]

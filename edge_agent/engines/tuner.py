@@ -118,28 +118,42 @@ def measure_batches(
     *,
     iterations: int,
     warmup: int = 2,
+    rounds: int = 5,
     memory_at: Optional[Callable[[int], Optional[int]]] = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> List[BatchMeasurement]:
-    """Time `engine.infer` at each batch size: p50/p99 of per-call latency and items per second."""
+    """Time `engine.infer` at each batch size: p50/p99 of per-call latency and items per second.
+
+    The candidates are measured round-robin (`rounds` rounds of about iterations/rounds calls each), so
+    a burst of load from elsewhere on the device spreads over all candidates instead of sinking one.
+    Throughput is items over the summed wall time of that batch's calls (outliers included).
+    """
+    batches = [int(b) for b in batches]
+    rounds = max(1, min(int(rounds), int(iterations)))
+    per_round = -(-int(iterations) // rounds)
+    feeds = {b: make_feed(engine.inputs, b, seed=b) for b in batches}
+    for b in batches:
+        for _ in range(warmup):
+            engine.infer(feeds[b])
+    times: Dict[int, List[float]] = {b: [] for b in batches}
+    wall: Dict[int, float] = {b: 0.0 for b in batches}
+    for _ in range(rounds):
+        for b in batches:
+            feed, sink = feeds[b], times[b]
+            t_start = clock()
+            for _ in range(per_round):
+                t0 = clock()
+                engine.infer(feed)
+                sink.append(clock() - t0)
+            wall[b] += clock() - t_start
     table = []
     for b in batches:
-        feed = make_feed(engine.inputs, b, seed=b)
-        for _ in range(warmup):
-            engine.infer(feed)
-        times = []
-        t_start = clock()
-        for _ in range(iterations):
-            t0 = clock()
-            engine.infer(feed)
-            times.append(clock() - t0)
-        total = clock() - t_start
-        ms = np.asarray(times) * 1000.0
+        ms = np.asarray(times[b]) * 1000.0
         table.append(BatchMeasurement(
-            batch=int(b),
+            batch=b,
             p50_ms=float(np.percentile(ms, 50)),
             p99_ms=float(np.percentile(ms, 99)),
-            items_per_s=float(b * iterations / total) if total > 0 else float("inf"),
+            items_per_s=float(b * len(times[b]) / wall[b]) if wall[b] > 0 else float("inf"),
             memory_bytes=memory_at(b) if memory_at else None,
         ))
     return table
