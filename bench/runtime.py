@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     from edge_agent.runtime import calibration
     from edge_agent.runtime.service import InferenceService
 
-    passes = 3 if args.quick else 12
+    passes = 1 if args.quick else 2
+    rounds = 3 if args.quick else 7
     c = args.concurrency
     xc, yc = _load("calib")
     xh, yh = _load("heldout")
@@ -161,45 +162,50 @@ def main(argv=None) -> int:
     # Dynamic batching as served: engine batch = the client concurrency, 1 ms max queue delay.
     batch = min(c, 32)
     cfg = RuntimeConfig(max_queue_delay_ms=1.0, max_queue=256)
-    runs: Dict[str, Dict[str, float]] = {}
-
-    def both(svc, key: str, conc: int, items: int) -> None:
-        svc.set_router(gate="confidence")
-        _drive(svc, xh[:96], yh[:96], concurrency=conc, passes=1, items=items)  # warm-up
-        runs["router" + key] = _drive(svc, xh, yh, concurrency=conc, passes=passes, items=items)
-        svc.set_router(gate="large-only")
-        _drive(svc, xh[:96], yh[:96], concurrency=conc, passes=1, items=items)
-        runs["large" + key] = _drive(svc, xh, yh, concurrency=conc, passes=passes, items=items)
-
-    svc = InferenceService(_Models(small, large, batch), _manifest(tau), tmp, cfg)
-    try:
-        both(svc, "", c, 1)
-    finally:
-        svc.close()
     many_c = max(1, c // 4)
-    svc = InferenceService(_Models(small, large, 32), _manifest(tau), tmp, cfg)
+    svc = InferenceService(_Models(small, large, batch), _manifest(tau), tmp, cfg)
+    svc_many = InferenceService(_Models(small, large, 32), _manifest(tau), tmp, cfg)
+    svc_one = InferenceService(_Models(small, one, 1), _manifest(tau), tmp, RuntimeConfig(max_queue_delay_ms=0.0))
+    # (service, gate, concurrency, items per request) of every configuration measured.
+    configs = {
+        "router": (svc, "confidence", c, 1),
+        "large": (svc, "large-only", c, 1),
+        "router_many": (svc_many, "confidence", many_c, args.items),
+        "large_many": (svc_many, "large-only", many_c, args.items),
+        "one16": (svc_one, "large-only", 16, 1),
+        "seq": (svc_one, "large-only", 1, 1),
+    }
+    # The machine may be shared: configurations are interleaved round by round and each figure is the
+    # median over rounds (ratios are taken within a round, so slow spells hit both sides).
+    per_round: Dict[str, List[Dict[str, float]]] = {k: [] for k in configs}
     try:
-        both(svc, "_many", many_c, args.items)
+        for s, gate, conc, items in configs.values():  # warm-up
+            s.set_router(gate=gate)
+            _drive(s, xh[:96], yh[:96], concurrency=conc, passes=1, items=items)
+        for rnd in range(rounds):
+            keys = list(configs)
+            keys = keys[rnd % len(keys):] + keys[: rnd % len(keys)]
+            for k in keys:
+                s, gate, conc, items = configs[k]
+                s.set_router(gate=gate)
+                per_round[k].append(_drive(s, xh, yh, concurrency=conc, passes=passes, items=items))
     finally:
-        svc.close()
-    svc1 = InferenceService(_Models(small, one, 1), _manifest(tau), tmp, RuntimeConfig(max_queue_delay_ms=0.0))
-    try:
-        svc1.set_router(gate="large-only")
-        _drive(svc1, xh[:96], yh[:96], concurrency=16, passes=1)
-        runs["one16"] = _drive(svc1, xh, yh, concurrency=16, passes=passes)
-        runs["seq"] = _drive(svc1, xh, yh, concurrency=1, passes=max(1, passes // 3))
-    finally:
-        svc1.close()
-    for e in (small, large, one):
-        e.close()
+        for s in (svc, svc_many, svc_one):
+            s.close()
+        for e in (small, large, one):
+            e.close()
+    runs = {k: {m: float(np.median([r[m] for r in v])) for m in v[0]} for k, v in per_round.items()}
+
+    def ratio(a: str, b: str, m: str = "rps") -> float:
+        return float(np.median([x[m] / y[m] for x, y in zip(per_round[a], per_round[b])]))
 
     r, lo, rm, lm = runs["router"], runs["large"], runs["router_many"], runs["large_many"]
     b16, one16, seq = runs["large"], runs["one16"], runs["seq"]
     figures = [
-        figure("router/large-only throughput, 1 item/request, c=%d" % c, r["rps"] / lo["rps"], "x",
+        figure("router/large-only throughput, 1 item/request, c=%d" % c, ratio("router", "large"), "x",
                baseline=1.0, target=2.0),
-        figure("router/large-only throughput, %d items/request, c=%d" % (args.items, many_c), rm["rps"] / lm["rps"],
-               "x", baseline=1.0, target=2.0),
+        figure("router/large-only throughput, %d items/request, c=%d" % (args.items, many_c),
+               ratio("router_many", "large_many"), "x", baseline=1.0, target=2.0),
         figure("router accuracy loss vs large-only (heldout)", (lo["accuracy"] - r["accuracy"]) * 100, "points",
                baseline=0.0, target=0.5, higher_is_better=False),
         figure("router large fraction (heldout)", r["large_fraction"], "fraction", baseline=1.0,
@@ -207,20 +213,20 @@ def main(argv=None) -> int:
         figure("router throughput, 1 item/request", r["rps"], "items/s", baseline=lo["rps"]),
         figure("router throughput, %d items/request" % args.items, rm["rps"], "items/s", baseline=lm["rps"]),
         figure("router p99, 1 item/request", r["p99_ms"], "ms", baseline=lo["p99_ms"], higher_is_better=False),
-        figure("batching gain vs one-at-a-time, both c=16", b16["rps"] / one16["rps"], "x", baseline=1.0,
+        figure("batching gain vs one-at-a-time, both c=16", ratio("large", "one16"), "x", baseline=1.0,
                target=3.0),
-        figure("batching gain vs lone sequential requests (c=1)", b16["rps"] / seq["rps"], "x", baseline=1.0,
+        figure("batching gain vs lone sequential requests (c=1)", ratio("large", "seq"), "x", baseline=1.0,
                target=3.0),
-        figure("batched p99 (c=16) / single-request p99 (c=1)", b16["p99_ms"] / seq["p99_ms"], "x", baseline=1.0,
+        figure("batched p99 (c=16) / single-request p99 (c=1)", ratio("large", "seq", "p99_ms"), "x", baseline=1.0,
                target=2.0, higher_is_better=False),
-        figure("batched p99 (c=16) / one-at-a-time p99 (c=16)", b16["p99_ms"] / one16["p99_ms"], "x", baseline=1.0,
+        figure("batched p99 (c=16) / one-at-a-time p99 (c=16)", ratio("large", "one16", "p99_ms"), "x", baseline=1.0,
                target=2.0, higher_is_better=False),
         figure("batched mean batch (c=16)", b16["mean_batch"], "items", baseline=1.0),
     ]
     print()
-    print_table(figures, "runtime benchmark: %d heldout digits x %d passes, ONNX Runtime CPU, %d intra-op thread(s), "
-                "engine batch %d, max queue delay %.1f ms"
-                % (len(yh), passes, args.threads, batch, cfg.max_queue_delay_ms))
+    print_table(figures, "runtime benchmark: %d heldout digits x %d passes x %d interleaved rounds (medians), "
+                "ONNX Runtime CPU, %d intra-op thread(s), engine batch %d, max queue delay %.1f ms"
+                % (len(yh), passes, rounds, args.threads, batch, cfg.max_queue_delay_ms))
     print()
     names = (("router", r, c, 1), ("large-only", lo, c, 1), ("router", rm, many_c, args.items),
              ("large-only", lm, many_c, args.items), ("one-at-a-time", one16, 16, 1), ("sequential", seq, 1, 1))
@@ -231,7 +237,8 @@ def main(argv=None) -> int:
               m["p99_ms"], m["accuracy"], m["large_fraction"], m["mean_batch"]))
     write_json(args.json, figures, environment(
         onnxruntime=_ort_version(), tau=tau, concurrency=c, multi_item_concurrency=many_c, items_per_request=args.items,
-        passes=passes, intra_op_threads=args.threads, max_queue_delay_ms=cfg.max_queue_delay_ms, engine_batch=batch,
+        passes=passes, rounds=rounds, intra_op_threads=args.threads, max_queue_delay_ms=cfg.max_queue_delay_ms,
+        engine_batch=batch,
         cost_small_ms_per_item=data.cost_small_ms, cost_large_ms_per_item=data.cost_large_ms,
         runs=runs, cpu_count=os.cpu_count(),
     ))
