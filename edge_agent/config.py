@@ -81,6 +81,9 @@ class TransferConfig(_Section):
     chunk_timeout_s: float = Field(10.0, gt=0)
     max_retries: int = Field(8, ge=0)
     progress_interval_s: float = Field(1.0, gt=0)
+    checkpoint_interval_s: float = Field(
+        1.0, gt=0, description="save the chunk map (after syncing the data) this often; a crash re-fetches less"
+    )
 
 
 class EngineConfig(_Section):
@@ -141,6 +144,8 @@ class ProbationConfig(_Section):
         50, ge=1, description="requests seen before an error-rate breach fails probation ahead of the window's end")
     p99_min_requests: int = Field(20, ge=1, description="answered requests a period needs for its p99 to count")
     golden_recheck: bool = True
+    max_window_s: Optional[float] = Field(
+        None, ge=0, description="cap on the window whatever the manifest asks (development rigs, tests)")
 
 
 class SourceConfig(_Section):

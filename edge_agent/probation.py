@@ -3,7 +3,8 @@
 `Probation` is pure logic over the runtime's period stats (the dicts of
 `InferenceService.stats_snapshot(reset=True)`, the same ones telemetry is built from) and a clock:
 
-- window: max(config `window_s`, manifest `probation_s`); min requests: the larger of both.
+- window: max(config `window_s`, manifest `probation_s`), capped by `max_window_s` when set (test rigs);
+  min requests: the larger of both.
 - error rate = errors / requests over the window must stay at or under the manifest's `max_error_rate`.
   A breach fails early, before the window ends, once `early_fail_min_requests` requests were seen.
 - p99 latency vs the manifest's `p99_latency_slo_ms`: only whole-period p99s are known, so the gate
@@ -79,6 +80,8 @@ class Probation:
         golden_recheck: Optional[Callable[[], Any]] = None,
     ) -> None:
         self.window_s = max(float(cfg.window_s), float(gates.probation_s))
+        if cfg.max_window_s is not None:
+            self.window_s = min(self.window_s, float(cfg.max_window_s))
         self.min_requests = max(cfg.min_requests, gates.min_requests)
         self.max_error_rate = float(gates.max_error_rate)
         self.p99_slo_ms = float(gates.p99_latency_slo_ms) if gates.p99_latency_slo_ms is not None else None

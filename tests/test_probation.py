@@ -248,3 +248,10 @@ def test_probation_hook_runs_the_golden_recheck_with_the_record_and_fails_when_s
     stop.set()
     hook = make_probation_hook(ProbationConfig(window_s=60), stop=stop, poll_s=0.01)
     assert hook(None, _manifest_health(probation_s=0)) == INTERRUPTED
+
+
+def test_config_cap_shortens_a_long_manifest_window():
+    p, clock = _probation(gates=HealthGates(probation_s=600), cfg=ProbationConfig(window_s=60, max_window_s=5))
+    assert p.window_s == 5
+    v = _run(p, clock, [period()], step_s=6)
+    assert v is not None and v.passed
