@@ -197,6 +197,10 @@ class ChunkServer:
         self._fds: Dict[str, int] = {}
         self.stats: Dict[str, int] = {"requests": 0, "served_bytes": 0, "refused": 0, "dropped": 0, "malformed": 0}
 
+    def set_rate(self, bytes_per_s: Optional[int]) -> None:
+        """Change the serving rate cap (None: unlimited)."""
+        self._rate = _RateLimit(bytes_per_s)
+
     def on_request(self, msg: Inbound) -> None:
         """Network-thread handler for ``{p}/bundles/fetch``."""
         try:

@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edge_agent.bundle.store import BundleStore
 from edge_agent.config import TransferConfig
@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[str, str, dict], None]
 
-#: Save the chunk map after this many new chunks of a file (or `SAVE_INTERVAL_S`, whichever first).
-SAVE_EVERY_CHUNKS = 16
-SAVE_INTERVAL_S = 0.5
+#: Out-of-order chunks kept in memory for the running hash (beyond this they are re-read from disk).
+MAX_HELD_CHUNKS = 64
 
 
 class TransferCancelled(TransportError):
@@ -75,6 +74,35 @@ class _Target:
     saved_at: float = 0.0
     refetches: int = 0
     keep_in_store: bool = True
+    # Running sha256 over the chunks in file order; chunks that arrive early wait in `held`.
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed: int = 0
+    held: Dict[int, bytes] = field(default_factory=dict)
+
+    def feed(self, index: int, payload: Optional[bytes]) -> None:
+        """Advance the running hash with chunk `index` (None: it is already on disk)."""
+        if index != self.hashed:
+            if payload is not None and len(self.held) < MAX_HELD_CHUNKS:
+                self.held[index] = payload
+            return
+        if payload is None:
+            payload = self._read(index)
+        self.hasher.update(payload)
+        self.hashed += 1
+        while self.hashed < self.cmap.count and self.cmap.has(self.hashed):
+            data = self.held.pop(self.hashed, None)
+            self.hasher.update(data if data is not None else self._read(self.hashed))
+            self.hashed += 1
+
+    def _read(self, index: int) -> bytes:
+        offset, length = self.cmap.chunk_range(index)
+        return os.pread(self.fd, length, offset)
+
+    def reset_hash(self) -> None:
+        """Start the running hash over (the file is fetched again)."""
+        self.hasher = hashlib.sha256()
+        self.hashed = 0
+        self.held.clear()
 
 
 @dataclass
@@ -213,7 +241,8 @@ class Fetcher:
     def _persist(self, t: _Target, force: bool = False) -> None:
         if t.fd < 0 or (not force and t.unsaved == 0):
             return
-        os.fsync(t.fd)
+        # The data the map claims must be on disk before the map is.
+        getattr(os, "fdatasync", os.fsync)(t.fd)
         self.store.save_chunk_map(t.sha256, t.cmap.to_json())
         t.unsaved = 0
         t.saved_at = time.monotonic()
@@ -239,6 +268,8 @@ class Fetcher:
         pending = run.pending
         for t in targets:
             self._open(t)
+            if t.cmap.count and t.cmap.has(0):
+                t.feed(0, None)  # chunks kept from an earlier attempt enter the running hash
             pending.extend((t, i) for i in t.cmap.missing())
         pending.reverse()  # pop() from the end = in file order
         run.remaining.update((t.sha256, t) for t in targets)
@@ -302,7 +333,7 @@ class Fetcher:
                         log.info("chunk %d of %s timed out; asking again", req.index, req.target.label)
                         self._send(bundle, req, stats)
                 for t in remaining.values():
-                    if t.unsaved and (t.unsaved >= SAVE_EVERY_CHUNKS or now - t.saved_at > SAVE_INTERVAL_S):
+                    if t.unsaved and now - t.saved_at > self.cfg.checkpoint_interval_s:
                         self._persist(t)
                 if progress and now - last_progress >= self.cfg.progress_interval_s:
                     done = stats.bytes_resumed + stats.bytes_received
@@ -367,6 +398,7 @@ class Fetcher:
             return
         os.pwrite(t.fd, msg.payload, offset)
         t.cmap.mark(req.index)
+        t.feed(req.index, msg.payload)
         t.unsaved += 1
         stats.chunks_received += 1
         stats.bytes_received += length
@@ -376,16 +408,18 @@ class Fetcher:
     def _finish(self, t: _Target, run: _Run) -> None:
         """A file has all its chunks: check its hash and move it into the store (or fetch it again)."""
         remaining, pending, stats = run.remaining, run.pending, run.stats
+        if t.hashed < t.cmap.count:
+            t.feed(t.hashed, None)  # catch up over chunks the memory bound left on disk only
+        got = t.hasher.hexdigest() if t.cmap.count else hashlib.sha256(b"").hexdigest()
         self._close(t)
         part = self.store.partial_path(t.sha256)
         try:
+            if got != t.sha256:
+                raise IntegrityError("%s hashes to %s…, expected %s…" % (t.label, got[:12], t.sha256[:12]))
             if t.keep_in_store:
-                self.store.add_object_file(part, t.sha256, t.size)
+                # The running hash covered every byte written; the store only syncs and renames.
+                self.store.add_object_file(part, t.sha256, t.size, hashed=True)
                 self.store.drop_partial(t.sha256)
-            else:
-                got = _sha256_path(part)
-                if got != t.sha256:
-                    raise IntegrityError("%s hashes to %s…, expected %s…" % (t.label, got[:12], t.sha256[:12]))
         except IntegrityError as e:
             t.refetches += 1
             stats.files_refetched += 1
@@ -399,15 +433,9 @@ class Fetcher:
                 raise IntegrityError("%s failed its sha256 check %d times; giving up" % (t.label, t.refetches))
             self.store.drop_partial(t.sha256)
             t.cmap.clear()
+            t.reset_hash()
             self._open(t)
             pending.extend((t, i) for i in reversed(list(t.cmap.missing())))
             return
         remaining.pop(t.sha256, None)
 
-
-def _sha256_path(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
