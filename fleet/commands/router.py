@@ -150,6 +150,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     print("small-only accuracy %.4f   large-only accuracy %.4f" % (data.small_accuracy, data.large_accuracy))
     print("measured cost per item at batch %d: small %.4g ms, large %.4g ms"
           % (args.batch, data.cost_small_ms, data.cost_large_ms))
+    print("(throughput estimates count model time only; per-request serving overhead comes on top)")
     if args.plot:
         _plot(Path(args.plot), rows, best, data)
         print("plot written to %s" % args.plot)
