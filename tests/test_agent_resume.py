@@ -32,7 +32,7 @@ def rig(broker, tmp_path, big_bundle):
 
 
 def test_kill_9_mid_transfer_then_restart_completes_with_fewer_bytes_resent(rig, big_bundle):
-    p = rig.start_agent("dev1", extra="[transfer]\nprogress_interval_s = 0.2")
+    p = rig.start_agent("dev1", extra="[transfer]\nprogress_interval_s = 0.2\ncheckpoint_interval_s = 0.25")
     res_proc = subprocess.Popen(
         [sys.executable, "-m", "fleet.cli", "push", str(big_bundle[1]), "--devices", "dev1", "--config",
          str(rig.fleet_toml)], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
