@@ -341,3 +341,16 @@ def test_builder_killed_during_prepare_fails_cleanly_and_serving_models_stay_up(
     import pycuda.driver as cuda
 
     assert cuda.double_state()["allocations"] == 0 and cuda.double_state()["contexts"] == 0
+
+
+def test_discrete_gpu_budget_comes_from_device_memory(trt_double, monkeypatch):
+    from edge_agent.engines.prepare import current_budget
+
+    monkeypatch.setenv("TRT_DOUBLE_MEM_TOTAL", str(4 << 30))
+    dgpu = PlatformInfo(python="3", machine="x86_64", jetson_model=None, l4t_release=None, trt_version="8.6.1.6",
+                        trt_error=None, cuda_version="12.2", gpu_name="Double GPU sm72", compute_capability=(7, 2))
+    cfg = EngineConfig(memory_fraction=0.5, memory_reserve_mb=0)
+    b = current_budget(cfg, dgpu, "tensorrt")
+    assert (b.source, b.total_bytes, b.budget_bytes) == ("cuda", 4 << 30, 2 << 30)
+    # a Jetson's integrated GPU shares system memory: /proc/meminfo, never cudaMemGetInfo
+    assert current_budget(cfg, _platform("8.5.2.2", (7, 2)), "tensorrt").source == "meminfo"

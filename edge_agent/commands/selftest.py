@@ -61,9 +61,9 @@ def _engine_config(args: argparse.Namespace) -> Any:
 
 def run_selftest(args: argparse.Namespace) -> _Report:
     """Run every check; never raises for a device problem (it becomes a failed check)."""
-    from edge_agent.engines.budget import MIB, budget_for_config
+    from edge_agent.engines.budget import MIB
     from edge_agent.engines.platform import detect_platform
-    from edge_agent.engines.prepare import available_backends, choose_backend
+    from edge_agent.engines.prepare import available_backends, choose_backend, current_budget
     from edge_agent.errors import EdgeAgentError
     from edge_agent.selftest import tiny_model_path, tiny_reference_path
 
@@ -96,7 +96,7 @@ def run_selftest(args: argparse.Namespace) -> _Report:
         rep.add("backend", FAIL, str(e))
 
     try:
-        budget = budget_for_config(cfg, unified_memory=plat.unified_memory)
+        budget = current_budget(cfg, plat, "tensorrt" if trt_ok else "onnxruntime")
         rep.add("memory budget", OK if budget.budget_bytes > 0 else FAIL,
                 "%.0f MB (available %.0f MB of %.0f MB via %s, x %.2f - %d MB reserve)" % (
                     budget.budget_bytes / MIB, budget.available_bytes / MIB, budget.total_bytes / MIB, budget.source,

@@ -151,6 +151,17 @@ def _needs_retune(saved: Optional[Dict[str, Any]], budget_bytes: int, cfg: Engin
     return abs(budget_bytes - old) / max(old, 1) > cfg.retune_memory_change
 
 
+def current_budget(cfg: EngineConfig, platform: Optional[PlatformInfo], backend: str = "tensorrt") -> MemoryBudget:
+    """The budget now: free device memory on a discrete GPU used by TensorRT, else system memory."""
+    unified = platform.unified_memory if platform is not None else True
+    cuda_info = None
+    if backend == "tensorrt" and not unified:
+        from edge_agent.engines import _cuda
+
+        cuda_info = _cuda.mem_get_info
+    return budget_for_config(cfg, unified_memory=unified or cuda_info is None, cuda_mem_get_info=cuda_info)
+
+
 # ---------------------------------------------------------------------------------------------- entry
 
 
@@ -173,12 +184,7 @@ def prepare_engines(
     log.info("engine backend: %s (%s)", backend, reason)
     cache = EngineCache(Path(cache_dir))
     if budget is None:
-        cuda_info = None
-        if backend == "tensorrt" and not platform.unified_memory:
-            from edge_agent.engines import _cuda
-
-            cuda_info = _cuda.mem_get_info
-        budget = budget_for_config(cfg, unified_memory=platform.unified_memory, cuda_mem_get_info=cuda_info)
+        budget = current_budget(cfg, platform, backend)
     if budget.budget_bytes <= 0:
         raise ResourceError("memory budget is %d MB (available %d MB × %.2f − %d MB reserve): free memory or lower "
                             "engine.memory_reserve_mb" % (budget.budget_bytes // MIB, budget.available_bytes // MIB,
@@ -488,8 +494,7 @@ def retune_if_needed(
     The engines' max batch (their profile) is kept: shrinking it needs a new `prepare_engines`.
     """
     if budget is None:
-        plat = models.platform
-        budget = budget_for_config(cfg, unified_memory=plat.unified_memory if plat else True)
+        budget = current_budget(cfg, models.platform, models.backend)
     old = models.budget_bytes
     moved = abs(budget.budget_bytes - old) / max(old, 1) > cfg.retune_memory_change
     if not (force or moved):
