@@ -103,6 +103,7 @@ class Ingest:
         self.malformed: Dict[str, int] = {c: 0 for c in (*CHANNELS, "topic")}
         self.listener_errors = 0
         self.last_error = ""
+        self.last_message_at: Optional[float] = None
         self._last_log = 0.0
 
     # ---------------------------------------------------------------------------------- handling
@@ -127,6 +128,7 @@ class Ingest:
             return
         device_id, channel = parsed
         self.received[channel] += 1
+        self.last_message_at = time.time()
         if channel == "status" and not payload:
             return  # a retained status being cleared (device decommissioned)
         try:
@@ -214,5 +216,6 @@ class Ingest:
             "malformed": dict(self.malformed),
             "listener_errors": self.listener_errors,
             "pending_telemetry": len(self._pending),
+            "last_message_at": self.last_message_at,
             "last_error": self.last_error,
         }

@@ -290,9 +290,16 @@ class Registry:
     # ------------------------------------------------------------------------------------ rollouts
 
     def save_rollout(
-        self, rollout: Dict[str, Any], history: Sequence[Tuple[float, str, Optional[str], str]] = ()
+        self,
+        rollout: Dict[str, Any],
+        history: Sequence[Tuple[float, str, Optional[str], str]] = (),
+        devices: Optional[Sequence[Dict[str, Any]]] = None,
     ) -> None:
-        """Store a rollout (a `Rollout.to_dict()`) and append `history` (ts, kind, device, message) atomically."""
+        """Store a rollout (a `Rollout.to_dict()`) and append `history` (ts, kind, device, message) atomically.
+
+        `devices`: only these device entries are written (the ones that changed); default: the rollout's
+        own ``devices`` list."""
+        entries = rollout.get("devices", []) if devices is None else devices
 
         def write(db: sqlite3.Connection) -> None:
             body = {k: v for k, v in rollout.items() if k != "devices"}
@@ -329,7 +336,7 @@ class Registry:
                         e.get("detail") or "",
                         e.get("rollback_attempts") or 0,
                     )
-                    for e in rollout.get("devices", [])
+                    for e in entries
                 ],
             )
             db.executemany(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 from edge_agent.errors import EdgeAgentError
 
@@ -286,6 +286,8 @@ class Rollout:
     reason: str = ""
     rollback_on_stop: bool = True
     devices: Dict[str, DeviceEntry] = field(default_factory=dict)
+    #: Device entries changed since the last `take_dirty()` (so a save writes only those).
+    _dirty: Set[str] = field(default_factory=set, repr=False, compare=False)
 
     # ---------------------------------------------------------------------------------- construction
 
@@ -324,6 +326,7 @@ class Rollout:
         for i, w in enumerate(waves):
             for d in w:
                 r.devices[d] = DeviceEntry(device_id=d, wave=i, prior=priors.get(d), updated=now)
+        r._dirty = set(r.devices)
         return r
 
     def start(self, now: float) -> List[Action]:
@@ -407,6 +410,18 @@ class Rollout:
             "rollback_on_stop": self.rollback_on_stop,
             "devices": [e.to_dict() for e in self.devices.values()],
         }
+
+    def row_dict(self) -> Dict[str, Any]:
+        """`to_dict()` without the device entries (what changes on every step)."""
+        out = self.to_dict()
+        del out["devices"]
+        return out
+
+    def take_dirty(self) -> List[Dict[str, Any]]:
+        """The device entries changed since the last call, as dicts; clears the set."""
+        out = [self.devices[d].to_dict() for d in sorted(self._dirty)]
+        self._dirty = set()
+        return out
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> Rollout:
@@ -572,6 +587,7 @@ class Rollout:
                 acts.append(SendPromote(e.device_id, accept, "rollout %s" % self.rollout_id))
                 e.detail = "promote sent" if accept else "candidate dropped"
                 e.updated = now
+                self._dirty.add(e.device_id)
         acts.append(
             Note(
                 "promoted" if accept else "dropped",
@@ -589,6 +605,7 @@ class Rollout:
         e.detail = detail
         e.updated = now
         self.updated = now
+        self._dirty.add(e.device_id)
 
     def _start_wave(self, i: int, now: float) -> List[Action]:
         self.current_wave = i

@@ -304,7 +304,10 @@ class RolloutRunner:
                 log.info(
                     "rollout %s: %s%s: %s", r.rollout_id, a.kind, " " + a.device_id if a.device_id else "", a.message
                 )
-        self.registry.save_rollout(r.to_dict(), history)
+        dirty = r.take_dirty()
+        if not acts and not dirty:
+            return  # e.g. a progress detail: nothing a restart would need
+        self.registry.save_rollout(r.row_dict(), history, devices=dirty)
         failures = []
         for a in acts:
             if isinstance(a, plan.Note):
@@ -316,7 +319,7 @@ class RolloutRunner:
                 failures.append((now, "send-failed", a.device_id, "%s not sent: %s" % (type(a).__name__, e)))
                 log.warning("rollout %s: command to %s not sent: %s", r.rollout_id, a.device_id, e)
         if failures:
-            self.registry.save_rollout(r.to_dict(), failures)
+            self.registry.save_rollout(r.row_dict(), failures, devices=[])
         if (
             r.final
             and r.rollout_id in self._active

@@ -48,6 +48,9 @@ class SimDevice:
         self.online = True
         self.commands: List[str] = []
         self.deploys: List = []
+        #: Bumped by every deploy and rollback: a step of an older deploy finds it changed and stops
+        #: (a rollback cancels a deploy in flight, as the agent's state machine does).
+        self.gen = 0
         self.refused: List[str] = []
 
 
@@ -232,6 +235,8 @@ class SimFleet:
 
     def _deploy(self, d: SimDevice, bundle: BundleRef, rollout_id: Optional[str]) -> None:
         kind = self.behaviour(d.device_id, bundle)
+        d.gen += 1
+        gen = d.gen
         self.publish_event(d, "command-accepted", "deploy %s v%d" % (bundle.name, bundle.version), bundle, rollout_id)
         if kind == "silent":
             return
@@ -242,11 +247,15 @@ class SimFleet:
             self.publish_status(d)
 
         def fetched() -> None:
+            if d.gen != gen:
+                return
             state("self-testing")
             self.publish_event(d, "fetch-done", "fetched", bundle, rollout_id)
             self.later(step, selftest)
 
         def selftest() -> None:
+            if d.gen != gen:
+                return
             if kind == "fail-selftest":
                 self.publish_event(
                     d, "selftest-failed", "golden top-1 mismatch on 3 of 32 inputs", bundle, rollout_id, level="error"
@@ -260,6 +269,8 @@ class SimFleet:
             self.later(step, probation)
 
         def probation() -> None:
+            if d.gen != gen:
+                return
             if kind == "fail-probation":
                 self.publish_event(
                     d, "probation-failed", "error rate 0.31 over 0.05", bundle, rollout_id, level="error"
@@ -275,6 +286,7 @@ class SimFleet:
         self.later(step, fetched)
 
     def _rollback(self, d: SimDevice, to: Optional[BundleRef], rollout_id: Optional[str], reason: str) -> None:
+        d.gen += 1
         target = to or d.previous
         if target is None:
             self.publish_event(d, "rollback-failed", "no previous bundle", None, rollout_id, level="error")

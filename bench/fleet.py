@@ -1,0 +1,490 @@
+"""Fleet controller benchmark: telemetry ingest from a simulated fleet, and the time to roll out.
+
+Everything runs on loopback against a real mosquitto (tests/mqtt_broker.py):
+
+1. **Ingest.** Publisher processes play N devices, each sending one real `Telemetry` message per second
+   on its own topic (QoS 0, as agents do), for `--seconds`. The same traffic is received twice, one
+   after the other in the same run:
+   * *baseline*: a raw paho subscriber process that only counts messages (the broker's raw rate for
+     this traffic on this machine);
+   * the real controller, `fleet serve` in its own process (shared subscription, parse, validate,
+     batched registry writes), whose counters are read over the RPC afterwards.
+   Figures: messages/s received, messages lost (sent − received, target 0), and for the controller
+   its CPU (percent of one core, from /proc) and peak resident memory.
+2. **Rollout.** `fleet serve` + simulated devices (tests/sim_devices.py: one MQTT session playing every
+   device; each verifies the signed command and reports the events and statuses of a healthy deploy,
+   without fetching bytes) — the time from `rollout.start` (waves 10/30/100) until every device passed
+   probation. Baseline: the same devices, the same signed deploy commands sent directly to all of them at
+   once (no waves, no gates), until every device passed.
+
+    python bench/fleet.py                 # 1,000 and 10,000 devices, rollout to 1,000
+    python bench/fleet.py --quick         # 200 and 2,000 devices, rollout to 200 (< 1 minute)
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench._common import environment, figure, parser, print_table, write_json  # noqa: E402
+
+PREFIX = "bench/v1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(CLK_TCK)
+
+
+def _mem_kib(pid: int) -> Dict[str, int]:
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def _telemetry_template(device_id: str) -> bytes:
+    from edge_agent.protocol.messages import BundleRef, Telemetry
+
+    t = Telemetry(
+        device_id=device_id,
+        ts=1.0,
+        seq=0,
+        period_s=1.0,
+        uptime_s=100.0,
+        qps=42.0,
+        requests=42,
+        errors=0,
+        error_rate=0.0,
+        latency_ms={"p50": 3.1, "p95": 5.2, "p99": 7.9},
+        queue_depth=1,
+        mean_batch=3.5,
+        large_fraction=0.2,
+        tau=0.8,
+        cpu_percent=35.0,
+        mem_used_mb=2100.0,
+        mem_available_mb=5900.0,
+        temperatures_c={"cpu": 48.5, "gpu": 47.0},
+        throttled=False,
+        bundle=BundleRef(name="digits", version=1),
+        engine={"backend": "onnxruntime", "precision": "fp32"},
+    )
+    # ts and seq change per message; everything else is the realistic ~600-byte body.
+    return t.to_json().replace(b'"ts":1.0', b'"ts":%(ts)s').replace(b'"seq":0', b'"seq":%(seq)d')
+
+
+def publisher_main(job: Dict[str, Any], out: Any) -> None:
+    """One publisher process: every device in ``job["ids"]`` sends one telemetry message per second."""
+    host, port, ids, seconds, start_at = job["host"], job["port"], job["ids"], job["seconds"], job["start_at"]
+    import paho.mqtt.client as mqtt
+
+    from edge_agent.protocol import topics
+
+    c = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="pub-%d" % os.getpid(), protocol=mqtt.MQTTv5
+    )
+    c.max_queued_messages_set(0)
+    c.connect(host, port, keepalive=60)
+    for _ in range(50):
+        c.loop(timeout=0.05)
+        if c.is_connected():
+            break
+    tmpl = [(topics.telemetry(PREFIX, d), _telemetry_template(d)) for d in ids]
+    while time.time() < start_at:
+        c.loop(timeout=min(0.05, max(0.0, start_at - time.time())))
+    sent = 0
+    slices = 20  # spread each second's messages over 50 ms slices
+    per_slice = (len(ids) + slices - 1) // slices
+    t0 = time.monotonic()
+    for second in range(int(seconds)):
+        for s in range(slices):
+            due = t0 + second + s / float(slices)
+            while True:
+                now = time.monotonic()
+                if now >= due:
+                    break
+                c.loop(timeout=min(0.01, due - now))
+            now_ts = time.time()
+            for i in range(s * per_slice, min(len(ids), (s + 1) * per_slice)):
+                topic, body = tmpl[i]
+                c.publish(topic, body % {b"ts": b"%.3f" % now_ts, b"seq": second + 1}, qos=0)
+                sent += 1
+            c.loop(timeout=0)
+    behind = time.monotonic() - (t0 + seconds)
+    for _ in range(40):
+        c.loop(timeout=0.05)
+        if not c.want_write():
+            break
+    c.disconnect()
+    out.put({"sent": sent, "behind_s": behind})
+
+
+def raw_subscriber_main(host: str, port: int, ready: Any, out: Any, stop: Any) -> None:
+    """The baseline: count telemetry messages, nothing else."""
+    import paho.mqtt.client as mqtt
+
+    state = {"n": 0, "first": None, "last": None}
+
+    def on_message(client, userdata, msg) -> None:
+        now = time.monotonic()
+        if state["first"] is None:
+            state["first"] = now
+        state["n"] += 1
+        state["last"] = now
+
+    c = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="raw-%d" % os.getpid(), protocol=mqtt.MQTTv5
+    )
+    c.on_message = on_message
+    c.connect(host, port, keepalive=60)
+    c.subscribe("$share/fleet/%s/devices/+/telemetry" % PREFIX, qos=0)
+    for _ in range(40):
+        c.loop(timeout=0.05)
+    ready.set()
+    while not stop.is_set():
+        c.loop(timeout=0.1)
+    out.put({"received": state["n"], "first": state["first"], "last": state["last"]})
+
+
+def run_publishers(host: str, port: int, n: int, seconds: float, processes: int) -> Tuple[int, float, float]:
+    """Start publisher processes, wait for them; (sent, monotonic time of the first publish, worst lag
+    behind schedule in seconds)."""
+    ids = ["sim-%05d" % i for i in range(n)]
+    q: Any = mp.Queue()
+    delay = 2.0 + n / 4000.0  # time to start the processes and build the payloads
+    start_at = time.time() + delay
+    mono_start = time.monotonic() + delay
+    procs = [
+        mp.Process(
+            target=publisher_main,
+            args=({"host": host, "port": port, "ids": ids[k::processes], "seconds": seconds, "start_at": start_at}, q),
+        )
+        for k in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=seconds + 60) for _ in procs]
+    for p in procs:
+        p.join(10)
+    return sum(r["sent"] for r in results), mono_start, max(r["behind_s"] for r in results)
+
+
+# ------------------------------------------------------------------------------------------ controller
+
+
+class ServeProcess:
+    """`fleet serve` in its own process, with a fresh state dir and key."""
+
+    def __init__(self, broker, workdir: Path, *, tick_s: float = 1.0) -> None:
+        from edge_agent.signing import PrivateKey
+
+        self.workdir = workdir
+        self.host, self.port = broker.host, broker.port
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.key = PrivateKey.generate("controller")
+        key_file = workdir / "controller.key"
+        key_file.write_text(self.key.to_text())
+        key_file.chmod(0o600)
+        self.state = workdir / "state"
+        rec = self.state / "store" / "bundles" / "digits"
+        rec.mkdir(parents=True, exist_ok=True)
+        # The rollout phase needs only the store's record of the bundle (simulated devices fetch no bytes).
+        (rec / "2.json").write_text(
+            json.dumps({"name": "digits", "version": 2, "manifest_sha256": "2" * 64, "manifest_size": 2000})
+        )
+        self.config = workdir / "fleet.toml"
+        self.config.write_text(
+            '[mqtt]\nhost = "%s"\nport = %d\nprefix = "%s"\nmax_queued_messages = 100000\n'
+            '[controller]\nkey_file = "%s"\nstate_dir = "%s"\n[rollouts]\ntick_interval_s = %g\n'
+            % (broker.host, broker.port, PREFIX, key_file, self.state, tick_s)
+        )
+        self.log = open(workdir / "serve.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet.cli", "serve", "--config", str(self.config)],
+            cwd=str(ROOT),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.rpc = None
+
+    def connect(self):
+        """An RPC client to this controller (waits until it answers)."""
+        from edge_agent.config import MqttConfig
+        from fleet.rpc import RpcClient, RpcTimeout
+
+        cfg = MqttConfig(host=self.host, port=self.port, prefix=PREFIX)
+        self.rpc = RpcClient.connect(cfg)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.rpc.call("controller.status", timeout_s=2)
+                return self.rpc
+            except RpcTimeout:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("fleet serve did not answer; see %s" % (self.workdir / "serve.log"))
+
+    def status(self) -> Dict[str, Any]:
+        """The controller's own counters."""
+        return self.rpc.call("controller.status", timeout_s=30)
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM) and close the client."""
+        if self.rpc is not None:
+            self.rpc.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+# ----------------------------------------------------------------------------------------------- phases
+
+
+def ingest_baseline(broker, n: int, seconds: float, procs: int) -> Dict[str, float]:
+    """The raw subscriber's view of the traffic."""
+    ready, stop = mp.Event(), mp.Event()
+    q: Any = mp.Queue()
+    sub = mp.Process(target=raw_subscriber_main, args=(broker.host, broker.port, ready, q, stop))
+    sub.start()
+    ready.wait(10)
+    cpu0 = _cpu_seconds(sub.pid)
+    sent, mono_start, behind = run_publishers(broker.host, broker.port, n, seconds, procs)
+    time.sleep(2.0)  # let the subscriber drain
+    cpu = _cpu_seconds(sub.pid) - cpu0
+    stop.set()
+    r = q.get(timeout=30)
+    sub.join(10)
+    # CLOCK_MONOTONIC is system-wide on Linux, so the subscriber's timestamps compare with ours.
+    elapsed = max(1e-9, (r["last"] or mono_start) - mono_start)
+    return {
+        "sent": sent,
+        "received": r["received"],
+        "rate": r["received"] / elapsed,
+        "elapsed_s": elapsed,
+        "cpu_pct": 100.0 * cpu / elapsed,
+        "behind_s": behind,
+    }
+
+
+def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int) -> Dict[str, float]:
+    """The real controller's view of the same traffic."""
+    serve = ServeProcess(broker, workdir)
+    try:
+        serve.connect()
+        before = serve.status()["ingest"]["received"]["telemetry"]
+        cpu0 = _cpu_seconds(serve.proc.pid)
+        t0 = time.monotonic()
+        sent, mono_start, behind = run_publishers(broker.host, broker.port, n, seconds, procs)
+        wall_start = time.time() - (time.monotonic() - mono_start)
+        # Wait until the controller has taken in everything it is going to get.
+        samples: List[Tuple[float, int]] = []
+        last_change = time.monotonic()
+        while time.monotonic() - last_change < 2.0 and time.monotonic() - t0 < seconds + 120:
+            got = serve.status()["ingest"]["received"]["telemetry"] - before
+            if not samples or got != samples[-1][1]:
+                last_change = time.monotonic()
+            samples.append((time.monotonic(), got))
+            time.sleep(0.25)
+        received = samples[-1][1]
+        st = serve.status()
+        # The controller stamps the wall-clock time of the last message it handled.
+        done_at = mono_start + (st["ingest"]["last_message_at"] - wall_start)
+        cpu = _cpu_seconds(serve.proc.pid) - cpu0
+        elapsed = max(1e-9, done_at - mono_start)
+        mem = _mem_kib(serve.proc.pid)
+        return {
+            "sent": sent,
+            "received": received,
+            "rate": received / elapsed,
+            "elapsed_s": elapsed,
+            "cpu_pct": 100.0 * cpu / elapsed,
+            "rss_mib": mem.get("VmHWM", 0) / 1024.0,
+            "malformed": sum(st["ingest"]["malformed"].values()),
+            "devices": st["devices"],
+            "drain_s": max(0.0, done_at - (mono_start + seconds)),
+            "behind_s": behind,
+        }
+    finally:
+        serve.stop()
+
+
+def rollout_phase(broker, workdir: Path, n: int) -> Dict[str, float]:
+    """Time to roll out to `n` simulated devices in waves, and the same deploys sent directly."""
+    from sim_devices import SimFleet
+
+    from edge_agent.config import MqttConfig
+    from edge_agent.protocol.messages import BundleRef
+
+    cfg = MqttConfig(host=broker.host, port=broker.port, prefix=PREFIX, max_queued_messages=100000)
+    serve = ServeProcess(broker, workdir, tick_s=0.2)
+    ids = ["sim-%05d" % i for i in range(n)]
+    fleet = SimFleet(
+        cfg,
+        ids,
+        trusted={serve.key.keyid: serve.key.public},
+        initial=BundleRef(name="digits", version=1),
+        step_s=0.01,
+        client_id="bench-sims",
+    )
+    try:
+        fleet.start()
+        rpc = serve.connect()
+        deadline = time.monotonic() + 60
+        while serve.status()["devices"] < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("controller registered only %d of %d devices" % (serve.status()["devices"], n))
+            time.sleep(0.2)
+        cpu0 = _cpu_seconds(serve.proc.pid)
+        t0 = time.monotonic()
+        r = rpc.call(
+            "rollout.start", {"bundle": {"name": "digits", "version": 2}, "waves": [10, 30, 100]}, timeout_s=120
+        )
+        waves = []
+        while True:
+            s = rpc.call("rollout.status", {"rollout_id": r["rollout_id"], "history": 0}, timeout_s=60)
+            waves = [w["devices"] for w in s["wave_progress"]]
+            if s["state"] in ("succeeded", "halted", "aborted", "stalled"):
+                break
+            if time.monotonic() - t0 > 600:
+                raise RuntimeError("rollout did not finish in 600 s: %s" % s["state"])
+            time.sleep(0.1)
+        rollout_s = time.monotonic() - t0
+        cpu = _cpu_seconds(serve.proc.pid) - cpu0
+        ok = sum(w["succeeded"] for w in s["wave_progress"])
+        # Baseline: the same signed deploy (version 3) to every device at once, timed until all passed.
+        from edge_agent.protocol.commands import sign_command
+        from edge_agent.protocol.messages import DeployArgs
+
+        passed = {"n": 0}
+        seen = set()
+
+        def count(msg) -> None:
+            if b'"probation-passed"' in msg.payload and b'"version":3' in msg.payload and msg.topic not in seen:
+                seen.add(msg.topic)
+                passed["n"] += 1
+
+        from edge_agent.mqtt import MqttSession, require_connected
+        from edge_agent.protocol import topics
+
+        watcher = MqttSession(cfg, client_id="bench-watch", name="bench-watch")
+        watcher.subscribe(topics.all_devices(PREFIX, "events"), count, qos=1)
+        pusher = MqttSession(cfg, client_id="bench-push", outgoing_queue=n + 10, name="bench-push")
+        watcher.start()
+        pusher.start()
+        require_connected(watcher, 10)
+        require_connected(pusher, 10)
+        time.sleep(0.3)
+        args = DeployArgs(bundle=BundleRef(name="digits", version=3), manifest_sha256="3" * 64, manifest_size=3000)
+        t1 = time.monotonic()
+        seq0 = int(time.time() * 1000) + 10**7  # above the controller's counter
+        for d in ids:
+            pusher.publish(
+                topics.commands(PREFIX, d),
+                sign_command(args, device_id=d, seq=seq0, keys=[serve.key], now=int(time.time())),
+                qos=1,
+            )
+        while passed["n"] < n and time.monotonic() - t1 < 300:
+            time.sleep(0.02)
+        direct_s = time.monotonic() - t1
+        watcher.stop()
+        pusher.stop()
+        return {
+            "rollout_s": rollout_s,
+            "state": s["state"],
+            "succeeded": ok,
+            "waves": waves,
+            "direct_s": direct_s,
+            "direct_passed": passed["n"],
+            "cpu_s": cpu,
+        }
+    finally:
+        fleet.stop()
+        serve.stop()
+
+
+def main() -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=None, help="telemetry duration per measurement")
+    args = p.parse_args()
+    from mqtt_broker import Broker
+
+    sizes = (200, 2000) if args.quick else (1000, 10000)
+    rollout_n = 200 if args.quick else 1000
+    seconds = args.seconds or (5.0 if args.quick else 15.0)
+    figures = []
+    details: Dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    with Broker(work / "broker", extra_conf="max_queued_messages 100000\n") as broker:
+        for n in sizes:
+            procs = 1 if n <= 2000 else 2
+            base = ingest_baseline(broker, n, seconds, procs)
+            ctl = ingest_controller(broker, work / ("ingest-%d" % n), n, seconds, procs)
+            details["ingest_%d" % n] = {"baseline": base, "controller": ctl}
+            figures += [
+                figure(
+                    "ingest rate, %d devices x 1 msg/s" % n,
+                    round(ctl["rate"], 1),
+                    "msg/s",
+                    baseline=round(base["rate"], 1),
+                    target=0.95 * n,
+                ),
+                figure(
+                    "messages lost, %d devices" % n,
+                    ctl["sent"] - ctl["received"],
+                    "messages",
+                    baseline=base["sent"] - base["received"],
+                    target=0,
+                    higher_is_better=False,
+                ),
+                figure(
+                    "controller CPU, %d devices" % n,
+                    round(ctl["cpu_pct"], 1),
+                    "% of one core",
+                    baseline=round(base["cpu_pct"], 1),
+                    higher_is_better=False,
+                ),
+                figure("controller peak RSS, %d devices" % n, round(ctl["rss_mib"], 1), "MiB", higher_is_better=False),
+            ]
+        ro = rollout_phase(broker, work / "rollout", rollout_n)
+        details["rollout"] = ro
+        figures.append(
+            figure(
+                "rollout to %d devices (waves %s), until all passed probation"
+                % (rollout_n, "/".join(str(w) for w in ro["waves"])),
+                round(ro["rollout_s"], 2),
+                "s",
+                baseline=round(ro["direct_s"], 2),
+                higher_is_better=False,
+            )
+        )
+        figures.append(figure("rollout devices succeeded", ro["succeeded"], "devices", target=rollout_n))
+    print_table(figures, "fleet controller (%s)" % ("quick" if args.quick else "full"))
+    for k, v in details.items():
+        print("%s: %s" % (k, json.dumps(v, sort_keys=True)))
+    write_json(args.json, figures, environment(seconds_per_measurement=seconds, details=details))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
