@@ -96,8 +96,7 @@ class Agent:
         self._serve_lock = threading.Lock()
         self._worker: Optional[threading.Thread] = None
         self._platform: Optional[PlatformInfo] = None
-        self._telemetry = None
-        self._last_telemetry = None
+        self.publisher = None
         self.api = None
         self.session: Optional[MqttSession] = None
         self.fetcher: Optional[Fetcher] = None
@@ -134,17 +133,50 @@ class Agent:
             self.session.subscribe(topics.commands(self.prefix, self.device_id), self._on_command, qos=1)
             self.session.subscribe(topics.chunks(self.prefix, self.device_id), self.fetcher.on_chunk, qos=1)
             self.session.on_connect(self.publish_status)
+            self._setup_telemetry()
+        hooks = Hooks(prepare=self._prepare, selftest=self._selftest, activate=self._activate, discard=self._discard)
+        if self.publisher is not None:
+            hooks.probation = self._probation_hook()
         self.deployer = Deployer(
-            self.store,
-            hooks=Hooks(prepare=self._prepare, selftest=self._selftest, activate=self._activate,
-                        discard=self._discard),
-            trusted_keys=self._bundle_keys, threshold=self.cfg.trust.signature_threshold, limits=self.cfg.limits,
-            emit=self.emit, on_state=self._on_deploy_state, fetcher=self.fetcher,
+            self.store, hooks=hooks, trusted_keys=self._bundle_keys, threshold=self.cfg.trust.signature_threshold,
+            limits=self.cfg.limits, emit=self.emit, on_state=self._on_deploy_state, fetcher=self.fetcher,
+            stopping=self.stop_event.is_set,
         )
         if bad:
             self.emit("error", "%d store object(s) failed their hash check; quarantined, will be fetched again"
                       % len(bad), level="error", data={"objects": bad[:20]})
         return self
+
+    def _setup_telemetry(self) -> None:
+        """Telemetry and events leave through one ordered path that spools while the broker is away."""
+        from edge_agent.telemetry.publisher import create_publisher, session_publish
+
+        self.publisher = create_publisher(
+            self.cfg.telemetry, device_id=self.device_id, prefix=self.prefix, spool_dir=self.cfg.state_dir / "spool",
+            publish=session_publish(self.session), get_stats=self._period_stats,
+            bundle=lambda: self.store.state.active.ref if self.store.state.active else None,
+            engine=lambda: self._models.describe() if self._models is not None and hasattr(
+                self._models, "describe") else None,
+            malformed=lambda: self.malformed,
+        )
+        self.session.on_connect(self.publisher.notify_connected)
+
+    def _period_stats(self):
+        svc = self._service
+        return svc.stats_snapshot(reset=True) if svc is not None else None
+
+    def _probation_hook(self):
+        from edge_agent.probation import make_probation_hook
+
+        def recheck(record, manifest):
+            return self._selftest(self._models, self.store.bundle_dir(manifest.name, manifest.version), manifest)
+
+        pub = self.publisher
+        return make_probation_hook(
+            self.cfg.probation, stop=self.stop_event, add_listener=pub.add_stats_listener,
+            remove_listener=pub.remove_stats_listener,
+            golden_recheck=recheck if self.cfg.probation.golden_recheck else None,
+        )
 
     def _lock_state_dir(self) -> None:
         """One process per state dir: a second agent, or an install while the service runs, is refused."""
@@ -219,7 +251,9 @@ class Agent:
         ev = Event(device_id=self.device_id, ts=time.time(), seq=seq, kind=kind, level=level, message=message[:2000],
                    bundle=bundle, rollout_id=rollout_id, command_seq=command_seq, data=data or {})
         getattr(log, "warning" if level != "info" else "info")("event %s: %s", kind, message)
-        if self.session is not None:
+        if self.publisher is not None:
+            self.publisher.submit_message(topics.events(self.prefix, self.device_id), ev, qos=1)
+        elif self.session is not None:
             self.session.publish(topics.events(self.prefix, self.device_id), ev.to_json(), qos=1)
 
     def _emit_fetch(self, kind: str, message: str, data: dict) -> None:
@@ -321,6 +355,13 @@ class Agent:
             except EdgeAgentError as e:
                 self.emit("error", "could not restore the active bundle %s v%d: %s"
                           % (st.active.name, st.active.version, e), level="error", bundle=st.active.ref)
+        st = self.store.state
+        if (st.deploy.state == "probation" and st.active is not None and self.is_ready()
+                and self.deployer.hooks.probation is not None):
+            # The agent stopped during probation: the bundle is not proven yet, watch it again.
+            body = self.store.load_manifest(st.active.manifest_sha256)
+            self.deployer._state("probation", st.active.ref, "resumed after restart", st.deploy.rollout_id)
+            self.deployer.run_probation(st.active, body, rollout_id=st.deploy.rollout_id)
         pending = self.store.state.pending
         if pending is not None:
             self.emit("command-accepted", "resuming the interrupted deployment of %s v%d"
@@ -332,7 +373,7 @@ class Agent:
                 raise
             except EdgeAgentError:
                 pass  # reported by the deployer
-        elif st.deploy.state not in ("idle", "active", "failed", "rolled-back"):
+        elif self.store.state.deploy.state not in ("idle", "active", "failed", "rolled-back", "probation"):
             # Interrupted between steps with nothing to resume: say where we are.
             self._on_deploy_state(DeployState(state="active" if st.active else "idle",
                                               bundle=st.active.ref if st.active else None, since=time.time()))
@@ -381,37 +422,9 @@ class Agent:
             log.exception("worker thread failed")
             self.stop_event.set()
 
-    def _telemetry_tick(self) -> None:
-        if self.session is None:
-            return
-        try:
-            if self._telemetry is None:
-                from edge_agent.telemetry.builder import TelemetryBuilder
-                from edge_agent.telemetry.system import collect_system
-
-                use_jtop = self.cfg.telemetry.use_jtop
-                self._telemetry = TelemetryBuilder(
-                    self.device_id, system=lambda: collect_system(use_jtop),
-                    bundle=lambda: self.store.state.active.ref if self.store.state.active else None,
-                    engine=lambda: self._models.describe() if self._models is not None and hasattr(
-                        self._models, "describe") else None,
-                    malformed=lambda: self.malformed,
-                )
-            svc = self._service
-            t = self._telemetry.build(svc.stats_snapshot(reset=True) if svc is not None else None)
-            self._last_telemetry = t
-            self.session.publish(topics.telemetry(self.prefix, self.device_id), t.to_json(), qos=0)
-        except Exception as e:  # telemetry must never stop the agent
-            log.warning("telemetry failed: %s", e)
-
     def metrics_text(self) -> str:
-        """Prometheus text of the last telemetry message."""
-        t = self._last_telemetry
-        if t is None:
-            return ""
-        from edge_agent.telemetry.prometheus import render_prometheus
-
-        return render_prometheus(t, totals=self._telemetry.totals() if self._telemetry is not None else None)
+        """Prometheus text of the latest telemetry."""
+        return self.publisher.metrics_text() if self.publisher is not None else ""
 
     def start(self) -> None:
         """Start the session, the worker and the HTTP API."""
@@ -420,6 +433,8 @@ class Agent:
         self._platform = platform_info(self.cfg.engine.backend)
         if self.session is not None:
             self.session.start()
+        if self.publisher is not None:
+            self.publisher.start()
         if self.cfg.api.enabled:
             from edge_agent.runtime.http_api import ApiServer
 
@@ -432,21 +447,16 @@ class Agent:
                   data={"state_dir": str(self.cfg.state_dir)})
 
     def run(self) -> int:
-        """Main loop until `stop_event`: systemd readiness and watchdog, telemetry."""
+        """Main loop until `stop_event`: systemd readiness and watchdog (telemetry has its own thread)."""
         self.start()
         n = self.notifier
         if n is not None:
             n.ready("started; %s" % ("connecting to the broker" if self.session else "offline"))
-        period = self.cfg.telemetry.period_s
         wd = getattr(n, "watchdog_interval_s", None) if n is not None else None
-        tick = min(period, wd / 2 if wd else period, 1.0)
-        next_telemetry = time.monotonic() + period
+        tick = min(wd / 2, 1.0) if wd else 1.0
         while not self.stop_event.wait(tick):
             if n is not None and wd:
                 n.watchdog()
-            if time.monotonic() >= next_telemetry:
-                next_telemetry += period
-                self._telemetry_tick()
         self.shutdown()
         return 0
 
@@ -463,6 +473,8 @@ class Agent:
             self._worker.join(timeout_s)
         if self.api is not None:
             self.api.stop()
+        if self.publisher is not None:
+            self.publisher.stop()  # flushes queued events while still connected, spools the rest
         if self.session is not None:
             final = self.status(online=False)
             self.session.stop(final=(topics.status(self.prefix, self.device_id), final.to_json(), 1, True))

@@ -70,6 +70,7 @@ class Deployer:
         on_state: Callable[[DeployState], None],
         fetcher: Optional[Fetcher] = None,
         clock: Callable[[], float] = time.time,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.hooks = hooks
@@ -80,6 +81,7 @@ class Deployer:
         self.on_state = on_state
         self.fetcher = fetcher
         self.clock = clock
+        self.stopping = stopping
         self.last_fetch: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------------ helpers
@@ -240,15 +242,37 @@ class Deployer:
                   command_seq=command_seq)
         if self.hooks.probation is not None:
             self._state("probation", ref, None, rid)
-            reason = self.hooks.probation(record, body)
-            if reason is not None:
-                self.emit("probation-failed", reason, level="error", bundle=ref, rollout_id=rid,
-                          command_seq=command_seq)
-                self.rollback(RollbackArgs(reason=reason, rollout_id=rid), command_seq=command_seq, failed=True)
-                return self.store.state.active or record
-            self.emit("probation-passed", "probation of %s v%d passed" % (ref.name, ref.version), bundle=ref,
-                      rollout_id=rid, command_seq=command_seq)
+            return self.run_probation(record, body, rollout_id=rid, command_seq=command_seq)
         self._state("active", ref, None, rid)
+        self.store.gc()
+        return record
+
+    def run_probation(self, record: BundleRecord, body: ManifestBody, *, rollout_id: Optional[str] = None,
+                      command_seq: Optional[int] = None) -> BundleRecord:
+        """Watch the activated bundle's health gates; commit it, or roll back to the previous one.
+
+        Interrupted by a shutdown, nothing is decided: `state.json` keeps saying `probation` and the
+        restarted agent runs it again."""
+        ref = record.ref
+        assert self.hooks.probation is not None
+        reason = self.hooks.probation(record, body)
+        if reason is not None and self.stopping():
+            log.info("probation of %s v%d interrupted by shutdown; it runs again at the next start",
+                     ref.name, ref.version)
+            return record
+        if reason is not None:
+            self.emit("probation-failed", reason, level="error", bundle=ref, rollout_id=rollout_id,
+                      command_seq=command_seq)
+            try:
+                return self.rollback(RollbackArgs(reason=reason, rollout_id=rollout_id), command_seq=command_seq,
+                                     failed=True)
+            except BundleError as e:
+                # Nothing to go back to (first bundle on this device): report it; the operator decides.
+                self._state("failed", ref, "probation failed and %s" % e, rollout_id)
+                return record
+        self.emit("probation-passed", "probation of %s v%d passed" % (ref.name, ref.version), bundle=ref,
+                  rollout_id=rollout_id, command_seq=command_seq)
+        self._state("active", ref, None, rollout_id)
         self.store.gc()
         return record
 

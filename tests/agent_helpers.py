@@ -104,7 +104,7 @@ def agent_toml(path: Path, *, device_id: str, state_dir: Path, port: int, bundle
             "[engine]", 'backend = "onnxruntime"', "tune_iterations = 3", "max_batch_limit = 8",
             "[api]", "enabled = false",
             "[telemetry]", "period_s = 1.0", "use_jtop = false",
-            "[probation]", "window_s = 0",
+            "[probation]", "window_s = 0", "max_window_s = 0",
             extra,
         ]) + "\n",
         encoding="utf-8",

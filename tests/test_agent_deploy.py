@@ -58,7 +58,8 @@ def test_push_to_two_agents_end_to_end(rig, bundles):
     w = rig.watcher
     for dev in ("dev-a", "dev-b"):
         kinds = w.kinds(dev)
-        order = ["command-accepted", "fetch-started", "fetch-done", "bundle-installed", "selftest-passed", "activated"]
+        order = ["command-accepted", "fetch-started", "fetch-done", "bundle-installed", "selftest-passed", "activated",
+                 "probation-passed"]
         assert [k for k in kinds if k in order] == order, kinds
         w.wait_for(lambda d=dev: (w.status[d].get("active") or {}).get("version") == 1 and w.status[d]["ready"], 10)
         assert _active(rig, dev) == ("digits", 1)
