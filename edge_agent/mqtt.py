@@ -481,7 +481,9 @@ class MqttSession:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected.is_set():
             self.stats["disconnects"] += 1
-            log.warning("%s disconnected from %s:%d (%s)", self.name, self.cfg.host, self.cfg.port, reason_code)
+            # Our own clean stop is routine; anything else is worth a warning.
+            (log.warning if self._running.is_set() else log.info)(
+                "%s disconnected from %s:%d (%s)", self.name, self.cfg.host, self.cfg.port, reason_code)
         self.connected.clear()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
