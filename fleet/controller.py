@@ -61,6 +61,17 @@ class ControllerStore:
         hash (and the signatures when `trusted` keys are given). Returns (manifest, sha256, size)."""
         raw, reader = read_bundle(Path(path), max_manifest_bytes=max_manifest_bytes, max_bundle_bytes=max_bundle_bytes)
         with reader:
+            early = read_unverified(raw, max_manifest_bytes=max_manifest_bytes)
+            try:
+                held = self.record(early.name, early.version)
+            except BundleRecordError:
+                held = None
+            if held is not None and held.get("manifest_sha256") != manifest_digest(raw):
+                # Devices may be fetching the stored one right now; a new build needs a new version.
+                raise BundleRecordError(
+                    "bundle %s v%d is already stored with a different manifest; build it with a higher version"
+                    % (early.name, early.version)
+                )
             if trusted:
                 body = verify_manifest(
                     raw, trusted=trusted, threshold=threshold, now=int(time.time()), highest_versions={},

@@ -298,3 +298,16 @@ def test_corrupt_file_every_time_gives_up_after_bounded_refetches(rig_factory, t
     with pytest.raises(IntegrityError, match="giving up"):
         rig.fetcher.fetch_files(_ref(body), rig.store.missing_files(body))
     assert not rig.store.has_object(_sha(blob))
+
+
+def test_controller_refuses_a_different_bundle_under_a_stored_name_and_version(rig_factory, tmp_path):
+    from fleet.controller import BundleRecordError
+
+    rig = rig_factory()
+    first = _bundle(tmp_path, b"one" * 10)
+    rig.add(first)
+    rig.add(first)  # the same bundle again is fine
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(BundleRecordError, match="higher version"):
+        rig.add(_bundle(other, b"two" * 10))
