@@ -44,8 +44,9 @@ class ControlPlane:
         default_waves: Optional[List[float]] = None,
         health: Optional[HealthPolicy] = None,
         tick_interval_s: float = 1.0,
+        telemetry_flush_s: float = 5.0,
+        ingest_backlog: int = 20000,
         share_group: Optional[str] = "fleet",
-        offline_after_s: Optional[float] = None,
     ) -> None:
         self.session = session
         self.prefix = prefix
@@ -58,11 +59,12 @@ class ControlPlane:
             on_status=self.runner.on_status,
             on_event=self.runner.on_event,
             health=health or HealthPolicy(),
+            max_backlog=ingest_backlog,
         )
         self.rpc = RpcServer(session, prefix=prefix, share=share_group is not None)
         self.tick_interval_s = tick_interval_s
+        self.telemetry_flush_s = telemetry_flush_s
         self.share_group = share_group
-        self.offline_after_s = offline_after_s
         self.started_at = time.time()
         self._stop = threading.Event()
         self._ticker: Optional[threading.Thread] = None
@@ -73,6 +75,7 @@ class ControlPlane:
     def start(self) -> None:
         """Resume rollouts from the registry, subscribe, start RPC and the ticker."""
         self.runner.resume_from_registry()
+        self.ingest.start()
         for f in self.ingest.subscriptions(self.share_group):
             self.session.subscribe(f, self._on_device_message, qos=1)
         self.rpc.start()
@@ -87,16 +90,20 @@ class ControlPlane:
         if self._ticker is not None:
             self._ticker.join(5.0)
             self._ticker = None
+        self.ingest.stop()
         self.ingest.flush()
 
     def _on_device_message(self, msg: Inbound) -> None:
-        self.ingest.handle(msg.topic, msg.payload)
+        self.ingest.submit(msg.topic, msg.payload)
 
     def _tick_loop(self) -> None:
+        next_flush = time.monotonic() + self.telemetry_flush_s
         while not self._stop.wait(self.tick_interval_s):
             try:
-                self.ingest.flush()
                 self.runner.tick()
+                if time.monotonic() >= next_flush:
+                    next_flush = time.monotonic() + self.telemetry_flush_s
+                    self.ingest.flush()
             except Exception:  # the ticker must survive a registry hiccup
                 log.exception("controller tick failed")
 

@@ -345,6 +345,7 @@ class Controller:
             resolve_bundle=self.resolve_bundle, share_group=cfg.controller.shared_group, default_waves=r.waves,
             defaults=RolloutParams(r.success_threshold, r.error_threshold, r.device_timeout_s),
             health=HealthPolicy(max_error_rate=r.unhealthy_error_rate), tick_interval_s=r.tick_interval_s,
+            telemetry_flush_s=r.telemetry_flush_s, ingest_backlog=r.ingest_backlog,
         )
 
     def resolve_bundle(self, name: str, version: int) -> Tuple[str, int]:

@@ -4,12 +4,18 @@
 shared subscriptions. It never raises: a payload that does not parse, names another device than its
 topic, or arrives on an unknown topic is logged (rate-limited) and counted. Status and events are
 written at once (they are rare and drive rollouts); telemetry is kept per device in memory and
-written in one batch by `flush()` (the controller calls it every `flush_interval_s`), so a large
-fleet's telemetry costs one transaction per interval, not one per message.
+written in one batch by `flush()` (the controller calls it every few seconds), so a large fleet's
+telemetry costs one transaction per interval, not one per message.
+
+The MQTT network thread only hands messages over (`submit`): parsing runs on the ingest worker thread,
+so the network thread keeps reading (RPC requests stay answerable) however busy ingest is. The hand-over
+is bounded: status and events (which drive rollouts) have their own queue and are taken first; when the
+telemetry queue is full, new telemetry is dropped and counted (`dropped`), never buffered without limit.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -88,6 +94,7 @@ class Ingest:
         on_event: Optional[Callable[[Event], None]] = None,
         health: HealthPolicy = HealthPolicy(),
         max_payload_bytes: int = 1 << 20,
+        max_backlog: int = 20000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
@@ -105,6 +112,74 @@ class Ingest:
         self.last_error = ""
         self.last_message_at: Optional[float] = None
         self._last_log = 0.0
+        self.max_backlog = max_backlog
+        self._cv = threading.Condition()
+        self._q_control: collections.deque = collections.deque()
+        self._q_telemetry: collections.deque = collections.deque()
+        self.dropped: Dict[str, int] = {c: 0 for c in CHANNELS}
+        self._stop = threading.Event()
+        self._worker: Optional[threading.Thread] = None
+        self._busy = False
+
+    # ---------------------------------------------------------------------------------- worker
+
+    def start(self) -> None:
+        """Start the worker thread that processes what `submit` queues."""
+        if self._worker is not None:
+            return
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._work, name="fleet-ingest", daemon=True)
+        self._worker.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Process what is queued (up to `timeout_s`), then stop the worker."""
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout_s)
+            self._worker = None
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Queue one message for the worker (called from the MQTT network thread; never blocks)."""
+        telemetry = topic.endswith("/telemetry")
+        with self._cv:
+            if telemetry:
+                if len(self._q_telemetry) >= self.max_backlog:
+                    self.dropped["telemetry"] += 1
+                    return
+                self._q_telemetry.append((topic, payload))
+            else:
+                # Status and events drive rollouts: a much larger bound, and taken first.
+                if len(self._q_control) >= 10 * self.max_backlog:
+                    self.dropped["events" if topic.endswith("/events") else "status"] += 1
+                    return
+                self._q_control.append((topic, payload))
+            self._cv.notify()
+
+    def drain(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything submitted so far was processed; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._q_control or self._q_telemetry or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.05))
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._q_control and not self._q_telemetry:
+                    self._busy = False
+                    self._cv.notify_all()
+                    if self._stop.is_set():
+                        return
+                    self._cv.wait(0.2)
+                item = self._q_control.popleft() if self._q_control else self._q_telemetry.popleft()
+                self._busy = True
+            self.handle(*item)
 
     # ---------------------------------------------------------------------------------- handling
 
@@ -216,6 +291,8 @@ class Ingest:
             "malformed": dict(self.malformed),
             "listener_errors": self.listener_errors,
             "pending_telemetry": len(self._pending),
+            "queued": len(self._q_control) + len(self._q_telemetry),
+            "dropped": dict(self.dropped),
             "last_message_at": self.last_message_at,
             "last_error": self.last_error,
         }

@@ -50,7 +50,7 @@ class FleetRig:
         self.cfg = FleetConfig(
             mqtt=mqtt_cfg(broker),
             controller=ControllerSection(state_dir=self.state_dir, key_file=tmp / "controller.key"),
-            rollouts=RolloutSection(device_timeout_s=device_timeout_s, tick_interval_s=0.1),
+            rollouts=RolloutSection(device_timeout_s=device_timeout_s, tick_interval_s=0.1, telemetry_flush_s=0.2),
         )
         self.controller: Optional[Controller] = None
         self.fleet = SimFleet(
