@@ -156,3 +156,26 @@ def test_lintian_overrides_each_have_a_reason():
             while lines[j].startswith("edge-agent:"):
                 j -= 1
             assert lines[j].startswith("#"), "override without a reason: %s" % line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("deb-jetpack5", "--arch arm64 --python 3.8 --glibc 2.31"),
+        ("deb-jetpack6", "--arch arm64 --python 3.10 --glibc 2.35"),
+    ],
+)
+def test_make_targets_pass_the_jetpack_platform_to_the_builder(target, expected):
+    proc = subprocess.run(["make", "-n", "-s", "-C", str(REPO), target], check=False, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "packaging/debian/build_deb.py" in proc.stdout
+    assert expected in " ".join(proc.stdout.split())
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_deb_takes_arch_and_python_variables():
+    proc = subprocess.run(["make", "-n", "-s", "-C", str(REPO), "deb", "ARCH=arm64", "PYTHON=3.8"], check=False,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--arch arm64 --python 3.8" in " ".join(proc.stdout.split())
