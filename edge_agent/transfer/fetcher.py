@@ -115,6 +115,51 @@ class _Req:
     payload: bytes = field(default=b"", repr=False)
 
 
+class _Checkpointer:
+    """Syncs partial files and saves their chunk maps off the transfer thread, so a checkpoint (an
+    fdatasync of up to a second of received data) never stalls the pull. The map saved is a snapshot
+    taken before the sync started: it never claims a chunk whose bytes are not on disk."""
+
+    def __init__(self, store: BundleStore) -> None:
+        self.store = store
+        self._q: queue.Queue = queue.Queue()
+        self._busy: set = set()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[str] = None
+
+    def submit(self, fd: int, sha256: str, snapshot: Dict[str, Any]) -> bool:
+        """Queue a checkpoint (False: one for this file is still running; try again later)."""
+        with self._lock:
+            if sha256 in self._busy:
+                return False
+            self._busy.add(sha256)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
+            self._thread.start()
+        self._q.put((os.dup(fd), sha256, snapshot))
+        return True
+
+    def wait(self) -> None:
+        """Until every queued checkpoint is done."""
+        self._q.join()
+
+    def _run(self) -> None:
+        while True:
+            fd, sha256, snapshot = self._q.get()
+            try:
+                getattr(os, "fdatasync", os.fsync)(fd)
+                self.store.save_chunk_map(sha256, snapshot)
+            except OSError as e:
+                self.error = "cannot save download progress: %s" % e
+                log.error("%s", self.error)
+            finally:
+                os.close(fd)
+                with self._lock:
+                    self._busy.discard(sha256)
+                self._q.task_done()
+
+
 @dataclass
 class _Run:
     bundle: BundleRef
@@ -149,6 +194,7 @@ class Fetcher:
         self._token = os.urandom(8)
         self._counter = 0
         self._cancel = threading.Event()
+        self._checkpoints = _Checkpointer(store)
         self.inbox_dropped = 0
 
     # --------------------------------------------------------------------------------- public API
@@ -239,18 +285,26 @@ class Fetcher:
             t.saved_at = time.monotonic()
 
     def _persist(self, t: _Target, force: bool = False) -> None:
+        """Checkpoint: the data the map claims must be on disk before the map is. In the background
+        during the transfer; synchronously (`force`) when the transfer stops."""
         if t.fd < 0 or (not force and t.unsaved == 0):
             return
-        # The data the map claims must be on disk before the map is.
-        getattr(os, "fdatasync", os.fsync)(t.fd)
-        self.store.save_chunk_map(t.sha256, t.cmap.to_json())
+        if force:
+            self._checkpoints.wait()
+            getattr(os, "fdatasync", os.fsync)(t.fd)
+            self.store.save_chunk_map(t.sha256, t.cmap.to_json())
+        elif not self._checkpoints.submit(t.fd, t.sha256, t.cmap.to_json()):
+            return  # the previous checkpoint of this file is still syncing
         t.unsaved = 0
         t.saved_at = time.monotonic()
 
-    def _close(self, t: _Target) -> None:
+    def _close(self, t: _Target, save_map: bool = True) -> None:
         if t.fd >= 0:
             try:
-                self._persist(t, force=True)
+                if save_map:
+                    self._persist(t, force=True)
+                else:
+                    self._checkpoints.wait()  # no late map write after the partial is gone
             finally:
                 os.close(t.fd)
                 t.fd = -1
@@ -332,6 +386,10 @@ class Fetcher:
                             )
                         log.info("chunk %d of %s timed out; asking again", req.index, req.target.label)
                         self._send(bundle, req, stats)
+                if self._checkpoints.error:
+                    from edge_agent.errors import ResourceError
+
+                    raise ResourceError(self._checkpoints.error)
                 for t in remaining.values():
                     if t.unsaved and now - t.saved_at > self.cfg.checkpoint_interval_s:
                         self._persist(t)
@@ -411,7 +469,8 @@ class Fetcher:
         if t.hashed < t.cmap.count:
             t.feed(t.hashed, None)  # catch up over chunks the memory bound left on disk only
         got = t.hasher.hexdigest() if t.cmap.count else hashlib.sha256(b"").hexdigest()
-        self._close(t)
+        # A complete file needs no chunk map: storing it (fsync + rename) is its checkpoint.
+        self._close(t, save_map=False)
         part = self.store.partial_path(t.sha256)
         try:
             if got != t.sha256:
