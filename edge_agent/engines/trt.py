@@ -112,7 +112,10 @@ class TrtEngine(Engine):
             spec = TensorSpec(name=tname, dtype=dtype, shape=shape)
             if engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT:
                 inputs.append(spec)
-                prof = engine.get_tensor_profile_shape(tname, 0)
+                try:
+                    prof = engine.get_tensor_profile_shape(tname, 0)
+                except Exception:  # static inputs have no profile; some versions raise instead of returning []
+                    prof = []
                 max_shapes[tname] = tuple(int(d) for d in prof[2]) if len(prof) == 3 else shape
                 if any(d < 1 for d in max_shapes[tname]):
                     raise EngineError("input %s of the %s plan has no profile for its dynamic axes"
