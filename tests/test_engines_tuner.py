@@ -170,3 +170,18 @@ def test_candidates_are_measured_round_robin_so_a_load_burst_is_shared():
     assert len(measured) == 20
     assert measured[:4] == [1, 1, 4, 4] and measured[4:8] == [1, 1, 4, 4]
     assert [t.batch for t in table] == [1, 4]
+
+
+def test_leftovers_of_a_build_killed_mid_write_are_removed(tmp_path):
+    import os
+    import time
+
+    EngineCache(tmp_path)
+    old = tmp_path / "engines" / ".abc.building.x1.tmp"
+    young = tmp_path / "engines" / ".def.building.x2.tmp"
+    old.write_bytes(b"half a plan")
+    young.write_bytes(b"a build in progress")
+    past = time.time() - 2 * 3600
+    os.utime(str(old), (past, past))
+    EngineCache(tmp_path)
+    assert not old.exists() and young.exists()

@@ -22,6 +22,7 @@ from edge_agent.errors import ResourceError
 log = logging.getLogger(__name__)
 
 META_SCHEMA = "edge-agent/engine-meta/1"
+STALE_TEMP_S = 3600.0  #: temporaries older than this are leftovers of a killed build, not one in progress
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,20 @@ class EngineCache:
                                 % (self.root, e.strerror))
         if not os.access(str(self.root / "engines"), os.W_OK):
             raise ResourceError("engine cache %s is not writable: fix its owner or permissions" % self.root)
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self, older_than_s: float = STALE_TEMP_S) -> None:
+        """Half-written files of builds killed mid-write (young ones may belong to a build in progress)."""
+        import time
+
+        now = time.time()
+        for sub in ("engines", "timing", "tuning"):
+            for p in (self.root / sub).glob(".*.tmp"):
+                try:
+                    if now - p.stat().st_mtime > older_than_s:
+                        p.unlink()
+                except OSError:
+                    pass
 
     def plan_path(self, key: EngineKey) -> Path:
         """Where the plan for `key` lives."""
