@@ -318,6 +318,37 @@ def test_package_holds_no_build_machine_paths(deb, tmp_path):
     assert shebang == "#!/opt/edge-agent/bin/python%s -s" % py
 
 
+@pytest.fixture(scope="session")
+def site_for_this_python(deb, tmp_path_factory) -> Path:
+    """The package's site-packages built for the Python running the tests (3.8 = JetPack 5's on .venv38)."""
+    here = "%d.%d" % sys.version_info[:2]
+    out = tmp_path_factory.mktemp("site")
+    pkg = deb
+    if here != _target_python():
+        proc = _run([sys.executable, str(BUILDER), "--python", here, "--compress", "none", "--out", str(out)],
+                    check=False, timeout=900)
+        assert proc.returncode == 0, "package build for Python %s failed:\n%s" % (here, proc.stderr[-4000:])
+        pkg = Path(proc.stdout.strip().splitlines()[-1])
+    _run(["dpkg-deb", "-x", str(pkg), str(out / "root")])
+    return out / "root" / "opt" / "edge-agent" / "lib" / ("python" + here) / "site-packages"
+
+
+def test_shipped_wheels_are_complete_for_this_python(site_for_this_python):
+    """Only the package's site-packages and the standard library (-S): every agent module imports and the
+    self-test passes, so no dependency is missing for this Python (markers such as tomli's included)."""
+    code = (
+        "import importlib, pkgutil, sys, edge_agent\n"
+        "names = [m.name for m in pkgutil.walk_packages(edge_agent.__path__, 'edge_agent.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "from edge_agent.cli import main\n"
+        "sys.exit(main(['selftest', '--backend', 'onnxruntime', '--json']))\n"
+    )
+    proc = _run([sys.executable, "-S", "-s", "-c", code], check=False, cwd="/", timeout=300,
+                env={"PYTHONPATH": str(site_for_this_python)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["passed"] is True
+
+
 def test_lintian_reports_no_errors(deb):
     lintian = _require_tool("lintian", "lintian")
     # --display-info: unused overrides are reported at info level.

@@ -179,3 +179,34 @@ def test_make_deb_takes_arch_and_python_variables():
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "--arch arm64 --python 3.8" in " ".join(proc.stdout.split())
+
+
+REQUIRES = {
+    "edge-agent": ["pydantic<3,>=2.5", 'tomli>=1.1; python_version < "3.11"', 'onnxruntime>=1.15; extra == "cpu"'],
+    "pydantic": ["typing-extensions>=4.6", 'foo-arm; platform_machine == "aarch64"'],
+    "typing-extensions": [],
+    "tomli": [],
+    "hostonly": [],
+}
+
+
+def test_closure_adds_what_the_target_python_needs_and_pip_skipped_for_the_build_python():
+    env = build_deb.target_marker_env("amd64", "3.8")
+    requires = {k: v for k, v in REQUIRES.items() if k != "tomli"}  # pip ran on 3.11: no tomli
+    needed, missing = build_deb.dependency_closure(["edge-agent"], requires, env)
+    assert missing == ["tomli>=1.1"]
+    assert needed == ["edge-agent", "pydantic", "typing-extensions"]
+
+
+def test_closure_drops_what_only_the_build_python_needed():
+    env = build_deb.target_marker_env("amd64", "3.11")
+    needed, missing = build_deb.dependency_closure(["edge-agent"], REQUIRES, env)
+    assert missing == []
+    assert "tomli" not in needed and "hostonly" not in needed
+    assert "onnxruntime" not in needed  # an extra nobody asked for
+
+
+def test_closure_evaluates_platform_markers_for_the_target_machine():
+    env = build_deb.target_marker_env("arm64", "3.10")
+    _, missing = build_deb.dependency_closure(["edge-agent"], REQUIRES, env)
+    assert missing == ["foo-arm"]
