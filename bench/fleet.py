@@ -288,20 +288,46 @@ def ingest_baseline(broker, n: int, seconds: float, procs: int) -> Dict[str, flo
 
 
 def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int) -> Dict[str, float]:
-    """The real controller's view of the same traffic."""
+    """The real controller's view of the same traffic, and how fast it answers the CLI meanwhile."""
+    import threading
+
+    from fleet.rpc import RpcTimeout
+
     serve = ServeProcess(broker, workdir)
     try:
-        serve.connect()
+        rpc = serve.connect()
         before = serve.status()["ingest"]["received"]["telemetry"]
         cpu0 = _cpu_seconds(serve.proc.pid)
         t0 = time.monotonic()
+        rpc_ms: List[float] = []
+        publishing = threading.Event()
+        publishing.set()
+
+        def probe() -> None:
+            # `devices.list`-sized work is what an operator does during load; controller.status is cheaper.
+            while publishing.is_set():
+                t = time.monotonic()
+                try:
+                    rpc.call("controller.status", timeout_s=60)
+                    rpc_ms.append((time.monotonic() - t) * 1000.0)
+                except RpcTimeout:
+                    rpc_ms.append(60000.0)
+                time.sleep(0.5)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
         sent, mono_start, behind = run_publishers(broker.host, broker.port, n, seconds, procs)
+        publishing.clear()
+        prober.join(70)
         wall_start = time.time() - (time.monotonic() - mono_start)
         # Wait until the controller has taken in everything it is going to get.
         samples: List[Tuple[float, int]] = []
         last_change = time.monotonic()
-        while time.monotonic() - last_change < 2.0 and time.monotonic() - t0 < seconds + 120:
-            got = serve.status()["ingest"]["received"]["telemetry"] - before
+        while time.monotonic() - last_change < 2.0 and time.monotonic() - t0 < seconds + 180:
+            try:
+                got = rpc.call("controller.status", timeout_s=60)["ingest"]["received"]["telemetry"] - before
+            except RpcTimeout:
+                continue
             if not samples or got != samples[-1][1]:
                 last_change = time.monotonic()
             samples.append((time.monotonic(), got))
@@ -321,9 +347,12 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int)
             "cpu_pct": 100.0 * cpu / elapsed,
             "rss_mib": mem.get("VmHWM", 0) / 1024.0,
             "malformed": sum(st["ingest"]["malformed"].values()),
+            "dropped_overload": st["ingest"]["dropped"]["telemetry"],
             "devices": st["devices"],
             "drain_s": max(0.0, done_at - (mono_start + seconds)),
             "behind_s": behind,
+            "rpc_ms_max": max(rpc_ms) if rpc_ms else None,
+            "rpc_ms_median": sorted(rpc_ms)[len(rpc_ms) // 2] if rpc_ms else None,
         }
     finally:
         serve.stop()
@@ -465,6 +494,20 @@ def main() -> int:
                     higher_is_better=False,
                 ),
                 figure("controller peak RSS, %d devices" % n, round(ctl["rss_mib"], 1), "MiB", higher_is_better=False),
+                figure(
+                    "dropped by the bounded ingest backlog, %d devices" % n,
+                    ctl["dropped_overload"],
+                    "messages",
+                    target=0,
+                    higher_is_better=False,
+                ),
+                figure(
+                    "RPC round trip under load (max), %d devices" % n,
+                    ctl["rpc_ms_max"],
+                    "ms",
+                    target=1000,
+                    higher_is_better=False,
+                ),
             ]
         ro = rollout_phase(broker, work / "rollout", rollout_n)
         details["rollout"] = ro

@@ -1,12 +1,13 @@
 """The controller's fleet-management half: registry, ingest, rollouts and the operator RPC, attached to
 the controller's MQTT session.
 
-`ControlPlane` subscribes to every device's status, telemetry and events through MQTT 5 shared
-subscriptions (``$share/fleet/{p}/devices/+/status`` …; several controllers on a clustered broker share
-the load), answers the CLI's RPC methods, and ticks the rollout runner and the telemetry flush once a
-second. The controller (`fleet serve`) supplies two functions: `send_command(device_id, args)` that
-signs and publishes a command, and `resolve_bundle(name, version)` that returns the manifest's sha256
-and size from its bundle store (deploy commands pin the manifest by hash).
+`ControlPlane` subscribes to every device's telemetry and events through MQTT 5 shared subscriptions
+(``$share/fleet/{p}/devices/+/telemetry`` …; several controllers on a clustered broker share the load)
+and to their retained status, answers the CLI's RPC methods, checks rollout timeouts every tick and
+writes telemetry summaries to the registry every `telemetry_flush_s`. The controller (`fleet serve`)
+supplies two functions: `send_command(device_id, args)` that signs and publishes a command, and
+`resolve_bundle(name, version)` that returns the manifest's sha256 and size from its bundle store
+(deploy commands pin the manifest by hash).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class ControlPlane:
 
     def start(self) -> None:
         """Resume rollouts from the registry, subscribe, start RPC and the ticker."""
+        self.runner.start_sender()
         self.runner.resume_from_registry()
         self.ingest.start()
         for f in self.ingest.subscriptions(self.share_group):
@@ -91,6 +93,7 @@ class ControlPlane:
             self._ticker.join(5.0)
             self._ticker = None
         self.ingest.stop()
+        self.runner.stop_sender()
         self.ingest.flush()
 
     def _on_device_message(self, msg: Inbound) -> None:

@@ -1,8 +1,8 @@
 """Ingest of device status, telemetry and events into the registry (and on to the rollout runner).
 
-`Ingest.handle(topic, payload)` is called from the controller's MQTT thread for every message on the
-shared subscriptions. It never raises: a payload that does not parse, names another device than its
-topic, or arrives on an unknown topic is logged (rate-limited) and counted. Status and events are
+`Ingest.handle(topic, payload)` processes one message from the device subscriptions. It never raises:
+a payload that does not parse, names another device than its topic, or arrives on an unknown topic is
+logged (rate-limited) and counted. Status and events are
 written at once (they are rare and drive rollouts); telemetry is kept per device in memory and
 written in one batch by `flush()` (the controller calls it every few seconds), so a large fleet's
 telemetry costs one transaction per interval, not one per message.
@@ -105,7 +105,8 @@ class Ingest:
         self.max_payload_bytes = max_payload_bytes
         self.clock = clock
         self._lock = threading.Lock()
-        self._pending: Dict[str, Tuple[str, float, Dict[str, Any], str]] = {}
+        # Newest validated telemetry per device since the last flush; summarised only when written.
+        self._pending: Dict[str, Telemetry] = {}
         self.received: Dict[str, int] = {c: 0 for c in CHANNELS}
         self.malformed: Dict[str, int] = {c: 0 for c in (*CHANNELS, "topic")}
         self.listener_errors = 0
@@ -235,9 +236,8 @@ class Ingest:
     def _telemetry(self, device_id: str, payload: bytes) -> None:
         t = Telemetry.from_json(payload, max_bytes=self.max_payload_bytes)
         self._check_sender(device_id, t.device_id, "telemetry")
-        entry = (device_id, t.ts, telemetry_summary(t), health_of(t, self.health))
         with self._lock:
-            self._pending[device_id] = entry
+            self._pending[device_id] = t
 
     def _status(self, device_id: str, payload: bytes) -> None:
         s = Status.from_json(payload, max_bytes=self.max_payload_bytes)
@@ -274,7 +274,8 @@ class Ingest:
         if not batch:
             return 0
         try:
-            return self.registry.record_telemetry(batch.values(), now=self.clock())
+            rows = [(d, t.ts, telemetry_summary(t), health_of(t, self.health)) for d, t in batch.items()]
+            return self.registry.record_telemetry(rows, now=self.clock())
         except Exception as e:
             # Keep the newest summaries for the next try rather than lose them.
             with self._lock:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -62,6 +63,47 @@ class RolloutRunner:
         self._lock = threading.RLock()
         self._active: Dict[str, Rollout] = {}
         self.send_failures = 0
+        # Commands are signed and published by a sender thread once started, so a wave of a thousand
+        # deploys never holds up whoever reported the event that started it (the ingest worker).
+        self._outbox: queue.Queue = queue.Queue()
+        self._sender: Optional[threading.Thread] = None
+
+    def start_sender(self) -> None:
+        """Send commands from a background thread from now on (otherwise they are sent inline)."""
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name="rollout-sender", daemon=True)
+            self._sender.start()
+
+    def stop_sender(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued (up to `timeout_s`), then stop the sender thread."""
+        if self._sender is not None:
+            self._outbox.put(None)
+            self._sender.join(timeout_s)
+            self._sender = None
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            self._send(*item)
+
+    def _send(self, rollout_id: str, device_id: str, args: CommandArgs) -> None:
+        try:
+            self.send_command(device_id, args)
+        except EdgeAgentError as e:
+            self.send_failures += 1
+            log.warning("rollout %s: %s command to %s not sent: %s", rollout_id, args.kind, device_id, e)
+            with self._lock:
+                r = self._active.get(rollout_id)
+                body = r.row_dict() if r is not None else self.registry.load_rollout(rollout_id)
+                if body is not None:
+                    body.pop("devices", None)
+                    self.registry.save_rollout(
+                        body,
+                        [(self.clock(), "send-failed", device_id, "%s not sent: %s" % (args.kind, e))],
+                        devices=[],
+                    )
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -308,18 +350,14 @@ class RolloutRunner:
         if not acts and not dirty:
             return  # e.g. a progress detail: nothing a restart would need
         self.registry.save_rollout(r.row_dict(), history, devices=dirty)
-        failures = []
         for a in acts:
             if isinstance(a, plan.Note):
                 continue
-            try:
-                self.send_command(a.device_id, self._command_for(r, a))
-            except EdgeAgentError as e:
-                self.send_failures += 1
-                failures.append((now, "send-failed", a.device_id, "%s not sent: %s" % (type(a).__name__, e)))
-                log.warning("rollout %s: command to %s not sent: %s", r.rollout_id, a.device_id, e)
-        if failures:
-            self.registry.save_rollout(r.row_dict(), failures, devices=[])
+            item = (r.rollout_id, a.device_id, self._command_for(r, a))
+            if self._sender is not None:
+                self._outbox.put(item)
+            else:
+                self._send(*item)
         if (
             r.final
             and r.rollout_id in self._active
