@@ -12,6 +12,7 @@ Everything runs on loopback against a real mosquitto started for the run:
   to a plain paho subscriber in a child process, at the same chunk size and QoS 1, no protocol (no
   requests, no checks, the subscriber only counts bytes). Measured in the same run, per chunk size.
 * **chunk-size sweep**: 64 KiB to 1 MiB on the smaller bundle, agent and baseline each.
+* agent and baseline run in interleaved rounds (3; `--quick`: 2); figures are medians over the rounds.
 * **kill -9 at 50%**: the agent is SIGKILLed when its progress passes 50% and started again; the figure
   is the bytes the controller had to send more than once (served bytes − file size), against the file
   size as the baseline (what a restart from zero would re-send).
@@ -22,6 +23,7 @@ Everything runs on loopback against a real mosquitto started for the run:
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -202,6 +204,24 @@ def _rate(res: Dict[str, Any]) -> float:
     return res["bytes_received"] / res["elapsed_s"] / 1e6
 
 
+def _rounds(run: AgentRun, broker, body, blob: Path, chunk: int, *, rounds: int):
+    """Interleaved agent/raw rounds: (median agent MB/s, median raw MB/s, median ratio, per-round results)."""
+    results = []
+    for _ in range(rounds):
+        raw = baseline(broker, blob, chunk)
+        res = run.pull(body, chunk)
+        res["raw"] = raw
+        results.append(res)
+    agent = statistics.median(_rate(r) for r in results)
+    base = statistics.median(r["raw"] for r in results)
+    ratio = statistics.median(_rate(r) / r["raw"] for r in results)
+    return agent, base, ratio, results
+
+
+def _list(values) -> str:
+    return "/".join("%.0f" % v for v in values)
+
+
 def main() -> int:
     """Run the benchmark."""
     args = parser(__doc__.splitlines()[0]).parse_args()
@@ -209,8 +229,9 @@ def main() -> int:
 
     sizes = [32 * MIB, 64 * MIB] if args.quick else [64 * MIB, 256 * MIB]
     sweep = [64 * KIB, 256 * KIB, 1 * MIB] if args.quick else [64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, 1 * MIB]
-    # Loopback numbers on a small machine are noisy: take the best of `repeats` for agent and baseline alike.
-    repeats = 1 if args.quick else 2
+    # Loopback numbers on a small shared machine are noisy: agent and baseline run in interleaved rounds
+    # and each figure is the median over rounds (the ratio: the median of the per-round ratios).
+    rounds = 2 if args.quick else 3
     figures: List[Dict[str, Any]] = []
     rows: List[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as td:
@@ -227,24 +248,23 @@ def main() -> int:
                 bodies[size] = run.add_bundle("bench-%dm" % (size // MIB), blob)
             # Main figures: each size at the default chunk size.
             for size in sizes:
-                base = max(baseline(broker, blobs[size], DEFAULT_CHUNK) for _ in range(repeats))
-                res = max((run.pull(bodies[size], DEFAULT_CHUNK) for _ in range(repeats)), key=_rate)
-                agent = _rate(res)
+                agent, base, ratio, results = _rounds(run, broker, bodies[size], blobs[size], DEFAULT_CHUNK,
+                                                      rounds=rounds)
                 label = "%d MiB @ 256 KiB" % (size // MIB)
                 figures.append(figure("agent pull %s" % label, round(agent, 1), "MB/s", baseline=round(base, 1)))
-                figures.append(figure("agent/raw ratio %s" % label, round(agent / base, 3), "ratio", baseline=1.0,
+                figures.append(figure("agent/raw ratio %s" % label, round(ratio, 3), "ratio", baseline=1.0,
                                       target=TARGET_RATIO))
-                rows.append("%s: agent %.1f MB/s (%d bytes in %.2f s, %d retries, %d bad), raw %.1f MB/s"
-                            % (label, agent, res["bytes_received"], res["elapsed_s"], res["retries"],
-                               res["bad_chunks"], base))
+                rows.append("%s: agent %s MB/s, raw %s MB/s per round; %d retries, %d bad chunks in all"
+                            % (label, _list(_rate(r) for r in results), _list(r["raw"] for r in results),
+                               sum(r["retries"] for r in results), sum(r["bad_chunks"] for r in results)))
             # Chunk-size sweep on the smaller bundle.
             small = sizes[0]
             for chunk in sweep:
-                base = max(baseline(broker, blobs[small], chunk) for _ in range(repeats))
-                agent = max(_rate(run.pull(bodies[small], chunk)) for _ in range(repeats))
+                agent, base, ratio, _ = _rounds(run, broker, bodies[small], blobs[small], chunk, rounds=rounds)
                 label = "%d MiB @ %d KiB" % (small // MIB, chunk // KIB)
                 figures.append(figure("sweep agent pull %s" % label, round(agent, 1), "MB/s", baseline=round(base, 1)))
-                rows.append("sweep %s: agent %.1f MB/s, raw %.1f MB/s, ratio %.2f" % (label, agent, base, agent / base))
+                rows.append("sweep %s: agent %.1f MB/s, raw %.1f MB/s, ratio %.2f (medians)"
+                            % (label, agent, base, ratio))
             # kill -9 at 50%, restart, completion. On loopback the whole pull takes well under the
             # agent's checkpoint interval (1 s), so the controller is capped to make the pull last about
             # 8 s, as over a real device link; what is re-sent is then what a real link would re-send.

@@ -406,8 +406,7 @@ class Agent:
 
     def _work_loop(self) -> None:
         try:
-            if self.session is not None:
-                self.session.wait_connected(min(10.0, self.cfg.transfer.chunk_timeout_s))
+            # No waiting for the broker: a complete active bundle serves even when the broker is down.
             self.restore()
             while not self.stop_event.is_set():
                 try:
