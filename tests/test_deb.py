@@ -85,9 +85,11 @@ def _target_python() -> str:
 def deb(tmp_path_factory) -> Path:
     """The package for this machine, built like `make deb` (gzip instead of xz to save CI time)."""
     out = tmp_path_factory.mktemp("deb")
+    # A private scratch folder, so a concurrent build in the same checkout cannot pull the tree away.
     proc = _run([sys.executable, str(BUILDER), "--python", _target_python(), "--compress", "gzip",
-                 "--out", str(out)], check=False, timeout=900)
+                 "--out", str(out), "--work", str(out / "work")], check=False, timeout=900)
     assert proc.returncode == 0, "package build failed:\n%s" % proc.stderr[-4000:]
+    shutil.rmtree(str(out / "work"))
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.parent == out
     return path
@@ -325,9 +327,10 @@ def site_for_this_python(deb, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("site")
     pkg = deb
     if here != _target_python():
-        proc = _run([sys.executable, str(BUILDER), "--python", here, "--compress", "none", "--out", str(out)],
-                    check=False, timeout=900)
+        proc = _run([sys.executable, str(BUILDER), "--python", here, "--compress", "none", "--out", str(out),
+                     "--work", str(out / "work")], check=False, timeout=900)
         assert proc.returncode == 0, "package build for Python %s failed:\n%s" % (here, proc.stderr[-4000:])
+        shutil.rmtree(str(out / "work"))
         pkg = Path(proc.stdout.strip().splitlines()[-1])
     _run(["dpkg-deb", "-x", str(pkg), str(out / "root")])
     return out / "root" / "opt" / "edge-agent" / "lib" / ("python" + here) / "site-packages"

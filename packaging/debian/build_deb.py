@@ -418,7 +418,15 @@ def write_control(stage: Path, version: str, arch: str, python: str, glibc: str)
 
 
 def build(
-    *, arch: str, python: str, glibc: str, version: Optional[str], out: Path, cache_root: Path, compress: str
+    *,
+    arch: str,
+    python: str,
+    glibc: str,
+    version: Optional[str],
+    out: Path,
+    cache_root: Path,
+    compress: str,
+    work_root: Optional[Path] = None,
 ) -> Path:
     """Build the package; returns the .deb path."""
     if arch not in MACHINES:
@@ -429,7 +437,7 @@ def build(
         raise BuildError("dpkg-deb not found: apt-get install dpkg")
     version = version or project_version()
     tag = "%s-cp%s-glibc%s" % (arch, python.replace(".", ""), glibc)
-    work = REPO / "build" / "deb" / tag
+    work = (work_root or REPO / "build" / "deb") / tag
     cache = cache_root / tag
     cache.mkdir(parents=True, exist_ok=True)
     stage = work / "root"
@@ -466,11 +474,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--version", help="package version (default: edge_agent.__version__)")
     p.add_argument("--out", type=Path, default=REPO / "dist", help="where the .deb goes")
     p.add_argument("--cache", type=Path, default=REPO / "build" / "wheels", help="wheel cache")
+    p.add_argument("--work", type=Path, default=REPO / "build" / "deb", help="scratch folder (staging tree)")
     p.add_argument("--compress", default="xz", choices=["xz", "gzip", "none"], help="dpkg-deb compression")
     a = p.parse_args(argv)
     try:
         deb = build(arch=a.arch, python=a.python, glibc=a.glibc, version=a.version, out=a.out.resolve(),
-                    cache_root=a.cache.resolve(), compress=a.compress)
+                    cache_root=a.cache.resolve(), compress=a.compress, work_root=a.work.resolve())
     except BuildError as e:
         print("build-deb: error: %s" % e, file=sys.stderr)
         return 1
