@@ -99,3 +99,67 @@ def test_side_load_install_uses_the_same_verify_path(rig, big_bundle, tmp_path):
     assert bad.returncode == 1 and "trust" in bad.stderr
     assert sorted(p.name for p in (rig.tmp / "state-dev9" / "objects" / "sha256").iterdir()) == before
     assert rig.state("dev9")["active"]["version"] == 1
+
+
+def test_broker_outage_mid_transfer_then_completion(rig, big_bundle, broker):
+    """The broker goes away at ~30% and comes back: agent and controller reconnect, the pull resumes
+    where it was, the bundle activates, and the events from the outage arrive afterwards."""
+    rig.start_agent("dev1", extra="[transfer]\nprogress_interval_s = 0.2")
+    push = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "push", str(big_bundle[1]), "--devices", "dev1", "--config",
+         str(rig.fleet_toml)], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    push.wait(30)
+    w = rig.watcher
+    w.wait_for(lambda: any(e["data"].get("percent", 0) >= 30 for e in w.find("dev1", "fetch-progress")), 60,
+               "30% progress")
+    broker.stop()
+    import time
+
+    time.sleep(1.5)
+    broker.start()
+    w.wait_for(lambda: bool(w.find("dev1", "activated")), 90, "activation after the outage")
+    done = w.find("dev1", "fetch-done")[0]["data"]
+    # Chunks that arrived before the outage were not fetched again (at most the window in flight was).
+    assert done["bytes_received"] <= done["bytes_total"] + 8 * 256 * 1024
+    st = rig.state("dev1")
+    assert st["active"]["version"] == 1 and st["pending"] is None
+
+
+def test_rogue_chunk_during_agent_pull_is_caught_and_bundle_installs_verified(rig, big_bundle):
+    """A client with broker access answers one of the agent's requests first, with forged bytes. The
+    agent's file check catches it, fetches the file again, and activates only verified bytes."""
+    import hashlib
+
+    from edge_agent.mqtt import MqttSession
+    from edge_agent.protocol.messages import ChunkRequest
+
+    rig.start_agent("dev1")
+    forged = []
+    rogue = MqttSession(rig.pusher().cfg.mqtt, client_id="rogue")
+
+    def on_request(msg):
+        req = ChunkRequest.from_json(msg.payload)
+        # The blob's fourth chunk; the capped controller answers it ~200 ms after the request.
+        if forged or req.offset != 3 * 256 * 1024 or req.length != 256 * 1024:
+            return
+        forged.append(req.sha256)
+        rogue.publish(msg.response_topic, os.urandom(req.length), qos=1, correlation_data=msg.correlation_data,
+                      user_properties={"sha256": req.sha256, "offset": str(req.offset), "length": str(req.length),
+                                       "total": str(BLOB_BYTES)})
+
+    rogue.subscribe("edge/v1/bundles/fetch", on_request)
+    rogue.start()
+    try:
+        assert rogue.wait_connected(10)
+        res = rig.push(big_bundle[1], ["dev1"], wait=90)
+    finally:
+        rogue.stop()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert forged
+    w = rig.watcher
+    assert any("failed its sha256" in e["message"] for e in w.find("dev1", "error"))
+    assert w.find("dev1", "fetch-done")[0]["data"]["files_refetched"] == 1
+    objects = rig.tmp / "state-dev1" / "objects" / "sha256"
+    for f in objects.iterdir():
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name
+    assert (objects / forged[0]).stat().st_size == BLOB_BYTES
