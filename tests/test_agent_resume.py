@@ -163,3 +163,25 @@ def test_rogue_chunk_during_agent_pull_is_caught_and_bundle_installs_verified(ri
     for f in objects.iterdir():
         assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name
     assert (objects / forged[0]).stat().st_size == BLOB_BYTES
+
+
+def test_sigterm_mid_transfer_is_clean_and_the_restart_resumes(rig, big_bundle):
+    """SIGTERM during a pull: exit code 0, the partial data and the pending deploy are kept (no half
+    state), and the next start finishes the pull from where it stopped."""
+    p = rig.start_agent("dev1", extra="[transfer]\nprogress_interval_s = 0.2")
+    push = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "push", str(big_bundle[1]), "--devices", "dev1", "--config",
+         str(rig.fleet_toml)], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    push.wait(30)
+    w = rig.watcher
+    w.wait_for(lambda: any(e["data"].get("percent", 0) >= 40 for e in w.find("dev1", "fetch-progress")), 60,
+               "40% progress")
+    p.terminate()
+    assert p.wait(20) == 0
+    st = rig.state("dev1")
+    assert st["pending"] is not None and st["active"] is None
+    assert "fetch-failed" not in w.kinds("dev1")  # a shutdown is not a failure
+    rig.start_agent("dev1")
+    w.wait_for(lambda: bool(w.find("dev1", "activated")), 60, "activation after restart")
+    data = w.find("dev1", "fetch-done")[0]["data"]
+    assert data["bytes_resumed"] > 0 and data["bytes_received"] < BLOB_BYTES
