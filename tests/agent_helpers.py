@@ -26,6 +26,7 @@ MIB = 1 << 20
 def build_sample_bundle(
     out_dir: Path, key: PrivateKey, *, version: int = 1, name: str = "digits",
     extra: Optional[Dict[str, bytes]] = None, extra_files: Optional[Dict[str, Path]] = None,
+    now: Optional[int] = None, expires_in_days: Optional[float] = None,
 ) -> Path:
     """The sample digits bundle (real ONNX models and golden outputs) at `version`, with optional extra
     payload files added to the manifest and re-signed."""
@@ -36,13 +37,15 @@ def build_sample_bundle(
     spec_text = SAMPLE_SPEC.read_text(encoding="utf-8")
     spec_text = re.sub(r"(?m)^version = \d+", "version = %d" % version, spec_text)
     spec_text = re.sub(r'(?m)^name = "[^"]*"', 'name = "%s"' % name, spec_text)
+    if expires_in_days is not None:
+        spec_text = re.sub(r"(?m)^expires_in_days = .*$", "expires_in_days = %s" % expires_in_days, spec_text)
     base = SAMPLE_SPEC.parent
     for fname in ("small.onnx", "large.onnx", "golden.npz"):
         spec_text = spec_text.replace('"%s"' % fname, '"%s"' % (base / fname))
     spec = out_dir / ("spec-%s-%d.toml" % (name, version))
     spec.write_text(spec_text, encoding="utf-8")
     plain = out_dir / ("%s-%d.plain.bundle" % (name, version))
-    build_bundle(spec, key, plain)
+    build_bundle(spec, key, plain, now=now)
     if not extra and not extra_files:
         return plain
     extra_paths: Dict[str, Path] = dict(extra_files or {})

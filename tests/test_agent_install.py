@@ -1,0 +1,70 @@
+"""Side-loading through the agent's deployer, in-process with real models: the trusted clock floor,
+the store quota, and what stays on disk after a refusal."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from agent_helpers import build_sample_bundle, write_key
+
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig
+from edge_agent.errors import ExpiredError, ResourceError
+
+DAY = 86400
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return write_key(tmp_path / "keys", "release")
+
+
+def _agent(tmp_path, **limits) -> Agent:
+    cfg = AgentConfig.model_validate({
+        "device_id": "dev1", "state_dir": str(tmp_path / "state"),
+        "trust": {"bundle_keys_dir": str(tmp_path / "keys"), "command_keys": []},
+        "engine": {"backend": "onnxruntime", "tune_iterations": 3, "max_batch_limit": 8},
+        "api": {"enabled": False}, "limits": limits,
+    })
+    return Agent(cfg).build(with_mqtt=False)
+
+
+def test_clock_at_1970_neither_refuses_everything_nor_admits_an_expired_bundle(tmp_path, keys):
+    now = int(time.time())
+    fresh = build_sample_bundle(tmp_path / "b", keys, version=1, now=now)
+    stale = build_sample_bundle(tmp_path / "b", keys, version=2, now=now - 3 * DAY, expires_in_days=1)
+    agent = _agent(tmp_path)
+    try:
+        agent.deployer.clock = lambda: 0.0  # a Jetson that booted before NTP
+        agent.deployer.install_file(fresh, max_bundle_bytes=1 << 30)
+        st = agent.store.state
+        assert st.active.version == 1 and st.time_floor >= now - 5
+        # The floor (the newest signed time seen) stands in for the clock: v2 expired before it.
+        with pytest.raises(ExpiredError):
+            agent.deployer.install_file(stale, max_bundle_bytes=1 << 30)
+        after = agent.store.state
+        assert after.active.version == 1 and after.highest_versions == {"digits": 1}
+    finally:
+        agent.shutdown(timeout_s=1)
+
+
+def test_store_quota_refuses_a_bundle_before_writing_its_files(tmp_path, keys):
+    bundle = build_sample_bundle(tmp_path / "b", keys, version=1, extra={"extra/blob.bin": b"z" * (2 << 20)})
+    agent = _agent(tmp_path, store_quota_bytes=1 << 20)
+    try:
+        with pytest.raises(ResourceError, match="quota"):
+            agent.deployer.install_file(bundle, max_bundle_bytes=1 << 30)
+        assert not list(agent.store.objects_dir.iterdir())
+        assert agent.store.state.active is None
+    finally:
+        agent.shutdown(timeout_s=1)
+
+
+def test_second_agent_on_the_same_state_dir_is_refused(tmp_path, keys):
+    first = _agent(tmp_path)
+    try:
+        with pytest.raises(ResourceError, match="in use by another edge-agent"):
+            _agent(tmp_path)
+    finally:
+        first.shutdown(timeout_s=1)
