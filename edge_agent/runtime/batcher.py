@@ -3,16 +3,20 @@
 A request waits until the batch is full (the tuned batch size) or the first request of the batch has
 waited `max_queue_delay_ms`, whichever comes first. A full queue refuses at once with `OverloadedError`
 (counted); nothing builds an unbounded backlog. Latency is measured from arrival to answer.
+
+The hand-offs are kept cheap because they run for every request: the queue is a deque guarded by the
+same lock as its item count (one lock round trip per submit, one per batch collected), the worker sleeps
+on a plain lock that a submit releases, and each `Ticket` is answered by releasing one lock.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import Future
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional
 
 import numpy as np
 
@@ -23,14 +27,15 @@ from edge_agent.runtime.stats import LatencyRecorder
 
 log = logging.getLogger(__name__)
 
-#: How often an idle worker wakes to notice `close()` (close also wakes it with `_STOP`).
+#: How often an idle worker wakes up on its own (close also wakes it at once).
 _IDLE_POLL_S = 0.5
-_STOP = object()
+# Ticket states.
+_PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
 
 
 class BatchItemResult:
-    """What a batcher future resolves to: the outputs of one entry (one item without a batch axis, or a
-    chunk with one) and the size of the batch it ran in."""
+    """What a ticket resolves to: the outputs of one entry (one item without a batch axis, or a chunk
+    with one) and the size of the batch it ran in."""
 
     __slots__ = ("batch_size", "latency_ms", "outputs")
 
@@ -40,19 +45,71 @@ class BatchItemResult:
         self.latency_ms = latency_ms
 
 
-class _Pending:
-    __slots__ = ("arrival", "future", "item", "n", "single")
+class Ticket:
+    """One queued entry and its pending answer.
 
-    def __init__(self, item: Dict[str, np.ndarray], arrival: float, n: int, single: bool) -> None:
+    It offers the part of `concurrent.futures.Future` that callers use -- `result(timeout)`, `cancel()`,
+    `cancelled()`, `done()` -- with the same exceptions (`concurrent.futures.TimeoutError`,
+    `CancelledError`), but the answer is handed over by releasing a single lock rather than through a
+    Condition. A ticket is cancelled only while it waits in the queue; once its batch runs it is answered.
+    """
+
+    __slots__ = ("_done", "_error", "_result", "_state", "_state_lock", "arrival", "item", "n", "single")
+
+    def __init__(self, item: Dict[str, np.ndarray], arrival: float, n: int, single: bool,
+                 state_lock: threading.Lock) -> None:
         self.item = item
         self.arrival = arrival
         self.n = n
         self.single = single
-        self.future: Future = Future()
+        self._state = _PENDING
+        self._state_lock = state_lock  # the batcher's lock: guards PENDING -> RUNNING / CANCELLED
+        self._result: Optional[BatchItemResult] = None
+        self._error: Optional[BaseException] = None
+        self._done = threading.Lock()
+        self._done.acquire()  # released once, when the ticket is answered or cancelled
+
+    def result(self, timeout: Optional[float] = None) -> BatchItemResult:
+        """The answer; waits up to `timeout` seconds (forever when None). Raises the batch's error,
+        `concurrent.futures.TimeoutError` or `concurrent.futures.CancelledError`."""
+        if self._state < _CANCELLED:
+            wait = -1.0 if timeout is None else min(max(0.0, float(timeout)), threading.TIMEOUT_MAX)
+            if not self._done.acquire(True, wait):
+                raise concurrent.futures.TimeoutError()
+            self._done.release()  # let any other waiter through too
+        if self._state == _CANCELLED:
+            raise concurrent.futures.CancelledError()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> bool:
+        """Withdraw the entry if its batch has not started; True when it is (or already was) cancelled."""
+        with self._state_lock:
+            if self._state == _PENDING:
+                self._state = _CANCELLED
+                self._done.release()
+                return True
+            return self._state == _CANCELLED
+
+    def cancelled(self) -> bool:
+        """Whether the entry was withdrawn before running."""
+        return self._state == _CANCELLED
+
+    def done(self) -> bool:
+        """Whether the ticket is answered or cancelled."""
+        return self._state >= _CANCELLED
+
+    def _finish(self, result: Optional[BatchItemResult], error: Optional[BaseException]) -> None:
+        self._result = result
+        self._error = error
+        self._state = _FINISHED
+        self._done.release()
 
 
 class DynamicBatcher:
-    """Batches queued items for one engine; `submit`/`submit_chunk` return Futures of `BatchItemResult`.
+    """Batches queued items for one engine; `submit`/`submit_chunk` return `Ticket`s of `BatchItemResult`.
 
     The queue bound counts items, not requests: a chunk of 32 items takes 32 places.
     """
@@ -67,11 +124,13 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue = int(max_queue)
         self._clock = clock
-        self._q: queue.Queue = queue.Queue()  # bounded by `_depth` (items), checked in `_admit`
-        self._depth = 0
-        self._carry: Optional[_Pending] = None  # an entry that did not fit the previous batch
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the queue, its item count, the counters, ticket states
+        self._queue: Deque[Ticket] = collections.deque()
+        self._depth = 0  # items in `_queue` (bounded by max_queue)
+        self._closed = False
+        self._sleeping = False  # the worker waits on `_wake`; a submit or close releases it
+        self._wake = threading.Lock()
+        self._wake.acquire()
         self.latency = LatencyRecorder()
         self._batches = 0
         self._items = 0
@@ -83,44 +142,45 @@ class DynamicBatcher:
         self._thread.start()
 
     # ------------------------------------------------------------------------------------------ submit
-    def submit(self, item: Dict[str, np.ndarray]) -> Future:
+    def submit(self, item: Dict[str, np.ndarray]) -> Ticket:
         """Queue one item (arrays without the batch axis). Raises OverloadedError when the queue is full."""
-        p = _Pending(item, self._clock(), 1, True)
-        self._admit([p])
-        return p.future
+        t = Ticket(item, self._clock(), 1, True, self._lock)
+        self._admit([t], 1)
+        return t
 
-    def submit_chunk(self, items: Dict[str, np.ndarray]) -> List[Future]:
+    def submit_chunk(self, items: Dict[str, np.ndarray]) -> List[Ticket]:
         """Queue several items at once (arrays with a batch axis), split into pieces of at most the max
         batch; all are admitted or none (OverloadedError)."""
         n = len(next(iter(items.values())))
         now = self._clock()
-        pending = [
-            _Pending({k: v[s : s + self.max_batch] for k, v in items.items()}, now, min(self.max_batch, n - s), False)
-            for s in range(0, n, self.max_batch)
+        mb = self.max_batch
+        tickets = [
+            Ticket({k: v[s : s + mb] for k, v in items.items()}, now, min(mb, n - s), False, self._lock)
+            for s in range(0, n, mb)
         ]
-        self._admit(pending)
-        return [p.future for p in pending]
+        self._admit(tickets, n)
+        return tickets
 
-    def _admit(self, pending: List[_Pending]) -> None:
-        if self._closed.is_set():
-            raise ServiceClosedError("the %s model is not serving any more" % self.name)
-        n = sum(p.n for p in pending)
+    def _admit(self, tickets: List[Ticket], n: int) -> None:
         with self._lock:
-            if self._depth + n > self.max_queue:
+            if self._closed:
+                raise ServiceClosedError("the %s model is not serving any more" % self.name)
+            depth = self._depth
+            if depth + n > self.max_queue:
                 self._refused += 1
                 self._total_refused += 1
-                full = True
             else:
-                self._depth += n
-                full = False
-        if full:
-            raise OverloadedError(
-                "the %s model's queue is full (%d items waiting, limit %d); retry later"
-                % (self.name, self._depth, self.max_queue),
-                retry_after_s=max(0.1, self.max_queue_delay_s * 4),
-            )
-        for p in pending:
-            self._q.put_nowait(p)
+                self._depth = depth + n
+                self._queue.extend(tickets)
+                if self._sleeping:
+                    self._sleeping = False
+                    self._wake.release()
+                return
+        raise OverloadedError(
+            "the %s model's queue is full (%d items waiting, limit %d); retry later"
+            % (self.name, depth, self.max_queue),
+            retry_after_s=max(0.1, self.max_queue_delay_s * 4),
+        )
 
     def queue_depth(self) -> int:
         """Items waiting (not counting the batch running now)."""
@@ -132,61 +192,75 @@ class DynamicBatcher:
         return self._total_refused
 
     # ------------------------------------------------------------------------------------------ worker
-    def _take(self, timeout: Optional[float]) -> Optional[_Pending]:
-        """The carried-over entry, else the next queued one (None on timeout or stop)."""
-        if self._carry is not None:
-            p, self._carry = self._carry, None
-            return p
-        try:
-            p = self._q.get_nowait() if timeout is None else self._q.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if p is _STOP:
-            return None
+    def _wait(self, timeout: float) -> bool:
+        """True at once when entries are queued; otherwise sleep up to `timeout` s for a submit. False
+        when closed or still empty."""
         with self._lock:
-            self._depth -= p.n
-        return p
+            if self._closed:
+                return False
+            if self._queue:
+                return True
+            self._sleeping = True
+        woken = self._wake.acquire(True, timeout)
+        with self._lock:
+            if not woken:
+                if self._sleeping:
+                    self._sleeping = False
+                else:  # a submit released `_wake` just after the timeout: take it back
+                    self._wake.acquire()
+            return bool(self._queue) and not self._closed
 
-    def _collect(self) -> Optional[List[_Pending]]:
-        first = self._take(_IDLE_POLL_S)
-        if first is None:
+    def _collect(self) -> Optional[List[Ticket]]:
+        """The next batch: queued entries in order until the max batch is reached (an entry that does not
+        fit stays queued for the next one) or the first entry has waited the max queue delay."""
+        if not self._wait(_IDLE_POLL_S):
             return None
-        batch = [first]
-        size = first.n
-        deadline = first.arrival + self.max_queue_delay_s
-        while size < self.max_batch:
+        batch: List[Ticket] = []
+        size = 0
+        deadline = None
+        q = self._queue
+        max_batch = self.max_batch
+        while True:
+            with self._lock:
+                while q and size + q[0].n <= max_batch:
+                    t = q.popleft()
+                    self._depth -= t.n
+                    batch.append(t)
+                    size += t.n
+                stop = size >= max_batch or bool(q) or self._closed
+            if not batch:
+                return None
+            if stop:
+                break
+            if deadline is None:
+                deadline = batch[0].arrival + self.max_queue_delay_s
             remaining = deadline - self._clock()
-            nxt = self._take(None if remaining <= 0 else remaining)
-            if nxt is None:
+            if remaining <= 0 or not self._wait(remaining):
                 break
-            if size + nxt.n > self.max_batch:
-                self._carry = nxt  # starts the next batch
-                break
-            batch.append(nxt)
-            size += nxt.n
-        return batch
+        with self._lock:  # entries cancelled while they waited are dropped; the rest cannot be any more
+            live = [t for t in batch if t._state == _PENDING]
+            for t in live:
+                t._state = _RUNNING
+        return live
 
     def _run(self) -> None:
-        while not self._closed.is_set():
+        while not self._closed:
             batch = self._collect()
-            if batch is None:
-                continue
-            live = [p for p in batch if p.future.set_running_or_notify_cancel()]
-            if live:
-                self._run_batch(live)
+            if batch:
+                self._run_batch(batch)
         self._fail_waiting()
 
-    def _run_batch(self, batch: List[_Pending]) -> None:
-        n = sum(p.n for p in batch)
+    def _run_batch(self, batch: List[Ticket]) -> None:
+        n = sum(t.n for t in batch)
         t0 = self._clock()
         try:
             if len(batch) == 1 and not batch[0].single:
                 feed = batch[0].item
-            elif all(p.single for p in batch):
-                feed = {k: np.stack([p.item[k] for p in batch]) for k in batch[0].item}
+            elif all(t.single for t in batch):
+                feed = {k: np.stack([t.item[k] for t in batch]) for k in batch[0].item}
             else:
                 feed = {
-                    k: np.concatenate([p.item[k][None] if p.single else p.item[k] for p in batch])
+                    k: np.concatenate([t.item[k][None] if t.single else t.item[k] for t in batch])
                     for k in batch[0].item
                 }
             out = self.engine.infer(feed)
@@ -196,40 +270,35 @@ class DynamicBatcher:
                 log.exception("%s batch of %d failed", self.name, n)
             with self._lock:
                 self._errors += n
-            for p in batch:
-                p.future.set_exception(err)
+            for t in batch:
+                t._finish(None, err)
             return
         done = self._clock()
         with self._lock:
             self._batches += 1
             self._items += n
             self._busy_s += done - t0
+        lats = [(done - t.arrival) * 1000.0 for t in batch]
+        self.latency.add_each(lats, done)
         off = 0
-        for p in batch:
-            lat = (done - p.arrival) * 1000.0
-            self.latency.add(lat, done)
-            if p.single:
+        for t, lat in zip(batch, lats):
+            if t.single:
                 outs = {k: v[off] for k, v in out.items()}
             else:
-                outs = {k: v[off : off + p.n] for k, v in out.items()}
-            off += p.n
-            p.future.set_result(BatchItemResult(outs, n, lat))
+                outs = {k: v[off : off + t.n] for k, v in out.items()}
+            off += t.n
+            t._finish(BatchItemResult(outs, n, lat), None)
 
     def _fail_waiting(self) -> None:
-        pending = [self._carry] if self._carry is not None else []
-        self._carry = None
-        while True:
-            try:
-                p = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if p is not _STOP:
-                with self._lock:
-                    self._depth -= p.n
-                pending.append(p)
-        for p in pending:
-            if p.future.set_running_or_notify_cancel():
-                p.future.set_exception(ServiceClosedError("the %s model stopped serving" % self.name))
+        with self._lock:
+            pending = list(self._queue)
+            self._queue.clear()
+            self._depth = 0
+            live = [t for t in pending if t._state == _PENDING]
+            for t in live:
+                t._state = _RUNNING
+        for t in live:
+            t._finish(None, ServiceClosedError("the %s model stopped serving" % self.name))
 
     # ------------------------------------------------------------------------------------------- stats
     def snapshot(self, reset: bool = True) -> dict:
@@ -243,7 +312,7 @@ class DynamicBatcher:
                 "refused": self._refused,
                 "errors": self._errors,
                 "busy_s": self._busy_s,
-                "queue_depth": self.queue_depth(),
+                "queue_depth": self._depth,
                 "latency_samples_ms": lat,
             }
             if reset:
@@ -253,7 +322,10 @@ class DynamicBatcher:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the worker after the batch it is running; waiting requests fail with ServiceClosedError."""
-        self._closed.set()
-        self._q.put_nowait(_STOP)
+        with self._lock:
+            self._closed = True
+            if self._sleeping:
+                self._sleeping = False
+                self._wake.release()
         self._thread.join(timeout_s)
         self._fail_waiting()

@@ -90,11 +90,16 @@ class Postprocessor:
         self.labels = post.labels
         self.score_threshold = float(post.score_threshold)
         self.iou_threshold = float(post.iou_threshold)
+        # read once: `classify` runs for every answer
+        self._kind = post.kind
+        self._top_k = int(post.top_k)
+        self._softmax = bool(post.apply_softmax)
+        self._label_list: List[Optional[str]] = list(post.labels or [])
 
     def __call__(self, outputs: Mapping[str, np.ndarray], *, input_hw: Optional[Tuple[int, int]] = None,
                  original_hw: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
         """JSON-ready result; `input_hw`/`original_hw` rescale detection boxes to the original image."""
-        kind = self.post.kind
+        kind = self._kind
         if kind == "raw":
             return {"kind": "raw", "outputs": {k: np.asarray(v).tolist() for k, v in outputs.items()}}
         out = outputs[self.output_name]
@@ -126,20 +131,26 @@ class Postprocessor:
     def classify(self, out: np.ndarray) -> Dict[str, Any]:
         """Top-k classes of one item's scores/logits."""
         arr = np.asarray(out).reshape(-1)
-        k = min(self.post.top_k, arr.size)
+        k = min(self._top_k, arr.size)
         if arr.size <= _SMALL_CLASSES:  # plain Python is several times faster than numpy here
             v = arr.tolist()
-            if self.post.apply_softmax:
+            if self._softmax:
                 m = max(v)
                 e = [math.exp(a - m) for a in v]
                 s = sum(e)
                 v = [a / s for a in e]
-            top = sorted(range(len(v)), key=lambda i: -v[i])[:k]
-            scores = [v[i] for i in top]
-        else:
-            p = softmax(arr.astype(np.float64)[None, :])[0] if self.post.apply_softmax else arr.astype(np.float64)
-            top = np.argsort(-p, kind="stable")[:k].tolist()
-            scores = p[top].tolist()
+            # descending and stable (equal scores keep index order), as sorting by -score
+            top = sorted(range(len(v)), key=v.__getitem__, reverse=True)[:k]
+            labels = self._label_list
+            n_labels = len(labels)
+            return {
+                "kind": "classification",
+                "top": [{"index": i, "label": labels[i] if i < n_labels else None, "score": round(v[i], 6)}
+                        for i in top],
+            }
+        p = softmax(arr.astype(np.float64)[None, :])[0] if self._softmax else arr.astype(np.float64)
+        top = np.argsort(-p, kind="stable")[:k].tolist()
+        scores = p[top].tolist()
         return {
             "kind": "classification",
             "top": [{"index": i, "label": self._label(i), "score": round(s, 6)} for i, s in zip(top, scores)],

@@ -283,11 +283,13 @@ class TauController:
             return True
         if self.gate == "small-only":
             return False
-        self._scores.append(float(score))
+        score = float(score)
+        self._scores.append(score)
         self._since_update += 1
         if self.adaptive and self._since_update >= self.UPDATE_EVERY:
             self._refit()
-        return bool(routes_large(self.gate, np.array([score]), self.tau)[0])
+        # the rule of `routes_large`, on one Python float (a one-element array costs more than the rest)
+        return score < self.tau if self.gate == "confidence" else score > self.tau
 
     def _refit(self) -> None:
         self._since_update = 0

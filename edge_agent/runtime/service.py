@@ -229,10 +229,9 @@ class InferenceService:
         with self._lock:
             self._requests += 1
         route = "small"
+        gate = self.router.gate  # one attribute read: a consistent value without the router lock
+        head = self.head  # fixed for the service's life
         try:
-            with self._router_lock:
-                gate = self.router.gate
-                head = self.head
             if gate == "large-only":
                 route, res = "large", self._run("large", item, deadline)
             elif gate == "linear" and head is not None and head.source == "input_stats":
@@ -272,10 +271,9 @@ class InferenceService:
         to_large = np.zeros(n, dtype=bool)
         small_out: Optional[Dict[str, np.ndarray]] = None
         large_out: Optional[Dict[str, np.ndarray]] = None
+        gate = self.router.gate
+        head = self.head
         try:
-            with self._router_lock:
-                gate = self.router.gate
-                head = self.head
             if gate == "large-only":
                 to_large[:] = True
             elif gate == "linear" and head is not None and head.source == "input_stats":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Deque, Dict, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,6 +34,12 @@ class LatencyRecorder:
         with self._lock:
             self._period.append(latency_ms)
             self._recent.append((now, latency_ms))
+
+    def add_each(self, latencies_ms: List[float], now: float) -> None:
+        """Record several latencies measured at the same time `now` (one lock round trip)."""
+        with self._lock:
+            self._period.extend(latencies_ms)
+            self._recent.extend([(now, v) for v in latencies_ms])
 
     def add_many(self, latency_ms: float, count: int, now: float) -> None:
         """Record the same latency for `count` items answered together."""
