@@ -13,6 +13,7 @@ by a crash or a SIGTERM is resumed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform as _platform
 import queue
@@ -300,6 +301,12 @@ class Agent:
     def handle_command(self, raw: bytes) -> None:
         """Verify and run one command (worker thread). Refusals change nothing but the event."""
         st = self.store.state
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == st.last_command_sha256:
+            # The same bytes as the command just accepted: a QoS 1 redelivery, not an attack. Commands
+            # are idempotent, so it is dropped quietly (a refusal event would read as a failed deploy).
+            log.info("duplicate delivery of command seq %d ignored", st.last_command_seq)
+            return
         try:
             body = verify_command(
                 raw, device_id=self.device_id, trusted=self._command_keys(), last_seq=st.last_command_seq,
@@ -312,7 +319,8 @@ class Agent:
             return
         args = body.args
         # Persist the sequence number first: a replay of this command is refused even after a crash.
-        self.store.update_state(last_command_seq=body.seq, time_floor=max(st.time_floor, body.issued_at))
+        self.store.update_state(last_command_seq=body.seq, last_command_sha256=digest,
+                                time_floor=max(st.time_floor, body.issued_at))
         self.emit("command-accepted", "%s command seq %d accepted" % (args.kind, body.seq), command_seq=body.seq,
                   rollout_id=getattr(args, "rollout_id", None), data={"kind": args.kind})
         try:

@@ -112,19 +112,28 @@ def test_unsigned_and_replayed_commands_refused_and_nothing_changes(rig, bundles
 
     rogue = sign_command(args, device_id="dev1", seq=10**15, keys=[PrivateKey.generate()], now=int(time.time()))
     rig.publish_raw_command("dev1", rogue)
-    # 3. replay of a command the device already executed.
+    # 3. replay of an older command after a newer one was accepted. (The very same bytes as the last
+    #    accepted command are a QoS 1 redelivery: dropped quietly, no second execution, no refusal.)
     first = pusher.sign("dev1", PingArgs(nonce="once"))
+    second = pusher.sign("dev1", PingArgs(nonce="twice"))
     rig.publish_raw_command("dev1", first)
+    rig.publish_raw_command("dev1", second)
+    rig.publish_raw_command("dev1", second)
     rig.publish_raw_command("dev1", first)
     w = rig.watcher
     w.wait_for(lambda: len(w.find("dev1", "command-refused")) >= 3, 20, "three refusals")
+    time.sleep(0.5)
+    assert len(w.find("dev1", "command-refused")) == 3  # the duplicate of `second` was not refused
+    seqs = [json.loads(c)["signed"]["seq"] for c in (first, second)]
+    accepted = [e["command_seq"] for e in w.find("dev1", "command-accepted") if e["command_seq"] in seqs]
+    assert accepted == seqs  # each executed exactly once
     reasons = [e["message"] for e in w.find("dev1", "command-refused")]
     assert any("unsigned" in r for r in reasons), reasons
     assert any("does not trust" in r for r in reasons), reasons
     assert any("replayed" in r for r in reasons), reasons
     after = rig.state("dev1")
     assert after["active"] == before["active"] and after["highest_versions"] == before["highest_versions"]
-    assert after["last_command_seq"] == json.loads(first)["signed"]["seq"]
+    assert after["last_command_seq"] == json.loads(second)["signed"]["seq"]
 
 
 def test_manifest_over_size_limit_refused_before_download(rig, bundles):

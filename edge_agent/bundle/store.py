@@ -75,6 +75,7 @@ class StoreState(BaseModel):
     highest_versions: Dict[str, int] = Field(default_factory=dict)
     time_floor: int = 0
     last_command_seq: int = 0
+    last_command_sha256: Optional[str] = None
     deploy: DeployState = DeployState()
     pending: Optional[PendingDeploy] = None
 
