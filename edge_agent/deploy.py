@@ -158,7 +158,9 @@ class Deployer:
         log.error("deploy of %s v%d failed: %s", ref.name, ref.version, e)
         # Persist first, report second: whoever reacts to the event finds the state already settled.
         self.store.update_state(pending=None)
-        self.store.gc()
+        if not isinstance(e, TransportError):
+            # After a network failure the partial downloads stay: a new deploy command resumes them.
+            self.store.gc()
         self._state("failed", ref, str(e)[:500], rid)
         self.emit(kind, str(e), level="error", bundle=ref, rollout_id=rid, command_seq=command_seq,
                   data={"error": type(e).__name__})
