@@ -194,6 +194,9 @@ class DeviceEntry:
     updated: float = 0.0
     detail: str = ""
     rollback_attempts: int = 0
+    #: After a controller restart: when to send the last command again if the device has not shown it
+    #: got it (not persisted; set by `Rollout.restarted`).
+    resend_at: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready form."""
@@ -479,6 +482,7 @@ class Rollout:
                 if e.rollback_attempts < MAX_ROLLBACK_ATTEMPTS:
                     acts += self._rollback(e, "bundle activated after the rollout was %s" % self.state, now)
             return acts
+        e.resend_at = None  # any word from the device for this rollout: it has the command
         if obs == OBS_PROGRESS:
             if e.state == D_SENT:
                 self._set(e, D_PROGRESS, detail, now)
@@ -508,9 +512,44 @@ class Rollout:
             return acts
         return acts
 
+    def restarted(self, now: float, grace_s: float) -> List[Action]:
+        """The controller restarted: it may have died between persisting a command and publishing it.
+        Devices that were sent a deploy (or rollback) get it again after `grace_s` unless their status
+        or events show by then that they received it (commands are idempotent on the device)."""
+        n = 0
+        for e in self.devices.values():
+            if e.state in (D_SENT, D_ROLLBACK_SENT):
+                e.resend_at = now + grace_s
+                n += 1
+        return [
+            Note(
+                "resumed-after-restart", "controller restarted; rollout %s, %d command(s) to confirm" % (self.state, n)
+            )
+        ]
+
+    def _resend(self, now: float) -> List[Action]:
+        acts: List[Action] = []
+        for e in self.devices.values():
+            if e.resend_at is None or now < e.resend_at:
+                continue
+            e.resend_at = None
+            if e.state == D_SENT and not self.final:
+                acts.append(SendDeploy(e.device_id))
+                acts.append(
+                    Note(
+                        "resent",
+                        "no word from the device since the controller restarted; deploy sent again",
+                        e.device_id,
+                    )
+                )
+            elif e.state == D_ROLLBACK_SENT:
+                acts.append(SendRollback(e.device_id, e.prior, e.detail or "rollout %s" % self.state))
+                acts.append(Note("resent", "rollback sent again after the controller restarted", e.device_id))
+        return acts
+
     def tick(self, now: float) -> List[Action]:
         """Time-based transitions: device timeouts (and the wave checks they trigger)."""
-        acts: List[Action] = []
+        acts: List[Action] = self._resend(now)
         if self.final:
             for e in self.devices.values():
                 if e.state == D_ROLLBACK_SENT and now - e.updated > self.params.device_timeout_s:

@@ -4,8 +4,9 @@ step to the registry, and carries out the planner's actions by sending commands.
 Commands go through `send_command(device_id, args)`, a function the controller supplies: it signs the
 command (with a fresh per-device sequence number) and publishes it. The runner persists the new state
 *before* sending, so a controller that dies in between resumes with the device marked as sent; the
-device then either reports (its status is retained, so the restarted controller sees where it stands)
-or times out. Commands are idempotent on the device, so a resend is harmless.
+device then either shows it got the command (its status is retained, so the restarted controller sees
+where it stands) or, after a grace period, is sent the command again (commands are idempotent on the
+device); a device that never answers times out.
 
 All public methods are thread-safe (the MQTT thread, the RPC handler and the ticker call them).
 """
@@ -53,12 +54,16 @@ class RolloutRunner:
         *,
         defaults: Optional[RolloutParams] = None,
         default_waves: Optional[Sequence[float]] = None,
+        resend_grace_s: float = 15.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
         self.send_command = send_command
         self.defaults = defaults or RolloutParams()
         self.default_waves = list(default_waves or plan.DEFAULT_WAVES)
+        #: After a restart, how long a device has to show (by its retained status or an event) that it
+        #: got a command sent just before the restart, before the command is sent again.
+        self.resend_grace_s = resend_grace_s
         self.clock = clock
         self._lock = threading.RLock()
         self._active: Dict[str, Rollout] = {}
@@ -120,9 +125,7 @@ class RolloutRunner:
                     continue  # ended, nothing outstanding
                 self._active[r.rollout_id] = r
                 resumed.append(r.rollout_id)
-                self._apply(
-                    r, [plan.Note("resumed-after-restart", "controller restarted; rollout resumed (%s)" % r.state)]
-                )
+                self._apply(r, r.restarted(self.clock(), self.resend_grace_s))
             if resumed:
                 log.info("resumed %d rollout(s) from the registry: %s", len(resumed), ", ".join(resumed))
             return resumed

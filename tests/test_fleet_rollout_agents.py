@@ -125,3 +125,99 @@ def test_good_bundle_through_three_waves_then_broken_golden_halts_in_wave_one(ri
             e for e in rig.watcher.events if e["device_id"] == d and (e.get("bundle") or {}).get("version") == 3
         ], "a later-wave device received the broken bundle"
     assert [active(rig, d) for d in DEVICES] == [2, 2, 2]
+
+
+def _start_rollout(rig, capsys, bundle: Path, *extra: str) -> str:
+    from fleet.cli import main
+
+    capsys.readouterr()
+    rc = main(["rollout", "start", str(bundle), "--config", str(rig.fleet_toml), "--json", *extra])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    return json.loads(out.splitlines()[-1])["rollout_id"]
+
+
+def _wait_status(rig, capsys, rid, pred, *, timeout_s, what):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = status(rig, capsys, rid)
+        except AssertionError:  # the controller is restarting
+            last = None
+        if last is not None and pred(last):
+            return last
+        time.sleep(0.3)
+    raise AssertionError("timed out waiting for %s; last: %s" % (what, last and last["state"]))
+
+
+def test_controller_killed_mid_rollout_resumes_and_finishes(rig, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from agent_helpers import REPO
+
+    key = rig.release_key
+    v1 = build_sample_bundle(tmp_path / "b", key, version=1)
+    v2 = build_sample_bundle(tmp_path / "b", key, version=2)
+    assert rollout(rig, capsys, v1, "--waves", "100")[0] == 0
+    rid = _start_rollout(rig, capsys, v2, "--waves", "33,66,100")
+    _wait_status(rig, capsys, rid, lambda r: r["current_wave"] >= 2, timeout_s=TIMEOUT, what="wave 2 started")
+    os.kill(rig.serve.pid, signal.SIGKILL)
+    rig.serve.wait(10)
+    rig.serve = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "serve", "--config", str(rig.fleet_toml)],
+        stdout=open(tmp_path / "serve2.log", "ab"),
+        stderr=subprocess.STDOUT,
+        cwd=str(REPO),
+    )
+    r = _wait_status(
+        rig, capsys, rid, lambda r: r["state"] in ("succeeded", "halted"), timeout_s=TIMEOUT, what="rollout end"
+    )
+    assert r["state"] == "succeeded", r["reason"]
+    assert any(h["kind"] == "resumed-after-restart" for h in r["history"])
+    assert [active(rig, d) for d in DEVICES] == [2, 2, 2]
+    for d in DEVICES:
+        deploys = [
+            e
+            for e in rig.watcher.events
+            if e["device_id"] == d and e["kind"] == "command-accepted" and e.get("rollout_id") == rid
+        ]
+        assert len(deploys) == 1, "each device got the v2 deploy exactly once across the restart"
+
+
+def test_device_offline_mid_rollout_times_out_and_resume_finishes(rig, tmp_path, capsys):
+    from agent_helpers import stop_process
+
+    key = rig.release_key
+    v1 = build_sample_bundle(tmp_path / "b", key, version=1)
+    v2 = build_sample_bundle(tmp_path / "b", key, version=2)
+    assert rollout(rig, capsys, v1, "--waves", "100")[0] == 0
+    # The last device in the order (online ones first, then by id) goes offline before its wave.
+    stop_process(rig.agents["edge-c"])
+    rig.watcher.wait_for(lambda: rig.watcher.status["edge-c"]["online"] is False, 15, "edge-c offline")
+    rid = _start_rollout(rig, capsys, v2, "--waves", "33,66,100", "--device-timeout", "6")
+    r = _wait_status(
+        rig, capsys, rid, lambda r: r["state"] == "stalled", timeout_s=TIMEOUT, what="stalled on the offline device"
+    )
+    (entry,) = [e for e in r["devices"] if e["device_id"] == "edge-c"]
+    assert entry["state"] == "timed-out" and entry["wave"] == 2
+    assert "timed out" in r["reason"]
+    assert [active(rig, d) for d in ("edge-a", "edge-b")] == [2, 2]
+    # The device comes back; the deploy it missed is not replayed to it by the broker (clean session), so
+    # the operator resumes (the wave is the last one: the rollout ends) and re-targets it.
+    from fleet.cli import main
+
+    capsys.readouterr()
+    assert main(["rollout", "resume", rid, "--config", str(rig.fleet_toml)]) == 0
+    r = _wait_status(
+        rig, capsys, rid, lambda r: r["state"] == "succeeded", timeout_s=30, what="resumed past the timeout"
+    )
+    rig.start_agent("edge-c")
+    rid2 = _start_rollout(rig, capsys, v2, "--devices", "edge-c", "--waves", "100")
+    _wait_status(rig, capsys, rid2, lambda r: r["state"] == "succeeded", timeout_s=TIMEOUT, what="edge-c caught up")
+    assert active(rig, "edge-c") == 2

@@ -303,3 +303,25 @@ def test_restart_resumes_from_registry_state(tmp_path):
         sent += deploys(pass_device(r2, d, 10))
     assert sent == DEVICES[6:], "the resumed rollout starts wave 3 and nothing is sent twice"
     reg.close()
+
+
+def test_after_a_restart_commands_not_confirmed_within_the_grace_are_sent_again():
+    """The controller may die between persisting 'sent' and publishing: unconfirmed deploys are resent."""
+    r = Rollout.from_dict(make().to_dict())
+    r.start(0)
+    r2 = Rollout.from_dict(r.to_dict())  # as loaded by a restarted controller
+    acts = r2.restarted(100, grace_s=10)
+    assert any(isinstance(a, Note) and a.kind == "resumed-after-restart" for a in acts)
+    # dev-00's retained status shows it is working on this rollout: it got the command.
+    r2.observe(
+        "dev-00",
+        classify_status(
+            r2, online=True, active=OLD, deploy_state="fetching", deploy_bundle=BUNDLE, deploy_rollout_id="r1"
+        ),
+        "",
+        101,
+    )
+    assert deploys(r2.tick(105)) == []
+    acts = r2.tick(111)
+    assert deploys(acts) == ["dev-01"], "only the device that never showed it got the deploy"
+    assert deploys(r2.tick(200)) == [], "resent once"
