@@ -25,9 +25,16 @@ from typing import Any, Dict, Optional
 from edge_agent import __version__
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.bundle.store import BundleRecord, BundleStore
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, TrustConfig
 from edge_agent.deploy import Deployer, Hooks
-from edge_agent.errors import CommandError, EdgeAgentError, EngineError, ResourceError, TransportError
+from edge_agent.errors import (
+    CommandError,
+    ConfigError,
+    EdgeAgentError,
+    EngineError,
+    ResourceError,
+    TransportError,
+)
 from edge_agent.mqtt import MqttSession, Will
 from edge_agent.protocol import topics
 from edge_agent.protocol.commands import peek_command_meta, verify_command
@@ -77,6 +84,34 @@ def platform_info(backend: str) -> PlatformInfo:
     return PlatformInfo(**info)
 
 
+def check_key_separation(trust: TrustConfig) -> None:
+    """Refuse a configuration where a controller command key could also sign bundles.
+
+    Every `*.pub` in `bundle_keys_dir` is a bundle key, so a command key file placed there (or a key
+    listed in both sets) would let whoever holds the controller's key publish models. Raises
+    ConfigError; checks the paths even when the key files are not installed yet.
+    """
+    bdir = trust.bundle_keys_dir
+    for p in trust.command_keys:
+        rp, rb = p.resolve(), bdir.resolve()
+        if rp == rb or (rp.parent == rb and rp.suffix == ".pub"):
+            raise ConfigError(
+                "trust.command_keys entry %s is inside trust.bundle_keys_dir %s, so the controller key would "
+                "also be trusted to sign bundles; move it to a separate folder such as "
+                "/etc/edge-agent/command-keys/" % (p, bdir))
+    try:
+        command = load_public_keys([p for p in trust.command_keys if p.exists()])
+        bundle = load_public_keys([bdir]) if bdir.exists() else {}
+    except EdgeAgentError as e:
+        raise ConfigError("cannot load trusted keys: %s" % e)
+    both = sorted(set(command) & set(bundle))
+    if both:
+        raise ConfigError(
+            "key %s (%s) is trusted both for controller commands and for bundles; a command key must not "
+            "be a bundle key (remove it from trust.bundle_keys_dir %s)"
+            % (both[0][:16], command[both[0]].name or "unnamed", bdir))
+
+
 class Agent:
     """One device's agent."""
 
@@ -108,7 +143,16 @@ class Agent:
     # ------------------------------------------------------------------------------------ wiring
 
     def _command_keys(self):
-        return load_public_keys([p for p in self.cfg.trust.command_keys if p.exists()])
+        try:
+            keys = load_public_keys([p for p in self.cfg.trust.command_keys if p.exists()])
+            overlap = set(keys) & set(self._bundle_keys())
+        except EdgeAgentError as e:
+            raise CommandError("cannot load trusted keys: %s" % e)
+        if overlap:
+            # A bundle key added after start-up: refuse commands rather than trust a key for both.
+            raise CommandError("a command key is also a trusted bundle key (%s); commands refused until the key "
+                               "sets are separated" % sorted(overlap)[0][:16])
+        return keys
 
     def _bundle_keys(self):
         d = self.cfg.trust.bundle_keys_dir
@@ -116,6 +160,7 @@ class Agent:
 
     def build(self, *, with_mqtt: bool = True) -> Agent:
         """Open the store and create the session, fetcher and deployer (nothing is started)."""
+        check_key_separation(self.cfg.trust)
         self.store.open()
         self._lock_state_dir()
         bad = self.store.check_objects()

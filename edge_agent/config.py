@@ -60,7 +60,7 @@ class TrustConfig(_Section):
 
     bundle_keys_dir: Path = Path("/etc/edge-agent/keys")
     signature_threshold: int = Field(1, ge=1)
-    command_keys: List[Path] = Field(default_factory=lambda: [Path("/etc/edge-agent/keys/controller.pub")])
+    command_keys: List[Path] = Field(default_factory=lambda: [Path("/etc/edge-agent/command-keys/controller.pub")])
     max_command_age_s: int = Field(600, ge=1)
 
 
@@ -148,6 +148,20 @@ class ProbationConfig(_Section):
         None, ge=0, description="cap on the window whatever the manifest asks (development rigs, tests)")
 
 
+class ShadowConfig(_Section):
+    """Shadow and A/B deployments: a candidate bundle runs beside the active one until promoted or refused."""
+
+    mirror_fraction: float = Field(0.2, gt=0, le=1, description="share of requests mirrored to a shadow candidate")
+    mirror_queue: int = Field(64, ge=1, description="mirrored inputs waiting for the candidate; more are dropped")
+    shed_queue_depth: int = Field(
+        0, ge=0, description="mirrored inputs are dropped while the active model's queues hold more items than this")
+    latency_slack_ms: float = Field(
+        1.0, ge=0, description="a candidate p99 at most this much above the active one passes the latency-ratio gate")
+    max_window_s: Optional[float] = Field(
+        None, ge=0, description="cap on the manifest's shadow window (development rigs and tests only)")
+    report_interval_s: float = Field(60.0, gt=0, description="seconds between shadow-report events")
+
+
 class SourceConfig(_Section):
     """An input source read with OpenCV: video file, RTSP URL, camera index or image folder."""
 
@@ -174,6 +188,7 @@ class AgentConfig(_Section):
     api: ApiConfig = ApiConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     probation: ProbationConfig = ProbationConfig()
+    shadow: ShadowConfig = ShadowConfig()
     sources: List[SourceConfig] = Field(default_factory=list)
 
 

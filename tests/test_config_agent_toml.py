@@ -55,7 +55,7 @@ def _lookup(doc: Dict[str, Any], path: Tuple[str, ...]) -> Any:
 def test_example_parses_into_agent_config():
     cfg = load_agent_config(EXAMPLE)
     assert isinstance(cfg, AgentConfig)
-    assert cfg.trust.command_keys == [Path("/etc/edge-agent/keys/controller.pub")]
+    assert cfg.trust.command_keys == [Path("/etc/edge-agent/command-keys/controller.pub")]
 
 
 def test_example_with_every_optional_setting_switched_on_parses(tmp_path):

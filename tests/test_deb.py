@@ -287,7 +287,8 @@ def test_contents_have_venv_launcher_conffile_unit_and_no_bytecode(deb):
     site = "/opt/edge-agent/lib/python%s/site-packages" % py
     expected = [
         "/opt/edge-agent/pyvenv.cfg", "/opt/edge-agent/bin/edge-agent", "/etc/edge-agent/agent.toml",
-        "/etc/edge-agent/keys", "/lib/systemd/system/edge-agent.service", "/usr/share/doc/edge-agent/copyright",
+        "/etc/edge-agent/keys", "/etc/edge-agent/command-keys", "/lib/systemd/system/edge-agent.service",
+        "/usr/share/doc/edge-agent/copyright",
         "/usr/share/doc/edge-agent/changelog.gz", "/usr/share/lintian/overrides/edge-agent",
         site + "/edge_agent/__init__.py", site + "/edge_agent/selftest/tiny.onnx", site + "/pydantic/__init__.py",
         site + "/pydantic_core/__init__.py", site + "/paho/mqtt/client.py", site + "/cryptography/__init__.py",
@@ -413,8 +414,9 @@ def test_install_creates_user_state_dir_and_enables_the_service(installed):
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (int(user[2]), int(user[3]), 0o750)
     wants = r.path / "etc" / "systemd" / "system" / "multi-user.target.wants" / UNIT
     assert os.readlink(str(wants)) == "/lib/systemd/system/" + UNIT
-    keys = r.path / "etc" / "edge-agent" / "keys"
-    assert keys.is_dir() and (keys.stat().st_uid, keys.stat().st_gid) == (0, 0)
+    for d in ("keys", "command-keys"):
+        keys = r.path / "etc" / "edge-agent" / d
+        assert keys.is_dir() and (keys.stat().st_uid, keys.stat().st_gid) == (0, 0)
 
 
 def test_installed_agent_prints_its_version(installed, namespaces):

@@ -105,7 +105,7 @@ def test_packaged_conffile_parses_with_the_agent_config_model(tmp_path):
     cfg = load_agent_config(conffile)
     assert cfg.state_dir == Path("/var/lib/edge-agent")
     assert cfg.trust.bundle_keys_dir == Path("/etc/edge-agent/keys")
-    assert all(str(p).startswith("/etc/edge-agent/") for p in cfg.trust.command_keys)
+    assert all(str(p).startswith("/etc/edge-agent/command-keys/") for p in cfg.trust.command_keys)
 
 
 def test_conffiles_list_the_agent_config_only():

@@ -291,6 +291,8 @@ def install_files(stage: Path, version: str, python: str) -> None:
     """Config, unit, launcher link, docs and lintian overrides."""
     etc = stage / "etc" / PACKAGE
     (etc / "keys").mkdir(parents=True)
+    # Controller command keys live apart from the bundle keys (the agent refuses an overlap).
+    (etc / "command-keys").mkdir()
     # The documented configs/agent.toml already uses the installed paths; the package adds a header.
     conffile = (HERE / "agent.toml.head").read_text(encoding="utf-8")
     conffile += (REPO / "configs" / "agent.toml").read_text(encoding="utf-8")
