@@ -198,3 +198,48 @@ def test_queue_bound_counts_items_and_a_chunk_is_admitted_whole_or_not_at_all(mo
     finally:
         eng.gate.set()
         b.close()
+
+
+def test_a_ticket_cancelled_while_queued_never_runs_and_says_so(models, items):
+    import concurrent.futures
+
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=1, max_queue_delay_ms=0, max_queue=8)
+    try:
+        running = b.submit(items[0])
+        assert eng.entered.wait(5)  # the worker holds one batch in the engine
+        waiting = b.submit(items[1])
+        assert waiting.cancel() and waiting.cancelled() and waiting.done()
+        with pytest.raises(concurrent.futures.CancelledError):
+            waiting.result(5)
+        eng.gate.set()
+        assert running.result(5).batch_size == 1
+        after = b.submit(items[2]).result(5)
+        alone = models.small.infer({"image": items[2]["image"][None]})["logits"][0]
+        np.testing.assert_allclose(after.outputs["logits"], alone, rtol=1e-5, atol=1e-6)
+    finally:
+        eng.gate.set()
+        b.close()
+    assert eng.batches == [1, 1]  # the cancelled entry never reached the engine
+    assert b.queue_depth() == 0
+
+
+def test_result_times_out_without_losing_the_answer_and_a_running_ticket_cannot_be_cancelled(models, items):
+    import concurrent.futures
+
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=1, max_queue_delay_ms=0, max_queue=8)
+    try:
+        running = b.submit(items[0])
+        assert eng.entered.wait(5)
+        t0 = time.monotonic()
+        with pytest.raises(concurrent.futures.TimeoutError):
+            running.result(0.05)
+        assert 0.04 <= time.monotonic() - t0 < 2.0
+        assert not running.cancel() and not running.cancelled() and not running.done()
+        eng.gate.set()
+        first = running.result(5)
+        assert running.done() and running.result(0) is first  # answered once, readable again
+    finally:
+        eng.gate.set()
+        b.close()
