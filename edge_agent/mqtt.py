@@ -8,7 +8,8 @@ when paho wrote it (QoS 0). Reconnects use bounded exponential back-off with jit
 re-made on every connect (the session is clean, so a restarted broker that forgot us still works).
 
 Handlers registered with `subscribe` run in the network thread: they must be quick and must not block
-(hand real work to another thread). They may call `publish`.
+(hand real work to another thread). They may call `publish`. A message finds its handlers through a
+`TopicRouter` (exact filters hashed, wildcard filters compiled once, the result cached per topic).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from edge_agent.config import MqttConfig
 from edge_agent.errors import ConfigError, TransportError
+from edge_agent.topic_router import TopicRouter
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ class MqttSession:
         self._out: queue.Queue = queue.Queue(maxsize=max(1, outgoing_queue))
         self._subs: List[Tuple[str, int, Handler]] = []
         self._subs_lock = threading.Lock()
+        self._router = TopicRouter()
         self._on_connect_hooks: List[Callable[[], None]] = []
         self._pending: Dict[int, Delivery] = {}
         self._running = threading.Event()
@@ -164,6 +167,7 @@ class MqttSession:
         """Register a handler; the subscription is (re)made on every connect."""
         with self._subs_lock:
             self._subs.append((topic_filter, qos, handler))
+            self._router.add(topic_filter, handler)
         if self.connected.is_set():
             self._call_in_loop(lambda: self._client.subscribe(topic_filter, qos))
 
@@ -513,17 +517,12 @@ class MqttSession:
             response_topic = getattr(props, "ResponseTopic", None)
             correlation = getattr(props, "CorrelationData", None)
         inbound = Inbound(msg.topic, payload, msg.qos, bool(msg.retain), user, response_topic, correlation)
-        import paho.mqtt.client as mqtt
-
-        with self._subs_lock:
-            subs = list(self._subs)
-        for topic_filter, _, handler in subs:
-            if mqtt.topic_matches_sub(_plain_filter(topic_filter), msg.topic):
-                try:
-                    handler(inbound)
-                except Exception:  # a bad message must never crash the network thread
-                    self.stats["handler_errors"] += 1
-                    log.exception("%s: handler for %s failed", self.name, topic_filter)
+        for topic_filter, handler in self._router.routes(msg.topic):
+            try:
+                handler(inbound)
+            except Exception:  # a bad message must never crash the network thread
+                self.stats["handler_errors"] += 1
+                log.exception("%s: handler for %s failed", self.name, topic_filter)
 
 
 def _set_nodelay(sock) -> None:
@@ -532,14 +531,6 @@ def _set_nodelay(sock) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         pass  # not a TCP socket (e.g. a unix socket) or already closed
-
-
-def _plain_filter(topic_filter: str) -> str:
-    """A shared subscription `$share/group/filter` matches topics like `filter`."""
-    if topic_filter.startswith("$share/"):
-        parts = topic_filter.split("/", 2)
-        return parts[2] if len(parts) == 3 else topic_filter
-    return topic_filter
 
 
 def require_connected(session: MqttSession, timeout_s: float) -> None:
