@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.bundle.manifest import ManifestBody, SignedManifest
 from edge_agent.errors import IntegrityError, ManifestError, ResourceError
+from edge_agent.fsutil import fsync_dir, sha256_file, write_atomic
 from edge_agent.protocol.messages import SHA256_PATTERN, BundleRef, DeployArgs, DeployState
 
 log = logging.getLogger(__name__)
@@ -78,46 +79,6 @@ class StoreState(BaseModel):
     last_command_sha256: Optional[str] = None
     deploy: DeployState = DeployState()
     pending: Optional[PendingDeploy] = None
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(HASH_BLOCK)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in `path` durable."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync directory."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, str(path))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
 
 
 class BundleStore:
@@ -338,8 +299,10 @@ class BundleStore:
             raise
         return dest
 
-    def record_activation(self, record: BundleRecord, *, deploy: Optional[DeployState] = None) -> StoreState:
-        """`record` becomes active, the old active becomes previous; the highest version is raised."""
+    def record_activation(self, record: BundleRecord, *, deploy: Optional[DeployState] = None,
+                          clear_pending: bool = False) -> StoreState:
+        """`record` becomes active, the old active becomes previous; the highest version is raised (and,
+        with `clear_pending`, the finished deployment is forgotten in the same atomic write)."""
         st = self._state
         highest = dict(st.highest_versions)
         highest[record.name] = max(highest.get(record.name, 0), record.version)
@@ -348,6 +311,8 @@ class BundleStore:
         changes: Dict[str, Any] = {"active": record, "previous": previous, "highest_versions": highest}
         if deploy is not None:
             changes["deploy"] = deploy
+        if clear_pending:
+            changes["pending"] = None
         return self.update_state(**changes)
 
     def referenced_objects(self, extra_manifests: Iterable[str] = ()) -> Set[str]:

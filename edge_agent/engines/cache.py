@@ -12,12 +12,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from edge_agent.errors import ResourceError
+from edge_agent.fsutil import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +41,6 @@ class EngineKey:
         """Stable 32-hex-digit name for this key."""
         raw = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(raw).hexdigest()[:32]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file, fsync, rename: readers see the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".%s." % path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, str(path))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class EngineCache:
@@ -143,7 +118,7 @@ class EngineCache:
             os.replace(str(plan_file), str(dest))
         body = dict(meta, schema=META_SCHEMA, key=asdict(key), plan_sha256=sha256_file(dest),
                     plan_bytes=dest.stat().st_size)
-        atomic_write_bytes(self.meta_path(key), json.dumps(body, indent=1, sort_keys=True).encode())
+        write_atomic(self.meta_path(key), json.dumps(body, indent=1, sort_keys=True).encode(), make_parents=True)
         return dest
 
     def read_meta(self, key: EngineKey) -> Optional[Dict[str, Any]]:
@@ -180,4 +155,4 @@ class EngineCache:
 
     def save_tuning(self, name: str, data: Dict[str, Any]) -> None:
         """Persist a tuning result atomically."""
-        atomic_write_bytes(self.tuning_path(name), json.dumps(data, indent=1, sort_keys=True).encode())
+        write_atomic(self.tuning_path(name), json.dumps(data, indent=1, sort_keys=True).encode(), make_parents=True)

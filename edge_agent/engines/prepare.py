@@ -27,7 +27,7 @@ from edge_agent.bundle.manifest import ManifestBody, ModelSpec
 from edge_agent.config import EngineConfig
 from edge_agent.engines.base import Engine
 from edge_agent.engines.budget import MIB, MemoryBudget, budget_for_config
-from edge_agent.engines.cache import EngineCache, EngineKey, sha256_file
+from edge_agent.engines.cache import EngineCache, EngineKey
 from edge_agent.engines.platform import PlatformInfo, detect_platform
 from edge_agent.engines.tuner import (
     MemoryModel,
@@ -38,6 +38,7 @@ from edge_agent.engines.tuner import (
     measure_batches,
 )
 from edge_agent.errors import EngineError, IntegrityError, ResourceError
+from edge_agent.fsutil import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from edge_agent.errors import BuildError
+from edge_agent.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -162,28 +163,13 @@ def build_plan(req: BuildRequest, progress: Callable[[str], None] = lambda s: No
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError("TensorRT build failed: %s" % ("; ".join(logger.errors[-3:]) or "no message"))
-    _atomic_write(Path(req.plan_path), bytes(plan))
+    write_atomic(Path(req.plan_path), bytes(plan), make_parents=True)
     if req.timing_cache_path:
         cache_obj = config.get_timing_cache()
         if cache_obj is not None:
-            _atomic_write(Path(req.timing_cache_path), bytes(cache_obj.serialize()))
+            write_atomic(Path(req.timing_cache_path), bytes(cache_obj.serialize()), make_parents=True)
     del calibrator
     return BuildOutcome(Path(req.plan_path), precision, time.monotonic() - started, notes)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".%s." % path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, str(path))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 _PARENT_ENV = "EDGE_AGENT_BUILD_PARENT_PID"
