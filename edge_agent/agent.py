@@ -203,7 +203,7 @@ class Agent:
             bundle=lambda: self.store.state.active.ref if self.store.state.active else None,
             engine=lambda: self._models.describe() if self._models is not None and hasattr(
                 self._models, "describe") else None,
-            malformed=lambda: self.malformed,
+            malformed=lambda: self.malformed + (self.fetcher.malformed if self.fetcher is not None else 0),
         )
         self.session.on_connect(self.publisher.notify_connected)
 
@@ -359,6 +359,8 @@ class Agent:
             )
         except CommandError as e:
             meta = peek_command_meta(raw)
+            if not meta:
+                self.malformed += 1  # not even a command envelope (telemetry `malformed_messages`)
             self.emit("command-refused", str(e), level="warning", command_seq=meta.get("seq"),
                       data={"reason": str(e), "kind": meta.get("kind")})
             return

@@ -128,6 +128,9 @@ class Deployer:
         if st.active is not None and st.active.manifest_sha256 == args.manifest_sha256:
             self.emit("command-accepted", "bundle %s v%d is already active" % (ref.name, ref.version),
                       bundle=ref, rollout_id=rid, command_seq=command_seq, data={"already_active": True})
+            if st.pending is not None and st.pending.args.manifest_sha256 == args.manifest_sha256:
+                # Resumed after a kill between activation and clearing `pending` (older state files).
+                self.store.update_state(pending=None)
             self._state("active", ref, "already active", rid)
             return st.active
         if not resumed:
@@ -238,12 +241,16 @@ class Deployer:
             raise
         record = BundleRecord(name=body.name, version=body.version, manifest_sha256=manifest_sha256,
                               installed_at=self.clock())
-        self.store.record_activation(record)
-        self.store.update_state(pending=None)
+        # One atomic write: active, nothing pending and (with probation) the probation state. A kill right
+        # after activation restarts into probation: never into a stale pending deploy, never "active"
+        # without the health gates having run.
+        probation = (DeployState(state="probation", bundle=ref, rollout_id=rid, since=self.clock())
+                     if self.hooks.probation is not None else None)
+        self.store.record_activation(record, deploy=probation, clear_pending=True)
         self.emit("activated", "bundle %s v%d is active" % (ref.name, ref.version), bundle=ref, rollout_id=rid,
                   command_seq=command_seq)
-        if self.hooks.probation is not None:
-            self._state("probation", ref, None, rid)
+        if probation is not None:
+            self.on_state(probation)
             return self.run_probation(record, body, rollout_id=rid, command_seq=command_seq)
         self._state("active", ref, None, rid)
         self.store.gc()

@@ -196,6 +196,8 @@ class Fetcher:
         self._cancel = threading.Event()
         self._checkpoints = _Checkpointer(store)
         self.inbox_dropped = 0
+        #: Chunk answers to our requests whose metadata or length was wrong (forged or broken), ever.
+        self.malformed = 0
 
     # --------------------------------------------------------------------------------- public API
 
@@ -445,6 +447,7 @@ class Fetcher:
             problem = "total %s, file is %d" % (props.get("total"), t.size)
         if problem is not None:
             stats.bad_chunks += 1
+            self.malformed += 1
             log.warning("bad chunk for %s offset %d (%s); asking again", t.label, offset, problem)
             if req.attempts > self.cfg.max_retries:
                 raise TransportError("chunk %d of %s kept arriving bad (%s)" % (req.index, t.label, problem))
