@@ -134,7 +134,8 @@ class RpcServer:
             return RpcResponse(ok=True, result=handler(params))
         except EdgeAgentError as e:
             return RpcResponse(ok=False, error=str(e))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            # OverflowError: a number too big for the registry (SQLite integers are 64-bit).
             return RpcResponse(ok=False, error="bad parameters for %s: %s" % (method, e))
         except Exception as e:  # never let a handler bug kill the worker
             self.stats["errors"] += 1
