@@ -45,6 +45,7 @@ from edge_agent.protocol.messages import (
     Event,
     PingArgs,
     PlatformInfo,
+    PromoteArgs,
     RollbackArgs,
     SetRouterArgs,
     Status,
@@ -137,6 +138,7 @@ class Agent:
         self.session: Optional[MqttSession] = None
         self.fetcher: Optional[Fetcher] = None
         self.deployer: Optional[Deployer] = None
+        self.candidates = None  # CandidateManager: shadow / A-B candidates (edge_agent.candidate)
         self.malformed = 0
         self._lock_fd: Optional[int] = None
 
@@ -188,6 +190,9 @@ class Agent:
             limits=self.cfg.limits, emit=self.emit, on_state=self._on_deploy_state, fetcher=self.fetcher,
             stopping=self.stop_event.is_set,
         )
+        from edge_agent.candidate import CandidateManager
+
+        self.candidates = CandidateManager(self)
         if bad:
             self.emit("error", "%d store object(s) failed their hash check; quarantined, will be fetched again"
                       % len(bad), level="error", data={"objects": bad[:20]})
@@ -373,9 +378,13 @@ class Agent:
         try:
             if isinstance(args, DeployArgs):
                 if args.mode != "normal":
-                    raise CommandError("deploy mode %r is not supported by this agent" % args.mode)
-                self.deployer.deploy(args, command_seq=body.seq)
+                    self.candidates.deploy(args, command_seq=body.seq)
+                else:
+                    self.deployer.deploy(args, command_seq=body.seq)
+            elif isinstance(args, PromoteArgs):
+                self.candidates.promote(args, command_seq=body.seq)
             elif isinstance(args, RollbackArgs):
+                self.candidates.drop("dropped: rollback requested")
                 self.deployer.rollback(args, command_seq=body.seq)
             elif isinstance(args, PingArgs):
                 self.publish_status()
@@ -470,6 +479,8 @@ class Agent:
                     continue
                 if item[0] == "command":
                     self.handle_command(item[1])
+                elif item[0] == "call":  # a decision handed over by another thread (shadow gates)
+                    item[1]()
         except TransferCancelled:
             log.info("transfer cancelled for shutdown; it resumes on the next start")
         except Exception:
@@ -532,6 +543,8 @@ class Agent:
         if self.session is not None:
             final = self.status(online=False)
             self.session.stop(final=(topics.status(self.prefix, self.device_id), final.to_json(), 1, True))
+        if self.candidates is not None:
+            self.candidates.close()
         with self._serve_lock:
             svc, models = self._service, self._models
             self._service = self._models = None

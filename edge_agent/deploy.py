@@ -39,6 +39,10 @@ class SelfTestError(EngineError):
     """The golden self-test failed: the bundle is not activated."""
 
 
+class CandidateRefusedError(EdgeAgentError):
+    """A shadow / A-B candidate that cannot run beside the active bundle (memory) or failed its gates."""
+
+
 @dataclass
 class Hooks:
     """What the deployer needs from the rest of the agent (engines, runtime, probation)."""
@@ -53,6 +57,12 @@ class Hooks:
     discard: Callable[[Any], None] = lambda prepared: None
     #: (record, manifest) -> None when probation passes, else the reason (the deployer rolls back).
     probation: Optional[Callable[[BundleRecord, ManifestBody], Optional[str]]] = None
+    #: shadow / A-B deploys: (bundle_dir, manifest) -> prepared candidate models, checked against the
+    #: memory left beside the active bundle (default: `prepare`).
+    prepare_candidate: Optional[Callable[[Path, ManifestBody], Any]] = None
+    #: shadow / A-B deploys: (prepared, bundle_dir, manifest, args, record) -> None: run the self-tested
+    #: candidate beside the active bundle instead of activating it.
+    start_candidate: Optional[Callable[[Any, Path, ManifestBody, DeployArgs, BundleRecord], None]] = None
 
 
 class Deployer:
@@ -148,7 +158,9 @@ class Deployer:
             raise err
 
     def _fail(self, e: EdgeAgentError, ref: BundleRef, rid: Optional[str], command_seq: Optional[int]) -> None:
-        if isinstance(e, BundleError):
+        if isinstance(e, CandidateRefusedError):
+            kind = "candidate-refused"
+        elif isinstance(e, BundleError):
             kind = "bundle-refused"
         elif isinstance(e, SelfTestError):
             kind = "selftest-failed"
@@ -205,7 +217,7 @@ class Deployer:
                 bundle=ref, rollout_id=rid, command_seq=command_seq,
                 data=dict(stats.as_dict(), bytes_held=body.total_size() - stats.bytes_total),
             )
-        return self._install(args.manifest_sha256, body, rid, command_seq)
+        return self._install(args.manifest_sha256, body, rid, command_seq, args=args)
 
     def install_verified(self, manifest_sha256: str, body: ManifestBody, *, rollout_id: Optional[str] = None,
                          command_seq: Optional[int] = None) -> BundleRecord:
@@ -217,15 +229,19 @@ class Deployer:
             raise
 
     def _install(self, manifest_sha256: str, body: ManifestBody, rid: Optional[str],
-                 command_seq: Optional[int]) -> BundleRecord:
+                 command_seq: Optional[int], args: Optional[DeployArgs] = None) -> BundleRecord:
         ref = BundleRef(name=body.name, version=body.version)
+        candidate = args is not None and args.mode != "normal" and self.hooks.start_candidate is not None
         self._state("verifying", ref, "files", rid)
         bundle_dir = self.store.materialize(body)
         self.emit("bundle-installed", "bundle %s v%d stored and verified" % (ref.name, ref.version),
                   bundle=ref, rollout_id=rid, command_seq=command_seq,
                   data={"manifest_sha256": manifest_sha256, "bytes": body.total_size()})
-        self._state("preparing", ref, None, rid)
-        prepared = self.hooks.prepare(bundle_dir, body)
+        self._state("preparing", ref, "candidate (%s)" % args.mode if candidate and args else None, rid)
+        prepare = (self.hooks.prepare_candidate or self.hooks.prepare) if candidate else self.hooks.prepare
+        prepared = prepare(bundle_dir, body)
+        record = BundleRecord(name=body.name, version=body.version, manifest_sha256=manifest_sha256,
+                              installed_at=self.clock())
         try:
             self._state("self-testing", ref, None, rid)
             report = self.hooks.selftest(prepared, bundle_dir, body)
@@ -234,13 +250,17 @@ class Deployer:
                                     % (ref.name, ref.version, getattr(report, "message", "no report")))
             self.emit("selftest-passed", getattr(report, "message", "golden self-test passed"), bundle=ref,
                       rollout_id=rid, command_seq=command_seq, data=dict(getattr(report, "details", {}) or {}))
+            if candidate:
+                # Shadow / A-B: the candidate runs beside the active bundle; `pending` stays set until
+                # it is promoted or refused, so a restarted agent starts the shadow window again.
+                assert args is not None and self.hooks.start_candidate is not None
+                self.hooks.start_candidate(prepared, bundle_dir, body, args, record)
+                return record
             self._state("activating", ref, None, rid)
             self.hooks.activate(prepared, bundle_dir, body)
         except BaseException:
             self.hooks.discard(prepared)
             raise
-        record = BundleRecord(name=body.name, version=body.version, manifest_sha256=manifest_sha256,
-                              installed_at=self.clock())
         # One atomic write: active, nothing pending and (with probation) the probation state. A kill right
         # after activation restarts into probation: never into a stale pending deploy, never "active"
         # without the health gates having run.

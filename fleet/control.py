@@ -118,7 +118,7 @@ class ControlPlane:
         r("devices.list", self._devices_list)
         r("devices.show", self._devices_show)
         r("rollout.start", self._rollout_start)
-        r("rollout.status", lambda p: self.runner.get(p.get("rollout_id"), history=int(p.get("history", 50))))
+        r("rollout.status", self._rollout_status)
         r("rollout.list", lambda p: self.runner.list(limit=int(p.get("limit", 20))))
         r("rollout.pause", lambda p: self.runner.pause(_need(p, "rollout_id")))
         r("rollout.resume", lambda p: self.runner.resume(_need(p, "rollout_id")))
@@ -182,6 +182,28 @@ class ControlPlane:
                 "device_timeout_s": params.get("device_timeout_s"),
             },
         )
+
+    def _rollout_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        out = self.runner.get(params.get("rollout_id"), history=int(params.get("history", 50)))
+        if out.get("mode") in ("shadow", "ab"):
+            # Candidate vs active per device, from each device's latest telemetry about this candidate.
+            rows = {d["device_id"]: d for d in self.registry.list_devices()}
+            for e in out.get("devices", []):
+                tel = (rows.get(e["device_id"]) or {}).get("telemetry") or {}
+                sh = tel.get("shadow")
+                ok = sh and (sh.get("candidate") or {}).get("version") == out["bundle"]["version"] and (
+                    sh.get("candidate") or {}).get("name") == out["bundle"]["name"]
+                e["shadow"] = sh if ok else None
+                ev = (rows.get(e["device_id"]) or {}).get("last_event") or {}
+                if not ok and ev.get("kind") in ("shadow-report", "promoted", "candidate-refused") and (
+                        ev.get("bundle") or {}) == {"name": out["bundle"]["name"], "version": out["bundle"]["version"]}:
+                    # Decided (or reported): the figures the device decided on, from its last event.
+                    d = ev.get("data") or {}
+                    e["shadow"] = {"mode": d.get("mode"), "outcome": ev["kind"], "agreement": d.get("agreement"),
+                                   "candidate_p99_ms": d.get("candidate_p99_ms"),
+                                   "active_p99_ms": d.get("active_p99_ms"),
+                                   "candidate_errors": d.get("candidate_errors"), "compared": d.get("compared")}
+        return out
 
     def _rollback(self, params: Dict[str, Any]) -> Dict[str, Any]:
         devices = params.get("devices") or []

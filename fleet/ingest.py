@@ -65,6 +65,30 @@ def telemetry_summary(t: Telemetry) -> Dict[str, Any]:
         "throttled": t.throttled,
         "bundle": t.bundle.model_dump() if t.bundle else None,
         "spool_dropped": t.spool_dropped,
+        "shadow": shadow_summary(t),
+    }
+
+
+def shadow_summary(t: Telemetry) -> Optional[Dict[str, Any]]:
+    """The candidate-vs-active figures of a shadow / A-B telemetry message (None outside those modes)."""
+    sh = t.shadow
+    if sh is None:
+        return None
+    w = sh.window
+    return {
+        "mode": sh.mode,
+        "candidate": sh.candidate.model_dump(),
+        "mirrored": sh.mirrored,
+        "dropped": sh.dropped,
+        "agreement": sh.agreement,
+        "candidate_errors": sh.candidate_errors,
+        "candidate_p99_ms": sh.candidate_latency_ms.p99,
+        "active_p99_ms": sh.active_latency_ms.p99,
+        "split": sh.split,
+        "candidate_share": sh.candidate_share,
+        "arms": {k: {"requests": v.requests, "errors": v.errors, "p99_ms": v.latency_ms.p99}
+                 for k, v in sh.arms.items()},
+        "window": w.model_dump() if w is not None else None,
     }
 
 

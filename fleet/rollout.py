@@ -10,8 +10,11 @@ Rules:
 * A wave starts by deploying to every device in it. It is *complete* when every one of its devices is
   terminal (succeeded, failed or timed out). It *passes* when the fraction that succeeded reaches
   ``success_threshold``. Success means the device passed self-test and probation: the event
-  ``probation-passed`` or a status ``active`` with the rollout's bundle (``shadow-started`` / status
-  ``shadow``/``ab`` for shadow and A/B rollouts).
+  ``probation-passed`` or a status ``active`` with the rollout's bundle. A shadow rollout's device
+  succeeds when its candidate is *promoted* (the device's shadow gates held, or the operator promoted
+  it) and fails when the candidate is refused, so its waves advance on the shadow gates; an A/B
+  rollout's device succeeds once it serves the split (``shadow-started`` / status ``ab``) and keeps
+  it until the operator promotes or drops the candidate.
 * When failures exceed ``error_threshold`` × (devices in the waves started so far) the rollout halts:
   every device that took the bundle gets a rollback to the bundle it ran before, pending devices are
   skipped, so later waves never receive it.
@@ -81,8 +84,8 @@ OBS_ROLLED_BACK = "rolled-back"
 OBS_ROLLBACK_FAILED = "rollback-failed"
 OBS_OFFLINE = "offline"
 
-_SUCCESS_EVENTS = {"normal": ("probation-passed",), "shadow": ("shadow-started",), "ab": ("shadow-started",)}
-_SUCCESS_STATES = {"normal": ("active",), "shadow": ("shadow",), "ab": ("ab",)}
+_SUCCESS_EVENTS = {"normal": ("probation-passed",), "shadow": ("promoted",), "ab": ("shadow-started",)}
+_SUCCESS_STATES = {"normal": ("active",), "shadow": ("active",), "ab": ("ab",)}
 _FAILURE_EVENTS = (
     "command-refused",
     "fetch-failed",
@@ -105,9 +108,10 @@ _PROGRESS_EVENTS = (
     "batch-tuned",
     "selftest-passed",
     "activated",
+    "shadow-started",
     "shadow-report",
 )
-_PROGRESS_STATES = ("fetching", "verifying", "preparing", "self-testing", "activating", "probation")
+_PROGRESS_STATES = ("fetching", "verifying", "preparing", "self-testing", "activating", "probation", "shadow")
 
 
 class RolloutError(EdgeAgentError):
@@ -312,6 +316,8 @@ class Rollout:
         """A new rollout (not started). `priors` maps device id -> the bundle it runs now."""
         if mode not in ("normal", "shadow", "ab"):
             raise RolloutError("mode must be normal, shadow or ab, got %r" % mode)
+        if mode == "ab" and (ab_split is None or not 0 < float(ab_split) < 100):
+            raise RolloutError("an ab rollout needs ab_split between 0 and 100 (percent served by the candidate)")
         waves = check_explicit_waves(waves)
         priors = priors or {}
         r = cls(
@@ -615,14 +621,22 @@ class Rollout:
         )
 
     def promote(self, now: float, *, accept: bool = True) -> List[Action]:
-        """Shadow / A-B rollouts: promote (or drop) the candidate on every device that runs it."""
+        """Shadow / A-B rollouts: promote (or drop) the candidate on every device that runs it.
+
+        Shadow: the devices still shadowing (in flight) are promoted now instead of waiting for their
+        gates; their ``promoted`` events then advance the waves as usual. A/B: the devices serving the
+        split (succeeded) are promoted. Dropping removes the candidate everywhere and aborts the rollout
+        (nothing to roll back: a dropped candidate leaves the active bundle serving)."""
         if self.mode == "normal":
             raise RolloutError(
                 "rollout %s is a normal rollout; only shadow and ab rollouts can be promoted" % self.rollout_id
             )
+        holders = IN_FLIGHT if self.mode == "shadow" else (D_SUCCEEDED,)
+        if not accept:
+            holders = (*IN_FLIGHT, D_SUCCEEDED)
         acts: List[Action] = []
         for e in self.devices.values():
-            if e.state == D_SUCCEEDED:
+            if e.state in holders:
                 acts.append(SendPromote(e.device_id, accept, "rollout %s" % self.rollout_id))
                 e.detail = "promote sent" if accept else "candidate dropped"
                 e.updated = now
@@ -635,6 +649,9 @@ class Rollout:
             )
         )
         self.updated = now
+        if not accept and not self.final:
+            self.rollback_on_stop = False
+            acts += self._stop(ABORTED, "candidate dropped by the operator", now, rollback=False)
         return acts
 
     # ---------------------------------------------------------------------------------- internals
@@ -792,7 +809,7 @@ def classify_status(
     if not ours:
         return None
     if deploy_state in _SUCCESS_STATES.get(rollout.mode, ()):
-        if rollout.mode != "normal" or _same_bundle(active, rollout.bundle):
+        if rollout.mode == "ab" or _same_bundle(active, rollout.bundle):
             return OBS_SUCCESS
         return None
     if deploy_state == "rolled-back":

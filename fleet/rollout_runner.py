@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 SendCommand = Callable[[str, CommandArgs], None]
 
 
+def _decimal(v: float) -> str:
+    """A percentage as the decimal string a signed command carries."""
+    return ("%.4f" % float(v)).rstrip("0").rstrip(".")
+
+
 def new_rollout_id(now: float) -> str:
     """A sortable, readable, unique rollout id such as ``r20261122-0815-3fa2``."""
     return "r%s-%s" % (time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)), os.urandom(2).hex())
@@ -378,11 +383,11 @@ class RolloutRunner:
                 manifest_sha256=r.manifest_sha256,
                 manifest_size=r.manifest_size,
                 mode=r.mode,
-                ab_split=r.ab_split,
+                ab_split=None if r.ab_split is None else _decimal(r.ab_split),
                 rollout_id=r.rollout_id,
             )
         if isinstance(a, plan.SendRollback):
             return RollbackArgs(to=BundleRef(**a.to) if a.to else None, reason=a.reason[:200], rollout_id=r.rollout_id)
         if isinstance(a, plan.SendPromote):
-            return PromoteArgs(accept=a.accept, reason=a.reason[:200])
+            return PromoteArgs(accept=a.accept, reason=a.reason[:200], rollout_id=r.rollout_id)
         raise TypeError("not a command action: %r" % (a,))

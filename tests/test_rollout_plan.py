@@ -266,10 +266,11 @@ def test_unconfirmed_rollback_is_reported_after_the_timeout():
     assert any(isinstance(a, Note) and a.kind == "rollback-unconfirmed" for a in acts)
 
 
-def test_shadow_rollout_succeeds_on_shadow_started_and_promotes():
+def test_ab_rollout_succeeds_on_shadow_started_and_promotes():
     devs = ["a", "b"]
     r = Rollout.create(
-        rollout_id="r1", bundle=BUNDLE, manifest_sha256="a" * 64, manifest_size=1, waves=[devs], mode="shadow", now=0
+        rollout_id="r1", bundle=BUNDLE, manifest_sha256="a" * 64, manifest_size=1, waves=[devs], mode="ab",
+        ab_split=10.0, now=0
     )
     r.start(0)
     for d in devs:

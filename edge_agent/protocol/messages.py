@@ -154,6 +154,20 @@ class RouteStats(BaseModel):
     mean_batch: Optional[float] = None
 
 
+class ShadowWindow(BaseModel):
+    """The shadow window so far: what the promotion gates are decided on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    elapsed_s: float = 0.0
+    window_s: float = 0.0
+    compared: int = 0
+    agreement: Optional[float] = None
+    candidate_errors: int = 0
+    candidate_p99_ms: Optional[float] = None
+    active_p99_ms: Optional[float] = None
+
+
 class ShadowStats(BaseModel):
     """Candidate-vs-active comparison over the period (shadow or A/B deployments)."""
 
@@ -161,13 +175,19 @@ class ShadowStats(BaseModel):
 
     mode: Literal["shadow", "ab"]
     candidate: BundleRef
-    mirrored: int = 0
-    dropped: int = 0
-    agreement: Optional[float] = None
+    mirrored: int = Field(0, description="shadow: inputs the candidate ran this period")
+    dropped: int = Field(0, description="shadow: sampled inputs shed (mirror queue full or active model busy)")
+    fraction: Optional[float] = Field(None, description="shadow: share of requests sampled for mirroring")
+    compared: int = Field(0, description="shadow: inputs both models answered (agreement is over these)")
+    agreement: Optional[float] = Field(None, description="top-1 agreement (classifiers) or matched-box F1 (detectors)")
     candidate_errors: int = 0
     candidate_latency_ms: LatencyMs = LatencyMs()
-    split: Optional[float] = None
-    arms: Dict[str, RouteStats] = Field(default_factory=dict)
+    active_latency_ms: LatencyMs = Field(LatencyMs(), description="the active model on the same inputs (shadow) or "
+                                         "its arm (A/B)")
+    split: Optional[float] = Field(None, description="A/B: percent of requests served by the candidate")
+    candidate_share: Optional[float] = Field(None, description="A/B: measured share of requests the candidate served")
+    arms: Dict[str, RouteStats] = Field(default_factory=dict, description="A/B: per-arm figures (active, candidate)")
+    window: Optional[ShadowWindow] = None
 
 
 class Telemetry(Message):
@@ -268,7 +288,10 @@ class DeployArgs(BaseModel):
     manifest_sha256: str = Field(pattern=SHA256_PATTERN)
     manifest_size: int = Field(ge=1)
     mode: Literal["normal", "shadow", "ab"] = "normal"
-    ab_split: Optional[float] = Field(None, ge=0, le=100)
+    ab_split: Optional[str] = Field(
+        None, pattern=r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]+)?)$",
+        description="ab mode: percent of requests the candidate serves, a decimal string (signed documents carry "
+                    "no floats)")
     rollout_id: Optional[str] = None
 
 
@@ -320,6 +343,7 @@ class PromoteArgs(BaseModel):
     kind: Literal["promote"] = "promote"
     accept: bool = True
     reason: str = ""
+    rollout_id: Optional[str] = None
 
 
 CommandArgs = Union[DeployArgs, RollbackArgs, SetRouterArgs, RetuneArgs, PingArgs, PromoteArgs]

@@ -217,10 +217,12 @@ class _Handler(BaseHTTPRequestHandler):
         if many is not None:
             self._json(200, {
                 "results": [{"route": r.route, "output": r.output} for r in many],
-                "latency_ms": many[0].latency_ms, "bundle": svc.bundle,
+                "latency_ms": many[0].latency_ms, "bundle": many[0].extra.get("bundle") or svc.bundle,
             })
             return
-        self._json(200, {"route": res.route, "latency_ms": res.latency_ms, "output": res.output, "bundle": svc.bundle})
+        # An A/B candidate's answers name the candidate bundle (InferResult.extra["bundle"]).
+        self._json(200, {"route": res.route, "latency_ms": res.latency_ms, "output": res.output,
+                         "bundle": res.extra.get("bundle") or svc.bundle})
 
 
 class ApiServer:

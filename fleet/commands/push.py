@@ -4,6 +4,10 @@ The bundle's files are checked against its manifest and copied into the controll
 `fleet serve` can answer the devices' chunk requests); then each device gets a deploy command signed
 with the controller key, with the next sequence number for that device. `--wait S` follows the
 devices' events until each has activated the bundle or failed.
+
+`--mode shadow` runs the bundle as a candidate beside each device's active bundle (mirrored traffic,
+promoted or refused on the bundle's shadow gates; `--wait` follows until then); `--mode ab --split P`
+serves P % of requests with it until `fleet rollout promote` (or a drop / rollback).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from edge_agent.clikit import CliError
 
 DEVICE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 FINAL = {"activated": "activated", "bundle-refused": "refused", "fetch-failed": "fetch failed",
-         "selftest-failed": "self-test failed", "engine-build-failed": "engine failed", "command-refused": "refused"}
+         "selftest-failed": "self-test failed", "engine-build-failed": "engine failed", "command-refused": "refused",
+         "candidate-refused": "candidate refused"}
+#: The event that means success, per deploy mode.
+SUCCESS = {"normal": "activated", "shadow": "promoted", "ab": "shadow-started"}
 
 
 def _devices(text: str):
@@ -39,6 +46,14 @@ def _run(args: argparse.Namespace) -> int:
     from fleet.controller import Controller
 
     devices = _devices(args.devices)
+    if args.mode == "ab" and args.split is None:
+        raise CliError("--mode ab needs --split PCT (percent of requests the candidate serves)")
+    if args.split is not None and (args.mode != "ab" or not 0 < args.split < 100):
+        raise CliError("--split is for --mode ab and must be between 0 and 100 (exclusive)")
+    final = dict(FINAL)
+    if args.mode != "normal":
+        del final["activated"]
+        final[SUCCESS[args.mode]] = {"shadow": "promoted", "ab": "serving the split"}[args.mode]
     bundle = Path(args.bundle)
     if not bundle.is_file():
         raise CliError("bundle file %s does not exist" % bundle)
@@ -58,9 +73,9 @@ def _run(args: argparse.Namespace) -> int:
             return
         dev = ev.get("device_id")
         b = ev.get("bundle") or {}
-        if dev in devices and ev.get("kind") in FINAL and dev not in outcome and (
+        if dev in devices and ev.get("kind") in final and dev not in outcome and (
                 ev.get("kind") == "command-refused" or (b.get("name"), b.get("version")) == (body.name, body.version)):
-            outcome[dev] = "%s: %s" % (FINAL[ev["kind"]], ev.get("message", ""))
+            outcome[dev] = "%s: %s" % (final[ev["kind"]], ev.get("message", ""))
             print("  %-20s %s" % (dev, outcome[dev]), flush=True)
             if len(outcome) == len(devices):
                 done.set()
@@ -79,7 +94,10 @@ def _run(args: argparse.Namespace) -> int:
             raise CliError(str(e))
         deliveries = []
         for dev in devices:
-            deliveries.append((dev, ctl.send_command(dev, ctl.deploy_args(body.name, body.version))))
+            dargs = ctl.deploy_args(body.name, body.version).model_copy(
+                update={"mode": args.mode, "ab_split": None if args.split is None else (
+                    "%.4f" % args.split).rstrip("0").rstrip(".")})
+            deliveries.append((dev, ctl.send_command(dev, dargs)))
         failed = [dev for dev, d in deliveries if not d.wait(args.timeout)]
         if failed:
             raise CliError("the broker did not acknowledge the deploy command for: %s" % ", ".join(failed))
@@ -88,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
             if not done.wait(args.wait):
                 missing = [d for d in devices if d not in outcome]
                 raise CliError("no final answer within %.0f s from: %s" % (args.wait, ", ".join(missing)))
-            if any(not v.startswith("activated") for v in outcome.values()):
+            ok = final[SUCCESS[args.mode]]
+            if any(not v.startswith(ok) for v in outcome.values()):
                 return 1
     finally:
         ctl.session.stop()
@@ -103,6 +122,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", required=True, metavar="ID[,ID...]", help="device ids")
     p.add_argument("--config", required=True, help="fleet.toml")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
+    p.add_argument("--mode", choices=("normal", "shadow", "ab"), default="normal",
+                   help="normal (activate), shadow (candidate beside the active bundle, promoted on its gates) "
+                        "or ab (serve --split %% of requests with it)")
+    p.add_argument("--split", type=float, metavar="PCT", help="ab mode: percent of requests the candidate serves")
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="follow device events up to S seconds until each activated or failed")
     p.set_defaults(func=_run)

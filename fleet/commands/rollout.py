@@ -129,6 +129,10 @@ def render_rollout(r: Dict[str, Any], *, devices: bool = False, history: int = 8
                 numeric=(1,),
             )
         )
+    cand = candidate_table(r)
+    if cand:
+        lines.append("")
+        lines.append(cand)
     hist = r.get("history") or []
     if hist and history:
         lines.append("")
@@ -138,6 +142,44 @@ def render_rollout(r: Dict[str, Any], *, devices: bool = False, history: int = 8
                 "  %s  %s%s: %s" % (time.strftime("%H:%M:%S", time.localtime(h["ts"])), h["kind"], who, h["message"])
             )
     return "\n".join(lines)
+
+
+def _num(v: Any, fmt: str = "%.2f") -> str:
+    return "-" if v is None else fmt % v
+
+
+def candidate_table(r: Dict[str, Any]) -> str:
+    """Shadow / A-B rollouts: per device, the candidate's agreement and latency against the active model
+    (the shadow window so far, or the figures the device decided on); empty for normal rollouts."""
+    if r.get("mode") not in ("shadow", "ab"):
+        return ""
+    rows = []
+    for e in r.get("devices") or []:
+        sh = e.get("shadow")
+        if not sh:
+            continue
+        w = sh.get("window") or {}
+        if r["mode"] == "shadow":
+            agreement = w.get("agreement", sh.get("agreement"))
+            cand_p99 = w.get("candidate_p99_ms", sh.get("candidate_p99_ms"))
+            act_p99 = w.get("active_p99_ms", sh.get("active_p99_ms"))
+            compared = w.get("compared", sh.get("compared"))
+            rows.append([e["device_id"], _num(agreement, "%.4f"), compared if compared is not None else "-",
+                         _num(cand_p99), _num(act_p99), sh.get("candidate_errors") or 0,
+                         sh.get("dropped") if sh.get("dropped") is not None else "-", sh.get("outcome") or "shadowing"])
+        else:
+            arms = sh.get("arms") or {}
+            a, c = arms.get("active") or {}, arms.get("candidate") or {}
+            rows.append([e["device_id"], _num(sh.get("split"), "%g%%"),
+                         _num(sh.get("candidate_share"), "%.3f"), c.get("requests", "-"), _num(c.get("p99_ms")),
+                         a.get("requests", "-"), _num(a.get("p99_ms")), sh.get("candidate_errors") or 0])
+    if not rows:
+        return ""
+    if r["mode"] == "shadow":
+        head = ("DEVICE", "AGREEMENT", "COMPARED", "CAND P99 MS", "ACTIVE P99 MS", "CAND ERRORS", "SHED", "SHADOW")
+        return render_table(head, rows, numeric=(1, 2, 3, 4, 5, 6))
+    head = ("DEVICE", "SPLIT", "CAND SHARE", "CAND REQ", "CAND P99 MS", "ACTIVE REQ", "ACTIVE P99 MS", "CAND ERRORS")
+    return render_table(head, rows, numeric=(2, 3, 4, 5, 6, 7))
 
 
 def _show(args: argparse.Namespace, r: Dict[str, Any]) -> None:
@@ -186,6 +228,10 @@ def _start(args: argparse.Namespace) -> int:
             raise CliError("--devices restricts percentage waves; with --wave the lists name the devices already")
         params["devices"] = devs
     params["mode"] = args.mode
+    if args.mode == "ab" and args.ab_split is None:
+        raise CliError("--mode ab needs --split PCT (percent of requests the candidate serves)")
+    if args.ab_split is not None and (args.mode != "ab" or not 0 < args.ab_split < 100):
+        raise CliError("--split is for --mode ab and must be between 0 and 100 (exclusive)")
     for key in ("ab_split", "success_threshold", "error_threshold", "device_timeout_s"):
         v = getattr(args, key)
         if v is not None:
@@ -269,7 +315,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="normal",
         help="normal (activate), shadow (mirror traffic to the candidate) or ab (split traffic)",
     )
-    s.add_argument("--ab-split", type=float, dest="ab_split", metavar="PCT", help="A/B: percent of traffic to B")
+    s.add_argument("--split", "--ab-split", type=float, dest="ab_split", metavar="PCT",
+                   help="ab mode: percent of requests the candidate serves")
     s.add_argument("--success-threshold", type=float, metavar="F", help="fraction of a wave that must pass (0.9)")
     s.add_argument(
         "--error-threshold",
