@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from edge_agent.errors import EdgeAgentError, TransportError
+from edge_agent.errors import ConfigError, EdgeAgentError, TransportError
 from edge_agent.mqtt import Inbound, MqttSession, require_connected
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import MessageError, RpcRequest, RpcResponse
@@ -47,6 +47,39 @@ def reply_topic(prefix: str, username: Optional[str], client_id: str) -> str:
     """Where a CLI client receives its answers: ``{p}/fleet/rpc-reply/{username}/{client id}`` (the broker
     ACL lets each user read only the replies under its own name; ``anonymous`` without a username)."""
     return "%s/fleet/rpc-reply/%s/%s" % (prefix, username or "anonymous", client_id)
+
+
+def certificate_cn(cert_file: Any) -> str:
+    """The subject CN of a PEM (or DER) client certificate: the MQTT username a broker with
+    `use_identity_as_username` gives its holder. ConfigError when unreadable or without a usable CN."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        data = open(str(cert_file), "rb").read()
+    except OSError as e:
+        raise ConfigError("mqtt.tls.cert_file %s cannot be read: %s" % (cert_file, e.strerror))
+    try:
+        cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise ConfigError("mqtt.tls.cert_file %s is not an X.509 certificate: %s" % (cert_file, e))
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else ""
+    if not cn or any(c in cn for c in "/+#\x00"):
+        raise ConfigError("mqtt.tls.cert_file %s has no common name usable in a topic (%r); set mqtt.username to "
+                          "the identity the broker gives this certificate" % (cert_file, cn))
+    return cn
+
+
+def rpc_username(cfg: Any) -> Optional[str]:
+    """The username that names a CLI's reply topic: `mqtt.username`, else the client certificate's CN
+    (the broker ignores a username sent with a certificate and uses the CN), else None (anonymous)."""
+    if cfg.username:
+        return cfg.username
+    tls = getattr(cfg, "tls", None)
+    if tls is not None and tls.cert_file is not None:
+        return certificate_cn(tls.cert_file)
+    return None
 
 
 class RpcServer:
@@ -168,7 +201,7 @@ class RpcClient:
         """Open a session to the broker in `cfg` (an `MqttConfig`) and return a ready client."""
         client_id = "fleet-cli-%s" % os.urandom(6).hex()
         session = MqttSession(cfg, client_id=client_id, name="fleet-cli")
-        client = cls(session, prefix=prefix or cfg.prefix, client_id=client_id, username=cfg.username)
+        client = cls(session, prefix=prefix or cfg.prefix, client_id=client_id, username=rpc_username(cfg))
         session.start()
         try:
             require_connected(session, connect_timeout_s)

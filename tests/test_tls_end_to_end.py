@@ -139,8 +139,9 @@ def test_deploy_command_and_bundle_transfer_over_tls(broker, pki, tmp_path):
 
 
 def test_operator_cli_rpc_over_tls(broker, pki):
-    """The CLI's RpcClient reaches the controller's RpcServer with client certificates; the CLI names its
-    reply topic with its certificate CN (`mqtt.username`), which the ACL lets only that identity read."""
+    """The CLI's RpcClient reaches the controller's RpcServer with client certificates; with no
+    `mqtt.username` configured, the CLI names its reply topic with its certificate's CN (the username the
+    broker gives it), which the ACL lets only that identity read."""
     ctl = MqttSession(_mqtt(broker, pki, CONTROLLER), client_id="ctl-rpc", name="controller")
     server = RpcServer(ctl, prefix=P)
     server.register("echo", lambda params: {"echo": params.get("x")})
@@ -152,7 +153,7 @@ def test_operator_cli_rpc_over_tls(broker, pki):
         server.start()
         assert ctl.wait_connected(10), ctl.last_error
         time.sleep(0.2)
-        with RpcClient.connect(_mqtt(broker, pki, OPERATOR, username=OPERATOR)) as cli:
+        with RpcClient.connect(_mqtt(broker, pki, OPERATOR)) as cli:
             assert "/fleet/rpc-reply/%s/" % OPERATOR in cli.reply_topic
             assert cli.call("echo", {"x": 42}, timeout_s=10) == {"echo": 42}
     finally:
@@ -161,6 +162,41 @@ def test_operator_cli_rpc_over_tls(broker, pki):
     time.sleep(0.3)
     assert watcher.topics_seen() == []
     watcher.close()
+
+
+def test_operator_follows_telemetry_with_the_fleet_cli_over_tls(broker, pki, tmp_path):
+    """`fleet telemetry --follow` as the operator (certificate only, no username) receives a device's
+    telemetry through the shipped ACL."""
+    from edge_agent.protocol.messages import Telemetry
+
+    conf = tmp_path / "fleet.toml"
+    conf.write_text("\n".join([
+        "[mqtt]", 'host = "%s"' % broker.host, "port = %d" % broker.port, 'prefix = "%s"' % P,
+        "[mqtt.tls]", 'ca_file = "%s"' % (pki / "ca.crt"), 'cert_file = "%s"' % (pki / ("%s.crt" % OPERATOR)),
+        'key_file = "%s"' % (pki / ("%s.key" % OPERATOR)),
+    ]) + "\n")
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "telemetry", "--follow", "--json", "--count", "1", "--duration", "30",
+         "--config", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+    )
+    dev = MqttProbe("cam-01-telemetry").tls(pki / "ca.crt", pki / ("%s.crt" % DEVICE), pki / ("%s.key" % DEVICE))
+    dev.connect(broker.host, broker.port)
+    try:
+        deadline = time.monotonic() + 20
+        while cli.poll() is None and time.monotonic() < deadline:
+            t = Telemetry(device_id=DEVICE, ts=time.time(), seq=1, period_s=1.0, uptime_s=5.0, requests=7)
+            # 16 = "no matching subscribers": the CLI has not subscribed yet.
+            assert dev.publish(topics.telemetry(P, DEVICE), t.to_json(), qos=1) in (0, 16)
+            time.sleep(0.3)
+        out, err = cli.communicate(timeout=10)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        dev.close()
+    assert cli.returncode == 0, err
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert rows and rows[0]["device_id"] == DEVICE and rows[0]["requests"] == 7
 
 
 def _active_bundle(probe: MqttProbe, device_id: str):
