@@ -12,6 +12,11 @@
    large engine alone (no serving path) at the same batch against batch 1, measured in the same rounds:
    what batching saves inside the model itself on this hardware (the rest of a serving gain can only
    come from spreading per-request serving costs over a batch).
+3. Shadowing: the active model's answer latency (client-side p99, router serving) with a shadow
+   candidate mirroring a share of the requests (an identical bundle on its own engines, the agent's
+   default mirror settings) against the same service without it, at concurrency 1 (an idle device,
+   where mirrored work runs between requests) and at the main concurrency (a busy one, where it is
+   shed). Figure: p99 on / p99 off (target <= 1.10), plus the share of requests the candidate answered.
 
 Usage: python bench/runtime.py [--quick] [--json PATH] [--concurrency N] [--max-queue-delay-ms MS]
 """
@@ -161,6 +166,9 @@ def main(argv=None) -> int:
     small = OrtEngine(DIGITS / "small.onnx", max_batch=32, intra_op_threads=args.threads)
     large = OrtEngine(DIGITS / "large.onnx", max_batch=32, intra_op_threads=args.threads)
     one = OrtEngine(DIGITS / "large.onnx", max_batch=1, intra_op_threads=args.threads)
+    # the shadow candidate: the same models on engines of its own, as a device holds them
+    cand_small = OrtEngine(DIGITS / "small.onnx", max_batch=32, intra_op_threads=args.threads)
+    cand_large = OrtEngine(DIGITS / "large.onnx", max_batch=32, intra_op_threads=args.threads)
     tmp = Path(tempfile.gettempdir())
 
     # ---- calibrate τ on the calibration split only
@@ -179,6 +187,14 @@ def main(argv=None) -> int:
     svc = InferenceService(_Models(small, large, batch), _manifest(tau), tmp, cfg)
     svc_many = InferenceService(_Models(small, large, 32), _manifest(tau), tmp, cfg)
     svc_one = InferenceService(_Models(small, one, 1), _manifest(tau), tmp, RuntimeConfig(max_queue_delay_ms=0.0))
+    from edge_agent.config import ShadowConfig
+    from edge_agent.runtime.mirror import ShadowService
+
+    shadow_cfg = ShadowConfig()
+    svc_cand = InferenceService(_Models(cand_small, cand_large, batch), _manifest(tau), tmp, cfg)
+    shadowed = ShadowService(svc, svc_cand, candidate_ref={"name": "digits", "version": 2},
+                             fraction=shadow_cfg.mirror_fraction, queue_size=shadow_cfg.mirror_queue,
+                             shed_queue_depth=shadow_cfg.shed_queue_depth)
     # (service, gate, concurrency, items per request) of every configuration measured.
     configs = {
         "router": (svc, "confidence", c, 1),
@@ -187,11 +203,16 @@ def main(argv=None) -> int:
         "large_many": (svc_many, "large-only", many_c, args.items),
         "one16": (svc_one, "large-only", 16, 1),
         "seq": (svc_one, "large-only", 1, 1),
+        "shadow_off_c1": (svc, "confidence", 1, 1),
+        "shadow_on_c1": (shadowed, "confidence", 1, 1),
+        "shadow_off": (svc, "confidence", c, 1),
+        "shadow_on": (shadowed, "confidence", c, 1),
     }
     # The machine may be shared: configurations are interleaved round by round and each figure is the
     # median over rounds (ratios are taken within a round, so slow spells hit both sides).
     per_round: Dict[str, List[Dict[str, float]]] = {k: [] for k in configs}
     engine_gain: List[float] = []
+    mirror_share: Dict[str, List[float]] = {"shadow_on_c1": [], "shadow_on": []}
     try:
         for s, gate, conc, items in configs.values():  # warm-up
             s.set_router(gate=gate)
@@ -202,12 +223,17 @@ def main(argv=None) -> int:
             for k in keys:
                 s, gate, conc, items = configs[k]
                 s.set_router(gate=gate)
+                before = shadowed.total_mirrored
                 per_round[k].append(_drive(s, xh, yh, concurrency=conc, passes=passes, items=items))
+                if k in mirror_share:
+                    # candidate answers per request served (mirrors still queued finish within the next run)
+                    mirror_share[k].append((shadowed.total_mirrored - before) / float(len(xh) * passes))
             engine_gain.append(_engine_gain(large, batch, iterations=40 if args.quick else 100))
     finally:
+        shadowed.close_mirror()
         for s in (svc, svc_many, svc_one):
             s.close()
-        for e in (small, large, one):
+        for e in (small, large, one, cand_small, cand_large):
             e.close()
     runs = {k: {m: float(np.median([r[m] for r in v])) for m in v[0]} for k, v in per_round.items()}
 
@@ -239,6 +265,16 @@ def main(argv=None) -> int:
         figure("batched mean batch (c=16)", b16["mean_batch"], "items", baseline=1.0),
         figure("large engine alone: batch %d / batch 1 throughput (model-side batching gain)" % batch,
                float(np.median(engine_gain)), "x", baseline=1.0),
+        figure("shadowing on/off: active p99, c=1", ratio("shadow_on_c1", "shadow_off_c1", "p99_ms"), "x",
+               baseline=1.0, target=1.10, higher_is_better=False),
+        figure("shadowing on/off: active p99, c=%d" % c, ratio("shadow_on", "shadow_off", "p99_ms"), "x",
+               baseline=1.0, target=1.10, higher_is_better=False),
+        figure("shadowing on/off: throughput, c=%d" % c, ratio("shadow_on", "shadow_off"), "x", baseline=1.0),
+        figure("shadowing: requests the candidate answered, c=1 (mirror fraction %.2f)"
+               % shadow_cfg.mirror_fraction, float(np.median(mirror_share["shadow_on_c1"])), "fraction",
+               baseline=shadow_cfg.mirror_fraction),
+        figure("shadowing: requests the candidate answered, c=%d" % c, float(np.median(mirror_share["shadow_on"])),
+               "fraction", baseline=shadow_cfg.mirror_fraction),
     ]
     print()
     print_table(figures, "runtime benchmark: %d heldout digits x %d passes x %d interleaved rounds (medians), "
@@ -246,7 +282,9 @@ def main(argv=None) -> int:
                 % (len(yh), passes, rounds, args.threads, batch, cfg.max_queue_delay_ms))
     print()
     names = (("router", r, c, 1), ("large-only", lo, c, 1), ("router", rm, many_c, args.items),
-             ("large-only", lm, many_c, args.items), ("one-at-a-time", one16, 16, 1), ("sequential", seq, 1, 1))
+             ("large-only", lm, many_c, args.items), ("one-at-a-time", one16, 16, 1), ("sequential", seq, 1, 1),
+             ("shadow off", runs["shadow_off_c1"], 1, 1), ("shadow on", runs["shadow_on_c1"], 1, 1),
+             ("shadow off", runs["shadow_off"], c, 1), ("shadow on", runs["shadow_on"], c, 1))
     print("%-14s %4s %5s %10s %9s %9s %7s %6s %6s" % ("run", "c", "items", "items/s", "p50 ms", "p99 ms", "acc",
                                                     "large", "batch"))
     for name, m, conc, items in names:
@@ -258,6 +296,8 @@ def main(argv=None) -> int:
         engine_batch=batch,
         cost_small_ms_per_item=data.cost_small_ms, cost_large_ms_per_item=data.cost_large_ms,
         runs=runs, engine_gain_per_round=engine_gain, cpu_count=os.cpu_count(),
+        shadow_mirror_fraction=shadow_cfg.mirror_fraction, shadow_shed_queue_depth=shadow_cfg.shed_queue_depth,
+        shadow_candidate_answered=mirror_share,
     ))
     return 0
 

@@ -154,7 +154,8 @@ class ShadowConfig(_Section):
     mirror_fraction: float = Field(0.2, gt=0, le=1, description="share of requests mirrored to a shadow candidate")
     mirror_queue: int = Field(64, ge=1, description="mirrored inputs waiting for the candidate; more are dropped")
     shed_queue_depth: int = Field(
-        0, ge=0, description="mirrored inputs are dropped while the active model's queues hold more items than this")
+        1, ge=0, description="mirrored inputs are dropped while the active model's queues hold more items than this "
+                             "(1: a request waiting for its batch to fill is not load)")
     latency_slack_ms: float = Field(
         1.0, ge=0, description="a candidate p99 at most this much above the active one passes the latency-ratio gate")
     max_window_s: Optional[float] = Field(

@@ -17,6 +17,7 @@ Nothing here does I/O or reads the clock except through the injected `clock`.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Mapping, NamedTuple, Optional
@@ -103,13 +104,11 @@ class Split:
             raise ValueError("split percent must be in [0, 100], got %r" % percent)
         self.percent = float(percent)
         self._bp = round(float(percent) * 100)  # basis points: exact integer arithmetic
-        self._n = 0
-        self._lock = threading.Lock()
+        self._count = itertools.count(1)  # next() on it is atomic in CPython: no lock on the request path
 
     def take(self) -> bool:
         """Whether this call goes to the candidate (or is mirrored)."""
-        with self._lock:
-            n = self._n = self._n + 1
+        n = next(self._count)
         return (n * self._bp) // 10000 > ((n - 1) * self._bp) // 10000
 
 

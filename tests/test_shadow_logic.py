@@ -303,7 +303,7 @@ def test_full_mirror_queue_drops_and_counts(tmp_path):
     try:
         for i in range(30):
             svc.infer_tensor(x[i])  # answered at once although the candidate is stuck
-        _wait(lambda: gated.entered.is_set())
+        _wait(gated.entered.is_set)
         st = svc.shadow_stats(reset=False)
         assert st["dropped"] >= 30 - 5 - 1 and svc.queue_len() <= 5
         gated.gate.set()
