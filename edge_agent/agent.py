@@ -46,6 +46,8 @@ from edge_agent.protocol.messages import (
     PingArgs,
     PlatformInfo,
     PromoteArgs,
+    Result,
+    RetuneArgs,
     RollbackArgs,
     SetRouterArgs,
     Status,
@@ -140,6 +142,8 @@ class Agent:
         self.deployer: Optional[Deployer] = None
         self.candidates = None  # CandidateManager: shadow / A-B candidates (edge_agent.candidate)
         self.malformed = 0
+        self._sources: list = []  # SourceRunner per [[sources]] entry, started once a model serves
+        self._sources_lock = threading.Lock()
         self._lock_fd: Optional[int] = None
 
     # ------------------------------------------------------------------------------------ wiring
@@ -273,12 +277,73 @@ class Agent:
                     thing.close()
                 except Exception:  # closing the old model must not undo the new one
                     log.exception("closing the previous model failed")
+        self._start_sources()
 
     def _discard(self, models) -> None:
         try:
             models.close()
         except Exception:
             log.exception("closing unused models failed")
+
+    def retune(self, *, command_seq: Optional[int] = None) -> None:
+        """The `retune` command: re-measure the serving engines' batch sizes now (each model reports
+        `batch-tuned`) and apply them to the running service."""
+        with self._serve_lock:
+            svc, models = self._service, self._models
+        if svc is None or models is None:
+            raise CommandError("no model is serving; nothing to retune")
+        try:
+            from edge_agent.engines.prepare import retune_if_needed
+        except ImportError as e:
+            raise EngineError("engine tuning is not available in this installation: %s" % e)
+        try:
+            retune_if_needed(models, cfg=self.cfg.engine, cache_dir=self.cfg.state_dir / "engines",
+                             emit=self._emit_engine, force=True)
+        except EdgeAgentError as e:
+            self.emit("error", "retune failed: %s" % e, level="error", command_seq=command_seq)
+            raise
+        if hasattr(svc, "set_batch_sizes"):
+            applied = svc.set_batch_sizes(dict(models.batch))
+            log.info("retune (command seq %s): serving with batch sizes %s", command_seq, applied)
+
+    # ------------------------------------------------------------------------------------ sources
+
+    def _start_sources(self) -> None:
+        """Start one SourceRunner per `[[sources]]` entry, once, when a model first serves (a folder or
+        file played before any model is active would be lost)."""
+        if not self.cfg.sources or self.stop_event.is_set():
+            return
+        with self._sources_lock:
+            if self._sources:
+                return
+            try:
+                from edge_agent.runtime.sources import SourceRunner
+
+                for sc in self.cfg.sources:
+                    runner = SourceRunner(sc, get_service=self.get_service, publish=self._publish_result,
+                                          device_id=self.device_id, emit=self._emit_source,
+                                          infer_timeout_s=self.cfg.runtime.request_timeout_s)
+                    runner.start()
+                    self._sources.append(runner)
+            except Exception as e:  # a source must never undo an activation
+                log.exception("starting the sources failed")
+                self.emit("error", "starting the sources failed: %s" % e, level="error")
+                return
+            log.info("started %d source(s): %s", len(self._sources), ", ".join(sc.name for sc in self.cfg.sources))
+
+    def _stop_sources(self, timeout_s: float = 5.0) -> None:
+        with self._sources_lock:
+            runners, self._sources = self._sources, []
+        for r in runners:
+            r.stop(timeout_s)
+
+    def _publish_result(self, result: Result) -> None:
+        """A source's answer for one frame, on `{p}/devices/{id}/results` (QoS 0: live data, not spooled)."""
+        if self.session is not None:
+            self.session.publish(topics.results(self.prefix, self.device_id), result.to_json(), qos=0)
+
+    def _emit_source(self, kind: str, message: str, data: dict) -> None:
+        self.emit(kind, message, level="warning" if kind in ("source-lost", "error") else "info", data=data)
 
     def get_service(self):
         """The serving InferenceService (None while no model is active)."""
@@ -388,6 +453,8 @@ class Agent:
                 self.deployer.rollback(args, command_seq=body.seq)
             elif isinstance(args, PingArgs):
                 self.publish_status()
+            elif isinstance(args, RetuneArgs):
+                self.retune(command_seq=body.seq)
             elif isinstance(args, SetRouterArgs):
                 svc = self._service
                 if svc is None:
@@ -536,6 +603,7 @@ class Agent:
         self.emit("agent-stopping", "edge-agent stopping")
         if self._worker is not None:
             self._worker.join(timeout_s)
+        self._stop_sources()
         if self.api is not None:
             self.api.stop()
         if self.publisher is not None:

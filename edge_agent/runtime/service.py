@@ -170,6 +170,16 @@ class InferenceService:
         log.info("router policy now %s", state)
         return state
 
+    def set_batch_sizes(self, batch: Dict[str, int]) -> Dict[str, int]:
+        """Apply re-tuned batch sizes (per route) to the running batchers; returns what each now uses
+        (capped by the engine's own max batch)."""
+        out = {}
+        for r, b in self._batchers.items():
+            if r in batch:
+                b.max_batch = max(1, min(int(batch[r]), self._engines[r].max_batch))
+            out[r] = b.max_batch
+        return out
+
     def router_state(self) -> dict:
         """The router's policy and live state (τ, shed level, shed count)."""
         with self._router_lock:
