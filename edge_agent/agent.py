@@ -436,8 +436,15 @@ class Agent:
             return
         args = body.args
         # Persist the sequence number first: a replay of this command is refused even after a crash.
-        self.store.update_state(last_command_seq=body.seq, last_command_sha256=digest,
-                                time_floor=max(st.time_floor, body.issued_at))
+        try:
+            self.store.update_state(last_command_seq=body.seq, last_command_sha256=digest,
+                                    time_floor=max(st.time_floor, body.issued_at))
+        except OSError as e:
+            # Without a durable sequence number a replay could not be refused: refuse the command itself.
+            self.emit("command-refused", "cannot record command seq %d in state.json (%s); refused"
+                      % (body.seq, e.strerror or e), level="error", command_seq=body.seq,
+                      data={"reason": "state not writable"})
+            return
         self.emit("command-accepted", "%s command seq %d accepted" % (args.kind, body.seq), command_seq=body.seq,
                   rollout_id=getattr(args, "rollout_id", None), data={"kind": args.kind})
         try:
@@ -471,6 +478,9 @@ class Agent:
             self.emit("command-refused", str(e), level="warning", command_seq=body.seq, data={"reason": str(e)})
         except EdgeAgentError as e:
             log.warning("command seq %d failed: %s", body.seq, e)
+        except OSError as e:  # e.g. the disk filled up: report it, keep the agent (and its model) running
+            log.error("command seq %d failed: %s", body.seq, e)
+            self.emit("error", "command seq %d failed: %s" % (body.seq, e), level="error", command_seq=body.seq)
         self.publish_status()
 
     # ------------------------------------------------------------------------------------ start-up

@@ -143,9 +143,9 @@ class Deployer:
                 self.store.update_state(pending=None)
             self._state("active", ref, "already active", rid)
             return st.active
-        if not resumed:
-            self.store.update_state(pending=PendingDeploy(args=args, command_seq=command_seq))
         try:
+            if not resumed:
+                self.store.update_state(pending=PendingDeploy(args=args, command_seq=command_seq))
             return self._deploy(args, command_seq)
         except TransferCancelled:
             raise  # shutting down: keep `pending`, a restarted agent resumes
@@ -171,12 +171,20 @@ class Deployer:
         else:
             kind = "error"
         log.error("deploy of %s v%d failed: %s", ref.name, ref.version, e)
-        # Persist first, report second: whoever reacts to the event finds the state already settled.
-        self.store.update_state(pending=None)
         if not isinstance(e, TransportError):
+            # First free what the failed deploy wrote (a full disk needs that room to record the failure).
             # After a network failure the partial downloads stay: a new deploy command resumes them.
             self.store.gc()
-        self._state("failed", ref, str(e)[:500], rid)
+        # Persist first, report second: whoever reacts to the event finds the state already settled.
+        try:
+            self.store.update_state(pending=None)
+            self._state("failed", ref, str(e)[:500], rid)
+        except OSError as oe:
+            # Disk full even now: state.json is replaced atomically, so the old one is intact and valid;
+            # the failure is still reported, and a restart retries the deploy it still lists as pending.
+            log.error("cannot record the failed deploy of %s v%d: %s", ref.name, ref.version, oe)
+            self.on_state(DeployState(state="failed", bundle=ref, detail=str(e)[:500], rollout_id=rid,
+                                      since=self.clock()))
         self.emit(kind, str(e), level="error", bundle=ref, rollout_id=rid, command_seq=command_seq,
                   data={"error": type(e).__name__})
 

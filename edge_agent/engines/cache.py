@@ -25,6 +25,19 @@ META_SCHEMA = "edge-agent/engine-meta/1"
 STALE_TEMP_S = 3600.0  #: temporaries older than this are leftovers of a killed build, not one in progress
 
 
+def _clear_squatter(path: Path) -> None:
+    """Remove whatever sits at `path` when it is not a regular file (a directory, a link, a device left
+    by hand or by a broken tool), so the rebuilt entry can be written where it belongs."""
+    if os.path.lexists(str(path)) and (path.is_symlink() or not path.is_file()):
+        log.warning("engine cache: %s is not a regular file; removing it", path)
+        if path.is_dir() and not path.is_symlink():
+            import shutil
+
+            shutil.rmtree(str(path))
+        else:
+            path.unlink()
+
+
 @dataclass(frozen=True)
 class EngineKey:
     """What a plan depends on. `digest` names the cache entry."""
@@ -115,7 +128,9 @@ class EngineCache:
         """Move a freshly built plan into the cache and write its metadata (plan first, then metadata)."""
         dest = self.plan_path(key)
         if Path(plan_file) != dest:
+            _clear_squatter(dest)
             os.replace(str(plan_file), str(dest))
+        _clear_squatter(self.meta_path(key))
         body = dict(meta, schema=META_SCHEMA, key=asdict(key), plan_sha256=sha256_file(dest),
                     plan_bytes=dest.stat().st_size)
         write_atomic(self.meta_path(key), json.dumps(body, indent=1, sort_keys=True).encode(), make_parents=True)
@@ -155,4 +170,5 @@ class EngineCache:
 
     def save_tuning(self, name: str, data: Dict[str, Any]) -> None:
         """Persist a tuning result atomically."""
+        _clear_squatter(self.tuning_path(name))
         write_atomic(self.tuning_path(name), json.dumps(data, indent=1, sort_keys=True).encode(), make_parents=True)

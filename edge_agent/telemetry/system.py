@@ -376,6 +376,11 @@ class SystemCollector:
             self._jtop_missing = True
             logger.info("jetson-stats (jtop) is not installed; system statistics come from /proc")
             return None
+        except Exception as e:  # a broken install (raises at import): /proc still has the rest
+            self._jtop_missing = True
+            logger.warning("jetson-stats (jtop) is broken (%s: %s); system statistics come from /proc",
+                           type(e).__name__, e)
+            return None
         j = None
         try:
             j = jtop(interval=self._jtop_interval_s)
