@@ -244,6 +244,9 @@ class MqttSession:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
+        from edge_agent.mqtt_props import install as install_region_only_property_parsing
+
+        install_region_only_property_parsing()  # large chunks with user properties cost far less CPU
         cfg = self.cfg
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,

@@ -360,13 +360,7 @@ class Fetcher:
                     for req in outstanding.values():
                         req.attempts = max(0, req.attempts - 1)
                         self._send(bundle, req, stats)
-                while pending and len(outstanding) < self.cfg.window:
-                    t, idx = pending.pop()
-                    if t.cmap.has(idx) or t.sha256 not in remaining:
-                        continue
-                    req = _Req(t, idx, now, corr=self._corr())
-                    outstanding[req.corr] = req
-                    self._send(bundle, req, stats)
+                self._refill(run)
                 oldest = min((r.sent_at for r in outstanding.values()), default=now)
                 wait = max(0.01, min(0.5, oldest + self.cfg.chunk_timeout_s - time.monotonic()))
                 msg = self._get(wait)
@@ -414,6 +408,17 @@ class Fetcher:
                 self._close(t)
             stats.elapsed_s = time.monotonic() - start
 
+    def _refill(self, run: _Run) -> None:
+        """Send requests until `window` are outstanding (or nothing is left to ask for)."""
+        pending, outstanding, remaining = run.pending, run.outstanding, run.remaining
+        while pending and len(outstanding) < self.cfg.window:
+            t, idx = pending.pop()
+            if t.cmap.has(idx) or t.sha256 not in remaining:
+                continue
+            req = _Req(t, idx, time.monotonic(), corr=self._corr())
+            outstanding[req.corr] = req
+            self._send(run.bundle, req, run.stats)
+
     def _get(self, timeout: float) -> Optional[Inbound]:
         try:
             if timeout <= 0:
@@ -457,6 +462,9 @@ class Fetcher:
         if t.sha256 not in remaining or t.cmap.has(req.index):
             stats.stray_chunks += 1
             return
+        if self.session.connected.is_set():
+            # Keep the window full: the next request goes out before this chunk is written and hashed.
+            self._refill(run)
         os.pwrite(t.fd, msg.payload, offset)
         t.cmap.mark(req.index)
         t.feed(req.index, msg.payload)
