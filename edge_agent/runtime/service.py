@@ -254,6 +254,7 @@ class InferenceService:
                 res = self._run("small", item, deadline)
                 if gate != "small-only" and self._decide(self._score(gate, head, res)):
                     route, res = self._escalate(item, deadline, res)
+            _check_finite(route, res.outputs)
         except OverloadedError:
             with self._lock:
                 self._refused += 1
@@ -316,6 +317,16 @@ class InferenceService:
                 self._errors += n
                 self._routes["small"].errors += n
             raise
+        bad = _non_finite_rows(to_large, small_out, large_out)
+        if bad:
+            # The request is answered with an error; every item of it counts as failed, on its route.
+            n_large = int(np.count_nonzero(to_large))
+            with self._lock:
+                self._errors += n
+                self._routes["large"].errors += n_large
+                self._routes["small"].errors += n - n_large
+            raise InferenceError("the %s model returned a non-finite value (NaN or Inf) for %d of %d items"
+                                 % (bad[0], bad[1], n))
         idx_large = np.nonzero(to_large)[0]
         idx_small = np.nonzero(~to_large)[0]
         answers: List[Any] = [None] * n
@@ -422,6 +433,30 @@ class InferenceService:
         with self._router_lock:
             self.router.update_load(now, large.queue_depth(), p99)
             return self.router.decide(score)
+
+
+def _check_finite(route: str, outputs: Dict[str, np.ndarray]) -> None:
+    """A NaN or Inf anywhere in the answering model's outputs is an inference error, not an answer."""
+    for name, v in outputs.items():
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise InferenceError("the %s model returned a non-finite value (NaN or Inf) in output %r" % (route, name))
+
+
+def _non_finite_rows(to_large: np.ndarray, small_out: Optional[Dict[str, np.ndarray]],
+                     large_out: Optional[Dict[str, np.ndarray]]) -> Optional[Tuple[str, int]]:
+    """(route, number of items) of the first route whose answering rows hold a NaN/Inf, else None."""
+    for route, outs, rows in (("large", large_out, None), ("small", small_out, ~to_large)):
+        if outs is None:
+            continue
+        for v in outs.values():
+            if v.dtype.kind != "f":
+                continue
+            ok = np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+            if rows is not None:
+                ok = ok | ~rows  # rows answered by the large model do not count against the small one
+            if not ok.all():
+                return route, int(np.count_nonzero(~ok))
+    return None
 
 
 def _round(v: Optional[float]) -> Optional[float]:
