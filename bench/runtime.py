@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     svc_cand = InferenceService(_Models(cand_small, cand_large, batch), _manifest(tau), tmp, cfg)
     shadowed = ShadowService(svc, svc_cand, candidate_ref={"name": "digits", "version": 2},
                              fraction=shadow_cfg.mirror_fraction, queue_size=shadow_cfg.mirror_queue,
-                             shed_queue_depth=shadow_cfg.shed_queue_depth)
+                             shed_in_flight=shadow_cfg.shed_in_flight)
     # (service, gate, concurrency, items per request) of every configuration measured.
     configs = {
         "router": (svc, "confidence", c, 1),
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
         engine_batch=batch,
         cost_small_ms_per_item=data.cost_small_ms, cost_large_ms_per_item=data.cost_large_ms,
         runs=runs, engine_gain_per_round=engine_gain, cpu_count=os.cpu_count(),
-        shadow_mirror_fraction=shadow_cfg.mirror_fraction, shadow_shed_queue_depth=shadow_cfg.shed_queue_depth,
+        shadow_mirror_fraction=shadow_cfg.mirror_fraction, shadow_shed_in_flight=shadow_cfg.shed_in_flight,
         shadow_candidate_answered=mirror_share,
     ))
     return 0

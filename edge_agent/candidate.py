@@ -192,7 +192,7 @@ class CandidateManager:
                                             latency_slack_ms=self.cfg.latency_slack_ms)
             judge = ShadowJudge(gates)
             wrapper: Any = ShadowService(active, service, candidate_ref=ref, fraction=self.cfg.mirror_fraction,
-                                         queue_size=self.cfg.mirror_queue, shed_queue_depth=self.cfg.shed_queue_depth,
+                                         queue_size=self.cfg.mirror_queue, shed_in_flight=self.cfg.shed_in_flight,
                                          judge=judge, timeout_s=rt.request_timeout_s)
             data.update(fraction=self.cfg.mirror_fraction, gates=gates._asdict())
             detail = "mirroring %.0f%% of requests for %.0f s / %d inputs" % (

@@ -153,9 +153,9 @@ class ShadowConfig(_Section):
 
     mirror_fraction: float = Field(0.2, gt=0, le=1, description="share of requests mirrored to a shadow candidate")
     mirror_queue: int = Field(64, ge=1, description="mirrored inputs waiting for the candidate; more are dropped")
-    shed_queue_depth: int = Field(
-        1, ge=0, description="mirrored inputs are dropped while the active model's queues hold more items than this "
-                             "(1: a request waiting for its batch to fill is not load)")
+    shed_in_flight: int = Field(
+        1, ge=0, description="mirrored inputs are dropped while more requests than this are in the active model "
+                             "(queued or being served)")
     latency_slack_ms: float = Field(
         1.0, ge=0, description="a candidate p99 at most this much above the active one passes the latency-ratio gate")
     max_window_s: Optional[float] = Field(

@@ -248,7 +248,7 @@ def test_shadow_traffic_is_shed_first_under_overload(rig, tmp_path):
     """Eight clients flood the agent: live requests keep being answered and none is refused for the
     candidate's sake, while the mirrored share is dropped (counted in telemetry)."""
     dev = "edge-a"
-    port = start_agent(rig, dev, "mirror_fraction = 1.0\nshed_queue_depth = 0\n")
+    port = start_agent(rig, dev, "mirror_fraction = 1.0\nshed_in_flight = 0\n")
     key = rig.release_key
     assert push(rig, build_sample_bundle(tmp_path / "b", key, version=1), [dev]).returncode == 0
     slow_gates = dict(FAST_GATES, shadow_window_s=600)
@@ -271,3 +271,45 @@ def test_shadow_traffic_is_shed_first_under_overload(rig, tmp_path):
     assert refused == 0
     assert dropped > 0 and dropped + mirrored <= client.codes[200] + 5, (dropped, mirrored)
     assert rig.state(dev)["active"]["version"] == 1
+
+
+def test_agent_killed_mid_shadow_resumes_the_window_and_operator_decides(rig, tmp_path):
+    """kill -9 during a long shadow window: the restarted agent restores v1, prepares the candidate again
+    and shadows anew (pending kept); the operator's promote then makes it active at once. A later
+    candidate is dropped by a rollback command, and v1... stays reachable through `previous`."""
+    from edge_agent.protocol.messages import RollbackArgs
+
+    dev = "edge-a"
+    port = start_agent(rig, dev)
+    key = rig.release_key
+    assert push(rig, build_sample_bundle(tmp_path / "b", key, version=1), [dev]).returncode == 0
+    long_gates = dict(FAST_GATES, shadow_window_s=600)
+    v2 = build_bundle(tmp_path / "b", key, version=2, health=long_gates)
+    assert push(rig, v2, [dev], "--mode", "shadow", wait=0).returncode == 0
+    rig.watcher.wait_for(lambda: rig.watcher.find(dev, "shadow-started"), 60, "shadow-started")
+    assert rig.state(dev)["pending"]["args"]["mode"] == "shadow"
+    rig.agents[dev].kill()
+    rig.agents[dev].wait(10)
+    rig.start_agent(dev)
+    rig.watcher.wait_for(lambda: len(rig.watcher.find(dev, "shadow-started")) == 2, 60, "shadow restarted")
+    client = Client(port)
+    assert client.infer(0)["bundle"]["version"] == 1  # the active bundle serves, the candidate shadows
+    assert rig.pusher().send_command(dev, PromoteArgs(accept=True)).wait(5)
+    rig.watcher.wait_for(lambda: rig.watcher.find(dev, "promoted"), 30, "promoted")
+    st = rig.state(dev)
+    assert st["active"]["version"] == 2 and st["pending"] is None
+    assert "by the operator" in rig.watcher.find(dev, "promoted")[0]["message"]
+    assert client.infer(0)["bundle"]["version"] == 2
+
+    # a v3 candidate is running when a rollback arrives: it is dropped, then the rollback runs
+    v3 = build_bundle(tmp_path / "b", key, version=3, health=long_gates)
+    assert push(rig, v3, [dev], "--mode", "shadow", wait=0).returncode == 0
+    rig.watcher.wait_for(lambda: any(e["bundle"]["version"] == 3 for e in rig.watcher.find(dev, "shadow-started")),
+                         60, "v3 shadow-started")
+    assert rig.pusher().send_command(dev, RollbackArgs(reason="test")).wait(5)
+    rig.watcher.wait_for(lambda: rig.watcher.find(dev, "rolled-back"), 60, "rolled-back")
+    (ref,) = rig.watcher.find(dev, "candidate-refused")
+    assert ref["bundle"]["version"] == 3 and "rollback" in ref["message"]
+    st = rig.state(dev)
+    assert st["active"]["version"] == 1 and st["pending"] is None
+    assert client.infer(0)["bundle"]["version"] == 1

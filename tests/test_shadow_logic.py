@@ -205,7 +205,7 @@ def test_mirror_of_an_identical_candidate_agrees_and_never_changes_the_answer(tm
     active, cand = _service(tmp_path), _service(tmp_path)
     plain = _service(tmp_path)
     judge = ShadowJudge(_gates(min_inputs=1, window_s=0))
-    svc = ShadowService(active, cand, candidate_ref=CAND, fraction=0.5, queue_size=1000, shed_queue_depth=1000,
+    svc = ShadowService(active, cand, candidate_ref=CAND, fraction=0.5, queue_size=1000, shed_in_flight=1000,
                         judge=judge)
     try:
         for i in range(200):
@@ -225,7 +225,7 @@ def test_mirror_of_a_permuted_candidate_measures_full_disagreement(tmp_path, per
     x, _ = load_split("heldout")
     active, cand = _service(tmp_path), _service(tmp_path, _perm_models(permuted))
     judge = ShadowJudge(_gates(min_inputs=50, window_s=0))
-    svc = ShadowService(active, cand, candidate_ref=CAND, fraction=1.0, queue_size=1000, shed_queue_depth=1000,
+    svc = ShadowService(active, cand, candidate_ref=CAND, fraction=1.0, queue_size=1000, shed_in_flight=1000,
                         judge=judge)
     try:
         labels = set()
@@ -263,7 +263,7 @@ def test_mirrored_traffic_is_shed_first_when_the_active_model_is_busy(tmp_path):
     models = digits_models(max_batch=2)
     active = _service(tmp_path, Models(SlowEngine(models.small, 0.004), models.large, {"small": 2, "large": 2}))
     cand = _service(tmp_path)
-    svc = ShadowService(active, cand, candidate_ref=CAND, fraction=1.0, queue_size=1000, shed_queue_depth=1)
+    svc = ShadowService(active, cand, candidate_ref=CAND, fraction=1.0, queue_size=1000, shed_in_flight=1)
     answered = []
     stop = time.monotonic() + 1.5
 
@@ -299,7 +299,7 @@ def test_full_mirror_queue_drops_and_counts(tmp_path):
     models = digits_models(max_batch=4)
     gated = GatedEngine(models.small)
     cand = _service(tmp_path, Models(gated, models.large, {"small": 4, "large": 4}))
-    svc = ShadowService(active, cand, candidate_ref=CAND, fraction=1.0, queue_size=5, shed_queue_depth=1000)
+    svc = ShadowService(active, cand, candidate_ref=CAND, fraction=1.0, queue_size=5, shed_in_flight=1000)
     try:
         for i in range(30):
             svc.infer_tensor(x[i])  # answered at once although the candidate is stuck

@@ -5,9 +5,10 @@ candidate afterwards, off the request path.
 delegates everything to the active service. After the active model has answered, a request picked by
 the sampling fraction is appended to a bounded mirror queue (O(1), no waiting) and the caller gets its
 answer; a mirror thread runs the candidate on it and compares the two answers. Mirrored work is the
-first thing shed: it is dropped (and counted) when the mirror queue is full, and when the active
-model's own queues hold more than `shed_queue_depth` items, both when it is offered and again when the
-mirror thread is about to run it. The mirror thread (the comparisons) runs at a lower CPU priority
+first thing shed: it is dropped (and counted) when the mirror queue is full, and while more than
+`shed_in_flight` requests are in the active model (waiting in its queues or being served), both when it
+is offered and again when the mirror thread is about to run it: a busy device spends nothing on the
+candidate. The mirror thread (the comparisons) runs at a lower CPU priority
 where the OS allows it; the candidate's own batcher threads do not, so its latency is measured under the
 same conditions as the active model's and the latency-ratio gate compares like with like.
 """
@@ -69,14 +70,16 @@ class ShadowService(_Delegating):
     """The active service plus a mirror of a fraction of its traffic to the candidate."""
 
     def __init__(self, active: Any, candidate: Any, *, candidate_ref: Dict[str, Any], fraction: float,
-                 queue_size: int, shed_queue_depth: int, judge: Optional[ShadowJudge] = None,
+                 queue_size: int, shed_in_flight: int, judge: Optional[ShadowJudge] = None,
                  timeout_s: float = 10.0) -> None:
         self.active = active
         self.candidate = candidate
         self.candidate_ref = dict(candidate_ref)
         self.fraction = float(fraction)
         self.judge = judge
-        self.shed_queue_depth = int(shed_queue_depth)
+        self.shed_in_flight = int(shed_in_flight)
+        self._in_flight = 0  # requests inside the active service now (through this wrapper)
+        self._flight_lock = threading.Lock()
         self.timeout_s = float(timeout_s)
         self._sample = Split(self.fraction * 100.0)
         self._queue: Deque[Tuple[str, Any, Any]] = collections.deque()
@@ -101,35 +104,39 @@ class ShadowService(_Delegating):
         self._active_lat = LatencyRecorder()
 
     # ------------------------------------------------------------------------------------ serving
+    def _serve(self, kind: str, fn: Any, x: Any, timeout_s: Optional[float]) -> Any:
+        lock = self._flight_lock
+        with lock:
+            self._in_flight += 1
+        try:
+            res = fn(x, timeout_s)
+        finally:
+            with lock:
+                self._in_flight -= 1
+        self._offer(kind, x, res)
+        return res
+
     def infer_tensor(self, x: np.ndarray, timeout_s: Optional[float] = None) -> Any:
         """Answered by the active model; maybe mirrored afterwards."""
-        res = self.active.infer_tensor(x, timeout_s)
-        self._offer("tensor", x, res)
-        return res
+        return self._serve("tensor", self.active.infer_tensor, x, timeout_s)
 
     def infer_batch(self, x: np.ndarray, timeout_s: Optional[float] = None) -> List[Any]:
         """Answered by the active model; the whole request may be mirrored afterwards."""
-        res = self.active.infer_batch(x, timeout_s)
-        self._offer("batch", x, res)
-        return res
+        return self._serve("batch", self.active.infer_batch, x, timeout_s)
 
     def infer_image(self, data: bytes, timeout_s: Optional[float] = None) -> Any:
         """Answered by the active model; maybe mirrored afterwards."""
-        res = self.active.infer_image(data, timeout_s)
-        self._offer("image", data, res)
-        return res
+        return self._serve("image", self.active.infer_image, data, timeout_s)
 
     def infer_frame(self, frame: np.ndarray, timeout_s: Optional[float] = None) -> Any:
         """Answered by the active model; maybe mirrored afterwards."""
-        res = self.active.infer_frame(frame, timeout_s)
-        self._offer("frame", frame, res)
-        return res
+        return self._serve("frame", self.active.infer_frame, frame, timeout_s)
 
     def _offer(self, kind: str, x: Any, res: Any) -> None:
         if not self._sample.take():
             return
         n = len(res) if kind == "batch" else 1
-        if active_queue_depth(self.active) > self.shed_queue_depth:
+        if self._busy():
             self._drop(n)
             return
         with self._cond:
@@ -141,6 +148,10 @@ class ShadowService(_Delegating):
                 self._cond.notify()
         if full:
             self._drop(n)
+
+    def _busy(self) -> bool:
+        limit = self.shed_in_flight
+        return self._in_flight > limit or active_queue_depth(self.active) > limit
 
     def _drop(self, n: int) -> None:
         with self._lock:
@@ -163,7 +174,7 @@ class ShadowService(_Delegating):
 
     def _mirror(self, kind: str, x: Any, res: Any) -> None:
         n = len(res) if kind == "batch" else 1
-        if active_queue_depth(self.active) > self.shed_queue_depth:
+        if self._busy():
             self._drop(n)  # the active model got busy while this waited: shed it
             return
         t0 = time.monotonic()
