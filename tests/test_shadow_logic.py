@@ -389,3 +389,32 @@ def test_ab_rollout_needs_a_split():
     with pytest.raises(plan.RolloutError):
         Rollout.create(rollout_id="r", bundle=CAND, manifest_sha256="a" * 64, manifest_size=1, waves=[["a"]],
                        mode="ab", now=0)
+
+
+def test_candidate_prepare_checks_the_budget_left_beside_the_active_engines_before_loading(tmp_path, monkeypatch):
+    """The agent's candidate prepare reads the budget as it is now (active engines loaded) and refuses a
+    candidate whose weights do not fit, naming both figures; nothing is loaded."""
+    from types import SimpleNamespace
+
+    from edge_agent.candidate import CandidateManager
+    from edge_agent.config import AgentConfig
+    from edge_agent.deploy import Hooks
+    from edge_agent.engines import prepare
+    from edge_agent.engines.budget import MemoryBudget
+
+    loaded = []
+    monkeypatch.setattr(prepare, "current_budget", lambda cfg, platform, backend: MemoryBudget(
+        source="meminfo", total_bytes=8 << 30, available_bytes=1 << 20, fraction=0.6, reserve_bytes=0,
+        budget_bytes=600 << 10))
+    monkeypatch.setattr(prepare, "prepare_engines", lambda **kw: loaded.append(kw))
+    hooks = Hooks(prepare=lambda d, m: None, selftest=lambda p, d, m: None, activate=lambda p, d, m: None)
+    agent = SimpleNamespace(cfg=AgentConfig(device_id="dev", state_dir=tmp_path), deployer=SimpleNamespace(hooks=hooks),
+                            _models=SimpleNamespace(platform=None, backend="onnxruntime",
+                                                    memory_bytes={"small": 100 << 20, "large": 200 << 20}),
+                            _emit_engine=lambda *a: None)
+    mgr = CandidateManager(agent)
+    assert hooks.prepare_candidate == mgr._prepare and hooks.start_candidate == mgr._start
+    with pytest.raises(CandidateRefusedError) as ei:
+        mgr._prepare(tmp_path, digits_manifest(tmp_path))
+    assert "beside the active bundle" in str(ei.value) and "(300.0 MB)" in str(ei.value)
+    assert loaded == []
