@@ -13,6 +13,10 @@ Everything runs on loopback against a real mosquitto started for the run:
   requests, no checks, the subscriber only counts bytes). Measured in the same run, per chunk size.
 * **chunk-size sweep**: 64 KiB to 1 MiB on the smaller bundle, agent and baseline each.
 * agent and baseline run in interleaved rounds (3; `--quick`: 2); figures are medians over the rounds.
+* **CPU per GB** on the receiving side: the agent process's CPU time during its pull (all threads:
+  receive, checks, sha256, disk writes; from its fetch-done event) against the baseline subscriber's
+  CPU time from its first message to its last. Wall-clock rates swing with whatever else the machine
+  runs; CPU per byte barely does, so it shows the cost of the pull itself.
 * **kill -9 at 50%**: the agent is SIGKILLed when its progress passes 50% and started again; the figure
   is the bytes the controller had to send more than once (served bytes − file size), against the file
   size as the baseline (what a restart from zero would re-send).
@@ -34,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,7 +55,7 @@ _SUBSCRIBER = r"""
 import sys, time
 import paho.mqtt.client as mqtt
 host, port, topic, expected = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-state = {"n": 0, "first": None, "last": None}
+state = {"n": 0, "first": None, "last": None, "cpu0": 0.0, "cpu": 0.0}
 def on_connect(c, u, f, rc, p):
     c.subscribe(topic, qos=1)
 def on_subscribe(c, u, mid, rcs, p):
@@ -60,15 +64,17 @@ def on_message(c, u, m):
     now = time.time()
     if state["first"] is None:
         state["first"] = now
+        state["cpu0"] = time.process_time()
     state["n"] += len(m.payload)
     if state["n"] >= expected:
         state["last"] = now
+        state["cpu"] = time.process_time() - state["cpu0"]
         c.disconnect()
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sub", protocol=mqtt.MQTTv5)
 c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
 c.connect(host, port)
 c.loop_forever()
-print("done %r %r %d" % (state["first"], state["last"], state["n"]), flush=True)
+print("done %r %r %d %r" % (state["first"], state["last"], state["n"], state["cpu"]), flush=True)
 """
 
 
@@ -82,9 +88,10 @@ def make_blob(path: Path, size: int) -> None:
             left -= n
 
 
-def baseline(broker, blob: Path, chunk: int) -> float:
+def baseline(broker, blob: Path, chunk: int) -> Tuple[float, float]:
     """Raw MQTT: publish the file's bytes in `chunk`-sized QoS 1 messages to a plain subscriber.
-    Returns MB/s from the first publish to the last byte received."""
+    Returns MB/s from the first publish to the last byte received, and the subscriber's CPU seconds
+    from its first message to its last."""
     import paho.mqtt.client as mqtt
 
     size = blob.stat().st_size
@@ -114,7 +121,7 @@ def baseline(broker, blob: Path, chunk: int) -> float:
     pub.loop_stop()
     pub.disconnect()
     last = float(out[2])
-    return size / (last - start) / 1e6
+    return size / (last - start) / 1e6, float(out[4])
 
 
 class AgentRun:
@@ -213,14 +220,20 @@ def _rounds(run: AgentRun, broker, body, blob: Path, chunk: int, *, rounds: int)
     """Interleaved agent/raw rounds: (median agent MB/s, median raw MB/s, median ratio, per-round results)."""
     results = []
     for _ in range(rounds):
-        raw = baseline(broker, blob, chunk)
+        raw, raw_cpu = baseline(broker, blob, chunk)
         res = run.pull(body, chunk)
         res["raw"] = raw
+        res["raw_cpu_s"] = raw_cpu
         results.append(res)
     agent = statistics.median(_rate(r) for r in results)
     base = statistics.median(r["raw"] for r in results)
     ratio = statistics.median(_rate(r) / r["raw"] for r in results)
     return agent, base, ratio, results
+
+
+def _cpu_per_gb(cpu_s: float, nbytes: int) -> float:
+    """CPU seconds per GB (1e9 bytes)."""
+    return cpu_s / max(1, nbytes) * 1e9
 
 
 def _list(values) -> str:
@@ -262,6 +275,14 @@ def main() -> int:
                 rows.append("%s: agent %s MB/s, raw %s MB/s per round; %d retries, %d bad chunks in all"
                             % (label, _list(_rate(r) for r in results), _list(r["raw"] for r in results),
                                sum(r["retries"] for r in results), sum(r["bad_chunks"] for r in results)))
+                # CPU per byte on the receiving side: far less sensitive to what else runs on the machine.
+                agent_cpu = statistics.median(_cpu_per_gb(r["cpu_s"], r["bytes_received"]) for r in results)
+                raw_cpu = statistics.median(_cpu_per_gb(r["raw_cpu_s"], size) for r in results)
+                figures.append(figure("agent CPU per GB pulled %s" % label, round(agent_cpu, 2), "CPU-s/GB",
+                                      baseline=round(raw_cpu, 2), higher_is_better=False))
+                rows.append("%s: agent process %s CPU-s/GB, raw subscriber %s CPU-s/GB per round"
+                            % (label, "/".join("%.2f" % _cpu_per_gb(r["cpu_s"], r["bytes_received"]) for r in results),
+                               "/".join("%.2f" % _cpu_per_gb(r["raw_cpu_s"], size) for r in results)))
             # Chunk-size sweep on the smaller bundle.
             small = sizes[0]
             for chunk in sweep:

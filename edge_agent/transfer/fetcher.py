@@ -57,6 +57,8 @@ class FetchStats:
     stray_chunks: int = 0
     files_refetched: int = 0
     elapsed_s: float = 0.0
+    #: CPU seconds the whole agent process used during the transfer (all threads: receive, hash, write).
+    cpu_s: float = 0.0
 
     def as_dict(self) -> Dict[str, float]:
         """JSON-ready form."""
@@ -320,6 +322,7 @@ class Fetcher:
             except queue.Empty:
                 break
         start = time.monotonic()
+        cpu_start = time.process_time()
         run = _Run(bundle, stats)
         pending = run.pending
         for t in targets:
@@ -407,6 +410,7 @@ class Fetcher:
             for t in targets:
                 self._close(t)
             stats.elapsed_s = time.monotonic() - start
+            stats.cpu_s = round(time.process_time() - cpu_start, 3)
 
     def _refill(self, run: _Run) -> None:
         """Send requests until `window` are outstanding (or nothing is left to ask for)."""
