@@ -204,7 +204,7 @@ def test_mirror_of_an_identical_candidate_agrees_and_never_changes_the_answer(tm
     x, _ = load_split("heldout")
     active, cand = _service(tmp_path), _service(tmp_path)
     plain = _service(tmp_path)
-    judge = ShadowJudge(_gates(min_inputs=1, window_s=0))
+    judge = ShadowJudge(_gates(min_inputs=1, window_s=0, max_latency_ratio=100.0))  # latency: see the judge tests
     svc = ShadowService(active, cand, candidate_ref=CAND, fraction=0.5, queue_size=1000, shed_in_flight=1000,
                         judge=judge)
     try:

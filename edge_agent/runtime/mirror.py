@@ -8,16 +8,16 @@ answer; a mirror thread runs the candidate on it and compares the two answers. M
 first thing shed: it is dropped (and counted) when the mirror queue is full, and while more than
 `shed_in_flight` requests are in the active model (waiting in its queues or being served), both when it
 is offered and again when the mirror thread is about to run it: a busy device spends nothing on the
-candidate. The mirror thread (the comparisons) runs at a lower CPU priority
-where the OS allows it; the candidate's own batcher threads do not, so its latency is measured under the
-same conditions as the active model's and the latency-ratio gate compares like with like.
+candidate. The mirror thread and the candidate's batcher threads run at normal priority on purpose:
+the candidate's latency is then measured under the same conditions as the active model's, so the
+latency-ratio gate compares like with like (shedding, not priority, keeps the candidate off a busy
+device).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
@@ -30,22 +30,6 @@ from edge_agent.runtime.stats import LatencyRecorder, percentiles
 from edge_agent.shadow import ShadowJudge, Split, agreement
 
 log = logging.getLogger(__name__)
-
-#: Nice increment for the mirror thread and the candidate's batcher threads (Linux: per thread).
-BACKGROUND_NICE = 10
-
-
-def lower_priority(thread: Optional[threading.Thread]) -> bool:
-    """Lower one thread's CPU priority (Linux threads have their own nice value); False when not possible."""
-    tid = getattr(thread, "native_id", None)
-    if tid is None or not hasattr(os, "setpriority"):
-        return False
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
-        return True
-    except OSError:
-        return False
-
 
 def active_queue_depth(service: Any) -> int:
     """Items waiting in a service's batchers (0 when it has none)."""
@@ -92,7 +76,6 @@ class ShadowService(_Delegating):
         self.total_dropped = 0
         self._thread = threading.Thread(target=self._run, name="shadow-mirror", daemon=True)
         self._thread.start()
-        lower_priority(self._thread)
 
     def _reset_period(self) -> None:
         self._mirrored = 0
@@ -177,7 +160,6 @@ class ShadowService(_Delegating):
         if self._busy():
             self._drop(n)  # the active model got busy while this waited: shed it
             return
-        t0 = time.monotonic()
         try:
             if kind == "tensor":
                 cand = [self.candidate.infer_tensor(x, self.timeout_s)]
@@ -201,20 +183,21 @@ class ShadowService(_Delegating):
                     self.judge.observe_error()
             return
         done = time.monotonic()
-        cand_ms = (done - t0) * 1000.0
         actives = res if kind == "batch" else [res]
         scores = [agreement(a.output, c.output) for a, c in zip(actives, cand)]
+        # both latencies as each service measured its own answer (same clock points in both)
         active_ms = [float(a.latency_ms) for a in actives]
+        cand_ms = [float(c.latency_ms) for c in cand]
         with self._lock:
             self._mirrored += n
             self.total_mirrored += n
             self._compared += len(scores)
             self._agree_sum += sum(scores)
-        self._cand_lat.add_many(cand_ms, len(scores), done)
+        self._cand_lat.add_each(cand_ms, done)
         self._active_lat.add_each(active_ms, done)
         if self.judge is not None:
-            for s, a_ms in zip(scores, active_ms):
-                self.judge.observe(s, cand_ms, a_ms)
+            for s, c_ms, a_ms in zip(scores, cand_ms, active_ms):
+                self.judge.observe(s, c_ms, a_ms)
 
     # ------------------------------------------------------------------------------------ stats
     def shadow_stats(self, reset: bool = True) -> Dict[str, Any]:
