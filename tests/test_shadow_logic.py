@@ -418,3 +418,70 @@ def test_candidate_prepare_checks_the_budget_left_beside_the_active_engines_befo
         mgr._prepare(tmp_path, digits_manifest(tmp_path))
     assert "beside the active bundle" in str(ei.value) and "(300.0 MB)" in str(ei.value)
     assert loaded == []
+
+
+# ------------------------------------------------------------------------------------- fleet side / metrics
+
+
+def _shadow_telemetry(mode: str):
+    from edge_agent.protocol.messages import Telemetry
+
+    sh = {"mode": mode, "candidate": CAND, "mirrored": 40, "dropped": 3, "compared": 40, "agreement": 0.975,
+          "candidate_errors": 1, "candidate_latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
+          "active_latency_ms": {"p50": 0.9, "p95": 1.8, "p99": 2.5}}
+    if mode == "ab":
+        sh.update(split=12.5, candidate_share=0.125, arms={
+            "active": {"requests": 70, "latency_ms": {"p99": 2.5}}, "candidate": {"requests": 10,
+                                                                                  "latency_ms": {"p99": 3.0}}})
+    return Telemetry(device_id="cam-1", ts=1.0, seq=0, period_s=10, uptime_s=10, shadow=sh)
+
+
+def test_shadow_figures_reach_prometheus_and_the_fleet_summary():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge_agent.telemetry.prometheus import render_prometheus
+    from fleet.ingest import telemetry_summary
+
+    t = _shadow_telemetry("ab")
+    fams = {f.name: f for f in text_string_to_metric_families(render_prometheus(t))}
+    (agree,) = fams["edge_agent_shadow_agreement_ratio"].samples
+    assert agree.value == 0.975 and agree.labels["candidate_version"] == "2" and agree.labels["mode"] == "ab"
+    lat = {(s.labels["side"], s.labels["quantile"]): s.value for s in fams["edge_agent_shadow_latency_seconds"].samples}
+    assert lat[("candidate", "0.99")] == pytest.approx(0.003) and lat[("active", "0.99")] == pytest.approx(0.0025)
+    assert {s.labels["arm"]: s.value for s in fams["edge_agent_shadow_arm_requests"].samples} == {
+        "active": 70, "candidate": 10}
+    summ = telemetry_summary(t)["shadow"]
+    assert summ["agreement"] == 0.975 and summ["arms"]["candidate"]["requests"] == 10
+    assert telemetry_summary(t.model_copy(update={"shadow": None}))["shadow"] is None
+
+
+def test_rollout_status_shows_candidate_against_active_per_device():
+    from fleet.commands.rollout import render_rollout
+    from fleet.ingest import telemetry_summary
+
+    for mode, expect in (("shadow", ("AGREEMENT", "0.9750", "3.00", "2.50")), ("ab", ("CAND SHARE", "12.5%",
+                                                                                     "0.125"))):
+        r = Rollout.create(rollout_id="r1", bundle=CAND, manifest_sha256="a" * 64, manifest_size=1,
+                           waves=[["cam-1", "cam-2"]], mode=mode, ab_split=12.5 if mode == "ab" else None, now=0)
+        r.start(0)
+        out = r.summary()
+        out["devices"] = [e.to_dict() for e in r.devices.values()]
+        out["devices"][0]["shadow"] = telemetry_summary(_shadow_telemetry(mode))["shadow"]
+        text = render_rollout(out, now=1)
+        for word in expect:
+            assert word in text, text
+        assert "cam-1" in text.split(expect[0])[1] and "cam-2" not in text.split(expect[0])[1]
+    assert "AGREEMENT" not in render_rollout(dict(out, mode="normal"), now=1)
+
+
+def test_ab_rollout_sends_the_split_as_a_decimal_string_and_promote_names_the_rollout():
+    from fleet.rollout_runner import RolloutRunner
+
+    r = Rollout.create(rollout_id="r9", bundle=CAND, manifest_sha256="a" * 64, manifest_size=1, waves=[["a"]],
+                       mode="ab", ab_split=12.5, now=0)
+    args = RolloutRunner._command_for(r, plan.SendDeploy("a"))
+    assert args.mode == "ab" and args.ab_split == "12.5"
+    r.ab_split = 30.0
+    assert RolloutRunner._command_for(r, plan.SendDeploy("a")).ab_split == "30"
+    p = RolloutRunner._command_for(r, SendPromote("a", True, "x"))
+    assert p.rollout_id == "r9" and p.accept

@@ -75,6 +75,26 @@ def _mb_to_bytes(v: Optional[float]) -> Optional[float]:
     return None if v is None else v * 1024.0 * 1024.0
 
 
+def _shadow(w: _Writer, t: Telemetry) -> None:
+    """Candidate-vs-active gauges while a shadow or A/B candidate runs."""
+    sh = t.shadow
+    if sh is None:
+        return
+    lbl = {"mode": sh.mode, "candidate": sh.candidate.name, "candidate_version": str(sh.candidate.version)}
+    w.gauge("shadow_agreement_ratio", "Agreement of the candidate with the active model over the last period (0-1).",
+            sh.agreement, **lbl)
+    w.gauge("shadow_mirrored", "Inputs the shadow candidate ran in the last period.", sh.mirrored, **lbl)
+    w.gauge("shadow_dropped", "Sampled inputs shed instead of mirrored in the last period.", sh.dropped, **lbl)
+    w.gauge("shadow_candidate_errors", "Candidate failures in the last period.", sh.candidate_errors, **lbl)
+    w.family("shadow_latency_seconds", "gauge", "Latency quantiles of the candidate and the active model (same "
+             "inputs in shadow mode, own arm in A/B mode) over the last period.",
+             [(dict(lbl, side=side, quantile=q), _ms_to_s(getattr(lat, k)))
+              for side, lat in (("candidate", sh.candidate_latency_ms), ("active", sh.active_latency_ms))
+              for k, q in _QUANTILES])
+    w.family("shadow_arm_requests", "gauge", "A/B: requests answered per arm in the last period.",
+             [(dict(lbl, arm=a), rs.requests) for a, rs in sorted(sh.arms.items())])
+
+
 def render_prometheus(t: Telemetry, *, totals: Optional[Mapping[str, Any]] = None) -> str:
     """The metrics of one telemetry message (and the builder's running totals, when given) as text."""
     w = _Writer(t.device_id)
@@ -126,6 +146,8 @@ def render_prometheus(t: Telemetry, *, totals: Optional[Mapping[str, Any]] = Non
     w.gauge("power_watts", "Board (or GPU) power draw.", None if t.power_mw is None else t.power_mw / 1000.0)
     w.gauge("throttled", "1 when a thermal or power limit is throttling the device.", t.throttled)
     w.gauge("uptime_seconds", "Seconds since the agent started.", t.uptime_s)
+
+    _shadow(w, t)
 
     info: Dict[str, str] = {}
     if t.bundle is not None:
