@@ -259,9 +259,10 @@ class SourceRunner:
         if name:
             output["file"] = name
         try:
+            answered_by = (getattr(res, "extra", None) or {}).get("bundle") or svc.bundle  # A/B: the candidate's
             msg = Result(
                 device_id=self.device_id, ts=time.time(), source=self.cfg.name, frame=index, route=res.route,
-                latency_ms=res.latency_ms, bundle=BundleRef(**svc.bundle), output=output,
+                latency_ms=res.latency_ms, bundle=BundleRef(**answered_by), output=output,
             )
             self.publish(msg)
         except Exception:  # the publisher's trouble is logged, the source goes on
