@@ -307,6 +307,9 @@ def summarize(args, *, samples, restarts, load, tel, agent_alive) -> Tuple[List[
                baseline=None if rss0 is None else round(rss0, 1), target=8.0, higher_is_better=False),
         figure("agent RSS slope after warm-up", slope_per_hour([(t, r) for t, r, _ in warm]), "MiB/h",
                baseline=None, target=None, higher_is_better=False),
+        figure("agent RSS slope, last half of the run", slope_per_hour(
+            [(t, r) for t, r, _ in samples if t >= samples[-1][0] / 2] if samples else []), "MiB/h",
+            baseline=None, target=None, higher_is_better=False),
         figure("agent open fds growth after warm-up", None if fd0 is None else fd1 - fd0, "fds", baseline=fd0,
                target=2, higher_is_better=False),
         figure("inference requests sent", load.sent, "requests", baseline=None, target=None),
@@ -332,7 +335,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
     p.add_argument("--broker-restart-s", type=float, default=120.0, help="restart the broker this often")
     p.add_argument("--broker-down-s", type=float, default=2.0, help="how long the broker stays down")
-    p.add_argument("--warmup-s", type=float, default=None, help="excluded from the growth figures")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="excluded from the growth figures (default: a third of the run, at most 120 s)")
     p.add_argument("--rps", type=float, default=100.0, help="total inference requests per second")
     p.add_argument("--clients", type=int, default=4, help="client threads (keep-alive connections)")
     p.add_argument("--sample-s", type=float, default=5.0, help="RSS / fd sampling interval")
@@ -346,7 +350,8 @@ def main() -> int:
         args.broker_restart_s = min(args.broker_restart_s, 15.0)
         args.sample_s = min(args.sample_s, 2.0)
     if args.warmup_s is None:
-        args.warmup_s = min(60.0, args.duration / 5)
+        # The agent's RSS settles within about two minutes here (allocator, caches, first batches).
+        args.warmup_s = min(120.0, args.duration / 3)
     figures, env = run(args)
     print_table(figures, "soak: %.0f s, broker restarted every %.0f s (down %.1f s), %.0f req/s"
                 % (args.duration, args.broker_restart_s, args.broker_down_s, args.rps))
