@@ -215,14 +215,23 @@ def test_disagreeing_candidate_is_refused_and_never_serves_a_request(rig, tmp_pa
     assert client.infer(1)["bundle"] == {"name": "digits", "version": 1}
 
 
-def test_ab_split_serves_the_share_with_the_candidate_until_promoted(rig, tmp_path):
+def test_ab_split_serves_the_share_with_the_candidate_until_promoted(rig, tmp_path, capsys):
+    """`fleet rollout start --mode ab --split 30`, then `fleet rollout promote ID`, through the controller."""
+    from fleet.cli import main
+
     dev = "edge-a"
     port = start_agent(rig, dev)
     key = rig.release_key
     assert push(rig, build_sample_bundle(tmp_path / "b", key, version=1), [dev]).returncode == 0
     v2 = build_bundle(tmp_path / "b", key, version=2)
-    res = push(rig, v2, [dev], "--mode", "ab", "--split", "30")
-    assert res.returncode == 0 and "serving the split" in res.stdout, res.stdout + res.stderr + rig.logs(dev)
+    capsys.readouterr()
+    rc = main(["rollout", "start", str(v2), "--mode", "ab", "--split", "30", "--waves", "100", "--config",
+               str(rig.fleet_toml), "--watch", "--interval", "0.5", "--watch-timeout", "90"])
+    out = capsys.readouterr()[0]
+    assert rc == 0, out + rig.logs(dev)
+    rid = out.split("started rollout ")[1].split()[0]
+    (started,) = rig.watcher.find(dev, "shadow-started")
+    assert started["rollout_id"] == rid and started["data"]["split"] == 30.0
     sess, tele = telemetry_listener(rig)
     client = Client(port)
     client.start(threads=3)
@@ -238,8 +247,13 @@ def test_ab_split_serves_the_share_with_the_candidate_until_promoted(rig, tmp_pa
     act = sum(a["active"]["requests"] for a in arms)
     assert cand + act >= n and abs(100.0 * cand / (cand + act) - 30.0) <= 3.0
     assert rig.state(dev)["active"]["version"] == 1
-    assert rig.pusher().send_command(dev, PromoteArgs(accept=True, reason="looks good")).wait(5)
+    capsys.readouterr()
+    assert main(["rollout", "status", rid, "--config", str(rig.fleet_toml)]) == 0
+    table = capsys.readouterr()[0]
+    assert "CAND SHARE" in table and "30%" in table, table
+    assert main(["rollout", "promote", rid, "--config", str(rig.fleet_toml)]) == 0
     rig.watcher.wait_for(lambda: rig.watcher.find(dev, "promoted"), 30, "promoted")
+    assert rig.watcher.find(dev, "promoted")[0]["rollout_id"] == rid
     assert rig.state(dev)["active"]["version"] == 2
     assert all(client.infer(i)["bundle"]["version"] == 2 for i in range(20))
 
