@@ -296,3 +296,32 @@ def test_a_request_that_outlives_its_timeout_is_504_and_the_server_recovers(mode
         gated.gate.set()
         api.server.stop()
         svc.close()
+
+
+def test_a_request_racing_a_model_swap_is_answered_by_the_new_model(models, heldout, tmp_path):
+    """The handler took the old service just before an activation closed it: the request is served by the
+    model now active, not refused."""
+    manifest = digits_manifest(tmp_path, router={"tau": "0.9"})
+    old = InferenceService(models, manifest, tmp_path, RuntimeConfig())
+    new = InferenceService(models, manifest, tmp_path, RuntimeConfig())
+    old.close()
+    calls = []
+
+    def get_service():
+        calls.append(1)
+        return old if len(calls) == 1 else new
+
+    server = ApiServer(ApiConfig(host="127.0.0.1", port=0), get_service=get_service, is_ready=lambda: True,
+                       metrics_text=lambda: "")
+    server.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/v1/infer", body=_npy(heldout[0][0]), headers={"Content-Type": "application/x-npy"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        conn.close()
+    finally:
+        server.stop()
+        new.close()
+    assert r.status == 200, body
+    assert body["route"] in ("small", "large") and len(calls) == 2

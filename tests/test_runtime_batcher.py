@@ -113,14 +113,37 @@ def test_full_queue_refuses_at_once_and_counts_it(models, items):
         b.close()
 
 
-def test_close_fails_waiting_requests_with_service_closed(models, items):
+def test_close_answers_queued_requests_first_and_refuses_new_ones(models, items):
+    """A model swap closes the old batcher: what was already queued is answered, nothing is lost."""
+    import threading
+
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=1, max_queue_delay_ms=0, max_queue=8)
+    running = b.submit(items[0])
+    assert eng.entered.wait(5)
+    waiting = [b.submit(items[i]) for i in (1, 2, 3)]
+    closer = threading.Thread(target=b.close, kwargs={"timeout_s": 10})
+    closer.start()
+    _wait(lambda: not b._accepting)
+    with pytest.raises(ServiceClosedError):  # closing: no new work is taken
+        b.submit(items[4])
+    eng.gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert running.result(5) is not None
+    for t in waiting:
+        assert t.result(5).outputs["logits"].shape == (10,)
+    assert b.snapshot()["items"] == 4
+
+
+def test_close_without_drain_fails_waiting_requests_with_service_closed(models, items):
     eng = GatedEngine(models.small)
     b = DynamicBatcher(eng, name="small", max_batch=1, max_queue_delay_ms=0, max_queue=8)
     running = b.submit(items[0])
     assert eng.entered.wait(5)
     waiting = b.submit(items[1])
     eng.gate.set()
-    b.close()
+    b.close(drain=False)
     assert running.result(5) is not None
     # The waiting one either ran before the worker saw the close, or failed cleanly: never hangs.
     try:

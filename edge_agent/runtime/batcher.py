@@ -128,6 +128,7 @@ class DynamicBatcher:
         self._queue: Deque[Ticket] = collections.deque()
         self._depth = 0  # items in `_queue` (bounded by max_queue)
         self._closed = False
+        self._accepting = True  # False once close() starts: queued requests are still answered
         self._sleeping = False  # the worker waits on `_wake`; a submit or close releases it
         self._wake = threading.Lock()
         self._wake.acquire()
@@ -163,7 +164,7 @@ class DynamicBatcher:
 
     def _admit(self, tickets: List[Ticket], n: int) -> None:
         with self._lock:
-            if self._closed:
+            if self._closed or not self._accepting:
                 raise ServiceClosedError("the %s model is not serving any more" % self.name)
             depth = self._depth
             if depth + n > self.max_queue:
@@ -322,12 +323,22 @@ class DynamicBatcher:
                 self._busy_s = 0.0
         return snap
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the worker after the batch it is running; waiting requests fail with ServiceClosedError."""
+    def close(self, timeout_s: float = 5.0, *, drain: bool = True) -> None:
+        """Stop taking requests; with `drain`, answer the queued ones first (within `timeout_s`), so a
+        model swap loses no request. Then stop the worker; whatever still waits fails with
+        ServiceClosedError."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._accepting = False
+        while drain and time.monotonic() < deadline and self._thread.is_alive():
+            with self._lock:
+                if not self._queue:
+                    break
+            time.sleep(0.002)
         with self._lock:
             self._closed = True
             if self._sleeping:
                 self._sleeping = False
                 self._wake.release()
-        self._thread.join(timeout_s)
+        self._thread.join(max(0.1, deadline - time.monotonic()))
         self._fail_waiting()

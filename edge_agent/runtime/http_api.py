@@ -189,14 +189,24 @@ class _Handler(BaseHTTPRequestHandler):
             return
         many = None
         try:
-            if ctype in NPY_TYPES:
-                arr = read_npy(body, max_bytes=api.cfg.max_body_bytes)
-                if arr.ndim == len(svc.pre.item_shape) + 1 and arr.shape[0] > 1:
-                    many = svc.infer_batch(arr, timeout_s=api.infer_timeout_s)
-                else:
-                    res = svc.infer_tensor(arr, timeout_s=api.infer_timeout_s)
-            else:
-                res = svc.infer_image(body, timeout_s=api.infer_timeout_s)
+            for attempt in (1, 2):
+                try:
+                    if ctype in NPY_TYPES:
+                        arr = read_npy(body, max_bytes=api.cfg.max_body_bytes)
+                        if arr.ndim == len(svc.pre.item_shape) + 1 and arr.shape[0] > 1:
+                            many = svc.infer_batch(arr, timeout_s=api.infer_timeout_s)
+                        else:
+                            res = svc.infer_tensor(arr, timeout_s=api.infer_timeout_s)
+                    else:
+                        res = svc.infer_image(body, timeout_s=api.infer_timeout_s)
+                    break
+                except ServiceClosedError:
+                    # The model was swapped (activation, promotion, rollback) between taking the service
+                    # and submitting: answer with the one now serving instead of failing the request.
+                    fresh = api.get_service()
+                    if attempt == 2 or fresh is None or fresh is svc:
+                        raise
+                    svc = fresh
         except InputError as e:
             self._error(400, str(e))
             return
