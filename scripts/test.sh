@@ -27,6 +27,6 @@ fi
 for v in "${pythons[@]}"; do
   echo "== pytest on $("$v/bin/python" --version)"
   # pytest exits 5 when no test ran: with set -e that fails the run, as it should.
-  "$v/bin/python" -m pytest -q -p no:cacheprovider "$@"
+  "$v/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
 done
 echo "== all tests passed"
