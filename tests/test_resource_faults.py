@@ -332,3 +332,38 @@ def test_disk_completely_full_when_a_command_arrives_refuses_it_and_keeps_servin
     r.deploy(2)
     r.wait_state(2, ("active",))
     assert r.infer()["bundle"]["version"] == 2
+
+
+def test_pull_that_cannot_save_its_progress_closes_every_partial_file(tmp_path, monkeypatch):
+    """Disk full while the pull saves its progress: the error reaches the deployer, and no partial
+    file of the pull stays open (one failing close must not leak the other files' descriptors)."""
+    from edge_agent.bundle.store import BundleStore
+    from edge_agent.config import MqttConfig, TransferConfig
+    from edge_agent.errors import EdgeAgentError
+    from edge_agent.mqtt import MqttSession
+    from edge_agent.protocol.messages import BundleRef
+    from edge_agent.transfer.fetcher import Fetcher, FetchStats
+
+    store = BundleStore(tmp_path / "state").open()
+    session = MqttSession(MqttConfig(), client_id="dev1", outgoing_queue=1 << 16)  # never started
+    session.connected.set()  # as if connected: requests only queue
+    f = Fetcher(session, store, TransferConfig(chunk_bytes=4096), prefix="edge/v1", device_id="dev1")
+    targets = [f._target(("%x" % i) * 64, 3 * 4096, "file%d" % i) for i in range(1, 4)]
+    calls = []
+
+    def full(*a, **kw):
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def stalled(timeout):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a chunk write would
+
+    monkeypatch.setattr(store, "save_chunk_map", full)
+    monkeypatch.setattr(f, "_get", stalled)
+    for t in targets:
+        t.unsaved = 1
+    with pytest.raises((OSError, EdgeAgentError)):
+        f._run(BundleRef(name="digits", version=2), targets, FetchStats(), progress=False)
+    assert calls, "the progress save was not attempted"
+    assert [t.fd for t in targets] == [-1, -1, -1], "partial files left open"
+    session.stop()

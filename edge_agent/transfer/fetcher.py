@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -407,10 +408,20 @@ class Fetcher:
                     last_progress = now
                     bytes_at_last = stats.bytes_received
         finally:
+            # Close every partial file even when saving one's progress fails (a full disk): none is left
+            # open. The first such error is raised unless the transfer is already failing with another.
+            close_error: Optional[OSError] = None
             for t in targets:
-                self._close(t)
+                try:
+                    self._close(t)
+                except OSError as e:
+                    close_error = close_error or e
             stats.elapsed_s = time.monotonic() - start
             stats.cpu_s = round(time.process_time() - cpu_start, 3)
+            if close_error is not None:
+                if sys.exc_info()[1] is None:
+                    raise close_error
+                log.error("saving download progress failed: %s", close_error)
 
     def _refill(self, run: _Run) -> None:
         """Send requests until `window` are outstanding (or nothing is left to ask for)."""
