@@ -54,6 +54,12 @@ class Broker:
         self.port = port or free_port()
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
+        if os.geteuid() == 0:
+            # mosquitto started as root drops to the `mosquitto` user: let it write its log here, so a
+            # failing test can show what the broker said.
+            self.log_path.touch()
+            os.chmod(str(self.log_path), 0o666)
+            os.chmod(str(self.workdir), 0o755)
         self.conf_path.write_text(
             CONF_TEMPLATE.read_text(encoding="utf-8")
             + "\nlistener %d 127.0.0.1\nlog_dest file %s\n%s\n" % (self.port, self.log_path, extra_conf),
