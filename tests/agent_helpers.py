@@ -95,7 +95,7 @@ def write_key(dir_: Path, name: str) -> PrivateKey:
 
 
 def agent_toml(path: Path, *, device_id: str, state_dir: Path, port: int, bundle_keys: Path, command_key: Path,
-               extra: str = "") -> Path:
+               extra: str = "", probation_s: float = 0) -> Path:
     """Write an agent.toml for a test agent (CPU backend, no HTTP API, fast tuning)."""
     path.write_text(
         "\n".join([
@@ -107,7 +107,7 @@ def agent_toml(path: Path, *, device_id: str, state_dir: Path, port: int, bundle
             "[engine]", 'backend = "onnxruntime"', "tune_iterations = 3", "max_batch_limit = 8",
             "[api]", "enabled = false",
             "[telemetry]", "period_s = 1.0", "use_jtop = false",
-            "[probation]", "window_s = 0", "max_window_s = 0",
+            "[probation]", "window_s = %s" % probation_s, "max_window_s = %s" % probation_s,
             extra,
         ]) + "\n",
         encoding="utf-8",
@@ -208,8 +208,9 @@ def stop_process(p: subprocess.Popen, timeout_s: float = 15.0) -> int:
 class FleetRig:
     """A broker, `fleet serve` as a real process, keys, a watcher, and agents as real processes."""
 
-    def __init__(self, broker, tmp: Path, *, max_bytes_per_s: Optional[int] = None) -> None:
+    def __init__(self, broker, tmp: Path, *, max_bytes_per_s: Optional[int] = None, probation_s: float = 0) -> None:
         self.broker = broker
+        self.probation_s = probation_s
         self.tmp = Path(tmp)
         self.release_key = write_key(self.tmp / "bundle-keys", "release")
         self.controller_key = write_key(self.tmp / "controller-keys", "controller")
@@ -231,7 +232,7 @@ class FleetRig:
         return agent_toml(
             self.tmp / ("%s.toml" % device_id), device_id=device_id, state_dir=self.tmp / ("state-" + device_id),
             port=self.broker.port, bundle_keys=self.tmp / "bundle-keys",
-            command_key=self.tmp / "controller-keys" / "controller.pub", extra=extra,
+            command_key=self.tmp / "controller-keys" / "controller.pub", extra=extra, probation_s=self.probation_s,
         )
 
     def start_agent(self, device_id: str, extra: str = "", wait_online: bool = True) -> subprocess.Popen:

@@ -153,7 +153,19 @@ def _wait_status(rig, capsys, rid, pred, *, timeout_s, what):
     raise AssertionError("timed out waiting for %s; last: %s" % (what, last and last["state"]))
 
 
-def test_controller_killed_mid_rollout_resumes_and_finishes(rig, tmp_path, capsys):
+@pytest.fixture
+def slow_rig(broker, tmp_path):
+    """Agents with a 2 s probation window, so a rollout is still in its second wave when the test kills
+    the controller (with no window, waves 2 and 3 can finish before the kill lands)."""
+    r = FleetRig(broker, tmp_path, probation_s=2)
+    for d in DEVICES:
+        r.start_agent(d)
+    yield r
+    r.close()
+
+
+def test_controller_killed_mid_rollout_resumes_and_finishes(slow_rig, tmp_path, capsys):
+    rig = slow_rig
     import os
     import signal
     import subprocess
@@ -166,7 +178,8 @@ def test_controller_killed_mid_rollout_resumes_and_finishes(rig, tmp_path, capsy
     v2 = build_sample_bundle(tmp_path / "b", key, version=2)
     assert rollout(rig, capsys, v1, "--waves", "100")[0] == 0
     rid = _start_rollout(rig, capsys, v2, "--waves", "33,66,100")
-    _wait_status(rig, capsys, rid, lambda r: r["current_wave"] >= 2, timeout_s=TIMEOUT, what="wave 2 started")
+    r = _wait_status(rig, capsys, rid, lambda r: r["current_wave"] >= 2, timeout_s=TIMEOUT, what="wave 2 started")
+    assert r["state"] == "running", "the rollout must still be running when the controller is killed"
     os.kill(rig.serve.pid, signal.SIGKILL)
     rig.serve.wait(10)
     rig.serve = subprocess.Popen(
