@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. Helpers add fixtures here additively."""
+"""Shared pytest fixtures."""
 
 from __future__ import annotations
 
