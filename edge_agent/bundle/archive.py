@@ -24,6 +24,7 @@ from typing import BinaryIO, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 from edge_agent.bundle.manifest import MANIFEST_NAME, ManifestBody
 from edge_agent.bundle.paths import check_member_path
 from edge_agent.errors import ArchiveError, IntegrityError, ResourceError
+from edge_agent.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -328,14 +329,6 @@ def _write_member(reader: BundleReader, member: Member, root: Path, expected_sha
         )
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(str(d), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def unpack_bundle(
     path: Path,
     dest_dir: Path,
@@ -383,9 +376,9 @@ def unpack_bundle(
                 f.flush()
                 os.fsync(f.fileno())
             for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, key=lambda p: -len(p.parts)):
-                _fsync_dir(d)
+                fsync_dir(d)
             os.rename(str(tmp), str(dest_dir))
-            _fsync_dir(dest_dir.parent)
+            fsync_dir(dest_dir.parent)
         except OSError as e:
             shutil.rmtree(str(tmp), ignore_errors=True)
             raise ResourceError("cannot unpack bundle into %s: %s" % (dest_dir, e.strerror or e))
