@@ -466,8 +466,11 @@ class Agent:
                 svc = self._service
                 if svc is None:
                     raise CommandError("no model is serving; router unchanged")
-                svc.set_router(gate=args.gate, tau=args.tau, target_large_fraction=args.target_large_fraction,
-                               adaptive=args.adaptive)
+                try:
+                    svc.set_router(gate=args.gate, tau=args.tau, target_large_fraction=args.target_large_fraction,
+                                   adaptive=args.adaptive)
+                except ConfigError as e:  # RouterPolicyError: the operator must see why nothing changed
+                    raise CommandError("router unchanged: %s" % e)
                 self.emit("router-changed", "router policy changed", command_seq=body.seq,
                           data=svc.router_state() if hasattr(svc, "router_state") else {})
             else:
