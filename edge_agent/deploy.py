@@ -383,16 +383,20 @@ class Deployer:
             self.store.update_state(time_floor=max(self.store.state.time_floor, body.created))
             for sha, (member, size) in self.store.missing_files(body).items():
                 part = self.store.partial_path(sha)
-                with open(part, "wb") as f:
-                    for block in reader.iter_chunks(member):
-                        f.write(block)
-                    f.flush()
-                    os.fsync(f.fileno())
                 try:
+                    with open(part, "wb") as f:
+                        for block in reader.iter_chunks(member):
+                            f.write(block)
+                        f.flush()
+                        os.fsync(f.fileno())
                     self.store.add_object_file(part, sha, size)
                 except BundleError:
                     self.store.drop_partial(sha)
                     raise
+                except OSError as e:  # disk full, file too large...: one line, no half-written file left
+                    self.store.drop_partial(sha)
+                    raise ResourceError("cannot copy %s of %s into the store %s: %s"
+                                        % (member, Path(path).name, self.store.root, e.strerror or e))
         self.emit("command-accepted", "side-loading %s v%d from %s" % (ref.name, ref.version, Path(path).name),
                   bundle=ref)
         return self.install_verified(msha, body)

@@ -68,3 +68,29 @@ def test_second_agent_on_the_same_state_dir_is_refused(tmp_path, keys):
             _agent(tmp_path)
     finally:
         first.shutdown(timeout_s=1)
+
+
+def test_write_failure_while_side_loading_is_a_resource_error_and_leaves_no_partial(tmp_path, keys):
+    import resource
+    import signal
+
+    bundle = build_sample_bundle(tmp_path / "b", keys, version=1, extra={"extra/blob.bin": b"z" * (2 << 20)})
+    agent = _agent(tmp_path)
+    # A real write failure from the kernel: files may not grow past 1 MiB (EFBIG instead of SIGXFSZ).
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, old_limit[1]))
+    try:
+        with pytest.raises(ResourceError, match=r"cannot copy extra/blob\.bin"):
+            agent.deployer.install_file(bundle, max_bundle_bytes=1 << 30)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    try:
+        assert not list(agent.store.partial_dir.iterdir())
+        assert agent.store.state.active is None
+        # With room again the same file installs.
+        rec = agent.deployer.install_file(bundle, max_bundle_bytes=1 << 30)
+        assert rec.version == 1 and agent.store.state.active.version == 1
+    finally:
+        agent.shutdown(timeout_s=1)
