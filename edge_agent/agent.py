@@ -145,6 +145,7 @@ class Agent:
         self._sources: list = []  # SourceRunner per [[sources]] entry, started once a model serves
         self._sources_lock = threading.Lock()
         self._lock_fd: Optional[int] = None
+        self.worker_failed = False  # the worker died on an unexpected error: `run` exits non-zero
 
     # ------------------------------------------------------------------------------------ wiring
 
@@ -565,6 +566,7 @@ class Agent:
             log.info("transfer cancelled for shutdown; it resumes on the next start")
         except Exception:
             log.exception("worker thread failed")
+            self.worker_failed = True
             self.stop_event.set()
 
     def metrics_text(self) -> str:
@@ -592,7 +594,10 @@ class Agent:
                   data={"state_dir": str(self.cfg.state_dir)})
 
     def run(self) -> int:
-        """Main loop until `stop_event`: systemd readiness and watchdog (telemetry has its own thread)."""
+        """Main loop until `stop_event`: systemd readiness and watchdog (telemetry has its own thread).
+
+        Returns 0 after a requested stop, 1 when the worker thread died on an unexpected error (so systemd's
+        `Restart=on-failure` starts the agent again)."""
         self.start()
         n = self.notifier
         if n is not None:
@@ -603,7 +608,7 @@ class Agent:
             if n is not None and wd:
                 n.watchdog()
         self.shutdown()
-        return 0
+        return 1 if self.worker_failed else 0
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop cleanly: cancel a transfer (its partial data is kept), stop the worker, publish the

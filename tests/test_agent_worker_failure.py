@@ -1,0 +1,46 @@
+"""A worker thread that dies on an unexpected error stops the agent with a non-zero exit status, so the
+service's `Restart=on-failure` brings it back (before, `run` returned 0 and systemd left it stopped); a
+requested stop still exits 0."""
+
+from __future__ import annotations
+
+import threading
+
+from agent_helpers import write_key
+
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig
+
+
+def _agent(tmp_path) -> Agent:
+    write_key(tmp_path / "bundle-keys", "release")
+    cfg = AgentConfig.model_validate({
+        "device_id": "dev1", "state_dir": str(tmp_path / "state"),
+        "trust": {"bundle_keys_dir": str(tmp_path / "bundle-keys"), "command_keys": []},
+        "engine": {"backend": "onnxruntime"}, "api": {"enabled": False},
+    })
+    return Agent(cfg).build(with_mqtt=False)
+
+
+def test_worker_dying_on_a_bug_makes_run_exit_non_zero(tmp_path):
+    agent = _agent(tmp_path)
+    # A decision handed to the worker by another thread that hits a bug.
+    agent._work.put(("call", lambda: 1 // 0))
+    timer = threading.Timer(30.0, agent.stop_event.set)  # never hang the test run
+    timer.start()
+    try:
+        assert agent.run() == 1
+    finally:
+        timer.cancel()
+    assert agent.worker_failed and agent.stop_event.is_set()
+
+
+def test_requested_stop_exits_zero(tmp_path):
+    agent = _agent(tmp_path)
+    timer = threading.Timer(0.5, agent.stop_event.set)
+    timer.start()
+    try:
+        assert agent.run() == 0
+    finally:
+        timer.cancel()
+    assert not agent.worker_failed
