@@ -367,3 +367,43 @@ def test_pull_that_cannot_save_its_progress_closes_every_partial_file(tmp_path, 
     assert calls, "the progress save was not attempted"
     assert [t.fd for t in targets] == [-1, -1, -1], "partial files left open"
     session.stop()
+
+
+def test_pull_after_a_failed_progress_save_is_not_failed_by_the_old_error(tmp_path, monkeypatch):
+    """A background progress save failed (disk full) in an earlier pull; once there is room again the
+    next pull runs (before, the stale error failed every later pull until the agent restarted)."""
+    from edge_agent.bundle.store import BundleStore
+    from edge_agent.config import MqttConfig, TransferConfig
+    from edge_agent.mqtt import MqttSession
+    from edge_agent.protocol.messages import BundleRef
+    from edge_agent.transfer.fetcher import Fetcher, FetchStats, TransferCancelled
+
+    store = BundleStore(tmp_path / "state").open()
+    session = MqttSession(MqttConfig(), client_id="dev1", outgoing_queue=1 << 16)  # never started
+    session.connected.set()  # as if connected: requests only queue
+    f = Fetcher(session, store, TransferConfig(chunk_bytes=4096), prefix="edge/v1", device_id="dev1")
+    real_save = store.save_chunk_map
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "save_chunk_map", full)
+    t = f._target("ab" * 32, 3 * 4096, "file")
+    f._open(t)
+    try:
+        assert f._checkpoints.submit(t.fd, t.sha256, t.cmap.to_json())
+        f._checkpoints.wait()
+    finally:
+        f._close(t, save_map=False)
+    assert f._checkpoints.error  # the first pull saw the failure
+    monkeypatch.setattr(store, "save_chunk_map", real_save)  # room again
+
+    def nothing_then_cancel(timeout):
+        f._cancel.set()  # the operator's shutdown: stop after one pass of the loop
+
+    monkeypatch.setattr(f, "_get", nothing_then_cancel)
+    target = f._target("cd" * 32, 3 * 4096, "file2")
+    with pytest.raises(TransferCancelled):  # not ResourceError("cannot save download progress")
+        f._run(BundleRef(name="digits", version=3), [target], FetchStats(), progress=False)
+    assert f._checkpoints.error is None
+    session.stop()

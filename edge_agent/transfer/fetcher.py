@@ -316,6 +316,9 @@ class Fetcher:
 
     def _run(self, bundle: BundleRef, targets: List[_Target], stats: FetchStats, *, progress: bool) -> None:
         self._cancel.clear()
+        # A progress save that failed in an earlier pull (a disk since freed) must not fail this one.
+        self._checkpoints.wait()
+        self._checkpoints.error = None
         # Drop answers left over from an earlier transfer.
         while True:
             try:
