@@ -287,6 +287,8 @@ def test_builder_child_dies_with_a_killed_agent(trt_double, tmp_path, monkeypatc
         def emit(kind, msg, data):
             if kind == "engine-build-started":
                 print(data["pid"], flush=True)
+            elif kind == "engine-build-progress" and data.get("stage") == "parsing":
+                print("parsing", flush=True)  # reported by the builder after it armed its parent-death signal
         run_build(BuildRequest(model="m", onnx_path=str(tiny_model_path()), plan_path=sys.argv[1], precision="fp32",
                                min_batch=1, opt_batch=1, max_batch=2, workspace_bytes=1 << 26),
                   emit=emit, timeout_s=120)
@@ -294,7 +296,7 @@ def test_builder_child_dies_with_a_killed_agent(trt_double, tmp_path, monkeypatc
     agent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "x.plan")], stdout=subprocess.PIPE)
     try:
         child = int(agent.stdout.readline())
-        time.sleep(1.5)  # past the builder's start-up, inside its 60 s build
+        assert agent.stdout.readline().strip() == b"parsing"  # past the builder's start-up, inside its 60 s build
         os.kill(child, 0)
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait(timeout=10)
