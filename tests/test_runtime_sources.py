@@ -202,7 +202,8 @@ def test_dropped_stream_is_reported_and_reconnects_with_bounded_backoff(service,
         cam.drop()
         _wait(lambda: "source-lost" in sink.kinds())
         lost_at = len(sink.results)
-        time.sleep(1.5)  # down for a while: several failed attempts, back-off capped at 0.4 s
+        # down for a while: several failed attempts, back-off capped at 0.4 s
+        _wait(lambda: sink.kinds().count("source-lost") >= 4)
         with sink.lock:
             lost_times = [t for t, k, _ in sink.events if k == "source-lost"]
         assert len(lost_times) >= 3
