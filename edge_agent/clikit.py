@@ -11,7 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from edge_agent.errors import ConfigError, EdgeAgentError
 
@@ -27,6 +27,13 @@ class CliError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+def print_rows(rows: Sequence[Tuple[str, str]]) -> None:
+    """Print `key  value` lines with the keys aligned."""
+    width = max((len(k) for k, _ in rows), default=0)
+    for k, v in rows:
+        print("%-*s  %s" % (width, k, v))
 
 
 def build_parser(prog: str, description: str, modules: Sequence[str], version: str) -> argparse.ArgumentParser:

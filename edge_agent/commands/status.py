@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from edge_agent.clikit import CliError
+from edge_agent.clikit import CliError, print_rows
 from edge_agent.config import load_agent_config
 
 
@@ -94,9 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         b = out["broker"]
         rows.append(("broker", "%s %s" % (b["address"], "reachable" if b["reachable"] else "UNREACHABLE")))
         rows.append(("agent", "online" if b["agent_online"] else "offline"))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print("%-*s  %s" % (width, k, v))
+    print_rows(rows)
     return 0
 
 

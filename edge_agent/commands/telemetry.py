@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
+from edge_agent.clikit import print_rows
 from edge_agent.config import load_agent_config
 
 SPOOL_DIR = "spool"
@@ -63,9 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         ("spool", "%d message(s), %d bytes held; %d dropped so far (bounds %d messages / %d bytes)" % (
             sp["messages"], sp["bytes"], sp["dropped"], sp["max_messages"], sp["max_bytes"])),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print("%-*s  %s" % (width, k, v))
+    print_rows(rows)
     return 0
 
 
