@@ -413,7 +413,7 @@ def rollout_phase(broker, workdir: Path, n: int) -> Dict[str, float]:
                 seen.add(msg.topic)
                 passed["n"] += 1
 
-        from edge_agent.mqtt import MqttSession, require_connected
+        from edge_agent.mqtt.session import MqttSession, require_connected
         from edge_agent.protocol import topics
 
         watcher = MqttSession(cfg, client_id="bench-watch", name="bench-watch")

@@ -8,7 +8,7 @@ subscription filters match its topic. Measured here for the subscription sets th
 * a device: its `commands` and `chunks` topics (exact filters).
 
 Baseline, measured in the same run: the previous routing, which called paho's `topic_matches_sub`
-for every subscription on every message. Compared: `edge_agent.topic_router.TopicRouter.routes`
+for every subscription on every message. Compared: `edge_agent.mqtt.routing.TopicRouter.routes`
 (exact filters hashed, wildcards compiled once, results cached per topic), and the whole
 `MqttSession._on_message` (metadata decoding + routing + a no-op handler) for context.
 
@@ -31,7 +31,7 @@ PREFIX = "edge/v1"
 
 
 def controller_filters() -> List[str]:
-    """The filters `fleet serve` subscribes to (fleet/controller.py, fleet/ingest.py, fleet/rpc.py)."""
+    """The filters `fleet serve` subscribes to (fleet/controller.py, fleet/control_plane.py, fleet/ingest.py, fleet/rpc.py)."""
     from edge_agent.protocol import topics
 
     out = ["$share/fleet/%s" % topics.bundles_fetch(PREFIX), topics.all_devices(PREFIX, "status")]
@@ -68,7 +68,7 @@ def scan_router(filters: List[str]) -> Callable[[str], list]:
 
 def cached_router(filters: List[str]) -> Callable[[str], list]:
     """The current routing."""
-    from edge_agent.topic_router import TopicRouter
+    from edge_agent.mqtt.routing import TopicRouter
 
     r = TopicRouter()
     for f in filters:
@@ -106,7 +106,7 @@ def compare(filters: List[str], topics_: List[str], rounds: int, repeats: int) -
 def session_on_message_us(filters: List[str], topics_: List[str], rounds: int) -> float:
     """The whole receive callback of a real `MqttSession` (no broker needed to call it)."""
     from edge_agent.config import MqttConfig
-    from edge_agent.mqtt import MqttSession
+    from edge_agent.mqtt.session import MqttSession
 
     s = MqttSession(MqttConfig(), client_id="bench")
     for f in filters:

@@ -26,7 +26,6 @@ from edge_agent import __version__
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.bundle.store import BundleRecord, BundleStore
 from edge_agent.config import AgentConfig, TrustConfig
-from edge_agent.deploy import Deployer, Hooks
 from edge_agent.errors import (
     CommandError,
     ConfigError,
@@ -35,7 +34,8 @@ from edge_agent.errors import (
     ResourceError,
     TransportError,
 )
-from edge_agent.mqtt import MqttSession, Will
+from edge_agent.lifecycle.deploy import Deployer, Hooks
+from edge_agent.mqtt.session import MqttSession, Will
 from edge_agent.protocol import topics
 from edge_agent.protocol.commands import peek_command_meta, verify_command
 from edge_agent.protocol.messages import (
@@ -140,7 +140,7 @@ class Agent:
         self.session: Optional[MqttSession] = None
         self.fetcher: Optional[Fetcher] = None
         self.deployer: Optional[Deployer] = None
-        self.candidates = None  # CandidateManager: shadow / A-B candidates (edge_agent.candidate)
+        self.candidates = None  # CandidateManager: shadow / A-B candidates (edge_agent.lifecycle.candidate)
         self.malformed = 0
         self._sources: list = []  # SourceRunner per [[sources]] entry, started once a model serves
         self._sources_lock = threading.Lock()
@@ -195,7 +195,7 @@ class Agent:
             limits=self.cfg.limits, emit=self.emit, on_state=self._on_deploy_state, fetcher=self.fetcher,
             stopping=self.stop_event.is_set,
         )
-        from edge_agent.candidate import CandidateManager
+        from edge_agent.lifecycle.candidate import CandidateManager
 
         self.candidates = CandidateManager(self)
         if bad:
@@ -222,7 +222,7 @@ class Agent:
         return svc.stats_snapshot(reset=True) if svc is not None else None
 
     def _probation_hook(self):
-        from edge_agent.probation import make_probation_hook
+        from edge_agent.lifecycle.probation import make_probation_hook
 
         def recheck(record, manifest):
             return self._selftest(self._models, self.store.bundle_dir(manifest.name, manifest.version), manifest)

@@ -133,7 +133,7 @@ class Watcher:
 
     def __init__(self, host: str, port: int, prefix: str = "edge/v1") -> None:
         from edge_agent.config import MqttConfig
-        from edge_agent.mqtt import MqttSession
+        from edge_agent.mqtt.session import MqttSession
 
         self.events: List[dict] = []
         self.status: Dict[str, dict] = {}

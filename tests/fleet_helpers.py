@@ -11,7 +11,7 @@ from typing import Callable, List, Optional
 from sim_devices import Behaviour, SimFleet, always
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt import require_connected
+from edge_agent.mqtt.session import require_connected
 from edge_agent.protocol.messages import BundleRef
 from edge_agent.signing import PrivateKey
 from fleet.config import ControllerSection, FleetConfig, RolloutSection

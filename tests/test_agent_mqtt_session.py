@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.config import MqttConfig
 from edge_agent.errors import TransportError
-from edge_agent.mqtt import Backoff, MqttSession, Will, require_connected
+from edge_agent.mqtt.session import Backoff, MqttSession, Will, require_connected
 
 
 def _cfg(broker, **kw):

@@ -130,7 +130,7 @@ def test_rogue_chunk_during_agent_pull_is_caught_and_bundle_installs_verified(ri
     agent's file check catches it, fetches the file again, and activates only verified bytes."""
     import hashlib
 
-    from edge_agent.mqtt import MqttSession
+    from edge_agent.mqtt.session import MqttSession
     from edge_agent.protocol.messages import ChunkRequest
 
     rig.start_agent("dev1")

@@ -46,7 +46,7 @@ class _Results:
 
     def __init__(self, broker) -> None:
         from edge_agent.config import MqttConfig
-        from edge_agent.mqtt import MqttSession
+        from edge_agent.mqtt.session import MqttSession
 
         self.items = []
         self.lock = threading.Lock()

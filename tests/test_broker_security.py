@@ -372,7 +372,7 @@ def test_small_request_reply_is_not_delayed_by_nagle(tls_broker, pki):
     import threading
 
     from edge_agent.config import MqttConfig, TlsConfig
-    from edge_agent.mqtt import MqttSession
+    from edge_agent.mqtt.session import MqttSession
 
     def session(identity: str) -> MqttSession:
         tls = TlsConfig(ca_file=pki / "ca.crt", cert_file=pki / ("%s.crt" % identity),

@@ -11,7 +11,7 @@ import sys
 import time
 
 import fleet.controller as controller_mod
-from fleet.controller import SeqCounter
+from fleet.command_seq import SeqCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +45,7 @@ def test_seq_continues_above_numbers_handed_out_before_a_kill_9(tmp_path):
     path = tmp_path / "command-seq.json"
     code = (
         "import sys, time\n"
-        "from fleet.controller import SeqCounter\n"
+        "from fleet.command_seq import SeqCounter\n"
         "c = SeqCounter(sys.argv[1], block=50)\n"
         "while True:\n"
         "    print(c.next('dev1'), flush=True)\n"

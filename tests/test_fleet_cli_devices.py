@@ -10,7 +10,7 @@ import time
 import pytest
 from fleet_helpers import PREFIX, FleetRig, mqtt_cfg
 
-from edge_agent.mqtt import MqttSession, require_connected
+from edge_agent.mqtt.session import MqttSession, require_connected
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import BundleRef
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from test_fuzz_agent import _enc, json_values, mutated
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt import Inbound, MqttSession
+from edge_agent.mqtt.session import Inbound, MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import (
     ChunkRequest,
@@ -60,8 +60,9 @@ def _tree(root: Path) -> List[Tuple[str, int, int]]:
 
 class ChunkRig:
     def __init__(self, tmp: Path) -> None:
+        from fleet.bundle_store import ControllerStore
+        from fleet.chunk_server import ChunkServer
         from fleet.config import ChunkServerSection
-        from fleet.controller import ChunkServer, ControllerStore
 
         key = write_key(tmp / "keys", "release")
         bundle = build_sample_bundle(tmp / "b", key, version=1)
@@ -174,7 +175,7 @@ def _event(device: str) -> Dict[str, Any]:
 
 class ControlRig:
     def __init__(self, tmp: Path) -> None:
-        from fleet.control import ControlPlane
+        from fleet.control_plane import ControlPlane
         from fleet.registry import Registry
 
         self.db = tmp / "registry.sqlite"
@@ -183,7 +184,7 @@ class ControlRig:
         self.session = MqttSession(MqttConfig(), client_id="controller", outgoing_queue=1 << 20)
 
         def resolve(name, version):
-            from fleet.controller import BundleRecordError
+            from fleet.bundle_store import BundleRecordError
 
             raise BundleRecordError("the controller does not store bundle %s v%s" % (name, version))
 

@@ -9,7 +9,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.mqtt_props import install
+from edge_agent.mqtt.props import install
 
 
 def _original():

@@ -9,7 +9,7 @@ import pytest
 
 from edge_agent.bundle.manifest import HealthGates
 from edge_agent.config import ProbationConfig
-from edge_agent.probation import Probation, ProbationVerdict, wait_for_verdict, weighted_median
+from edge_agent.lifecycle.probation import Probation, ProbationVerdict, wait_for_verdict, weighted_median
 
 
 class Clock:
@@ -210,7 +210,7 @@ def _manifest_health(**gates):
 
 
 def test_probation_hook_fed_by_stats_listeners_rolls_back_on_errors_and_commits_when_healthy():
-    from edge_agent.probation import make_probation_hook
+    from edge_agent.lifecycle.probation import make_probation_hook
 
     listeners = []
     verdicts = []
@@ -235,7 +235,7 @@ def test_probation_hook_fed_by_stats_listeners_rolls_back_on_errors_and_commits_
 
 
 def test_probation_hook_runs_the_golden_recheck_with_the_record_and_fails_when_stopped():
-    from edge_agent.probation import INTERRUPTED, make_probation_hook
+    from edge_agent.lifecycle.probation import INTERRUPTED, make_probation_hook
 
     seen = []
     hook = make_probation_hook(ProbationConfig(window_s=0.05), stop=threading.Event(), get_stats=period,

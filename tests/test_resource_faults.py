@@ -340,7 +340,7 @@ def test_pull_that_cannot_save_its_progress_closes_every_partial_file(tmp_path, 
     from edge_agent.bundle.store import BundleStore
     from edge_agent.config import MqttConfig, TransferConfig
     from edge_agent.errors import EdgeAgentError
-    from edge_agent.mqtt import MqttSession
+    from edge_agent.mqtt.session import MqttSession
     from edge_agent.protocol.messages import BundleRef
     from edge_agent.transfer.fetcher import Fetcher, FetchStats
 
@@ -374,7 +374,7 @@ def test_pull_after_a_failed_progress_save_is_not_failed_by_the_old_error(tmp_pa
     next pull runs (before, the stale error failed every later pull until the agent restarted)."""
     from edge_agent.bundle.store import BundleStore
     from edge_agent.config import MqttConfig, TransferConfig
-    from edge_agent.mqtt import MqttSession
+    from edge_agent.mqtt.session import MqttSession
     from edge_agent.protocol.messages import BundleRef
     from edge_agent.transfer.fetcher import Fetcher, FetchStats, TransferCancelled
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt import MqttSession, require_connected
+from edge_agent.mqtt.session import MqttSession, require_connected
 from edge_agent.protocol.messages import RpcResponse
 from fleet.rollout import RolloutError
 from fleet.rpc import RpcClient, RpcError, RpcServer, RpcTimeout

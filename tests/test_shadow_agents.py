@@ -122,7 +122,7 @@ def push(rig: FleetRig, bundle, devices, *args: str, wait: float = 90):
 def telemetry_listener(rig: FleetRig):
     """A real MQTT client keeping every telemetry message."""
     from edge_agent.config import MqttConfig
-    from edge_agent.mqtt import MqttSession
+    from edge_agent.mqtt.session import MqttSession
 
     got: List[dict] = []
     s = MqttSession(MqttConfig(host=rig.broker.host, port=rig.broker.port), client_id="tele-%d" % time.time())

@@ -13,13 +13,13 @@ from _runtime_helpers import DIGITS, GatedEngine, Models, digits_manifest, digit
 from shadow_helpers import permuted_model
 
 from edge_agent.bundle.manifest import HealthGates
-from edge_agent.candidate import candidate_weight_bytes, check_candidate_memory
 from edge_agent.config import RuntimeConfig
-from edge_agent.deploy import CandidateRefusedError
+from edge_agent.lifecycle.candidate import candidate_weight_bytes, check_candidate_memory
+from edge_agent.lifecycle.deploy import CandidateRefusedError
+from edge_agent.lifecycle.shadow import ShadowGates, ShadowJudge, Split, agreement, matched_box_f1
 from edge_agent.runtime.ab import SplitService
 from edge_agent.runtime.mirror import ShadowService
 from edge_agent.runtime.service import InferenceService
-from edge_agent.shadow import ShadowGates, ShadowJudge, Split, agreement, matched_box_f1
 from fleet import rollout as plan
 from fleet.rollout import Rollout, SendPromote, SendRollback
 
@@ -396,11 +396,11 @@ def test_candidate_prepare_checks_the_budget_left_beside_the_active_engines_befo
     candidate whose weights do not fit, naming both figures; nothing is loaded."""
     from types import SimpleNamespace
 
-    from edge_agent.candidate import CandidateManager
     from edge_agent.config import AgentConfig
-    from edge_agent.deploy import Hooks
     from edge_agent.engines import prepare
     from edge_agent.engines.budget import MemoryBudget
+    from edge_agent.lifecycle.candidate import CandidateManager
+    from edge_agent.lifecycle.deploy import Hooks
 
     loaded = []
     monkeypatch.setattr(prepare, "current_budget", lambda cfg, platform, backend: MemoryBudget(

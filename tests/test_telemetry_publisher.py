@@ -203,7 +203,7 @@ def test_loop_thread_publishes_every_period_and_stops(tmp_path):
 def test_stats_listeners_see_the_same_period_stats_as_telemetry(tmp_path):
     from edge_agent.bundle.manifest import HealthGates
     from edge_agent.config import ProbationConfig
-    from edge_agent.probation import Probation
+    from edge_agent.lifecycle.probation import Probation
 
     link = Link()
     pub = _publisher(tmp_path, link)
@@ -346,7 +346,7 @@ def test_broker_outage_spools_and_flushes_in_order_with_honest_drop_count(broker
 @pytest.mark.mqtt
 def test_agent_mqtt_session_through_a_broker_crash_loses_nothing_with_qos1(broker, tmp_path):
     from edge_agent.config import MqttConfig
-    from edge_agent.mqtt import MqttSession
+    from edge_agent.mqtt.session import MqttSession
     from edge_agent.telemetry.publisher import session_publish
 
     sub = Subscriber(broker.host, broker.port)

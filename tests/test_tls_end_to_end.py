@@ -23,7 +23,7 @@ from secure_broker import REPO, MqttProbe, SecureBroker, start_secure_broker
 from edge_agent.bundle.store import BundleStore
 from edge_agent.bundle.verify import verify_manifest
 from edge_agent.config import MqttConfig, TlsConfig, TransferConfig
-from edge_agent.mqtt import MqttSession
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.commands import verify_command
 from edge_agent.signing import PrivateKey

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from edge_agent.topic_router import TopicRouter, compile_filter, plain_filter
+from edge_agent.mqtt.routing import TopicRouter, compile_filter, plain_filter
 
 LEVELS = ["a", "b", "dev-1", "telemetry", "", "$SYS", "x.y", "(", "*"]
 

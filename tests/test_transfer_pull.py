@@ -20,7 +20,7 @@ from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.bundle.store import BundleStore
 from edge_agent.config import MqttConfig, TransferConfig
 from edge_agent.errors import IntegrityError, ManifestError, TransportError
-from edge_agent.mqtt import MqttSession
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import BundleRef, ChunkRequest
 from edge_agent.signing import PrivateKey
@@ -301,7 +301,7 @@ def test_corrupt_file_every_time_gives_up_after_bounded_refetches(rig_factory, t
 
 
 def test_controller_refuses_a_different_bundle_under_a_stored_name_and_version(rig_factory, tmp_path):
-    from fleet.controller import BundleRecordError
+    from fleet.bundle_store import BundleRecordError
 
     rig = rig_factory()
     first = _bundle(tmp_path, b"one" * 10)

@@ -18,7 +18,7 @@ from edge_agent.config import load_agent_config
 
 def _retained_status(cfg, timeout_s: float) -> Dict[str, Any]:
     """The retained status on the broker, {"reachable": bool, "status": dict|None}."""
-    from edge_agent.mqtt import MqttSession
+    from edge_agent.mqtt.session import MqttSession
     from edge_agent.protocol import topics
 
     got: Dict[str, Any] = {}

@@ -1,6 +1,6 @@
 """A/B serving: `P` percent of requests are answered by the candidate bundle, the rest by the active one.
 
-The split is deterministic and even (`edge_agent.shadow.Split`: the n-th request goes to the candidate
+The split is deterministic and even (`edge_agent.lifecycle.shadow.Split`: the n-th request goes to the candidate
 when floor(n·P/100) grows), so over any run of requests the candidate's share is within one request of
 P %. A request of several items goes to one arm as a whole. Each answer from the candidate carries the
 candidate's bundle in `InferResult.extra["bundle"]` (the HTTP API returns it), and each arm has its own
@@ -16,11 +16,11 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.lifecycle.shadow import Split
 from edge_agent.runtime.errors import OverloadedError
 from edge_agent.runtime.mirror import _Delegating
 from edge_agent.runtime.service import InferResult
 from edge_agent.runtime.stats import LatencyRecorder, percentiles
-from edge_agent.shadow import Split
 
 log = logging.getLogger(__name__)
 

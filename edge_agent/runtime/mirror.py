@@ -25,9 +25,9 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.lifecycle.shadow import ShadowJudge, Split, agreement
 from edge_agent.runtime.errors import OverloadedError
 from edge_agent.runtime.stats import LatencyRecorder, percentiles
-from edge_agent.shadow import ShadowJudge, Split, agreement
 
 log = logging.getLogger(__name__)
 

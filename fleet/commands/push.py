@@ -40,7 +40,7 @@ def _devices(text: str):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge_agent.mqtt import require_connected
+    from edge_agent.mqtt.session import require_connected
     from edge_agent.protocol import topics
     from fleet.config import load_fleet_config
     from fleet.controller import Controller

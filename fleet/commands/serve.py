@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge_agent.mqtt import require_connected
+    from edge_agent.mqtt.session import require_connected
     from fleet.config import load_fleet_config
     from fleet.controller import Controller
 

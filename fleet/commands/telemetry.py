@@ -90,7 +90,7 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 
 def _follow(args: argparse.Namespace) -> int:
-    from edge_agent.mqtt import MqttSession, require_connected
+    from edge_agent.mqtt.session import MqttSession, require_connected
 
     cfg = mqtt_config(args)
     if args.device:

@@ -32,10 +32,10 @@ from typing import Any, Callable, Dict, Optional
 
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.bundle.store import BundleRecord
-from edge_agent.deploy import CandidateRefusedError
 from edge_agent.errors import CommandError, EngineError, ResourceError
+from edge_agent.lifecycle.deploy import CandidateRefusedError
+from edge_agent.lifecycle.shadow import ShadowGates, ShadowJudge, ShadowVerdict
 from edge_agent.protocol.messages import BundleRef, DeployArgs, PromoteArgs
-from edge_agent.shadow import ShadowGates, ShadowJudge, ShadowVerdict
 
 log = logging.getLogger(__name__)
 

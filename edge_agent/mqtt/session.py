@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from edge_agent.config import MqttConfig
 from edge_agent.errors import ConfigError, TransportError
-from edge_agent.topic_router import TopicRouter
+from edge_agent.mqtt.routing import TopicRouter
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class MqttSession:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        from edge_agent.mqtt_props import install as install_region_only_property_parsing
+        from edge_agent.mqtt.props import install as install_region_only_property_parsing
 
         install_region_only_property_parsing()  # large chunks with user properties cost far less CPU
         cfg = self.cfg
