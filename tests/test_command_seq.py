@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-import fleet.controller as controller_mod
+import fleet.command_seq as command_seq_mod
 from fleet.command_seq import SeqCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,8 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_a_wave_of_a_thousand_commands_persists_once(tmp_path, monkeypatch):
     writes = []
-    real = controller_mod.write_atomic
-    monkeypatch.setattr(controller_mod, "write_atomic", lambda p, d, **kw: (writes.append(d), real(p, d, **kw)))
+    real = command_seq_mod.write_atomic
+    monkeypatch.setattr(command_seq_mod, "write_atomic", lambda p, d, **kw: (writes.append(d), real(p, d, **kw)))
     c = SeqCounter(tmp_path / "command-seq.json")
     seqs = [c.next("dev-%04d" % i) for i in range(1000)]
     assert len(writes) == 1 and c.reservations == 1
