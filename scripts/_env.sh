@@ -1,18 +1,19 @@
 # Shared set-up for scripts/test.sh and scripts/demo.sh: system packages and virtual environments.
 # Sourced, not executed. Idempotent: a second run only checks.
 
-need_apt=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
-for extra in ${EDGE_AGENT_APT_EXTRA:-}; do
-  dpkg -s "$extra" >/dev/null 2>&1 || need_apt+=("$extra")
-done
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "== installing ${need_apt[*]} with apt-get"
-  sudo_cmd=""
+ensure_apt() {  # ensure_apt PKG...: install the Debian packages that are missing (sudo when not root)
+  local need=() p
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+  [ ${#need[@]} -gt 0 ] || return 0
+  echo "== installing ${need[*]} with apt-get"
+  local sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq || true
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-fi
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}"
+}
+
+# Everything the demo needs; scripts/test.sh adds what the tests need on top.
+ensure_apt mosquitto
 # mosquitto's Debian package starts a system broker on 1883; the tests and the demo start their own.
 
 make_venv() {  # make_venv DIR PYTHON

@@ -3,10 +3,14 @@
 # Python) when it is installed. Installs what it needs on a fresh Debian/Ubuntu machine.
 #   scripts/test.sh              full suite
 #   scripts/test.sh -m "not slow"   extra arguments go to pytest
-# EDGE_AGENT_REQUIRE_PY38=1 makes a missing Python 3.8 an error (CI sets it).
+# Python 3.8 (JetPack 5's Python) is required: pyenv's 3.8 or a python3.8 on PATH; when neither is there
+# and pyenv is, it is installed with pyenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_env.sh
+# What the tests use beyond the demo: the Debian package build and checks (dpkg-dev, lintian,
+# systemd-analyze, make), and the system python3 with numpy and venv that the package's tests install into.
+ensure_apt lintian python3-numpy python3-venv systemd dpkg-dev make
 
 make_venv .venv python3
 echo "== ruff"
@@ -14,15 +18,17 @@ echo "== ruff"
 
 pythons=(.venv)
 py38=$(find_python38)
-if [ -n "$py38" ]; then
-  make_venv .venv38 "$py38"
-  pythons+=(.venv38)
-elif [ "${EDGE_AGENT_REQUIRE_PY38:-0}" = 1 ]; then
-  echo "Python 3.8 is required (JetPack 5) but was not found: install it (pyenv install 3.8)" >&2
-  exit 1
-else
-  echo "== Python 3.8 not found: running on $(python3 --version) only"
+if [ -z "$py38" ] && command -v pyenv >/dev/null 2>&1; then
+  echo "== installing Python 3.8 with pyenv"
+  pyenv install -s 3.8
+  py38=$(find_python38)
 fi
+if [ -z "$py38" ]; then
+  echo "Python 3.8 is required (JetPack 5's Python) but was not found: install it (pyenv install 3.8)" >&2
+  exit 1
+fi
+make_venv .venv38 "$py38"
+pythons+=(.venv38)
 
 for v in "${pythons[@]}"; do
   echo "== pytest on $("$v/bin/python" --version)"
