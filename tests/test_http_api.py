@@ -325,3 +325,66 @@ def test_a_request_racing_a_model_swap_is_answered_by_the_new_model(models, held
         new.close()
     assert r.status == 200, body
     assert body["route"] in ("small", "large") and len(calls) == 2
+
+
+def test_keep_alive_connection_answers_many_requests_on_the_same_socket(api, heldout):
+    """A persistent client (requests.Session, httpx, wrk) sends request after request on one connection:
+    every answer arrives on it and the server never asks to close it. (Latency is measured in
+    bench/serving.py, not asserted here.)"""
+    x, _ = heldout
+    conn = http.client.HTTPConnection("127.0.0.1", api.server.port, timeout=10)
+    try:
+        conn.connect()
+        sock = conn.sock
+        local = sock.getsockname()
+        for i in range(40):
+            if i % 4 == 3:
+                conn.request("GET", "/healthz")
+            else:
+                conn.request("POST", "/v1/infer", body=_npy(x[i]), headers={"Content-Type": "application/x-npy"})
+            r = conn.getresponse()
+            body = r.read()
+            assert r.status == 200, body
+            assert r.getheader("Connection") is None
+            assert conn.sock is sock and sock.getsockname() == local  # no reconnect happened
+    finally:
+        conn.close()
+
+
+def test_server_sockets_have_tcp_nodelay_and_each_answer_is_one_write(api, heldout):
+    """The accepted socket has Nagle switched off and every answer (headers and body) leaves in a single
+    write, so a small answer is never held back waiting for the client's ACK of its own headers."""
+    from edge_agent.runtime.http_api import _Handler
+
+    x, _ = heldout
+    nodelay, writes = [], []
+    orig = _Handler.setup
+
+    class CountingWriter:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def write(self, b):
+            writes.append(len(b))
+            return self.inner.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    def setup(self):
+        orig(self)
+        nodelay.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        self.wfile = CountingWriter(self.wfile)
+
+    _Handler.setup = setup
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", api.server.port, timeout=10)
+        for path, body in (("/healthz", None), ("/v1/infer", _npy(x[0])), ("/nope", None)):
+            conn.request("POST" if body else "GET", path, body=body, headers={"Content-Type": "application/x-npy"})
+            r = conn.getresponse()
+            r.read()
+        conn.close()
+    finally:
+        _Handler.setup = orig
+    assert len(nodelay) == 1 and nodelay[0] != 0
+    assert len(writes) == 3, writes

@@ -79,3 +79,69 @@ def test_with_the_router_only_escalated_unlike_inputs_fail(service):
         ok += 1
     st = service.stats_snapshot(reset=True)
     assert failed > 0 and ok > 0 and st["errors"] == failed and st["requests"] == 60
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-finite or out-of-range *inputs* are the client's fault: refused before any model runs, never counted
+# as a model error (so never in the error rate, the probation gate or the shadow/A-B gates).
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_an_input_error_not_counted_as_a_model_error(service, bad):
+    from edge_agent.errors import InputError
+
+    x, _ = load_split("heldout")
+    service.stats_snapshot(reset=True)
+    item = x[0].copy()
+    item[0, 3, 3] = bad
+    with pytest.raises(InputError, match="NaN or infinite"):
+        service.infer_tensor(item)
+    batch = x[:4].copy()
+    batch[2, 0, 1, 1] = bad
+    with pytest.raises(InputError, match="NaN or infinite"):
+        service.infer_batch(batch)
+    st = service.stats_snapshot(reset=True)
+    assert (st["requests"], st["errors"]) == (0, 0)
+
+
+def test_out_of_range_inputs_are_input_errors(service):
+    from edge_agent.errors import InputError
+
+    x, _ = load_split("heldout")
+    with pytest.raises(InputError, match="out of the float32 range"):
+        service.infer_tensor(np.full(x[0].shape, 1e300, dtype=np.float64))
+    with pytest.raises(InputError, match="cannot be cast safely"):
+        service.infer_tensor(np.rint(x[0] * 16).astype(np.int64))  # raw, unscaled values
+    assert service.infer_tensor(x[0].astype(np.float64)).route in ("small", "large")  # a safe cast is served
+    assert service.stats_snapshot(reset=True)["errors"] == 0
+
+
+def test_nan_inputs_during_probation_do_not_fail_a_good_bundle(service):
+    """The field report: 5 NaN requests of 105 rolled a good bundle back. Now they are refused as the
+    client's and the probation gate, fed from the service's stats, sees 100 clean requests."""
+    from edge_agent.bundle.manifest import HealthGates
+    from edge_agent.config import ProbationConfig
+    from edge_agent.errors import InputError
+    from edge_agent.lifecycle.probation import Probation
+
+    x, _ = load_split("heldout")
+    service.stats_snapshot(reset=True)
+    refused = 0
+    for i in range(105):
+        item = x[i % 50].copy()
+        if i % 21 == 0:
+            item[0, 0, 0] = np.nan
+        try:
+            service.infer_tensor(item)
+        except InputError:
+            refused += 1
+    assert refused == 5
+    st = service.stats_snapshot(reset=True)
+    assert st["errors"] == 0 and st["requests"] == 100
+    t = [0.0]
+    p = Probation(HealthGates(probation_s=10, max_error_rate="0.01"),
+                  ProbationConfig(window_s=10, early_fail_min_requests=50, golden_recheck=False), lambda: t[0])
+    p.observe(st)
+    t[0] = 11.0
+    v = p.verdict()
+    assert v is not None and v.passed, v

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import EdgeAgentError, InputError
 from edge_agent.lifecycle.shadow import Split
 from edge_agent.runtime.errors import OverloadedError
 from edge_agent.runtime.mirror import _Delegating
@@ -60,6 +60,8 @@ class SplitService(_Delegating):
         except OverloadedError:
             with self._lock:
                 a.refused += 1
+            raise
+        except InputError:  # the client's fault: never counted against either arm
             raise
         except EdgeAgentError:
             with self._lock:

@@ -54,6 +54,9 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT_S
     server_version = "edge-agent"
     sys_version = ""
+    # Answers go out in one send (see `_send`); without TCP_NODELAY a small answer on a kept-alive
+    # connection would still wait for the client's delayed ACK of the previous one (Nagle).
+    disable_nagle_algorithm = True
 
     # ------------------------------------------------------------------------------------------ helpers
     def log_message(self, format: str, *args: Any) -> None:
@@ -67,9 +70,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # Headers and body in one write: two small writes would be two segments, and with Nagle the
+        # second waits for the ACK of the first (up to the client's delayed-ACK timer, ~40 ms).
+        buf = getattr(self, "_headers_buffer", None)
+        if buf is None:  # an HTTP/0.9 request: no headers at all
+            buf = self._headers_buffer = []
+        else:
+            buf.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            buf.append(body)
+        self.flush_headers()
 
     def _json(self, code: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
         self._send(code, (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8"), "application/json", headers)

@@ -24,7 +24,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import EdgeAgentError, InputError
 from edge_agent.lifecycle.shadow import ShadowJudge, Split, agreement
 from edge_agent.runtime.errors import OverloadedError
 from edge_agent.runtime.stats import LatencyRecorder, percentiles
@@ -169,7 +169,9 @@ class ShadowService(_Delegating):
                 cand = [self.candidate.infer_image(x, self.timeout_s)]
             else:
                 cand = [self.candidate.infer_frame(x, self.timeout_s)]
-        except OverloadedError:
+        except (OverloadedError, InputError):
+            # A full queue, or an input the candidate's preprocessing refuses (the client's fault, not
+            # the candidate model's): not compared, never counted as a candidate error.
             self._drop(n)
             return
         except EdgeAgentError as e:

@@ -8,6 +8,7 @@ OpenCV is imported lazily, so tensor-only callers never need it.
 from __future__ import annotations
 
 import io
+import math
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -204,15 +205,46 @@ class Preprocessor:
         return self._cast_tensor(x)
 
     def _cast_tensor(self, x: np.ndarray) -> np.ndarray:
+        """Cast to the input dtype only when safe; anything else is the client's error (InputError).
+
+        Tensors are model-ready: the bundle's scale/mean/std are not applied to them. Allowed casts are
+        numpy's "safe" ones (uint8 -> float32 keeps every value), float to a narrower float when every
+        value stays finite, and integer to a narrower integer when every value fits. An int32/int64 tensor
+        for a float input is refused: float32 cannot hold every such value, and such tensors are usually
+        raw, unscaled values. NaN/Inf inputs are refused, never handed to a model.
+        """
+        if x.dtype.kind not in "biuf":
+            raise InputError("tensor has dtype %s, which cannot be used as %s" % (x.dtype, self.dtype))
+        if x.dtype.kind == "f" and not _all_finite(x):
+            raise InputError("tensor contains NaN or infinite values")
         if x.dtype == self.dtype:
             return np.ascontiguousarray(x)
-        if x.dtype.kind not in "biuf" or not (
-            np.can_cast(x.dtype, self.dtype, "same_kind") or (x.dtype.kind in "biu" and self.dtype.kind == "f")
-        ):
-            raise InputError("tensor has dtype %s, which cannot be used as %s" % (x.dtype, self.dtype))
-        if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-            raise InputError("tensor contains NaN or infinite values")
-        return np.ascontiguousarray(x.astype(self.dtype))
+        to = self.dtype
+        if not (np.can_cast(x.dtype, to, "safe") or (x.dtype.kind == to.kind == "f")
+                or (x.dtype.kind in "biu" and to.kind in "iu")):
+            raise InputError("tensor has dtype %s, which cannot be cast safely to input %s's %s%s"
+                             % (x.dtype, self.decl.name, to,
+                                "; send model-ready %s values (the bundle's scale/mean/std are applied to images "
+                                "only)" % to if to.kind == "f" else ""))
+        if to.kind in "iu" and x.size:
+            info = np.iinfo(to)
+            lo, hi = int(x.min()), int(x.max())
+            if lo < info.min or hi > info.max:
+                raise InputError("tensor values %d..%d are outside the %s range of input %s"
+                                 % (lo, hi, to, self.decl.name))
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(x.astype(to))
+        if to.kind == "f" and not _all_finite(out):  # float64 1e300 -> float32 inf
+            raise InputError("tensor values are out of the %s range of input %s" % (to, self.decl.name))
+        return out
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every value is finite. On a few float32/16 values a Python sum in double precision is
+    finite exactly when every value is (they cannot overflow it), at a tenth of np.isfinite's cost."""
+    if x.size <= 256 and x.dtype.itemsize <= 4:
+        return math.isfinite(sum(x.ravel().tolist()))
+    return bool(np.isfinite(x).all())
 
 
 def _shape(shape: Tuple[int, ...]) -> str:
