@@ -142,6 +142,7 @@ class Agent:
         self.deployer: Optional[Deployer] = None
         self.candidates = None  # CandidateManager: shadow / A-B candidates (edge_agent.lifecycle.candidate)
         self.malformed = 0
+        self.worker_errors = 0  # work items that failed on an unexpected error (logged, counted)
         self._sources: list = []  # SourceRunner per [[sources]] entry, started once a model serves
         self._sources_lock = threading.Lock()
         self._lock_fd: Optional[int] = None
@@ -558,16 +559,31 @@ class Agent:
                     item = self._work.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                if item[0] == "command":
-                    self.handle_command(item[1])
-                elif item[0] == "call":  # a decision handed over by another thread (shadow gates)
-                    item[1]()
+                self._run_item(item)
         except TransferCancelled:
             log.info("transfer cancelled for shutdown; it resumes on the next start")
         except Exception:
             log.exception("worker thread failed")
             self.worker_failed = True
             self.stop_event.set()
+
+    def _run_item(self, item) -> None:
+        """One unit of work; a bug in one command or call is logged and counted, never ends the worker."""
+        try:
+            if item[0] == "command":
+                self.handle_command(item[1])
+            elif item[0] == "call":  # a decision handed over by another thread (shadow gates)
+                item[1]()
+        except TransferCancelled:
+            raise
+        except Exception as e:
+            self.worker_errors += 1
+            log.exception("worker step %s failed", item[0])
+            try:
+                self.emit("error", "internal error in a %s step: %s" % (item[0], str(e)[:200] or type(e).__name__),
+                          level="error")
+            except Exception:
+                log.exception("reporting a failed worker step failed")
 
     def metrics_text(self) -> str:
         """Prometheus text of the latest telemetry."""

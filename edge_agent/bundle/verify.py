@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from typing import Any, Dict, List, Mapping, Tuple
 
 from pydantic import ValidationError
 
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.errors import ExpiredError, ManifestError, RollbackError
+from edge_agent.protocol import boundedjson
 from edge_agent.signing import CanonicalJSONError, PublicKey, canonical_json, verify_signatures
 
 #: More signatures than this is not a manifest anyone wrote on purpose.
@@ -46,15 +46,6 @@ def manifest_digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _no_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ManifestError("manifest has a duplicate key %r" % k)
-        out[k] = v
-    return out
-
-
 def parse_document(raw: bytes, *, max_manifest_bytes: int) -> Tuple[Dict[str, Any], List[Any]]:
     """Split raw manifest bytes into (signed, signatures) without trusting either.
 
@@ -62,17 +53,10 @@ def parse_document(raw: bytes, *, max_manifest_bytes: int) -> Tuple[Dict[str, An
     """
     if not isinstance(raw, (bytes, bytearray)):
         raise ManifestError("manifest must be bytes")
-    if len(raw) > max_manifest_bytes:
-        raise ManifestError("manifest of %d bytes is over the %d byte limit" % (len(raw), max_manifest_bytes))
     try:
-        text = bytes(raw).decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except UnicodeDecodeError:
-        raise ManifestError("manifest is not UTF-8")
-    except RecursionError:
-        raise ManifestError("manifest JSON is nested too deeply")
-    except ValueError as e:
-        raise ManifestError("manifest is not valid JSON: %s" % e)
+        doc = boundedjson.loads(raw, max_bytes=max_manifest_bytes, what="manifest")
+    except boundedjson.JSONInputError as e:
+        raise ManifestError(str(e)) from None
     try:
         canonical = canonical_json(doc) == bytes(raw)
     except CanonicalJSONError as e:

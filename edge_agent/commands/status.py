@@ -19,15 +19,16 @@ from edge_agent.config import load_agent_config
 def _retained_status(cfg, timeout_s: float) -> Dict[str, Any]:
     """The retained status on the broker, {"reachable": bool, "status": dict|None}."""
     from edge_agent.mqtt.session import MqttSession
-    from edge_agent.protocol import topics
+    from edge_agent.protocol import boundedjson, topics
 
     got: Dict[str, Any] = {}
     ev = threading.Event()
 
     def _on(msg) -> None:
         try:
-            got["status"] = json.loads(msg.payload) if msg.payload else None
-        except ValueError:
+            got["status"] = boundedjson.loads(msg.payload, max_bytes=cfg.mqtt.max_payload_bytes,
+                                              what="status") if msg.payload else None
+        except boundedjson.JSONInputError:
             got["status"] = None
         ev.set()
 

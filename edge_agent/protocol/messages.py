@@ -10,12 +10,12 @@ properties (see ``CHUNK_PROPERTIES``).
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.protocol import boundedjson
 
 
 class MessageError(EdgeAgentError):
@@ -43,13 +43,10 @@ class Message(BaseModel):
     @classmethod
     def from_json(cls, payload: Union[bytes, str], *, max_bytes: int = 1 << 20):
         """Parse and validate; every failure is a MessageError with a one-line reason."""
-        if len(payload) > max_bytes:
-            raise MessageError(
-                "%s payload of %d bytes is over the %d byte limit" % (cls.__name__, len(payload), max_bytes))
         try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MessageError("%s payload is not JSON: %s" % (cls.__name__, e))
+            data = boundedjson.loads(payload, max_bytes=max_bytes, what="%s payload" % cls.__name__)
+        except boundedjson.JSONInputError as e:
+            raise MessageError(str(e)) from None
         return cls.from_obj(data)
 
     @classmethod

@@ -13,13 +13,13 @@ serves P % of requests with it until `fleet rollout promote` (or a drop / rollba
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from pathlib import Path
 from typing import Dict
 
 from edge_agent.clikit import CliError
+from edge_agent.protocol import boundedjson
 
 DEVICE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 FINAL = {"activated": "activated", "bundle-refused": "refused", "fetch-failed": "fetch failed",
@@ -68,8 +68,10 @@ def _run(args: argparse.Namespace) -> int:
 
     def _on_event(msg) -> None:
         try:
-            ev = json.loads(msg.payload)
-        except ValueError:
+            ev = boundedjson.loads(msg.payload, max_bytes=cfg.mqtt.max_payload_bytes, what="event")
+        except boundedjson.JSONInputError:
+            return
+        if not isinstance(ev, dict):
             return
         dev = ev.get("device_id")
         b = ev.get("bundle") or {}
