@@ -118,6 +118,15 @@ class ApiConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(8 * MIB, ge=1 * KIB)
+    listen_backlog: int = Field(128, ge=1, description="connections the kernel holds before accept (listen(2))")
+    max_connections: int = Field(
+        64, ge=1, description="connections served at once (one thread each); more are answered 503, not reset")
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a client may pause while sending a request (408) or idle between two")
+    token_file: Optional[str] = Field(
+        None, description="file holding the bearer token clients must send when the API is bound beyond loopback")
+    allow_unauthenticated: bool = Field(
+        False, description="serve without a token on a non-loopback address (logged as a warning at start)")
 
 
 class TelemetryConfig(_Section):

@@ -123,7 +123,7 @@ def test_npy_that_needs_pickle_is_400(api):
         "POST", "/v1/infer", _npy_object(), {"Content-Type": "application/x-npy"}
     )
     assert status == 400
-    assert "not a .npy tensor" in json.loads(body)["error"]
+    assert "dtype object is not accepted" in json.loads(body)["error"]
 
 
 def _npy_object() -> bytes:

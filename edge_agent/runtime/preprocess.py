@@ -84,17 +84,47 @@ def image_size(data: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
+#: Dimensions an `.npy` body may declare.
+MAX_NPY_DIMS = 8
+
+
 def read_npy(data: bytes, *, max_bytes: int) -> np.ndarray:
-    """A `.npy` body -> array (no pickles); InputError when it is not one."""
+    """A `.npy` body -> array; InputError when it is not one.
+
+    The header is parsed and checked before anything is allocated: the magic string (so a zip/npz
+    archive, ``PK...``, is refused rather than opened), no pickled objects, at most `MAX_NPY_DIMS`
+    dimensions, and a declared shape whose size equals the bytes that follow (a header claiming 74 GiB
+    in a 1 KiB body is refused, not allocated). The array views the body's bytes (read-only).
+    """
     if len(data) > max_bytes:
         raise InputError("tensor body of %d bytes is over the %d byte limit" % (len(data), max_bytes))
+    fmt = np.lib.format
+    if not data.startswith(fmt.MAGIC_PREFIX):
+        raise InputError("body is not a .npy tensor (no NUMPY magic; .npz archives are not accepted)")
+    f = io.BytesIO(data)
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError("unsupported .npy version %s" % (version,))
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
         raise InputError("body is not a .npy tensor: %s" % (str(e).splitlines()[0] if str(e) else type(e).__name__))
-    if not isinstance(arr, np.ndarray):
-        raise InputError("body is not a .npy tensor")
-    return arr
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.subdtype is not None:
+        raise InputError("tensor dtype %s is not accepted (booleans, integers and floats only)" % dtype)
+    if len(shape) > MAX_NPY_DIMS or any(d < 0 for d in shape):
+        raise InputError("tensor shape %s is not accepted (at most %d dimensions)" % (shape, MAX_NPY_DIMS))
+    count = 1
+    for d in shape:
+        count *= int(d)  # Python ints: a hostile shape cannot overflow
+    payload = len(data) - f.tell()
+    if count * dtype.itemsize != payload:
+        raise InputError("tensor header declares shape %s of %s (%d bytes) but the body holds %d bytes"
+                         % (shape, dtype, count * dtype.itemsize, payload))
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell())
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
 
 
 class Preprocessor:
