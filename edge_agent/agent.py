@@ -4,7 +4,8 @@ Threads:
 - the MQTT network thread (`MqttSession`): only queues inbound work, never blocks;
 - the worker thread: verifies commands and runs deployments, rollbacks and the start-up restore one
   at a time, in order;
-- the main thread (`run`): systemd notifications (ready, watchdog), periodic telemetry, shutdown.
+- the main thread (`run`): systemd notifications (ready, status, and the watchdog, fed only while the
+  worker's heartbeat is fresh: edge_agent.watchdog), shutdown.
 
 Start-up converges from whatever `state.json` says: objects are re-hashed (bad ones quarantined),
 the active bundle is restored (missing objects fetched again first), and a deployment interrupted
@@ -54,6 +55,7 @@ from edge_agent.protocol.messages import (
 )
 from edge_agent.signing import load_public_keys
 from edge_agent.transfer.fetcher import Fetcher, TransferCancelled
+from edge_agent.watchdog import Heartbeat, ServiceNotifier, status_line
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,9 @@ class Agent:
         self._sources_lock = threading.Lock()
         self._lock_fd: Optional[int] = None
         self.worker_failed = False  # the worker died on an unexpected error: `run` exits non-zero
+        # The worker's liveness for the systemd watchdog: hung after half of WatchdogSec without a beat.
+        self.heartbeat = Heartbeat(getattr(notifier, "watchdog_interval_s", None) or 30.0)
+        self._fetch_percent: Optional[float] = None
 
     # ------------------------------------------------------------------------------------ wiring
 
@@ -184,6 +189,7 @@ class Agent:
             )
             self.fetcher = Fetcher(self.session, self.store, self.cfg.transfer, prefix=self.prefix,
                                    device_id=self.device_id, emit=self._emit_fetch)
+            self.fetcher.alive = self.heartbeat.beat
             self.session.subscribe(topics.commands(self.prefix, self.device_id), self._on_command, qos=1)
             self.session.subscribe(topics.chunks(self.prefix, self.device_id), self.fetcher.on_chunk, qos=1)
             self.session.on_connect(self.publish_status)
@@ -230,7 +236,7 @@ class Agent:
 
         pub = self.publisher
         return make_probation_hook(
-            self.cfg.probation, stop=self.stop_event, add_listener=pub.add_stats_listener,
+            self.cfg.probation, stop=self.heartbeat.pacing(self.stop_event), add_listener=pub.add_stats_listener,
             remove_listener=pub.remove_stats_listener,
             golden_recheck=recheck if self.cfg.probation.golden_recheck else None,
         )
@@ -256,15 +262,18 @@ class Agent:
             from edge_agent.engines.prepare import prepare_engines
         except ImportError as e:
             raise EngineError("engine preparation is not available in this installation: %s" % e)
-        return prepare_engines(bundle_dir=bundle_dir, manifest=manifest, cfg=self.cfg.engine,
-                               cache_dir=self.cfg.state_dir / "engines", emit=self._emit_engine)
+        # Engine builds block without a beat, bounded by build_timeout_s each (engine events beat between).
+        with self.heartbeat.allow(self.cfg.engine.build_timeout_s + 60.0, "preparing engines"):
+            return prepare_engines(bundle_dir=bundle_dir, manifest=manifest, cfg=self.cfg.engine,
+                                   cache_dir=self.cfg.state_dir / "engines", emit=self._emit_engine)
 
     def _selftest(self, models, bundle_dir: Path, manifest: ManifestBody):
         try:
             from edge_agent.engines.golden import run_golden
         except ImportError as e:
             raise EngineError("the golden self-test is not available in this installation: %s" % e)
-        return run_golden(models, bundle_dir, manifest)
+        with self.heartbeat.allow(self.cfg.engine.build_timeout_s, "golden self-test"):
+            return run_golden(models, bundle_dir, manifest)
 
     def _activate(self, models, bundle_dir: Path, manifest: ManifestBody) -> None:
         from edge_agent.runtime.service import InferenceService
@@ -375,6 +384,9 @@ class Agent:
             self.session.publish(topics.events(self.prefix, self.device_id), ev.to_json(), qos=1)
 
     def _emit_fetch(self, kind: str, message: str, data: dict) -> None:
+        self.heartbeat.beat()
+        if kind == "fetch-progress":
+            self._fetch_percent = data.get("percent")
         ds = self._deploy_state
         self.emit(kind, message, bundle=ds.bundle, rollout_id=ds.rollout_id, data=data)
 
@@ -398,11 +410,20 @@ class Agent:
                                  retain=True)
 
     def _on_deploy_state(self, ds: DeployState) -> None:
+        self.heartbeat.beat()
+        if ds.state != "fetching":
+            self._fetch_percent = None
         self._deploy_state = ds
-        if self.notifier is not None:
-            self.notifier.status("deploy: %s%s" % (ds.state, " %s v%d" % (ds.bundle.name, ds.bundle.version)
-                                                   if ds.bundle else ""))
         self.publish_status()
+
+    def status_line(self) -> str:
+        """systemd's STATUS= text: broker link, serving bundle, deployment and its progress."""
+        ds, active = self._deploy_state, self.store.state.active
+        return status_line(
+            connected=self.session is not None and self.session.connected.is_set(),
+            serving="%s v%d" % (active.name, active.version) if active is not None and self.is_ready() else None,
+            deploy_state=ds.state, percent=self._fetch_percent,
+            deploy_bundle="%s v%d" % (ds.bundle.name, ds.bundle.version) if ds.bundle else None)
 
     # ------------------------------------------------------------------------------------ commands
 
@@ -555,6 +576,7 @@ class Agent:
             # No waiting for the broker: a complete active bundle serves even when the broker is down.
             self.restore()
             while not self.stop_event.is_set():
+                self.heartbeat.beat()
                 try:
                     item = self._work.get(timeout=0.5)
                 except queue.Empty:
@@ -610,21 +632,26 @@ class Agent:
                   data={"state_dir": str(self.cfg.state_dir)})
 
     def run(self) -> int:
-        """Main loop until `stop_event`: systemd readiness and watchdog (telemetry has its own thread).
+        """Main loop until `stop_event`: systemd readiness, status and watchdog (edge_agent.watchdog).
 
-        Returns 0 after a requested stop, 1 when the worker thread died on an unexpected error (so systemd's
-        `Restart=on-failure` starts the agent again)."""
+        READY=1 once connected to the broker or serving a model; WATCHDOG=1 only while the worker thread's
+        heartbeat is fresh. Returns 0 after a requested stop, 1 when the worker thread died on an
+        unexpected error (so systemd's `Restart=on-failure` starts the agent again)."""
         self.start()
-        n = self.notifier
-        if n is not None:
-            n.ready("started; %s" % ("connecting to the broker" if self.session else "offline"))
-        wd = getattr(n, "watchdog_interval_s", None) if n is not None else None
-        tick = min(wd / 2, 1.0) if wd else 1.0
+        sn = None
+        if self.notifier is not None:
+            sn = ServiceNotifier(self.notifier, self.heartbeat, describe=self.status_line, is_up=self._is_up)
+            sn.tick()
+        tick = min(self.heartbeat.max_age_s / 2, 1.0)
         while not self.stop_event.wait(tick):
-            if n is not None and wd:
-                n.watchdog()
+            if sn is not None:
+                sn.tick()
         self.shutdown()
         return 1 if self.worker_failed else 0
+
+    def _is_up(self) -> bool:
+        """READY=1 condition: connected to the broker, or serving a model while the broker is away."""
+        return self.is_ready() or (self.session is not None and self.session.connected.is_set())
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop cleanly: cancel a transfer (its partial data is kept), stop the worker, publish the

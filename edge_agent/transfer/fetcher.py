@@ -188,6 +188,8 @@ class Fetcher:
         self.session = session
         self.store = store
         self.cfg = cfg
+        #: Called on every turn of the transfer loop (the agent's watchdog heartbeat).
+        self.alive: Callable[[], None] = lambda: None
         self.prefix = prefix
         self.device_id = device_id
         self.emit = emit or (lambda kind, message, data: None)
@@ -438,6 +440,7 @@ class Fetcher:
             self._send(run.bundle, req, run.stats)
 
     def _get(self, timeout: float) -> Optional[Inbound]:
+        self.alive()
         try:
             if timeout <= 0:
                 return self._inbox.get_nowait()
