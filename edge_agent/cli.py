@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "edge_agent.commands.selftest",
     "edge_agent.commands.bench",
     "edge_agent.commands.telemetry",
+    "edge_agent.commands.config",
 ]
 
 

@@ -244,7 +244,14 @@ def _resolve_relative_paths(cfg: BaseModel, base: Path) -> BaseModel:
 
 
 def load_agent_config(path: Path) -> AgentConfig:
-    """Load `agent.toml`."""
-    cfg = load_model_from_toml(AgentConfig, path)
-    assert isinstance(cfg, AgentConfig)
-    return cfg
+    """Load `agent.toml` merged with its drop-ins in `agent.toml.d/` (edge_agent.configdir)."""
+    from edge_agent.configdir import dropin_files, load_with_dropins
+
+    path = Path(path)
+    raw = load_with_dropins(path)
+    try:
+        cfg = AgentConfig.model_validate(raw)
+    except ValidationError as e:
+        names = ", ".join(str(p) for p in [path, *dropin_files(path)])
+        raise ConfigError("config %s: %s" % (names, format_validation_error(e)))
+    return _resolve_relative_paths(cfg, path.parent.resolve())
