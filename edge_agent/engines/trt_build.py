@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edge_agent.errors import BuildError
 from edge_agent.fsutil import write_atomic
@@ -234,19 +234,11 @@ def run_build(
     """Run the build in a child process; emits engine-build-started/-progress/-done/-failed."""
     data = {"model": req.model, "precision": req.precision, "max_batch": req.max_batch,
             "workspace_mb": req.workspace_bytes // (1024 * 1024)}
-    workdir = Path(req.plan_path).parent
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd, req_file = tempfile.mkstemp(dir=str(workdir), prefix=".build-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(req), f)
+    req_file = _write_request(req)
     stderr_file = tempfile.TemporaryFile()
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent.engines.trt_build", req_file],
-            stdout=subprocess.PIPE, stderr=stderr_file, stdin=subprocess.DEVNULL,
-            env=dict(os.environ if env is None else env, **{_PARENT_ENV: str(os.getpid())}),
-        )
+        proc = _start_child(req_file, stderr_file, env)
     except OSError as e:
         os.unlink(req_file)
         stderr_file.close()
@@ -255,6 +247,50 @@ def run_build(
         raise BuildError(msg)
     emit("engine-build-started", "building the %s engine (%s, batch 1..%d)" % (req.model, req.precision, req.max_batch),
          dict(data, pid=proc.pid))
+    try:
+        lines, reader = _start_reader(proc)
+        result, failure = _follow_child(proc, lines, req, data=data, emit=emit, started=started,
+                                        timeout_s=timeout_s, progress_interval_s=progress_interval_s)
+        rc = _reap(proc)
+        reader.join(timeout=5)
+        if failure is None:
+            failure = _child_failure(result, rc, stderr_file)
+    finally:
+        _clean_up(proc, stderr_file, req_file)
+    seconds = time.monotonic() - started
+    if failure is not None:
+        emit("engine-build-failed", failure, dict(data, error=failure, seconds=round(seconds, 1)))
+        raise BuildError(failure)
+    assert result is not None
+    outcome = BuildOutcome(Path(result["plan_path"]), str(result["precision"]), seconds, list(result.get("notes", [])))
+    emit("engine-build-done", "built the %s engine in %.1f s" % (req.model, seconds),
+         dict(data, precision=outcome.precision, seconds=round(seconds, 2), notes="; ".join(outcome.notes)))
+    return outcome
+
+
+def _write_request(req: BuildRequest) -> str:
+    """Write the request as JSON next to the plan (same filesystem as the plan); return its path."""
+    workdir = Path(req.plan_path).parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd, req_file = tempfile.mkstemp(dir=str(workdir), prefix=".build-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(req), f)
+    return req_file
+
+
+def _start_child(req_file: str, stderr_file: Any, env: Optional[Dict[str, str]]) -> subprocess.Popen:
+    """Start the builder child; it reads REQUEST.json and writes JSON lines to stdout. Raises OSError."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.engines.trt_build", req_file],
+        stdout=subprocess.PIPE, stderr=stderr_file, stdin=subprocess.DEVNULL,
+        env=dict(os.environ if env is None else env, **{_PARENT_ENV: str(os.getpid())}),
+    )
+
+
+def _start_reader(proc: subprocess.Popen) -> Tuple[queue.Queue, threading.Thread]:
+    """A daemon thread that turns the child's stdout into parsed JSON items on a bounded queue; None at EOF.
+
+    Lines longer than _MAX_LINE are cut and then fail to parse; unparsable lines are dropped."""
     lines: queue.Queue = queue.Queue(maxsize=1024)
 
     def _reader() -> None:
@@ -268,64 +304,78 @@ def run_build(
 
     reader = threading.Thread(target=_reader, name="trt-build-reader", daemon=True)
     reader.start()
+    return lines, reader
+
+
+def _follow_child(
+    proc: subprocess.Popen,
+    lines: queue.Queue,
+    req: BuildRequest,
+    *,
+    data: Dict[str, Any],
+    emit: Emit,
+    started: float,
+    timeout_s: float,
+    progress_interval_s: float,
+) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Relay the child's stages as progress events (and a heartbeat every progress_interval_s) until its
+    stdout closes or the timeout kills it. Returns (the child's result line or None, timeout failure or None)."""
     result: Optional[Dict[str, Any]] = None
-    failure: Optional[str] = None
     deadline = started + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            proc.kill()
+            return result, "the engine build of %s took longer than %.0f s and was stopped" % (req.model, timeout_s)
+        try:
+            item = lines.get(timeout=min(progress_interval_s, remaining))
+        except queue.Empty:
+            elapsed = time.monotonic() - started
+            emit("engine-build-progress", "still building the %s engine (%.0f s)" % (req.model, elapsed),
+                 dict(data, stage="building", elapsed_s=round(elapsed, 1)))
+            continue
+        if item is None:
+            return result, None
+        if "stage" in item:
+            emit("engine-build-progress", "%s: %s" % (req.model, item["stage"]),
+                 dict(data, stage=str(item["stage"]), elapsed_s=round(time.monotonic() - started, 1)))
+        elif "result" in item:
+            result = item
+
+
+def _reap(proc: subprocess.Popen) -> int:
+    """Wait up to 10 s for the child to exit after its stdout closed; kill it if it lingers. Returns its code."""
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                proc.kill()
-                failure = "the engine build of %s took longer than %.0f s and was stopped" % (req.model, timeout_s)
-                break
-            try:
-                item = lines.get(timeout=min(progress_interval_s, remaining))
-            except queue.Empty:
-                elapsed = time.monotonic() - started
-                emit("engine-build-progress", "still building the %s engine (%.0f s)" % (req.model, elapsed),
-                     dict(data, stage="building", elapsed_s=round(elapsed, 1)))
-                continue
-            if item is None:
-                break
-            if "stage" in item:
-                emit("engine-build-progress", "%s: %s" % (req.model, item["stage"]),
-                     dict(data, stage=str(item["stage"]), elapsed_s=round(time.monotonic() - started, 1)))
-            elif "result" in item:
-                result = item
-        try:
-            rc = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-        reader.join(timeout=5)
-        if failure is None:
-            if result is not None and result.get("result") == "failed":
-                failure = str(result.get("message"))
-            elif rc != 0 or result is None:
-                failure = _describe_exit(rc)
-                tail = _tail(stderr_file)
-                if tail:
-                    failure += ": " + tail
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        stderr_file.close()
-        try:
-            os.unlink(req_file)
-        except OSError:
-            pass
-    seconds = time.monotonic() - started
-    if failure is not None:
-        emit("engine-build-failed", failure, dict(data, error=failure, seconds=round(seconds, 1)))
-        raise BuildError(failure)
-    assert result is not None
-    outcome = BuildOutcome(Path(result["plan_path"]), str(result["precision"]), seconds, list(result.get("notes", [])))
-    emit("engine-build-done", "built the %s engine in %.1f s" % (req.model, seconds),
-         dict(data, precision=outcome.precision, seconds=round(seconds, 2), notes="; ".join(outcome.notes)))
-    return outcome
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _child_failure(result: Optional[Dict[str, Any]], rc: int, stderr_file: Any) -> Optional[str]:
+    """The failure message of a child that finished in time: its own 'failed' line, else how it exited
+    (with the last stderr line) when it exited non-zero or without a result; None when it succeeded."""
+    if result is not None and result.get("result") == "failed":
+        return str(result.get("message"))
+    if rc != 0 or result is None:
+        failure = _describe_exit(rc)
+        tail = _tail(stderr_file)
+        return failure + ": " + tail if tail else failure
+    return None
+
+
+def _clean_up(proc: subprocess.Popen, stderr_file: Any, req_file: str) -> None:
+    """Kill the child if still running, close its pipes and remove the request file (errors ignored)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    stderr_file.close()
+    try:
+        os.unlink(req_file)
+    except OSError:
+        pass
 
 
 def _tail(f: Any) -> str:

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from edge_agent.config import ApiConfig
 from edge_agent.errors import EdgeAgentError, InputError
@@ -257,66 +257,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self._path() != "/v1/infer":
             self._not_allowed()
             return
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            self._error(411, "chunked bodies are not accepted; send Content-Length")
+        request = self._read_infer_body()
+        if request is None:
             return
-        raw_len = self.headers.get("Content-Length")
-        if raw_len is None:
-            self.close_connection = True
-            self._error(411, "Content-Length is required")
-            return
-        try:
-            length = int(raw_len)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            self._error(400, "Content-Length %r is not a byte count" % raw_len[:40])
-            return
-        if length > api.cfg.max_body_bytes:
-            self.close_connection = True  # the body is never read
-            self._error(413, "body of %d bytes is over the %d byte limit" % (length, api.cfg.max_body_bytes))
-            return
-        ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-        if ctype not in IMAGE_TYPES + NPY_TYPES:
-            self.close_connection = True
-            self._error(415, "content type %r is not one of %s" % (ctype, ", ".join(IMAGE_TYPES + NPY_TYPES)))
-            return
-        try:
-            body = self.rfile.read(length)
-        except socket.timeout:  # TimeoutError from 3.10; socket.timeout on 3.8
-            self.close_connection = True
-            self._error(408, "the body did not arrive within %g s (read_timeout_s)" % api.cfg.read_timeout_s)
-            return
-        if len(body) != length:
-            self.close_connection = True
-            self._error(400, "body ended after %d of %d bytes" % (len(body), length))
-            return
+        ctype, body = request
         svc = api.get_service()
         if svc is None:
             self._error(503, "no model is active yet", {"Retry-After": "5"})
             return
-        many = None
         try:
-            for attempt in (1, 2):
-                try:
-                    if ctype in NPY_TYPES:
-                        arr = read_npy(body, max_bytes=api.cfg.max_body_bytes)
-                        if arr.ndim == len(svc.pre.item_shape) + 1 and arr.shape[0] > 1:
-                            many = svc.infer_batch(arr, timeout_s=api.infer_timeout_s)
-                        else:
-                            res = svc.infer_tensor(arr, timeout_s=api.infer_timeout_s)
-                    else:
-                        res = svc.infer_image(body, timeout_s=api.infer_timeout_s)
-                    break
-                except ServiceClosedError:
-                    # The model was swapped (activation, promotion, rollback) between taking the service
-                    # and submitting: answer with the one now serving instead of failing the request.
-                    fresh = api.get_service()
-                    if attempt == 2 or fresh is None or fresh is svc:
-                        raise
-                    svc = fresh
+            svc, res, many = self._infer(svc, ctype, body)
         except InputError as e:
             self._error(400, str(e))
             return
@@ -343,6 +293,71 @@ class _Handler(BaseHTTPRequestHandler):
         # An A/B candidate's answers name the candidate bundle (InferResult.extra["bundle"]).
         self._json(200, {"route": res.route, "latency_ms": res.latency_ms, "output": res.output,
                          "bundle": res.extra.get("bundle") or svc.bundle})
+
+    def _read_infer_body(self) -> Optional[Tuple[str, bytes]]:
+        """Check the framing, size and type of an infer request and read its body: (content type, body),
+        or None after answering 400/408/411/413/415 (closing the connection, as the body is left unread)."""
+        cfg = self.server.api.cfg
+        limit = cfg.max_body_bytes
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._error(411, "chunked bodies are not accepted; send Content-Length")
+            return None
+        raw_len = self.headers.get("Content-Length")
+        if raw_len is None:
+            self.close_connection = True
+            self._error(411, "Content-Length is required")
+            return None
+        try:
+            length = int(raw_len)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            self._error(400, "Content-Length %r is not a byte count" % raw_len[:40])
+            return None
+        if length > limit:
+            self.close_connection = True  # the body is never read
+            self._error(413, "body of %d bytes is over the %d byte limit" % (length, limit))
+            return None
+        ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype not in IMAGE_TYPES + NPY_TYPES:
+            self.close_connection = True
+            self._error(415, "content type %r is not one of %s" % (ctype, ", ".join(IMAGE_TYPES + NPY_TYPES)))
+            return None
+        try:
+            body = self.rfile.read(length)
+        except socket.timeout:  # TimeoutError from 3.10; socket.timeout on 3.8
+            self.close_connection = True
+            self._error(408, "the body did not arrive within %g s (read_timeout_s)" % cfg.read_timeout_s)
+            return None
+        if len(body) != length:
+            self.close_connection = True
+            self._error(400, "body ended after %d of %d bytes" % (len(body), length))
+            return None
+        return ctype, body
+
+    def _infer(self, svc: Any, ctype: str, body: bytes) -> Tuple[Any, Any, Any]:
+        """Run one request on `svc`: (the service that answered, single result or None, batch results or None).
+
+        A batch .npy (leading dimension > 1) goes through infer_batch. Raises the service's errors."""
+        api = self.server.api
+        for attempt in (1, 2):
+            try:
+                if ctype in NPY_TYPES:
+                    arr = read_npy(body, max_bytes=api.cfg.max_body_bytes)
+                    if arr.ndim == len(svc.pre.item_shape) + 1 and arr.shape[0] > 1:
+                        return svc, None, svc.infer_batch(arr, timeout_s=api.infer_timeout_s)
+                    return svc, svc.infer_tensor(arr, timeout_s=api.infer_timeout_s), None
+                return svc, svc.infer_image(body, timeout_s=api.infer_timeout_s), None
+            except ServiceClosedError:
+                # The model was swapped (activation, promotion, rollback) between taking the service
+                # and submitting: answer with the one now serving instead of failing the request.
+                fresh = api.get_service()
+                if attempt == 2 or fresh is None or fresh is svc:
+                    raise
+                svc = fresh
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
 
 class ApiServer:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edge_agent.bundle.store import BundleStore
 from edge_agent.config import TransferConfig
-from edge_agent.errors import IntegrityError, ManifestError, TransportError
+from edge_agent.errors import IntegrityError, ManifestError, ResourceError, TransportError
 from edge_agent.mqtt.session import Inbound, MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import BundleRef, ChunkRequest
@@ -170,6 +170,12 @@ class _Run:
     outstanding: Dict[bytes, _Req] = field(default_factory=dict)
     remaining: Dict[str, _Target] = field(default_factory=dict)
     pending: List[Tuple[_Target, int]] = field(default_factory=list)
+    started: float = 0.0
+    #: When the last fetch-progress went out, and bytes_received then (for the rate).
+    last_progress: float = 0.0
+    bytes_at_last: int = 0
+    #: Monotonic time the broker connection was found lost; None while connected.
+    disconnected_since: Optional[float] = None
 
 
 class Fetcher:
@@ -317,6 +323,39 @@ class Fetcher:
                 t.fd = -1
 
     def _run(self, bundle: BundleRef, targets: List[_Target], stats: FetchStats, *, progress: bool) -> None:
+        """Pull every missing chunk of `targets` and store each finished file; raises on cancel, an outage
+        longer than the retries cover, a chunk that keeps failing, or a progress save that failed."""
+        self._start_pull()
+        run = _Run(bundle, stats)
+        run.started = run.last_progress = time.monotonic()
+        cpu_start = time.process_time()
+        self._plan(run, targets)
+        try:
+            # Files that arrived completely before a restart only need their final check.
+            for t in targets:
+                if t.cmap.complete:
+                    self._finish(t, run)
+            while run.remaining:
+                if self._cancel.is_set():
+                    raise TransferCancelled("transfer of %s v%d cancelled" % (bundle.name, bundle.version))
+                if self._wait_out_outage(run):
+                    continue
+                self._refill(run)
+                self._receive(run)
+                now = time.monotonic()
+                self._retry_timed_out(run, now)
+                self._checkpoint_due(run, now)
+                if progress and now - run.last_progress >= self.cfg.progress_interval_s:
+                    self._report_progress(run, now)
+        finally:
+            try:
+                self._close_targets(targets)
+            finally:
+                stats.elapsed_s = time.monotonic() - run.started
+                stats.cpu_s = round(time.process_time() - cpu_start, 3)
+
+    def _start_pull(self) -> None:
+        """Forget what an earlier pull left: the cancel flag, a failed progress save, stray answers."""
         self._cancel.clear()
         # A progress save that failed in an earlier pull (a disk since freed) must not fail this one.
         self._checkpoints.wait()
@@ -327,106 +366,108 @@ class Fetcher:
                 self._inbox.get_nowait()
             except queue.Empty:
                 break
-        start = time.monotonic()
-        cpu_start = time.process_time()
-        run = _Run(bundle, stats)
-        pending = run.pending
+
+    def _plan(self, run: _Run, targets: List[_Target]) -> None:
+        """Open the partial files and queue every missing chunk, in file order."""
         for t in targets:
             self._open(t)
             if t.cmap.count and t.cmap.has(0):
                 t.feed(0, None)  # chunks kept from an earlier attempt enter the running hash
-            pending.extend((t, i) for i in t.cmap.missing())
-        pending.reverse()  # pop() from the end = in file order
+            run.pending.extend((t, i) for i in t.cmap.missing())
+        run.pending.reverse()  # pop() from the end = in file order
         run.remaining.update((t.sha256, t) for t in targets)
-        remaining, outstanding = run.remaining, run.outstanding
-        last_progress = start
-        bytes_at_last = 0
-        disconnected_since: Optional[float] = None
-        outage_limit = self.cfg.chunk_timeout_s * (self.cfg.max_retries + 1)
-        try:
-            # Files that arrived completely before a restart only need their final check.
-            for t in targets:
-                if t.cmap.complete:
-                    self._finish(t, run)
-            while remaining:
-                if self._cancel.is_set():
-                    raise TransferCancelled("transfer of %s v%d cancelled" % (bundle.name, bundle.version))
-                now = time.monotonic()
-                if not self.session.connected.is_set():
-                    if disconnected_since is None:
-                        disconnected_since = now
-                        log.warning("broker connection lost during transfer; waiting to resume")
-                    elif now - disconnected_since > outage_limit:
-                        raise TransportError(
-                            "broker unreachable for %.0f s during the transfer of %s v%d; partial data kept"
-                            % (now - disconnected_since, bundle.name, bundle.version)
-                        )
-                    self._handle(self._get(0.2), run)
-                    continue
-                if disconnected_since is not None:
-                    # Requests in flight when the link dropped are lost with the clean session: ask again.
-                    disconnected_since = None
-                    for req in outstanding.values():
-                        req.attempts = max(0, req.attempts - 1)
-                        self._send(bundle, req, stats)
-                self._refill(run)
-                oldest = min((r.sent_at for r in outstanding.values()), default=now)
-                wait = max(0.01, min(0.5, oldest + self.cfg.chunk_timeout_s - time.monotonic()))
-                msg = self._get(wait)
-                if msg is not None:
-                    self._handle(msg, run)
-                    # Drain whatever else is already there before looking at timers.
-                    while True:
-                        more = self._get(0)
-                        if more is None:
-                            break
-                        self._handle(more, run)
-                now = time.monotonic()
-                for req in list(outstanding.values()):
-                    if now - req.sent_at > self.cfg.chunk_timeout_s and self.session.connected.is_set():
-                        if req.attempts > self.cfg.max_retries:
-                            raise TransportError(
-                                "no valid answer for %s offset %d after %d attempts; partial data kept"
-                                % (req.target.label, req.target.cmap.chunk_range(req.index)[0], req.attempts)
-                            )
-                        log.info("chunk %d of %s timed out; asking again", req.index, req.target.label)
-                        self._send(bundle, req, stats)
-                if self._checkpoints.error:
-                    from edge_agent.errors import ResourceError
 
-                    raise ResourceError(self._checkpoints.error)
-                for t in remaining.values():
-                    if t.unsaved and now - t.saved_at > self.cfg.checkpoint_interval_s:
-                        self._persist(t)
-                if progress and now - last_progress >= self.cfg.progress_interval_s:
-                    done = stats.bytes_resumed + stats.bytes_received
-                    rate = (stats.bytes_received - bytes_at_last) / (now - last_progress)
-                    self.emit(
-                        "fetch-progress",
-                        "%.0f%% of %d bytes, %.1f MB/s"
-                        % (100.0 * done / max(1, stats.bytes_total), stats.bytes_total, rate / 1e6),
-                        {
-                            "percent": round(100.0 * min(done, stats.bytes_total) / max(1, stats.bytes_total), 1),
-                            "bytes": done, "total": stats.bytes_total, "bytes_per_s": round(rate),
-                        },
+    def _wait_out_outage(self, run: _Run) -> bool:
+        """While the broker is unreachable: handle what still arrives and give up after the outage limit
+        (True: this turn is spent). When it is back, ask again for what was in flight (False)."""
+        bundle = run.bundle
+        now = time.monotonic()
+        if not self.session.connected.is_set():
+            if run.disconnected_since is None:
+                run.disconnected_since = now
+                log.warning("broker connection lost during transfer; waiting to resume")
+            elif now - run.disconnected_since > self.cfg.chunk_timeout_s * (self.cfg.max_retries + 1):
+                raise TransportError(
+                    "broker unreachable for %.0f s during the transfer of %s v%d; partial data kept"
+                    % (now - run.disconnected_since, bundle.name, bundle.version)
+                )
+            self._handle(self._get(0.2), run)
+            return True
+        if run.disconnected_since is not None:
+            # Requests in flight when the link dropped are lost with the clean session: ask again.
+            run.disconnected_since = None
+            for req in run.outstanding.values():
+                req.attempts = max(0, req.attempts - 1)
+                self._send(bundle, req, run.stats)
+        return False
+
+    def _receive(self, run: _Run) -> None:
+        """Wait for an answer until the oldest request times out (10 ms .. 0.5 s), then handle it and
+        whatever else is already queued."""
+        now = time.monotonic()
+        oldest = min((r.sent_at for r in run.outstanding.values()), default=now)
+        wait = max(0.01, min(0.5, oldest + self.cfg.chunk_timeout_s - time.monotonic()))
+        msg = self._get(wait)
+        if msg is None:
+            return
+        self._handle(msg, run)
+        # Drain whatever else is already there before looking at timers.
+        while True:
+            more = self._get(0)
+            if more is None:
+                break
+            self._handle(more, run)
+
+    def _retry_timed_out(self, run: _Run, now: float) -> None:
+        """Ask again for requests unanswered for chunk_timeout_s; give up after max_retries attempts."""
+        for req in list(run.outstanding.values()):
+            if now - req.sent_at > self.cfg.chunk_timeout_s and self.session.connected.is_set():
+                if req.attempts > self.cfg.max_retries:
+                    raise TransportError(
+                        "no valid answer for %s offset %d after %d attempts; partial data kept"
+                        % (req.target.label, req.target.cmap.chunk_range(req.index)[0], req.attempts)
                     )
-                    last_progress = now
-                    bytes_at_last = stats.bytes_received
-        finally:
-            # Close every partial file even when saving one's progress fails (a full disk): none is left
-            # open. The first such error is raised unless the transfer is already failing with another.
-            close_error: Optional[OSError] = None
-            for t in targets:
-                try:
-                    self._close(t)
-                except OSError as e:
-                    close_error = close_error or e
-            stats.elapsed_s = time.monotonic() - start
-            stats.cpu_s = round(time.process_time() - cpu_start, 3)
-            if close_error is not None:
-                if sys.exc_info()[1] is None:
-                    raise close_error
-                log.error("saving download progress failed: %s", close_error)
+                log.info("chunk %d of %s timed out; asking again", req.index, req.target.label)
+                self._send(run.bundle, req, run.stats)
+
+    def _checkpoint_due(self, run: _Run, now: float) -> None:
+        """Fail on a background progress save that failed; start the checkpoints that are due."""
+        if self._checkpoints.error:
+            raise ResourceError(self._checkpoints.error)
+        for t in run.remaining.values():
+            if t.unsaved and now - t.saved_at > self.cfg.checkpoint_interval_s:
+                self._persist(t)
+
+    def _report_progress(self, run: _Run, now: float) -> None:
+        """Emit fetch-progress: the share done and the rate since the last report."""
+        stats = run.stats
+        done = stats.bytes_resumed + stats.bytes_received
+        rate = (stats.bytes_received - run.bytes_at_last) / (now - run.last_progress)
+        self.emit(
+            "fetch-progress",
+            "%.0f%% of %d bytes, %.1f MB/s"
+            % (100.0 * done / max(1, stats.bytes_total), stats.bytes_total, rate / 1e6),
+            {
+                "percent": round(100.0 * min(done, stats.bytes_total) / max(1, stats.bytes_total), 1),
+                "bytes": done, "total": stats.bytes_total, "bytes_per_s": round(rate),
+            },
+        )
+        run.last_progress = now
+        run.bytes_at_last = stats.bytes_received
+
+    def _close_targets(self, targets: List[_Target]) -> None:
+        """Close every partial file even when saving one's progress fails (a full disk): none is left
+        open. The first such error is raised unless the transfer is already failing with another."""
+        close_error: Optional[OSError] = None
+        for t in targets:
+            try:
+                self._close(t)
+            except OSError as e:
+                close_error = close_error or e
+        if close_error is not None:
+            if sys.exc_info()[1] is None:
+                raise close_error
+            log.error("saving download progress failed: %s", close_error)
 
     def _refill(self, run: _Run) -> None:
         """Send requests until `window` are outstanding (or nothing is left to ask for)."""
