@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "fleet.commands.rollback",
     "fleet.commands.telemetry",
     "fleet.commands.router",
+    "fleet.commands.broker",
 ]
 
 

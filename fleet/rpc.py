@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 SHARE_GROUP = "fleet-rpc"
 MAX_RPC_BYTES = 256 * 1024
-#: Largest answer the server sends (a devices list of a big fleet is a few MB; the broker allows 2 MB).
-MAX_RESPONSE_BYTES = 1_900_000
+#: Largest answer the server sends (a devices list of a big fleet is a few MB; the broker allows about 1.1 MB).
+MAX_RESPONSE_BYTES = 1_000_000
 
 Handler = Callable[[Dict[str, Any]], Any]
 

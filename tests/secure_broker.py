@@ -1,8 +1,10 @@
 """mosquitto started with the SHIPPED security config (configs/mosquitto/), for tests and benchmarks.
 
-`SecureBroker(kind, pki_dir)` copies ``configs/mosquitto/edge-agent-<kind>.conf`` and ``acl`` into a temp
-dir, changes only the install paths and the listener port (a free loopback port), and starts mosquitto.
-Every other line is used as shipped, so the tests prove the config operators install.
+`SecureBroker(kind, pki_dir)` copies ``configs/mosquitto/edge-agent-<kind>.conf`` into a temp dir, writes
+the dynamic-security file with `fleet.dynsec` (what `fleet broker dynsec` writes) for the identities of the
+PKI (or the password users), changes only the install paths, the listener port (a free loopback port) and,
+where this machine keeps it elsewhere, the plugin's path, and starts mosquitto. Every other line is used
+as shipped, so the tests prove the config operators install.
 
 `MqttProbe` is a small blocking wrapper around a paho-mqtt 2.x MQTT 5 client: connect, subscribe and
 publish wait for the broker's acknowledgement (with a timeout) and return its reason code; received
@@ -37,6 +39,35 @@ REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "configs" / "mosquitto"
 INSTALL_DIR = "/etc/mosquitto/edge-agent/"
 SHIPPED_PORT = 8883
+CONTROLLER = "fleet-controller"
+OPERATOR = "fleet-operator"
+SHIPPED_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+def find_dynsec_plugin() -> str:
+    """The dynamic-security plugin of the installed mosquitto (Debian/Ubuntu: the mosquitto package)."""
+    if os.path.exists(SHIPPED_PLUGIN):
+        return SHIPPED_PLUGIN
+    for d in ("/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib", "/usr/lib64"):
+        cand = os.path.join(d, "mosquitto_dynamic_security.so")
+        if os.path.exists(cand):
+            return cand
+    raise MosquittoMissing("mosquitto_dynamic_security.so not found (Debian/Ubuntu: apt install mosquitto)")
+
+
+def identities_of(names) -> Dict[str, List[str]]:
+    """Split identity names as the tests use them: the controller and operator names, the rest devices."""
+    names = sorted(set(names))
+    return {
+        "controllers": [n for n in names if n == CONTROLLER],
+        "operators": [n for n in names if n == OPERATOR],
+        "devices": [n for n in names if n not in (CONTROLLER, OPERATOR)],
+    }
+
+
+def pki_identities(pki_dir: Path) -> List[str]:
+    """Client certificate names in a make_test_pki.py folder."""
+    return [p.stem for p in Path(pki_dir).glob("*.crt") if p.stem not in ("ca", "server")]
 
 
 def mosquitto_password_hash(password: str, *, iterations: int = 101) -> str:
@@ -55,13 +86,18 @@ def render_config(kind: str, install_dir: Path, port: int) -> str:
     text, n = re.subn(r"(?m)^listener %d$" % SHIPPED_PORT, "listener %d 127.0.0.1" % port, text)
     if n != 1:
         raise AssertionError("shipped config must have exactly one 'listener %d' line" % SHIPPED_PORT)
-    return text
+    if "\nplugin %s\n" % SHIPPED_PLUGIN not in text:
+        raise AssertionError("shipped config no longer loads %s" % SHIPPED_PLUGIN)
+    return text.replace(SHIPPED_PLUGIN, find_dynsec_plugin())
 
 
 class SecureBroker:
     """mosquitto with configs/mosquitto/edge-agent-{tls,password}.conf on a free loopback port."""
 
-    def __init__(self, kind: str, pki_dir: Path, *, passwords: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, kind: str, pki_dir: Path, *, passwords: Optional[Dict[str, str]] = None,
+                 identities: Optional[List[str]] = None) -> None:
+        from fleet.dynsec import build_document, render
+
         self.binary = find_mosquitto()
         self.kind = kind
         self.workdir = Path(tempfile.mkdtemp(prefix="mosq-sec-"))
@@ -69,7 +105,10 @@ class SecureBroker:
         self.install_dir.mkdir()
         for name in ("ca.crt", "ca.crl", "server.crt", "server.key"):
             shutil.copy(str(Path(pki_dir) / name), str(self.install_dir / name))
-        shutil.copy(str(CONF_DIR / "acl"), str(self.install_dir / "acl"))
+        names = identities if identities is not None else (
+            list(passwords) if passwords is not None else pki_identities(pki_dir))
+        doc = build_document(**identities_of(names))
+        (self.install_dir / "dynamic-security.json").write_text(render(doc), encoding="utf-8")
         if passwords is not None:
             lines = ["%s:%s\n" % (u, mosquitto_password_hash(p)) for u, p in sorted(passwords.items())]
             (self.install_dir / "passwd").write_text("".join(lines), encoding="utf-8")
@@ -139,10 +178,11 @@ class SecureBroker:
         shutil.rmtree(str(self.workdir), ignore_errors=True)
 
 
-def start_secure_broker(kind: str, pki_dir: Path, *, passwords: Optional[Dict[str, str]] = None) -> SecureBroker:
+def start_secure_broker(kind: str, pki_dir: Path, *, passwords: Optional[Dict[str, str]] = None,
+                        identities: Optional[List[str]] = None) -> SecureBroker:
     """A `SecureBroker` for a pytest fixture: fails when mosquitto is missing, skips with EDGE_AGENT_SKIP_MQTT=1."""
     try:
-        return SecureBroker(kind, pki_dir, passwords=passwords)
+        return SecureBroker(kind, pki_dir, passwords=passwords, identities=identities)
     except MosquittoMissing as e:
         if os.environ.get("EDGE_AGENT_SKIP_MQTT") == "1":
             import pytest
