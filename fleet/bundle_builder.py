@@ -276,58 +276,16 @@ def build_bundle(
     spec = load_spec(spec_path)
     base = spec_path.parent
     created = int(time.time()) if now is None else int(now)
-    expires = spec.expires if spec.expires is not None else created + round(float(spec.expires_in_days) * DAY_S)
 
-    files: Dict[str, Path] = {}
+    files: Dict[str, Path] = {}  # path in the bundle -> source file
     models: Dict[str, Dict[str, Any]] = {}
     sessions = {}
     model_inputs: Dict[str, List[TensorSpecDecl]] = {}
     for mname in ("small", "large"):
-        m = spec.models[mname]
-        onnx_path = _existing(base, m.onnx, "%s model" % mname)
-        sess = _session(onnx_path)
-        ins = _check_decls("input", mname, m.inputs, _actual_decls("input", mname, sess.get_inputs()))
-        outs = _check_decls("output", mname, m.outputs, _actual_decls("output", mname, sess.get_outputs()))
-        if m.features_output and m.features_output not in {o.name for o in outs}:
-            raise SpecError("%s model has no output %r (features_output)" % (mname, m.features_output))
-        sessions[mname] = sess
-        model_inputs[mname] = ins
-        bpath = "models/%s.onnx" % mname
-        files[bpath] = onnx_path
-        entry: Dict[str, Any] = {
-            "path": bpath,
-            "inputs": [d.model_dump() for d in ins],
-            "outputs": [d.model_dump() for d in outs],
-            "precisions": list(m.precisions),
-            "engines": {},
-        }
-        if m.features_output:
-            entry["features_output"] = m.features_output
-        if m.calibration_cache:
-            cpath = "calibration/%s.cache" % mname
-            files[cpath] = _existing(base, m.calibration_cache, "%s calibration cache" % mname)
-            entry["calibration_cache"] = cpath
-        models[mname] = entry
-
-    def _sig(decls: List[TensorSpecDecl]) -> List[Tuple[str, str, Tuple[int, ...]]]:
-        return sorted((d.name, d.dtype, tuple(d.shape)) for d in decls)
-
-    if _sig(model_inputs["small"]) != _sig(model_inputs["large"]):
-        raise SpecError("the small and large models must take the same inputs (the router feeds both the same tensor)")
-
-    for pk, mname, plan in engines or []:
-        plan = Path(plan)
-        if not plan.is_file():
-            raise SpecError("engine plan %s does not exist" % plan)
-        bpath = "engines/%s/%s.plan" % (mname, pk)
-        files[bpath] = plan
-        models[mname]["engines"][pk] = bpath
-
-    router = _decimals(dict(spec.router))
-    if router.get("linear_head"):
-        files["router/linear_head.npz"] = _existing(base, router["linear_head"], "router linear head")
-        router["linear_head"] = "router/linear_head.npz"
-
+        models[mname], sessions[mname], model_inputs[mname] = _model_entry(mname, spec.models[mname], base, files)
+    _check_same_inputs(model_inputs)
+    _add_engines(engines or [], files, models)
+    router = _router_section(spec, base, files)
     golden_in_path = _existing(base, spec.golden.inputs, "golden inputs")
     golden_inputs = _load_npz(golden_in_path)
     _check_golden(golden_inputs, model_inputs["small"], golden_in_path)
@@ -335,52 +293,133 @@ def build_bundle(
     stage = Path(tempfile.mkdtemp(prefix=".bundle-build-", dir=str(Path(out).resolve().parent)))
     try:
         files["golden/inputs.npz"] = golden_in_path
-        for mname, sess in sessions.items():
-            names = [o.name for o in sess.get_outputs()]
-            try:
-                values = sess.run(names, golden_inputs)
-            except Exception as e:  # onnxruntime's own exception types
-                raise SpecError("%s model fails on the golden inputs: %s" % (mname, str(e).strip().splitlines()[0]))
-            ref = stage / ("%s_outputs.npz" % mname)
-            np.savez(str(ref), **dict(zip(names, values)))
-            files["golden/%s_outputs.npz" % mname] = ref
-        golden: Dict[str, Any] = {
-            "inputs": "golden/inputs.npz",
-            "small_outputs": "golden/small_outputs.npz",
-            "large_outputs": "golden/large_outputs.npz",
-        }
-        if spec.golden.tolerances is not None:
-            golden["tolerances"] = _decimals(spec.golden.tolerances)
-
-        signed = {
-            "schema": "edge-agent/manifest/1",
-            "name": spec.name,
-            "version": spec.version,
-            "created": created,
-            "expires": expires,
-            "min_agent_version": spec.min_agent_version,
-            "description": spec.description,
-            "files": {p: _file_entry(src) for p, src in sorted(files.items())},
-            "models": models,
-            "preprocessing": _decimals(spec.preprocessing),
-            "postprocessing": _decimals(spec.postprocessing),
-            "router": router,
-            "golden": golden,
-            "health": _decimals(spec.health),
-        }
-        try:
-            body = ManifestBody.model_validate(signed)
-        except ValidationError as e:
-            raise SpecError("SPEC %s gives an invalid manifest: %s" % (spec_path, format_validation_error(e)))
-        doc = sign_document(body.to_signed_dict(), keys)
-        raw = canonical_json(doc)
+        golden = _golden_section(spec, sessions, golden_inputs, stage, files)
+        body = _manifest_body(spec, spec_path, created=created, files=files, models=models,
+                              router=router, golden=golden)
+        raw = canonical_json(sign_document(body.to_signed_dict(), keys))
         pack_bundle(raw, files, Path(out))
     finally:
         shutil.rmtree(str(stage), ignore_errors=True)
+    _verify_written(Path(out), raw, keys, created)
+    log.info("built bundle %s v%d (%d files) at %s", body.name, body.version, len(body.files), out)
+    return body
 
-    # Read back what was written, as a device would (minus the version history).
+
+def _model_entry(
+    mname: str, m: ModelSpecDecl, base: Path, files: Dict[str, Path]
+) -> Tuple[Dict[str, Any], Any, List[TensorSpecDecl]]:
+    """Check one model against its declaration; add its files to `files`.
+
+    Returns (its manifest entry, its ONNX Runtime session, its checked inputs)."""
+    onnx_path = _existing(base, m.onnx, "%s model" % mname)
+    sess = _session(onnx_path)
+    ins = _check_decls("input", mname, m.inputs, _actual_decls("input", mname, sess.get_inputs()))
+    outs = _check_decls("output", mname, m.outputs, _actual_decls("output", mname, sess.get_outputs()))
+    if m.features_output and m.features_output not in {o.name for o in outs}:
+        raise SpecError("%s model has no output %r (features_output)" % (mname, m.features_output))
+    bpath = "models/%s.onnx" % mname
+    files[bpath] = onnx_path
+    entry: Dict[str, Any] = {
+        "path": bpath,
+        "inputs": [d.model_dump() for d in ins],
+        "outputs": [d.model_dump() for d in outs],
+        "precisions": list(m.precisions),
+        "engines": {},
+    }
+    if m.features_output:
+        entry["features_output"] = m.features_output
+    if m.calibration_cache:
+        cpath = "calibration/%s.cache" % mname
+        files[cpath] = _existing(base, m.calibration_cache, "%s calibration cache" % mname)
+        entry["calibration_cache"] = cpath
+    return entry, sess, ins
+
+
+def _check_same_inputs(model_inputs: Dict[str, List[TensorSpecDecl]]) -> None:
+    """The router feeds both models the same tensor, so their inputs must match (in any order)."""
+
+    def _sig(decls: List[TensorSpecDecl]) -> List[Tuple[str, str, Tuple[int, ...]]]:
+        return sorted((d.name, d.dtype, tuple(d.shape)) for d in decls)
+
+    if _sig(model_inputs["small"]) != _sig(model_inputs["large"]):
+        raise SpecError("the small and large models must take the same inputs (the router feeds both the same tensor)")
+
+
+def _add_engines(engines: Sequence[Tuple[str, str, Path]], files: Dict[str, Path],
+                 models: Dict[str, Dict[str, Any]]) -> None:
+    """Add prebuilt engine plans as engines/<model>/<platform key>.plan and name them in the model entries."""
+    for pk, mname, plan in engines:
+        plan = Path(plan)
+        if not plan.is_file():
+            raise SpecError("engine plan %s does not exist" % plan)
+        bpath = "engines/%s/%s.plan" % (mname, pk)
+        files[bpath] = plan
+        models[mname]["engines"][pk] = bpath
+
+
+def _router_section(spec: BundleSpec, base: Path, files: Dict[str, Path]) -> Dict[str, Any]:
+    """The router policy with decimals as strings; a linear head file is carried as router/linear_head.npz."""
+    router = _decimals(dict(spec.router))
+    if router.get("linear_head"):
+        files["router/linear_head.npz"] = _existing(base, router["linear_head"], "router linear head")
+        router["linear_head"] = "router/linear_head.npz"
+    return router
+
+
+def _golden_section(spec: BundleSpec, sessions: Dict[str, Any], golden_inputs: Dict[str, np.ndarray],
+                    stage: Path, files: Dict[str, Path]) -> Dict[str, Any]:
+    """Run each model on the golden inputs, write its outputs under `stage` and add them to `files`;
+    return the manifest's golden section."""
+    for mname, sess in sessions.items():
+        names = [o.name for o in sess.get_outputs()]
+        try:
+            values = sess.run(names, golden_inputs)
+        except Exception as e:  # onnxruntime's own exception types
+            raise SpecError("%s model fails on the golden inputs: %s" % (mname, str(e).strip().splitlines()[0]))
+        ref = stage / ("%s_outputs.npz" % mname)
+        np.savez(str(ref), **dict(zip(names, values)))
+        files["golden/%s_outputs.npz" % mname] = ref
+    golden: Dict[str, Any] = {
+        "inputs": "golden/inputs.npz",
+        "small_outputs": "golden/small_outputs.npz",
+        "large_outputs": "golden/large_outputs.npz",
+    }
+    if spec.golden.tolerances is not None:
+        golden["tolerances"] = _decimals(spec.golden.tolerances)
+    return golden
+
+
+def _manifest_body(spec: BundleSpec, spec_path: Path, *, created: int, files: Dict[str, Path],
+                   models: Dict[str, Dict[str, Any]], router: Dict[str, Any],
+                   golden: Dict[str, Any]) -> ManifestBody:
+    """The manifest body (hashing every file), validated as a device will validate it."""
+    expires = spec.expires if spec.expires is not None else created + round(float(spec.expires_in_days) * DAY_S)
+    signed = {
+        "schema": "edge-agent/manifest/1",
+        "name": spec.name,
+        "version": spec.version,
+        "created": created,
+        "expires": expires,
+        "min_agent_version": spec.min_agent_version,
+        "description": spec.description,
+        "files": {p: _file_entry(src) for p, src in sorted(files.items())},
+        "models": models,
+        "preprocessing": _decimals(spec.preprocessing),
+        "postprocessing": _decimals(spec.postprocessing),
+        "router": router,
+        "golden": golden,
+        "health": _decimals(spec.health),
+    }
     try:
-        got, reader = read_bundle(Path(out), max_manifest_bytes=max(len(raw), 1 << 20), max_bundle_bytes=1 << 40)
+        return ManifestBody.model_validate(signed)
+    except ValidationError as e:
+        raise SpecError("SPEC %s gives an invalid manifest: %s" % (spec_path, format_validation_error(e)))
+
+
+def _verify_written(out: Path, raw: bytes, keys: List[PrivateKey], created: int) -> None:
+    """Read back what was written, as a device would (minus the version history); remove it if it fails."""
+    try:
+        got, reader = read_bundle(out, max_manifest_bytes=max(len(raw), 1 << 20), max_bundle_bytes=1 << 40)
         reader.close()
         verify_manifest(
             got,
@@ -393,5 +432,3 @@ def build_bundle(
     except BundleError as e:
         os.unlink(str(out))
         raise SpecError("the written bundle does not verify: %s" % e)
-    log.info("built bundle %s v%d (%d files) at %s", body.name, body.version, len(body.files), out)
-    return body
