@@ -47,6 +47,7 @@ from edge_agent.protocol.messages import (
     PingArgs,
     PlatformInfo,
     PromoteArgs,
+    ResetTimeFloorArgs,
     Result,
     RetuneArgs,
     RollbackArgs,
@@ -200,7 +201,7 @@ class Agent:
         self.deployer = Deployer(
             self.store, hooks=hooks, trusted_keys=self._bundle_keys, threshold=self.cfg.trust.signature_threshold,
             limits=self.cfg.limits, emit=self.emit, on_state=self._on_deploy_state, fetcher=self.fetcher,
-            stopping=self.stop_event.is_set,
+            stopping=self.stop_event.is_set, max_clock_skew_s=self.cfg.trust.max_clock_skew_s,
         )
         from edge_agent.lifecycle.candidate import CandidateManager
 
@@ -436,6 +437,14 @@ class Agent:
             self.emit("command-refused", "agent busy: %d commands already queued" % COMMAND_QUEUE, level="warning",
                       command_seq=meta.get("seq"), data={"reason": "busy"})
 
+    def _floor_after(self, body) -> dict:
+        """State changes for the trusted time floor once command `body` is accepted: bounded by the device
+        clock (protocol/trusted_time.py); a `reset-time-floor` command sets it to its own `issued_at`."""
+        if isinstance(body.args, ResetTimeFloorArgs):
+            return {"time_floor": body.issued_at, "signed_time_seen": {"bundle": body.issued_at,
+                                                                      "command": body.issued_at}}
+        return self.deployer.floor_update(body.issued_at, "command")
+
     def handle_command(self, raw: bytes) -> None:
         """Verify and run one command (worker thread). Refusals change nothing but the event."""
         st = self.store.state
@@ -449,6 +458,7 @@ class Agent:
             body = verify_command(
                 raw, device_id=self.device_id, trusted=self._command_keys(), last_seq=st.last_command_seq,
                 now=self.deployer.now(), max_age_s=self.cfg.trust.max_command_age_s,
+                clock=self.deployer.clock(), floor=st.time_floor, max_skew_s=self.cfg.trust.max_clock_skew_s,
             )
         except CommandError as e:
             meta = peek_command_meta(raw)
@@ -461,7 +471,7 @@ class Agent:
         # Persist the sequence number first: a replay of this command is refused even after a crash.
         try:
             self.store.update_state(last_command_seq=body.seq, last_command_sha256=digest,
-                                    time_floor=max(st.time_floor, body.issued_at))
+                                    **self._floor_after(body))
         except OSError as e:
             # Without a durable sequence number a replay could not be refused: refuse the command itself.
             self.emit("command-refused", "cannot record command seq %d in state.json (%s); refused"
@@ -483,6 +493,11 @@ class Agent:
                 self.deployer.rollback(args, command_seq=body.seq)
             elif isinstance(args, PingArgs):
                 self.publish_status()
+            elif isinstance(args, ResetTimeFloorArgs):
+                self.emit("time-floor-reset", "trusted time floor set to %d (was %d)%s"
+                          % (body.issued_at, st.time_floor, (": " + args.reason) if args.reason else ""),
+                          level="warning", command_seq=body.seq,
+                          data={"from": st.time_floor, "to": body.issued_at, "reason": args.reason})
             elif isinstance(args, RetuneArgs):
                 self.retune(command_seq=body.seq)
             elif isinstance(args, SetRouterArgs):

@@ -62,6 +62,9 @@ class TrustConfig(_Section):
     signature_threshold: int = Field(1, ge=1)
     command_keys: List[Path] = Field(default_factory=lambda: [Path("/etc/edge-agent/command-keys/controller.pub")])
     max_command_age_s: int = Field(600, ge=1)
+    max_clock_skew_s: int = Field(
+        3600, ge=0, description="a signed time (bundle created, command issued_at) further ahead of a plausible "
+                                "device clock is refused, and the trusted time floor never passes clock + this")
 
 
 class LimitsConfig(_Section):

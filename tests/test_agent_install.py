@@ -1,16 +1,14 @@
-"""Side-loading through the agent's deployer, in-process with real models: the trusted clock floor,
-the store quota, and what stays on disk after a refusal."""
+"""Side-loading through the agent's deployer, in-process with real models: the store quota and what
+stays on disk after a refusal (the trusted clock floor: tests/test_time_floor.py)."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 from agent_helpers import build_sample_bundle, write_key
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
-from edge_agent.errors import ExpiredError, ResourceError
+from edge_agent.errors import ResourceError
 
 DAY = 86400
 
@@ -28,25 +26,6 @@ def _agent(tmp_path, **limits) -> Agent:
         "api": {"enabled": False}, "limits": limits,
     })
     return Agent(cfg).build(with_mqtt=False)
-
-
-def test_clock_at_1970_neither_refuses_everything_nor_admits_an_expired_bundle(tmp_path, keys):
-    now = int(time.time())
-    fresh = build_sample_bundle(tmp_path / "b", keys, version=1, now=now)
-    stale = build_sample_bundle(tmp_path / "b", keys, version=2, now=now - 3 * DAY, expires_in_days=1)
-    agent = _agent(tmp_path)
-    try:
-        agent.deployer.clock = lambda: 0.0  # a Jetson that booted before NTP
-        agent.deployer.install_file(fresh, max_bundle_bytes=1 << 30)
-        st = agent.store.state
-        assert st.active.version == 1 and st.time_floor >= now - 5
-        # The floor (the newest signed time seen) stands in for the clock: v2 expired before it.
-        with pytest.raises(ExpiredError):
-            agent.deployer.install_file(stale, max_bundle_bytes=1 << 30)
-        after = agent.store.state
-        assert after.active.version == 1 and after.highest_versions == {"digits": 1}
-    finally:
-        agent.shutdown(timeout_s=1)
 
 
 def test_store_quota_refuses_a_bundle_before_writing_its_files(tmp_path, keys):

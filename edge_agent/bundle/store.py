@@ -75,6 +75,8 @@ class StoreState(BaseModel):
     previous: Optional[BundleRecord] = None
     highest_versions: Dict[str, int] = Field(default_factory=dict)
     time_floor: int = 0
+    #: newest signed time accepted per signer ("bundle", "command"): protocol/trusted_time.py rule 3
+    signed_time_seen: Dict[str, int] = Field(default_factory=dict)
     last_command_seq: int = 0
     last_command_sha256: Optional[str] = None
     deploy: DeployState = DeployState()

@@ -26,19 +26,11 @@ from pydantic import ValidationError
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.errors import ExpiredError, ManifestError, RollbackError
 from edge_agent.protocol import boundedjson
+from edge_agent.protocol.trusted_time import trusted_now  # noqa: F401 - re-exported for callers
 from edge_agent.signing import CanonicalJSONError, PublicKey, canonical_json, verify_signatures
 
 #: More signatures than this is not a manifest anyone wrote on purpose.
 MAX_SIGNATURES = 32
-
-
-def trusted_now(system_time: float, time_floor: int) -> int:
-    """The clock used for expiry: the later of the system clock and the persisted trusted floor.
-
-    A Jetson that boots at 1970 before NTP neither refuses every bundle nor accepts one that expired
-    before a time the device has already seen in a signed document.
-    """
-    return max(int(system_time), int(time_floor))
 
 
 def manifest_digest(raw: bytes) -> str:

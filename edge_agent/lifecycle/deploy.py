@@ -23,10 +23,11 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.bundle.store import BundleRecord, BundleStore, PendingDeploy
-from edge_agent.bundle.verify import manifest_digest, trusted_now, verify_manifest
+from edge_agent.bundle.verify import manifest_digest, verify_manifest
 from edge_agent.config import LimitsConfig
 from edge_agent.errors import BundleError, EdgeAgentError, EngineError, ManifestError, ResourceError, TransportError
 from edge_agent.protocol.messages import BundleRef, DeployArgs, DeployState, RollbackArgs
+from edge_agent.protocol.trusted_time import future_reason, raised_floor, trusted_now
 from edge_agent.signing import PublicKey
 from edge_agent.transfer.fetcher import Fetcher, TransferCancelled
 
@@ -81,6 +82,7 @@ class Deployer:
         fetcher: Optional[Fetcher] = None,
         clock: Callable[[], float] = time.time,
         stopping: Callable[[], bool] = lambda: False,
+        max_clock_skew_s: int = 3600,
     ) -> None:
         self.store = store
         self.hooks = hooks
@@ -92,6 +94,7 @@ class Deployer:
         self.fetcher = fetcher
         self.clock = clock
         self.stopping = stopping
+        self.max_clock_skew_s = max_clock_skew_s
         self.last_fetch: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------------ helpers
@@ -107,12 +110,23 @@ class Deployer:
         """Trusted time: max(system clock, persisted floor)."""
         return trusted_now(self.clock(), self.store.state.time_floor)
 
+    def floor_update(self, stamp: int, source: str) -> Dict[str, Any]:
+        """State changes for accepting a document signed by `source` at `stamp`: the bounded new time floor
+        (protocol/trusted_time.py)."""
+        st = self.store.state
+        floor, seen = raised_floor(st.time_floor, stamp, source=source, seen=st.signed_time_seen,
+                                   clock=self.clock(), skew_s=self.max_clock_skew_s)
+        return {"time_floor": floor, "signed_time_seen": seen}
+
     def _verify(self, raw: bytes, expect: Optional[BundleRef]) -> ManifestBody:
         st = self.store.state
         body = verify_manifest(
             raw, trusted=self.trusted_keys(), threshold=self.threshold, now=self.now(),
             highest_versions=st.highest_versions, max_manifest_bytes=self.limits.max_manifest_bytes,
         )
+        future = future_reason(body.created, clock=self.clock(), floor=st.time_floor, skew_s=self.max_clock_skew_s)
+        if future is not None:
+            raise ManifestError("bundle %s v%d refused: %s" % (body.name, body.version, future))
         if expect is not None and (body.name, body.version) != (expect.name, expect.version):
             raise ManifestError(
                 "manifest is %s v%d but the command named %s v%d"
@@ -209,7 +223,7 @@ class Deployer:
         self._state("verifying", ref, "manifest", rid)
         body = self._verify(raw, ref)
         self.store.add_object_bytes(raw, args.manifest_sha256)
-        self.store.update_state(time_floor=max(self.store.state.time_floor, body.created))
+        self.store.update_state(**self.floor_update(body.created, "bundle"))
         missing = self.store.missing_files(body)
         if missing:
             if self.fetcher is None:
@@ -380,7 +394,7 @@ class Deployer:
                 raise BundleError("bundle %s lacks file(s) its manifest lists: %s" % (path, ", ".join(lacking)))
             self.store.check_quota(sum(size for _, size in self.store.missing_files(body).values()))
             self.store.add_object_bytes(raw, msha)
-            self.store.update_state(time_floor=max(self.store.state.time_floor, body.created))
+            self.store.update_state(**self.floor_update(body.created, "bundle"))
             for sha, (member, size) in self.store.missing_files(body).items():
                 part = self.store.partial_path(sha)
                 try:

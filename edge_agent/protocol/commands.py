@@ -8,10 +8,17 @@ controller key. `verify_command` is pure: bytes and the device's trusted state i
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Optional
 
 from edge_agent.errors import CommandError
-from edge_agent.protocol.messages import CommandArgs, CommandBody, CommandEnvelope, MessageError
+from edge_agent.protocol.messages import (
+    CommandArgs,
+    CommandBody,
+    CommandEnvelope,
+    MessageError,
+    ResetTimeFloorArgs,
+)
+from edge_agent.protocol.trusted_time import future_reason
 from edge_agent.signing import PrivateKey, PublicKey, SignatureError, sign_document, verify_signatures
 
 #: Largest command payload accepted (a command is a few hundred bytes).
@@ -38,12 +45,18 @@ def verify_command(
     now: int,
     max_age_s: int,
     threshold: int = 1,
+    clock: Optional[float] = None,
+    floor: int = 0,
+    max_skew_s: Optional[int] = None,
 ) -> CommandBody:
     """Check a command envelope against the device's trust and replay state.
 
     Refuses (CommandError): malformed JSON, missing/untrusted/bad signatures, another device's id,
     expiry passed, issued longer than `max_age_s` ago, or a sequence number not above `last_seq`.
-    `now` is the trusted time (max of the system clock and the persisted time floor).
+    `now` is the trusted time (max of the system clock and the persisted time floor). With `clock` (the
+    device clock), `floor` and `max_skew_s`, a command issued further ahead of a plausible clock than
+    `max_skew_s` is refused (protocol/trusted_time.py), and a `reset-time-floor` command has its expiry
+    and age checked against the clock instead of the trusted time (the floor is what it repairs).
     """
     if len(raw) > MAX_COMMAND_BYTES:
         raise CommandError("command of %d bytes is over the %d byte limit" % (len(raw), MAX_COMMAND_BYTES))
@@ -62,6 +75,12 @@ def verify_command(
         raise CommandError("command signature refused: %s" % e)
     if body.device_id != device_id:
         raise CommandError("command is addressed to device %r, not %r" % (body.device_id, device_id))
+    if clock is not None and max_skew_s is not None:
+        future = future_reason(body.issued_at, clock=clock, floor=floor, skew_s=max_skew_s)
+        if future is not None:
+            raise CommandError("command seq %d refused: %s" % (body.seq, future))
+        if isinstance(body.args, ResetTimeFloorArgs):
+            now = int(clock)
     if body.expires_at <= now:
         raise CommandError("command seq %d expired at %d (trusted time %d)" % (body.seq, body.expires_at, now))
     if now - body.issued_at > max_age_s:

@@ -235,7 +235,7 @@ EventKind = Literal[
     "selftest-passed", "selftest-failed",
     "activated", "probation-passed", "probation-failed", "rolled-back", "rollback-failed",
     "shadow-started", "shadow-report", "promoted", "candidate-refused",
-    "source-connected", "source-lost", "router-changed", "error",
+    "source-connected", "source-lost", "router-changed", "time-floor-reset", "error",
 ]
 
 
@@ -343,7 +343,17 @@ class PromoteArgs(BaseModel):
     rollout_id: Optional[str] = None
 
 
-CommandArgs = Union[DeployArgs, RollbackArgs, SetRouterArgs, RetuneArgs, PingArgs, PromoteArgs]
+class ResetTimeFloorArgs(BaseModel):
+    """Recovery: set the device's trusted time floor to this command's `issued_at` (the controller's
+    signed time). Its expiry is checked against the device clock, not the floor it repairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["reset-time-floor"] = "reset-time-floor"
+    reason: str = ""
+
+
+CommandArgs = Union[DeployArgs, RollbackArgs, SetRouterArgs, RetuneArgs, PingArgs, PromoteArgs, ResetTimeFloorArgs]
 
 
 class CommandBody(BaseModel):
