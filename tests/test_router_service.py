@@ -208,6 +208,9 @@ def test_stats_snapshot_builds_a_telemetry_message_and_resets(models, heldout, t
         for v in x[:100]:
             svc.infer_tensor(v)
         snap = svc.stats_snapshot()
+        hist = snap.pop("latency_histogram")  # for the Prometheus histograms, not part of the MQTT message
+        assert sum(hist["total"]["counts"]) == 100
+        assert sum(hist["routes"]["small"]["counts"]) + sum(hist["routes"]["large"]["counts"]) == 100
         t = Telemetry(device_id="dev-1", ts=1.0, seq=0, period_s=10.0, uptime_s=5.0, **snap)
         assert t.requests == 100 and t.errors == 0 and t.refused == 0
         assert t.routes["small"].requests + t.routes["large"].requests == 100

@@ -446,7 +446,8 @@ def test_shadow_figures_reach_prometheus_and_the_fleet_summary():
     fams = {f.name: f for f in text_string_to_metric_families(render_prometheus(t))}
     (agree,) = fams["edge_agent_shadow_agreement_ratio"].samples
     assert agree.value == 0.975 and agree.labels["candidate_version"] == "2" and agree.labels["mode"] == "ab"
-    lat = {(s.labels["side"], s.labels["quantile"]): s.value for s in fams["edge_agent_shadow_latency_seconds"].samples}
+    lat = {(s.labels["side"], s.labels["percentile"]): s.value
+           for s in fams["edge_agent_shadow_latency_seconds"].samples}
     assert lat[("candidate", "0.99")] == pytest.approx(0.003) and lat[("active", "0.99")] == pytest.approx(0.0025)
     assert {s.labels["arm"]: s.value for s in fams["edge_agent_shadow_arm_requests"].samples} == {
         "active": 70, "candidate": 10}

@@ -35,13 +35,16 @@ def strict_parse(text: str):
             current = name
         elif line.startswith("# TYPE "):
             _, _, name, mtype = line.split(" ")
-            assert name == current and mtype in ("counter", "gauge")
+            assert name == current and mtype in ("counter", "gauge", "histogram")
             families[name]["type"] = mtype
         else:
             m = _SAMPLE.match(line)
             assert m, "not a valid sample line: %r" % line
-            assert m.group("name") == current, "sample %s outside its family" % m.group("name")
+            suffixes = ("_bucket", "_sum", "_count") if families[current]["type"] == "histogram" else ("",)
+            assert m.group("name") in [current + x for x in suffixes], "sample %s outside its family" % m.group("name")
             labels = {k: _unescape(v) for k, v in _LABEL.findall(m.group("labels"))}
+            if len(suffixes) > 1:
+                labels["__suffix__"] = m.group("name")[len(current):]
             families[current]["samples"].append((labels, float(m.group("value"))))
     return families
 
@@ -62,8 +65,19 @@ def _telemetry(**kw) -> Telemetry:
     return Telemetry(**base)
 
 
+def _hist(counts, sum_ms):
+    from edge_agent.runtime.stats import HISTOGRAM_BOUNDS_MS
+
+    full = list(counts) + [0] * (len(HISTOGRAM_BOUNDS_MS) + 1 - len(counts))
+    return {"counts": full, "sum_ms": sum_ms, "count": sum(full)}
+
+
 TOTALS = {"requests": 12345, "errors": 67, "refused": 8,
-          "routes": {"small": {"requests": 10000, "errors": 60}, "large": {"requests": 2270, "errors": 7}}}
+          "routes": {"small": {"requests": 10000, "errors": 60}, "large": {"requests": 2270, "errors": 7}},
+          "latency_histogram": {
+              "bounds_ms": (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0),
+              "total": _hist([100, 200, 300], 400.0),
+              "routes": {"small": _hist([100, 200, 0], 150.0), "large": _hist([0, 0, 300], 250.0)}}}
 
 
 def test_output_parses_strictly_and_with_prometheus_client():
@@ -74,23 +88,36 @@ def test_output_parses_strictly_and_with_prometheus_client():
         assert f["samples"], name
         assert all(s[0]["device_id"] == "jetson-01" for s in f["samples"])
         assert name.endswith("_total") == (f["type"] == "counter"), name
+        assert not any("quantile" in s[0] for s in f["samples"]), name  # a summary's label; no summaries here
     parsed = {f.name: f for f in text_string_to_metric_families(text)}
     # prometheus_client strips _total from counter family names
     assert parsed["edge_agent_requests"].type == "counter"
     assert parsed["edge_agent_requests"].samples[0].value == 12345
-    assert parsed["edge_agent_latency_seconds"].type == "gauge"
+    assert parsed["edge_agent_latency_seconds"].type == "histogram"
+    assert parsed["edge_agent_route_latency_seconds"].type == "histogram"
+    assert parsed["edge_agent_period_latency_seconds"].type == "gauge"
+    _promtool_check(text)
 
 
 def test_values_are_in_base_units():
     fams = strict_parse(render_prometheus(_telemetry(), totals=TOTALS))
-    lat = {s[0]["quantile"]: s[1] for s in fams["edge_agent_latency_seconds"]["samples"]}
+    lat = {s[0]["percentile"]: s[1] for s in fams["edge_agent_period_latency_seconds"]["samples"]}
     assert lat == {"0.5": 0.002, "0.95": 0.0075, "0.99": 0.011}
+    buckets = {s[0]["le"]: s[1] for s in fams["edge_agent_latency_seconds"]["samples"]
+               if s[0]["__suffix__"] == "_bucket"}
+    assert (buckets["0.00025"], buckets["0.0005"], buckets["0.001"], buckets["+Inf"]) == (100, 300, 600, 600)
+    rest = {s[0]["__suffix__"]: s[1] for s in fams["edge_agent_latency_seconds"]["samples"] if "le" not in s[0]}
+    assert rest == {"_sum": 0.4, "_count": 600}
     assert fams["edge_agent_power_watts"]["samples"][0][1] == pytest.approx(4.567)
     assert fams["edge_agent_memory_available_bytes"]["samples"][0][1] == 4000.0 * 1024 * 1024
     assert fams["edge_agent_gpu_utilization_ratio"]["samples"][0][1] == pytest.approx(0.37)
     assert fams["edge_agent_throttled"]["samples"][0][1] == 0
-    routes = {(s[0]["route"], s[0]["quantile"]): s[1] for s in fams["edge_agent_route_latency_seconds"]["samples"]}
-    assert routes[("large", "0.99")] == 0.012 and ("large", "0.5") not in routes  # null quantile left out
+    routes = {(s[0]["route"], s[0]["percentile"]): s[1]
+              for s in fams["edge_agent_period_route_latency_seconds"]["samples"]}
+    assert routes[("large", "0.99")] == 0.012 and ("large", "0.5") not in routes  # null percentile left out
+    counts = {s[0]["route"]: s[1] for s in fams["edge_agent_route_latency_seconds"]["samples"]
+              if s[0]["__suffix__"] == "_count"}
+    assert counts == {"small": 300, "large": 300}
     assert {s[0]["route"]: s[1] for s in fams["edge_agent_route_requests_total"]["samples"]} == {
         "small": 10000, "large": 2270}
     assert fams["edge_agent_spool_dropped_total"]["samples"][0][1] == 7
@@ -120,7 +147,8 @@ def test_unknown_values_are_absent_not_zero_and_counters_need_totals():
     t = Telemetry(device_id="box", ts=1.0, seq=0, period_s=10.0, uptime_s=1.0)
     fams = strict_parse(render_prometheus(t))
     assert "edge_agent_gpu_utilization_ratio" not in fams and "edge_agent_power_watts" not in fams
-    assert "edge_agent_latency_seconds" not in fams and "edge_agent_temperature_celsius" not in fams
+    assert "edge_agent_period_latency_seconds" not in fams and "edge_agent_temperature_celsius" not in fams
+    assert "edge_agent_latency_seconds" not in fams  # histograms come from the running totals only
     assert "edge_agent_requests_total" not in fams  # no totals given: no fake counters from period counts
     assert fams["edge_agent_period_requests"]["samples"][0][1] == 0
     assert fams["edge_agent_uptime_seconds"]["samples"][0][1] == 1.0
@@ -171,3 +199,54 @@ def test_metrics_endpoint_serves_the_publishers_latest_telemetry(tmp_path):
     assert sum(s[1] for s in fams["edge_agent_route_requests_total"]["samples"]) == 40
     assert fams["edge_agent_info"]["samples"][0][0]["bundle"] == "digits"
     assert len(sent) == 2
+    count = [s[1] for s in fams["edge_agent_latency_seconds"]["samples"] if s[0]["__suffix__"] == "_count"]
+    assert count == [40]  # every answered request, over both periods
+    _promtool_check(text)
+
+
+def _promtool() -> str:
+    """promtool's path. scripts/test.sh installs Debian's `prometheus` package, which provides it; only an
+    ad-hoc run outside that script (EDGE_AGENT_TEST_SCRIPT unset) may skip for want of it."""
+    import os
+    import shutil
+
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("EDGE_AGENT_TEST_SCRIPT") == "1" or os.environ.get("CI"):
+            pytest.fail("promtool is missing although scripts/test.sh installs it (Debian package prometheus)")
+        pytest.skip("promtool not installed (apt-get install prometheus; scripts/test.sh does it)")
+    return path
+
+
+def _promtool_check(text: str) -> None:
+    import subprocess
+
+    out = subprocess.run([_promtool(), "check", "metrics"], input=text, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr  # no lint warning
+
+
+def test_promtool_accepts_the_full_exposition_with_shadow_and_histograms():
+    from edge_agent.protocol.messages import ShadowStats
+
+    sh = ShadowStats.model_validate({
+        "mode": "shadow", "candidate": {"name": "digits", "version": 4}, "mirrored": 10, "dropped": 1,
+        "candidate_errors": 0, "agreement": 0.9, "candidate_latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
+        "active_latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0}})
+    _promtool_check(render_prometheus(_telemetry(shadow=sh), totals=TOTALS))
+
+
+def test_every_family_is_documented_in_docs_telemetry():
+    from pathlib import Path
+
+    from edge_agent.protocol.messages import ShadowStats
+
+    sh = ShadowStats.model_validate({
+        "mode": "ab", "candidate": {"name": "digits", "version": 4}, "mirrored": 10, "dropped": 1,
+        "candidate_errors": 0, "agreement": 0.9, "candidate_latency_ms": {"p50": 1.0},
+        "active_latency_ms": {"p50": 1.0}, "arms": {"active": {"requests": 3}, "candidate": {"requests": 2}}})
+    fams = strict_parse(render_prometheus(_telemetry(shadow=sh), totals=TOTALS))
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "telemetry.md").read_text()
+    missing = sorted(name for name in fams if "`%s" % name not in doc)
+    assert not missing, "families not in docs/telemetry.md: %s" % ", ".join(missing)

@@ -20,7 +20,7 @@ from edge_agent.lifecycle.shadow import Split
 from edge_agent.runtime.errors import OverloadedError
 from edge_agent.runtime.mirror import _Delegating
 from edge_agent.runtime.service import InferResult
-from edge_agent.runtime.stats import LatencyRecorder, percentiles
+from edge_agent.runtime.stats import LatencyRecorder, merge_histograms, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class SplitService(_Delegating):
         for k in ("requests", "errors", "refused"):
             snap[k] = int(snap.get(k) or 0) + int(cand.get(k) or 0)
         snap["latency_ms"] = percentiles(np.concatenate(samples))
+        snap["latency_histogram"] = merge_histograms(snap.get("latency_histogram"), cand.get("latency_histogram"))
         snap["queue_depth"] = int(snap.get("queue_depth") or 0) + int(cand.get("queue_depth") or 0)
         total = arms["active"]["requests"] + arms["candidate"]["requests"]
         snap["shadow"] = {

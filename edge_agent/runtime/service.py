@@ -219,6 +219,11 @@ class InferenceService:
                 "large_fraction": _round(routes["large"]["requests"] / answered) if answered else None,
                 "tau": None,
                 "routes": routes,
+                # exact bucket counts of the period (the Prometheus histograms accumulate them)
+                "latency_histogram": {
+                    "total": self._latency.histogram(reset),
+                    "routes": {r: self._routes[r].latency.histogram(reset) for r in ROUTES},
+                },
             }
             if reset:
                 self._requests = self._errors = self._refused = 0

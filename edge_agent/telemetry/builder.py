@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, Optional, Union
 from pydantic import ValidationError
 
 from edge_agent.protocol.messages import BundleRef, LatencyMs, RouteStats, ShadowStats, Telemetry
-from edge_agent.telemetry.metrics import Counters
+from edge_agent.runtime.stats import HISTOGRAM_BOUNDS_MS
+from edge_agent.telemetry.metrics import Counters, CumulativeHistogram
 from edge_agent.telemetry.system import collect_system
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class TelemetryBuilder:
         self._seq = 0
         self._totals = Counters(TOTALS)
         self._route_totals: Dict[str, Counters] = {}
+        self._latency_hist = CumulativeHistogram(len(HISTOGRAM_BOUNDS_MS) + 1)
+        self._route_hists: Dict[str, CumulativeHistogram] = {}
 
     @property
     def next_seq(self) -> int:
@@ -71,10 +74,27 @@ class TelemetryBuilder:
         return self._seq
 
     def totals(self) -> Dict[str, Any]:
-        """Counters since start: {"requests", "errors", "refused", "routes": {route: {"requests", "errors"}}}."""
+        """Counters since start: {"requests", "errors", "refused", "routes": {route: {"requests", "errors"}},
+        "latency_histogram": {"bounds_ms", "total", "routes": {route: ...}}} (see CumulativeHistogram)."""
         out: Dict[str, Any] = self._totals.snapshot()
         out["routes"] = {r: c.snapshot() for r, c in sorted(self._route_totals.items())}
+        out["latency_histogram"] = {
+            "bounds_ms": HISTOGRAM_BOUNDS_MS,
+            "total": self._latency_hist.snapshot(),
+            "routes": {r: h.snapshot() for r, h in sorted(self._route_hists.items())},
+        }
         return out
+
+    def _add_histograms(self, hist: Any) -> None:
+        """Accumulate the period's latency histograms (a malformed one is skipped with a warning)."""
+        if not isinstance(hist, dict):
+            return
+        n = len(HISTOGRAM_BOUNDS_MS) + 1
+        ok = self._latency_hist.add(hist.get("total")) if hist.get("total") is not None else True
+        for name, h in (hist.get("routes") or {}).items():
+            ok = self._route_hists.setdefault(str(name), CumulativeHistogram(n)).add(h) and ok
+        if not ok:
+            logger.warning("runtime latency histogram does not match %d buckets; left out", n)
 
     def build(self, stats: Optional[Dict[str, Any]] = None) -> Telemetry:
         """One message from the period's runtime stats (None when no model is serving)."""
@@ -114,6 +134,7 @@ class TelemetryBuilder:
         self._totals.inc("errors", errors)
         self._totals.inc("refused", refused)
         out.update(requests=requests, errors=errors, refused=refused)
+        self._add_histograms(stats.get("latency_histogram"))
         if stats:
             out["qps"] = round(requests / period, 4)
             out["error_rate"] = round(errors / requests, 6) if requests else None

@@ -35,3 +35,32 @@ class Counters:
         """A copy of every counter."""
         with self._lock:
             return dict(self._values)
+
+
+class CumulativeHistogram:
+    """Bucket counts and a sum that only go up: the period histograms of the runtime's stats added
+    together, for a Prometheus histogram. Malformed periods are ignored, never fatal."""
+
+    def __init__(self, n_buckets: int) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0] * n_buckets
+        self._sum = 0.0
+
+    def add(self, period: object) -> bool:
+        """Add one period's ``{"counts", "sum_ms"}``; False (and nothing added) when it does not fit."""
+        if not isinstance(period, dict):
+            return False
+        counts, total = period.get("counts"), period.get("sum_ms")
+        if (not isinstance(counts, list) or len(counts) != len(self._counts)
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+                or not isinstance(total, (int, float)) or isinstance(total, bool) or not total >= 0):
+            return False
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts)]
+            self._sum += float(total)
+        return True
+
+    def snapshot(self) -> Dict[str, object]:
+        """``{"counts": per bucket (not cumulative), "sum_ms", "count"}``."""
+        with self._lock:
+            return {"counts": list(self._counts), "sum_ms": self._sum, "count": sum(self._counts)}

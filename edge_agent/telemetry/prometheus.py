@@ -16,6 +16,7 @@ from edge_agent.protocol.messages import Telemetry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "edge_agent_"
+#: Per-period percentiles are gauges labelled `percentile` (the `quantile` label belongs to summaries).
 _QUANTILES = (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -59,12 +60,33 @@ class _Writer:
         self.lines.append("# HELP %s %s" % (full, escape_help(help_text)))
         self.lines.append("# TYPE %s %s" % (full, mtype))
         for labels, value in samples:
-            all_labels = dict({"device_id": self.device_id}, **labels)
-            lbl = ",".join('%s="%s"' % (k, escape_label_value(str(val))) for k, val in all_labels.items())
-            self.lines.append("%s{%s} %s" % (full, lbl, format_value(value)))
+            self._sample(full, labels, value)
 
     def gauge(self, name: str, help_text: str, value: Any, **labels: str) -> None:
         self.family(name, "gauge", help_text, [(labels, value)])
+
+    def histogram(self, name: str, help_text: str, bounds_s: List[float],
+                  series: List[Tuple[Dict[str, str], Any]]) -> None:
+        """A histogram family: per series ``_bucket{le}`` (cumulative, ending with +Inf), ``_sum``, ``_count``.
+        Each series value is ``{"counts": per bucket then +Inf, "sum_ms"}``."""
+        series = [(lbl, h) for lbl, h in series if h and len(h.get("counts") or ()) == len(bounds_s) + 1]
+        if not series:
+            return
+        full = PREFIX + name
+        self.lines.append("# HELP %s %s" % (full, escape_help(help_text)))
+        self.lines.append("# TYPE %s histogram" % full)
+        for labels, h in series:
+            running = 0
+            for le, c in zip([*(format_value(b) for b in bounds_s), "+Inf"], h["counts"]):
+                running += int(c)
+                self._sample(full + "_bucket", dict(labels, le=le), running)
+            self._sample(full + "_sum", labels, float(h["sum_ms"]) / 1000.0)
+            self._sample(full + "_count", labels, running)
+
+    def _sample(self, name: str, labels: Dict[str, str], value: Any) -> None:
+        all_labels = dict({"device_id": self.device_id}, **labels)
+        lbl = ",".join('%s="%s"' % (k, escape_label_value(str(val))) for k, val in all_labels.items())
+        self.lines.append("%s{%s} %s" % (name, lbl, format_value(value)))
 
 
 def _ms_to_s(v: Optional[float]) -> Optional[float]:
@@ -86,9 +108,9 @@ def _shadow(w: _Writer, t: Telemetry) -> None:
     w.gauge("shadow_mirrored", "Inputs the shadow candidate ran in the last period.", sh.mirrored, **lbl)
     w.gauge("shadow_dropped", "Sampled inputs shed instead of mirrored in the last period.", sh.dropped, **lbl)
     w.gauge("shadow_candidate_errors", "Candidate failures in the last period.", sh.candidate_errors, **lbl)
-    w.family("shadow_latency_seconds", "gauge", "Latency quantiles of the candidate and the active model (same "
+    w.family("shadow_latency_seconds", "gauge", "Latency percentiles of the candidate and the active model (same "
              "inputs in shadow mode, own arm in A/B mode) over the last period.",
-             [(dict(lbl, side=side, quantile=q), _ms_to_s(getattr(lat, k)))
+             [(dict(lbl, side=side, percentile=q), _ms_to_s(getattr(lat, k)))
               for side, lat in (("candidate", sh.candidate_latency_ms), ("active", sh.active_latency_ms))
               for k, q in _QUANTILES])
     w.family("shadow_arm_requests", "gauge", "A/B: requests answered per arm in the last period.",
@@ -110,6 +132,12 @@ def render_prometheus(t: Telemetry, *, totals: Optional[Mapping[str, Any]] = Non
                  [({"route": r}, int(c.get("requests", 0))) for r, c in sorted(routes.items())])
         w.family("route_errors_total", "counter", "Requests failed per route since the agent started.",
                  [({"route": r}, int(c.get("errors", 0))) for r, c in sorted(routes.items())])
+        hist = totals.get("latency_histogram") or {}
+        bounds_s = [b / 1000.0 for b in hist.get("bounds_ms") or ()]
+        w.histogram("latency_seconds", "End-to-end inference latency since the agent started (arrival to answer).",
+                    bounds_s, [({}, hist.get("total"))])
+        w.histogram("route_latency_seconds", "Inference latency per route since the agent started.",
+                    bounds_s, [({"route": r}, h) for r, h in sorted((hist.get("routes") or {}).items())])
     w.family("spool_dropped_total", "counter", "Telemetry/event messages dropped because the offline spool was full.",
              [({}, t.spool_dropped)])
     w.family("malformed_messages_total", "counter", "Received MQTT payloads that were malformed and ignored.",
@@ -120,15 +148,15 @@ def render_prometheus(t: Telemetry, *, totals: Optional[Mapping[str, Any]] = Non
     w.gauge("period_refused", "Requests refused in the last telemetry period.", t.refused)
     w.gauge("requests_per_second", "Requests per second over the last telemetry period.", t.qps)
     w.gauge("error_ratio", "Failed share of the requests of the last period (0-1).", t.error_rate)
-    w.family("latency_seconds", "gauge", "End-to-end inference latency quantiles over the last period.",
-             [({"quantile": q}, _ms_to_s(getattr(t.latency_ms, k))) for k, q in _QUANTILES])
+    w.family("period_latency_seconds", "gauge", "End-to-end inference latency percentiles over the last period.",
+             [({"percentile": q}, _ms_to_s(getattr(t.latency_ms, k))) for k, q in _QUANTILES])
     w.gauge("queue_depth", "Requests waiting in the batch queues.", t.queue_depth)
     w.gauge("mean_batch_size", "Mean batch size over the last period.", t.mean_batch)
     w.gauge("large_route_ratio", "Share of answered requests routed to the large model (0-1).", t.large_fraction)
     w.gauge("router_tau", "Current threshold of the small/large router.", t.tau)
     routes = sorted(t.routes.items())
-    w.family("route_latency_seconds", "gauge", "Inference latency quantiles per route over the last period.",
-             [({"route": r, "quantile": q}, _ms_to_s(getattr(rs.latency_ms, k))) for r, rs in routes
+    w.family("period_route_latency_seconds", "gauge", "Inference latency percentiles per route over the last period.",
+             [({"route": r, "percentile": q}, _ms_to_s(getattr(rs.latency_ms, k))) for r, rs in routes
               for k, q in _QUANTILES])
     w.family("route_queue_depth", "gauge", "Requests waiting per route.",
              [({"route": r}, rs.queue_depth) for r, rs in routes])
