@@ -55,6 +55,7 @@ from edge_agent.protocol.messages import (
     Status,
 )
 from edge_agent.signing import load_public_keys
+from edge_agent.sysinfo.meminfo import read_meminfo_bytes
 from edge_agent.transfer.fetcher import Fetcher, TransferCancelled
 from edge_agent.watchdog import Heartbeat, ServiceNotifier, status_line
 
@@ -80,12 +81,10 @@ def platform_info(backend: str) -> PlatformInfo:
     except Exception as e:  # platform probing must never stop the agent
         log.warning("platform detection failed: %s", e)
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    info["memory_total_mb"] = int(line.split()[1]) // 1024
-                    break
-    except (OSError, ValueError):
+        total = read_meminfo_bytes().get("MemTotal")
+        if total is not None:
+            info["memory_total_mb"] = total // (1024 * 1024)
+    except OSError:
         pass
     return PlatformInfo(**info)
 

@@ -13,7 +13,6 @@ from edge_agent.engines.budget import (
     budget_from_cuda,
     budget_from_jtop,
     budget_from_meminfo,
-    parse_meminfo,
     read_budget,
 )
 from edge_agent.engines.platform import (
@@ -23,24 +22,18 @@ from edge_agent.engines.platform import (
     platform_key,
 )
 from edge_agent.errors import ResourceError
+from edge_agent.sysinfo.meminfo import parse_meminfo_bytes
 
 DATA = Path(__file__).parent / "data"
 KB = 1024
 
 
-def _meminfo(board: str) -> str:
-    return (DATA / ("meminfo_%s.txt" % board)).read_text()
+def _meminfo(board: str) -> dict:
+    return parse_meminfo_bytes((DATA / ("meminfo_%s.txt" % board)).read_text())
 
 
 def _jtop(board: str) -> dict:
     return json.loads((DATA / ("jtop_memory_%s.json" % board)).read_text())
-
-
-def test_meminfo_parsed_to_bytes():
-    info = parse_meminfo(_meminfo("xavier_nx_8gb"))
-    assert info["MemTotal"] == 7334312 * KB
-    assert info["MemAvailable"] == 4615876 * KB
-    assert info["HugePages_Total"] == 0  # unitless lines stay counts
 
 
 @pytest.mark.parametrize(
@@ -63,9 +56,9 @@ def test_xavier_budget_is_smaller_than_orin_budget():
 
 
 def test_swap_counts_only_when_allowed():
-    text = _meminfo("xavier_nx_8gb")
-    without = budget_from_meminfo(text, fraction=1.0, reserve_bytes=0)
-    with_swap = budget_from_meminfo(text, fraction=1.0, reserve_bytes=0, allow_swap=True)
+    info = _meminfo("xavier_nx_8gb")
+    without = budget_from_meminfo(info, fraction=1.0, reserve_bytes=0)
+    with_swap = budget_from_meminfo(info, fraction=1.0, reserve_bytes=0, allow_swap=True)
     assert with_swap.available_bytes - without.available_bytes == 3667136 * KB
 
 
@@ -76,12 +69,12 @@ def test_reserve_larger_than_available_gives_zero_not_negative():
 
 def test_meminfo_without_memavailable_falls_back_to_free_plus_cache():
     text = "MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 10 kB\nCached: 200 kB\n"
-    assert budget_from_meminfo(text, fraction=1.0, reserve_bytes=0).available_bytes == 310 * KB
+    assert budget_from_meminfo(parse_meminfo_bytes(text), fraction=1.0, reserve_bytes=0).available_bytes == 310 * KB
 
 
 def test_garbage_meminfo_is_a_resource_error():
     with pytest.raises(ResourceError, match="MemTotal"):
-        budget_from_meminfo("hello\nworld: lots\n", fraction=0.5, reserve_bytes=0)
+        budget_from_meminfo(parse_meminfo_bytes("hello\nworld: lots\n"), fraction=0.5, reserve_bytes=0)
 
 
 @pytest.mark.parametrize("board", ["xavier_nx_8gb", "orin_nx_16gb"])
@@ -112,7 +105,7 @@ def test_discrete_gpu_budget_from_mem_get_info():
 
 def test_read_budget_reads_the_file_it_is_given(tmp_path):
     p = tmp_path / "meminfo"
-    p.write_text(_meminfo("orin_nx_16gb"))
+    p.write_text((DATA / "meminfo_orin_nx_16gb.txt").read_text())
     b = read_budget(fraction=0.5, reserve_bytes=0, meminfo_path=p)
     assert b.available_bytes == 12731452 * KB
     with pytest.raises(ResourceError, match="cannot read"):

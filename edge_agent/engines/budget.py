@@ -2,8 +2,8 @@
 
 budget = memory available to the GPU × fraction − reserve, where "available to the GPU" is
 `MemAvailable` (+ `SwapFree` when allowed) on a Jetson's unified memory, the same from jtop when it is
-running, and free device memory on a discrete GPU. The functions that compute a budget are pure (text or
-dicts in, a `MemoryBudget` out); `read_budget` does the reading.
+running, and free device memory on a discrete GPU. The functions that compute a budget are pure (dicts
+in, a `MemoryBudget` out); `read_budget` does the reading.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from edge_agent.errors import ResourceError
+from edge_agent.sysinfo.meminfo import MEMINFO_PATH, available_bytes, read_meminfo_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,33 +50,16 @@ def apply_budget(available_bytes: int, *, fraction: float, reserve_bytes: int) -
     return max(0, int(available_bytes * fraction) - int(reserve_bytes))
 
 
-def parse_meminfo(text: str) -> Dict[str, int]:
-    """`/proc/meminfo` text -> {field: bytes}. Lines that do not parse are skipped."""
-    out: Dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        parts = rest.split()
-        if not parts:
-            continue
-        try:
-            value = int(parts[0])
-        except ValueError:
-            continue
-        unit = parts[1].lower() if len(parts) > 1 else ""
-        out[key.strip()] = value * KIB if unit == "kb" else value
-    return out
-
-
-def budget_from_meminfo(text: str, *, fraction: float, reserve_bytes: int, allow_swap: bool = False) -> MemoryBudget:
-    """Unified-memory budget from `/proc/meminfo` text (MemAvailable, + SwapFree when allowed)."""
-    info = parse_meminfo(text)
+def budget_from_meminfo(
+    info: Mapping[str, int], *, fraction: float, reserve_bytes: int, allow_swap: bool = False
+) -> MemoryBudget:
+    """Unified-memory budget from /proc/meminfo in bytes (`edge_agent.sysinfo.meminfo.parse_meminfo_bytes`):
+    MemAvailable (free + page cache on old kernels), + SwapFree when allowed."""
     if "MemTotal" not in info:
         raise ResourceError("meminfo has no MemTotal line: cannot size engines")
-    available = info.get("MemAvailable")
-    if available is None:  # kernels before 3.14: free + page cache is the usual estimate
-        available = info.get("MemFree", 0) + info.get("Buffers", 0) + info.get("Cached", 0)
+    available = available_bytes(info)
+    if available is None:
+        raise ResourceError("meminfo has neither MemAvailable nor MemFree: cannot size engines")
     total = info["MemTotal"]
     if allow_swap:
         available += info.get("SwapFree", 0)
@@ -138,7 +122,7 @@ def read_budget(
     allow_swap: bool = False,
     unified_memory: bool = True,
     use_jtop: bool = False,
-    meminfo_path: Path = Path("/proc/meminfo"),
+    meminfo_path: Path = MEMINFO_PATH,
     cuda_mem_get_info: Optional[Any] = None,
 ) -> MemoryBudget:
     """Read the current budget.
@@ -157,10 +141,10 @@ def read_budget(
             except ResourceError as e:
                 log.warning("%s; falling back to %s", e, meminfo_path)
     try:
-        text = Path(meminfo_path).read_text()
+        info = read_meminfo_bytes(meminfo_path)
     except OSError as e:
         raise ResourceError("cannot read %s (%s): cannot size engines" % (meminfo_path, e.strerror))
-    return budget_from_meminfo(text, fraction=fraction, reserve_bytes=reserve_bytes, allow_swap=allow_swap)
+    return budget_from_meminfo(info, fraction=fraction, reserve_bytes=reserve_bytes, allow_swap=allow_swap)
 
 
 def budget_for_config(cfg: Any, *, unified_memory: bool = True, use_jtop: bool = False,

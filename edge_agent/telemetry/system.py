@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from edge_agent.sysinfo.meminfo import available_bytes, read_meminfo_bytes
+
 logger = logging.getLogger(__name__)
 
 SYSTEM_KEYS = (
@@ -35,6 +37,8 @@ SYSTEM_KEYS = (
 JTOP_OFFLINE_TEMP = -256.0
 NVIDIA_SMI_QUERY = "utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 _PLAUSIBLE_TEMP_C = (-60.0, 200.0)
+#: The *_mb keys are MiB (as jtop's and /proc's kB are KiB).
+MIB = 1024.0 * 1024.0
 
 
 def empty_system() -> Dict[str, Any]:
@@ -63,19 +67,6 @@ def _temp(v: Any) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------------------ parsers
-
-
-def parse_meminfo(text: str) -> Dict[str, int]:
-    """`/proc/meminfo` as {key: kB}."""
-    out: Dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        fields = rest.split()
-        if fields and fields[0].isdigit():
-            out[key.strip()] = int(fields[0])
-    return out
 
 
 def parse_proc_stat_cpu(text: str) -> Optional[tuple]:
@@ -408,14 +399,14 @@ class SystemCollector:
     def _read_proc(self, out: Dict[str, Any]) -> bool:
         got = False
         try:
-            mem = parse_meminfo((self._proc / "meminfo").read_text())
-            total, avail = mem.get("MemTotal"), mem.get("MemAvailable")
+            mem = read_meminfo_bytes(self._proc / "meminfo")
+            total, avail = mem.get("MemTotal"), available_bytes(mem)
             if avail is not None:
-                out["mem_available_mb"] = avail / 1024.0
+                out["mem_available_mb"] = avail / MIB
                 got = True
             if out["mem_used_mb"] is None and total is not None and avail is not None:
-                out["mem_used_mb"] = max(0, total - avail) / 1024.0
-        except (OSError, ValueError) as e:
+                out["mem_used_mb"] = max(0, total - avail) / MIB
+        except OSError as e:
             self._warn_once("meminfo", "cannot read %s: %s", self._proc / "meminfo", e)
         if out["cpu_percent"] is None:
             pct = self._proc_cpu_percent()
@@ -504,9 +495,9 @@ class SystemCollector:
             if need_mem:
                 vm = psutil.virtual_memory()
                 if out["mem_available_mb"] is None:
-                    out["mem_available_mb"] = vm.available / (1024.0 * 1024.0)
+                    out["mem_available_mb"] = vm.available / MIB
                 if out["mem_used_mb"] is None:
-                    out["mem_used_mb"] = (vm.total - vm.available) / (1024.0 * 1024.0)
+                    out["mem_used_mb"] = (vm.total - vm.available) / MIB
                 got = True
             if need_temp and hasattr(psutil, "sensors_temperatures"):
                 for chip, entries in (psutil.sensors_temperatures() or {}).items():
