@@ -36,7 +36,7 @@ from edge_agent.telemetry.builder import TelemetryBuilder  # noqa: E402
 from edge_agent.telemetry.prometheus import render_prometheus  # noqa: E402
 from edge_agent.telemetry.publisher import TelemetryPublisher  # noqa: E402
 from edge_agent.telemetry.spool import Spool, _encode  # noqa: E402
-from edge_agent.telemetry.system import SystemCollector  # noqa: E402
+from edge_agent.telemetry.system_collector import SystemCollector  # noqa: E402
 
 TOPIC = topics.telemetry("edge/v1", "bench-1")
 STATS = {"requests": 1234, "errors": 3, "refused": 0, "latency_ms": {"p50": 2.1, "p95": 6.4, "p99": 9.8},

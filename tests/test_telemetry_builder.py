@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.protocol.messages import BundleRef, Telemetry
 from edge_agent.telemetry.builder import TelemetryBuilder
-from edge_agent.telemetry.system import empty_system
+from edge_agent.telemetry.system_parsers import empty_system
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "schemas" / "telemetry.json").read_text())
 

@@ -166,7 +166,7 @@ def test_metrics_endpoint_serves_the_publishers_latest_telemetry(tmp_path):
     from edge_agent.telemetry.builder import TelemetryBuilder
     from edge_agent.telemetry.publisher import TelemetryPublisher
     from edge_agent.telemetry.spool import Spool
-    from edge_agent.telemetry.system import empty_system
+    from edge_agent.telemetry.system_parsers import empty_system
 
     models = digits_models(max_batch=8)
     svc = InferenceService(models, digits_manifest(DIGITS), DIGITS, RuntimeConfig())

@@ -21,7 +21,7 @@ from edge_agent.protocol.messages import Event, Telemetry
 from edge_agent.telemetry.builder import TelemetryBuilder
 from edge_agent.telemetry.publisher import TelemetryPublisher, create_publisher
 from edge_agent.telemetry.spool import Spool
-from edge_agent.telemetry.system import empty_system
+from edge_agent.telemetry.system_parsers import empty_system
 
 TOPIC = topics.telemetry("edge/v1", "dev-1")
 EVENTS = topics.events("edge/v1", "dev-1")

@@ -8,7 +8,8 @@ import time
 import pytest
 from jtop_double import ORIN, XAVIER_NX, JtopDouble, hide_jtop
 
-from edge_agent.telemetry.system import SYSTEM_KEYS, SystemCollector, collect_system, parse_nvidia_smi
+from edge_agent.telemetry.system_collector import SystemCollector, collect_system
+from edge_agent.telemetry.system_parsers import SYSTEM_KEYS, parse_nvidia_smi, parse_tegrastats
 
 
 class FakeClock:
@@ -235,7 +236,6 @@ TEGRASTATS_JP6_AGX_ORIN = ("11-22-2026 00:00:00 RAM 6432/30623MB (lfb 2x4MB) SWA
      {"cpu": 48.2, "soc2": 46.9, "soc0": 47.0, "gpu": 50.3, "tj": 50.3, "soc1": 46.5}),
 ])
 def test_parse_tegrastats_lines_of_jetpack_4_5_and_6(line, expect, temps):
-    from edge_agent.telemetry.system import parse_tegrastats
 
     cpu, gpu, used, power = expect
     out = parse_tegrastats(line)
@@ -247,7 +247,6 @@ def test_parse_tegrastats_lines_of_jetpack_4_5_and_6(line, expect, temps):
 
 
 def test_parse_tegrastats_garbage_gives_nothing():
-    from edge_agent.telemetry.system import parse_tegrastats
 
     out = parse_tegrastats("tegrastats: permission denied")
     assert out.get("gpu_util") is None and out["power_mw"] is None and out["temperatures_c"] == {}

@@ -30,7 +30,7 @@ def _fmt(v: Any, unit: str = "") -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from edge_agent.telemetry.spool import Spool
-    from edge_agent.telemetry.system import SystemCollector
+    from edge_agent.telemetry.system_collector import SystemCollector
 
     cfg = load_agent_config(Path(args.config))
     t = cfg.telemetry

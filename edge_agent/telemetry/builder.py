@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from edge_agent.protocol.messages import BundleRef, LatencyMs, RouteStats, ShadowStats, Telemetry
 from edge_agent.runtime.stats import HISTOGRAM_BOUNDS_MS
 from edge_agent.telemetry.metrics import Counters, CumulativeHistogram
-from edge_agent.telemetry.system import collect_system
+from edge_agent.telemetry.system_collector import collect_system
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from edge_agent.telemetry.builder import TelemetryBuilder
 from edge_agent.telemetry.metrics import Counters
 from edge_agent.telemetry.prometheus import render_prometheus
 from edge_agent.telemetry.spool import Spool
-from edge_agent.telemetry.system import SystemCollector
+from edge_agent.telemetry.system_collector import SystemCollector
 
 logger = logging.getLogger(__name__)
 
