@@ -58,6 +58,19 @@ class RolloutSection(_Section):
     ingest_backlog: int = Field(20000, ge=100, description="telemetry messages waiting to be parsed; more dropped")
 
 
+class RegistrySection(_Section):
+    """Where the registry lives, and what controllers sharing it agree on."""
+
+    url: Optional[str] = Field(
+        None, pattern=r"^postgres(ql)?://", description="PostgreSQL shared by several controllers; none = SQLite"
+    )
+    pool_max: int = Field(8, ge=1, le=100, description="PostgreSQL connections per controller")
+    reconnect_s: float = Field(30.0, ge=0, le=3600, description="how long a lost database is retried per call")
+    lease_s: float = Field(10.0, ge=1, le=600, description="rollout lease; a dead owner's rollouts move after it")
+    history_interval_s: float = Field(60.0, ge=1, le=86400, description="telemetry history: one point per device per")
+    history_retention_s: float = Field(7 * 86400.0, ge=0, description="telemetry history kept; 0 = none kept")
+
+
 class FleetConfig(_Section):
     """The whole controller configuration (`fleet.toml`)."""
 
@@ -66,6 +79,7 @@ class FleetConfig(_Section):
     chunks: ChunkServerSection = ChunkServerSection()
     trust: BundleTrustSection = BundleTrustSection()
     rollouts: RolloutSection = RolloutSection()
+    registry: RegistrySection = RegistrySection()
 
 
 def load_fleet_config(path: Path) -> FleetConfig:

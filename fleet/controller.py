@@ -38,6 +38,10 @@ class Controller:
             state.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ResourceError("controller state dir %s cannot be created: %s" % (state, e.strerror))
+        self.registry = None
+        if cfg.registry.url:
+            # Shared by several controllers: opened here, because `fleet push` needs it as well.
+            self.registry = self._open_registry(cfg)
         self.store = ControllerStore(state / "store")
         self.seq = SeqCounter(state / "command-seq.json")
         self.key = key
@@ -63,7 +67,8 @@ class Controller:
         from fleet.rollout import RolloutParams
 
         r = cfg.rollouts
-        self.registry = Registry(r.registry_file or cfg.controller.state_dir / "registry.sqlite")
+        if self.registry is None:
+            self.registry = Registry(r.registry_file or cfg.controller.state_dir / "registry.sqlite")
         self.control = ControlPlane(
             self.session, prefix=self.prefix, registry=self.registry, send_command=self.send_command,
             resolve_bundle=self.resolve_bundle, share_group=cfg.controller.shared_group, default_waves=r.waves,
@@ -71,6 +76,13 @@ class Controller:
             health=HealthPolicy(max_error_rate=r.unhealthy_error_rate), tick_interval_s=r.tick_interval_s,
             telemetry_flush_s=r.telemetry_flush_s, ingest_backlog=r.ingest_backlog,
         )
+
+    @staticmethod
+    def _open_registry(cfg: FleetConfig):
+        from fleet.registry import Registry
+
+        g = cfg.registry
+        return Registry(str(g.url), pool_max=g.pool_max, reconnect_s=g.reconnect_s)
 
     def resolve_bundle(self, name: str, version: int) -> Tuple[str, int]:
         """(manifest sha256, manifest size) of a stored bundle (BundleRecordError when unknown)."""
@@ -139,5 +151,5 @@ class Controller:
             self.control.stop()
         self.chunks.stop()
         self.session.stop()
-        if self.control is not None:
+        if self.registry is not None:
             self.registry.close()

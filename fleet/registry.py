@@ -1,10 +1,12 @@
-"""The controller's registry: devices, rollouts and their history in SQLite (stdlib ``sqlite3``).
+"""The controller's registry: devices, rollouts and their history, in SQLite (the embedded default, one
+controller) or PostgreSQL (several controllers sharing one fleet), through `fleet.registry_db`.
 
-The database runs in WAL mode, so readers (the CLI's RPC handlers, a second process with the file
-open read-only, a backup) never block the writer. One connection is shared by the controller's
-threads behind a lock; writes are short transactions. The schema is versioned in
-``schema_migrations``; opening an older file applies the missing migrations in order, opening a
-newer one is refused (the file belongs to a newer controller).
+SQLite runs in WAL mode, so readers (the CLI's RPC handlers, a second process with the file open
+read-only, a backup) never block the writer; PostgreSQL is reached through a connection pool. Writes
+are short transactions. The schema is the same for both and versioned in ``schema_migrations``;
+opening an older database applies the missing migrations in order (on PostgreSQL under an advisory
+lock, so controllers starting together migrate once), opening a newer one is refused (it belongs to
+a newer controller).
 
 Tables:
 
@@ -19,30 +21,25 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
-import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from edge_agent.errors import ResourceError
+from fleet.registry_db import PostgresDb, RegistryError, SqliteDb, Tx, is_postgres_url, redact_url
 
 log = logging.getLogger(__name__)
 
 
-class RegistryError(ResourceError):
-    """The registry database cannot be opened, migrated or written."""
-
-
-#: Migrations in order; the index + 1 is the schema version.
+#: Migrations in order; the index + 1 is the schema version. Written once for both engines (see
+#: fleet/registry_db.py for the ``{float}``-style type names); never edit one that has shipped, add one.
 MIGRATIONS: Tuple[str, ...] = (
     """
     CREATE TABLE devices (
         device_id       TEXT PRIMARY KEY,
-        first_seen      REAL NOT NULL,
-        last_seen       REAL NOT NULL,
+        first_seen      {float} NOT NULL,
+        last_seen       {float} NOT NULL,
         online          INTEGER NOT NULL DEFAULT 0,
-        status_ts       REAL,
+        status_ts       {float},
         agent_version   TEXT,
         platform        TEXT,
         active_name     TEXT,
@@ -52,7 +49,7 @@ MIGRATIONS: Tuple[str, ...] = (
         deploy          TEXT,
         ready           INTEGER NOT NULL DEFAULT 0,
         health          TEXT NOT NULL DEFAULT 'unknown',
-        telemetry_ts    REAL,
+        telemetry_ts    {float},
         telemetry       TEXT,
         last_event      TEXT
     );
@@ -62,8 +59,8 @@ MIGRATIONS: Tuple[str, ...] = (
         bundle_version INTEGER NOT NULL,
         mode           TEXT NOT NULL,
         state          TEXT NOT NULL,
-        created        REAL NOT NULL,
-        updated        REAL NOT NULL,
+        created        {float} NOT NULL,
+        updated        {float} NOT NULL,
         reason         TEXT NOT NULL DEFAULT '',
         body           TEXT NOT NULL
     );
@@ -74,22 +71,75 @@ MIGRATIONS: Tuple[str, ...] = (
         wave       INTEGER NOT NULL,
         state      TEXT NOT NULL,
         prior      TEXT,
-        sent_at    REAL,
-        updated    REAL NOT NULL,
+        sent_at    {float},
+        updated    {float} NOT NULL,
         detail     TEXT NOT NULL DEFAULT '',
         rollback_attempts INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (rollout_id, device_id)
     );
     CREATE INDEX rollout_devices_device ON rollout_devices(device_id);
     CREATE TABLE rollout_history (
-        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        id         {autoid},
         rollout_id TEXT NOT NULL,
-        ts         REAL NOT NULL,
+        ts         {float} NOT NULL,
         kind       TEXT NOT NULL,
         device_id  TEXT,
         message    TEXT NOT NULL
     );
     CREATE INDEX rollout_history_rollout ON rollout_history(rollout_id, id);
+    """,
+    # 2: what several controllers share: command sequence numbers, rollout leases and the inbox of
+    # events / operator requests for a rollout another controller owns, downsampled telemetry history,
+    # and the bundle store (records + objects in chunks).
+    """
+    CREATE TABLE command_seq (
+        device_id TEXT PRIMARY KEY,
+        last_seq  {bigint} NOT NULL
+    );
+    CREATE TABLE rollout_leases (
+        rollout_id TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        expires_at {float} NOT NULL,
+        epoch      {bigint} NOT NULL DEFAULT 1
+    );
+    CREATE TABLE rollout_inbox (
+        id         {autoid},
+        rollout_id TEXT NOT NULL,
+        kind       TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        created    {float} NOT NULL,
+        done       INTEGER NOT NULL DEFAULT 0,
+        result     TEXT
+    );
+    CREATE INDEX rollout_inbox_rollout ON rollout_inbox(rollout_id, done, id);
+    CREATE TABLE telemetry_history (
+        device_id TEXT NOT NULL,
+        bucket    {bigint} NOT NULL,
+        ts        {float} NOT NULL,
+        summary   TEXT NOT NULL,
+        PRIMARY KEY (device_id, bucket)
+    );
+    CREATE INDEX telemetry_history_bucket ON telemetry_history(bucket);
+    CREATE TABLE bundle_records (
+        name            TEXT NOT NULL,
+        version         INTEGER NOT NULL,
+        manifest_sha256 TEXT NOT NULL,
+        manifest_size   {bigint} NOT NULL,
+        created         {float} NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE bundle_objects (
+        sha256      TEXT PRIMARY KEY,
+        size        {bigint} NOT NULL,
+        chunk_bytes INTEGER NOT NULL,
+        complete    INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE bundle_chunks (
+        sha256 TEXT NOT NULL,
+        idx    INTEGER NOT NULL,
+        data   {blob} NOT NULL,
+        PRIMARY KEY (sha256, idx)
+    );
     """,
 )
 
@@ -131,35 +181,37 @@ def _loads(text: Optional[str]) -> Any:
 
 
 class Registry:
-    """Devices, rollouts and rollout history in one SQLite file (``":memory:"`` for tests)."""
+    """Devices, rollouts and rollout history in one database.
 
-    def __init__(self, path: Union[str, Path], *, busy_timeout_s: float = 10.0) -> None:
-        self.path = str(path)
-        self._lock = threading.RLock()
-        if self.path != ":memory:":
-            try:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise RegistryError("cannot create the registry folder for %s: %s" % (self.path, e.strerror))
+    `target`: a SQLite file path (``":memory:"`` for tests) or a ``postgresql://`` URL."""
+
+    def __init__(self, target: Union[str, Path], *, busy_timeout_s: float = 10.0, pool_min: int = 1,
+                 pool_max: int = 8, reconnect_s: float = 30.0) -> None:
+        target = str(target)
+        if is_postgres_url(target):
+            self._db: Any = PostgresDb(target, pool_min=pool_min, pool_max=pool_max, reconnect_s=reconnect_s,
+                                       connect_timeout_s=busy_timeout_s)
+            self.path = redact_url(target)
+        else:
+            self._db = SqliteDb(target, busy_timeout_s=busy_timeout_s)
+            self.path = target
+        self.engine = self._db.dialect.name
         try:
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA foreign_keys=ON")
-            if self.path != ":memory:":
-                mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    log.warning("registry %s: journal mode is %s, not WAL", self.path, mode)
-                self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise RegistryError("cannot open registry %s: %s" % (self.path, e))
+        except BaseException:
+            self._db.close()
+            raise
 
     # ------------------------------------------------------------------------------------ plumbing
 
+    @property
+    def shared(self) -> bool:
+        """True when other controllers may use the same database (PostgreSQL)."""
+        return self.engine == "postgresql"
+
     def close(self) -> None:
-        """Close the database connection."""
-        with self._lock:
-            self._db.close()
+        """Close the database connection(s)."""
+        self._db.close()
 
     def __enter__(self) -> Registry:
         return self
@@ -168,58 +220,44 @@ class Registry:
         self.close()
 
     def _migrate(self) -> None:
-        with self._lock:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        d = self._db.dialect
+        try:
+            ddl = d.schema("CREATE TABLE IF NOT EXISTS schema_migrations "
+                           "(version INTEGER PRIMARY KEY, applied_at {float} NOT NULL)")
+            self._db.write(lambda tx: tx.execute(ddl), migration_lock=True)
+        except RegistryError as e:
+            raise RegistryError("cannot open registry %s: %s" % (self.path, str(e).split(": ", 1)[-1]))
+        for version in range(1, SCHEMA_VERSION + 1):
+            if not self._db.write(lambda tx, v=version: self._apply_migration(tx, v), migration_lock=True):
+                continue
+            log.info("registry %s migrated to schema version %d", self.path, version)
+
+    def _apply_migration(self, tx: Tx, version: int) -> bool:
+        """Apply migration `version` unless it is there (False); refuses a newer database."""
+        current = tx.fetchall("SELECT MAX(version) AS v FROM schema_migrations")[0]["v"] or 0
+        if current > SCHEMA_VERSION:
+            raise RegistryError(
+                "registry %s has schema version %d, this controller knows up to %d; upgrade the controller"
+                % (self.path, current, SCHEMA_VERSION)
             )
-            row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-            current = row[0] or 0
-            if current > SCHEMA_VERSION:
-                raise RegistryError(
-                    "registry %s has schema version %d, this controller knows up to %d; upgrade the controller"
-                    % (self.path, current, SCHEMA_VERSION)
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for stmt in MIGRATIONS[version - 1].split(";"):
-                        if stmt.strip():
-                            self._db.execute(stmt)
-                    self._db.execute(
-                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, time.time())
-                    )
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                log.info("registry %s migrated to schema version %d", self.path, version)
+        if current >= version:
+            return False
+        for stmt in tx.dialect.schema(MIGRATIONS[version - 1]).split(";"):
+            if stmt.strip():
+                tx.execute(stmt)
+        tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, time.time()))
+        return True
 
     def schema_version(self) -> int:
         """The schema version of the open database."""
-        with self._lock:
-            return int(self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] or 0)
+        return int(self._read("SELECT MAX(version) AS v FROM schema_migrations")[0]["v"] or 0)
 
-    def _write(self, fn, *args: Any) -> Any:
-        """Run `fn(db, *args)` in one IMMEDIATE transaction."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    out = fn(self._db, *args)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.DatabaseError as e:
-                raise RegistryError("registry %s: write failed: %s" % (self.path, e))
-            return out
+    def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(tx, *args)` in one transaction."""
+        return self._db.write(lambda tx: fn(tx, *args))
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> List[sqlite3.Row]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, params).fetchall()
-            except sqlite3.DatabaseError as e:
-                raise RegistryError("registry %s: read failed: %s" % (self.path, e))
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> List[Any]:
+        return self._db.read(sql, params)
 
     # ------------------------------------------------------------------------------------- devices
 
@@ -232,15 +270,15 @@ class Registry:
 
         `items`: (device_id, telemetry ts, summary dict, health). Returns the number of rows written.
         """
-        rows = [(d, now, ts, _dumps(summary), health) for d, ts, summary, health in items]
+        rows = [(d, now, now, ts, _dumps(summary), health) for d, ts, summary, health in items]
         if not rows:
             return 0
 
-        def write(db: sqlite3.Connection) -> int:
+        def write(db: Tx) -> int:
             db.executemany(
                 "INSERT INTO devices (device_id, first_seen, last_seen, telemetry_ts, telemetry, health, online) "
-                "VALUES (?1, ?2, ?2, ?3, ?4, ?5, 1) "
-                "ON CONFLICT(device_id) DO UPDATE SET last_seen=MAX(last_seen, excluded.last_seen), "
+                "VALUES (?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
                 "telemetry_ts=excluded.telemetry_ts, telemetry=excluded.telemetry, health=excluded.health",
                 rows,
             )
@@ -251,12 +289,12 @@ class Registry:
     def record_event(self, device_id: str, event: Dict[str, Any], *, now: float) -> None:
         """Remember a device's last event and that it was seen."""
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Tx) -> None:
             db.execute(
-                "INSERT INTO devices (device_id, first_seen, last_seen, last_event) VALUES (?1, ?2, ?2, ?3) "
-                "ON CONFLICT(device_id) DO UPDATE SET last_seen=MAX(last_seen, excluded.last_seen), "
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_event) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
                 "last_event=excluded.last_event",
-                (device_id, now, _dumps(event)),
+                (device_id, now, now, _dumps(event)),
             )
 
         self._write(write)
@@ -277,12 +315,12 @@ class Registry:
 
     def device_count(self) -> int:
         """How many devices the registry knows."""
-        return int(self._read("SELECT COUNT(*) FROM devices")[0][0])
+        return int(self._read("SELECT COUNT(*) AS n FROM devices")[0]["n"])
 
     def forget_device(self, device_id: str) -> bool:
         """Remove a decommissioned device; True when it existed."""
 
-        def write(db: sqlite3.Connection) -> bool:
+        def write(db: Tx) -> bool:
             return db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,)).rowcount > 0
 
         return bool(self._write(write))
@@ -301,7 +339,7 @@ class Registry:
         own ``devices`` list."""
         entries = rollout.get("devices", []) if devices is None else devices
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Tx) -> None:
             body = {k: v for k, v in rollout.items() if k != "devices"}
             db.execute(
                 "INSERT INTO rollouts (rollout_id, bundle_name, bundle_version, mode, state, created, updated, reason, "
@@ -352,7 +390,10 @@ class Registry:
         if not rows:
             return None
         body = _loads(rows[0]["body"]) or {}
-        devs = self._read("SELECT * FROM rollout_devices WHERE rollout_id = ? ORDER BY wave, rowid", (rollout_id,))
+        devs = self._read("SELECT * FROM rollout_devices WHERE rollout_id = ?", (rollout_id,))
+        # In wave order, each wave in the order the rollout lists its devices.
+        pos = {d: i for w in body.get("waves") or [] for i, d in enumerate(w)}
+        devs = sorted(devs, key=lambda r: (r["wave"], pos.get(r["device_id"], len(pos)), r["device_id"]))
         body["devices"] = [
             {
                 "device_id": r["device_id"],
@@ -409,23 +450,25 @@ class Registry:
         return [dict(r) for r in rows]
 
 
-def _upsert_status(db: sqlite3.Connection, s: Dict[str, Any], now: float) -> None:
+def _upsert_status(db: Tx, s: Dict[str, Any], now: float) -> None:
     active = s.get("active") or {}
     deploy = s.get("deploy")
     db.execute(
         "INSERT INTO devices (device_id, first_seen, last_seen, online, status_ts, agent_version, platform, "
         "active_name, active_version, previous, deploy_state, deploy, ready) "
-        "VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) "
-        "ON CONFLICT(device_id) DO UPDATE SET last_seen=MAX(last_seen, excluded.last_seen), "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
         "online=excluded.online, status_ts=excluded.status_ts, "
-        "agent_version=COALESCE(excluded.agent_version, agent_version), "
-        "platform=COALESCE(excluded.platform, platform), active_name=excluded.active_name, "
+        "agent_version=COALESCE(excluded.agent_version, devices.agent_version), "
+        "platform=COALESCE(excluded.platform, devices.platform), active_name=excluded.active_name, "
         "active_version=excluded.active_version, previous=excluded.previous, "
-        "deploy_state=COALESCE(excluded.deploy_state, deploy_state), deploy=COALESCE(excluded.deploy, deploy), "
+        "deploy_state=COALESCE(excluded.deploy_state, devices.deploy_state), "
+        "deploy=COALESCE(excluded.deploy, devices.deploy), "
         "ready=excluded.ready, health=CASE WHEN excluded.online = 0 THEN 'offline' "
-        "WHEN health = 'offline' THEN 'unknown' ELSE health END",
+        "WHEN devices.health = 'offline' THEN 'unknown' ELSE devices.health END",
         (
             s["device_id"],
+            now,
             now,
             1 if s.get("online") else 0,
             s.get("ts"),
@@ -441,7 +484,7 @@ def _upsert_status(db: sqlite3.Connection, s: Dict[str, Any], now: float) -> Non
     )
 
 
-def _device_row(r: sqlite3.Row) -> Dict[str, Any]:
+def _device_row(r: Any) -> Dict[str, Any]:
     d = {k: r[k] for k in _DEVICE_COLUMNS}
     for k in _JSON_COLUMNS:
         if k in d:

@@ -11,7 +11,7 @@ source scripts/_env.sh
 export EDGE_AGENT_TEST_SCRIPT=1  # tests needing a tool this script installs fail, not skip, without it
 # What the tests use beyond the demo: the Debian package build and checks (dpkg-dev, lintian,
 # systemd-analyze, make), and the system python3 with numpy and venv that the package's tests install into.
-ensure_apt lintian python3-numpy python3-venv systemd dpkg-dev make prometheus  # prometheus: promtool
+ensure_apt lintian python3-numpy python3-venv systemd dpkg-dev make prometheus postgresql  # prometheus: promtool; postgresql: the registry tests' server
 
 make_venv .venv python3
 echo "== ruff"

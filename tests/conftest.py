@@ -24,6 +24,30 @@ def broker(tmp_path_factory):
         b.close()
 
 
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """One throw-away PostgreSQL cluster for the whole session (fails, not skips, when the server
+    binaries are missing, unless EDGE_AGENT_SKIP_POSTGRES=1)."""
+    from pg_server import PgServer, PostgresMissing
+
+    try:
+        server = PgServer()
+    except PostgresMissing as e:
+        if os.environ.get("EDGE_AGENT_SKIP_POSTGRES") == "1":
+            pytest.skip(str(e))
+        raise
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """The URL of a fresh, empty database in the session's PostgreSQL cluster."""
+    return pg_server.create_db()
+
+
 # ------------------------------------------------------------------ engines: TensorRT double, jetson skip
 
 TRT_DOUBLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trt_double")

@@ -1,4 +1,5 @@
-"""The SQLite registry: schema migrations, devices, telemetry summaries, rollouts, concurrent readers."""
+"""The registry on both engines (SQLite file and a real PostgreSQL): schema migrations, devices,
+telemetry summaries, rollouts, concurrent readers. Engine-specific checks are marked by their names."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import threading
 import pytest
 
 from fleet.registry import SCHEMA_VERSION, Registry, RegistryError
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where a registry lives: a SQLite file, or a fresh database in the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fleet.db")
+    return request.getfixturevalue("pg_url")
 
 
 def status(device_id="dev-1", online=True, active=None, state="idle", seq=0, **kw):
@@ -28,7 +37,7 @@ def status(device_id="dev-1", online=True, active=None, state="idle", seq=0, **k
     return d
 
 
-def test_new_file_is_migrated_to_the_current_schema_in_wal_mode(tmp_path):
+def test_sqlite_new_file_is_migrated_to_the_current_schema_in_wal_mode(tmp_path):
     path = tmp_path / "sub" / "fleet.db"
     with Registry(path) as reg:
         assert reg.schema_version() == SCHEMA_VERSION
@@ -41,7 +50,7 @@ def test_new_file_is_migrated_to_the_current_schema_in_wal_mode(tmp_path):
         assert reg.schema_version() == SCHEMA_VERSION
 
 
-def test_file_from_a_newer_controller_is_refused_untouched(tmp_path):
+def test_sqlite_file_from_a_newer_controller_is_refused_untouched(tmp_path):
     path = tmp_path / "fleet.db"
     Registry(path).close()
     db = sqlite3.connect(str(path))
@@ -55,7 +64,7 @@ def test_file_from_a_newer_controller_is_refused_untouched(tmp_path):
     db.close()
 
 
-def test_garbage_file_is_a_clear_registry_error(tmp_path):
+def test_sqlite_garbage_file_is_a_clear_registry_error(tmp_path):
     path = tmp_path / "fleet.db"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(RegistryError, match="cannot open registry"):
@@ -63,8 +72,8 @@ def test_garbage_file_is_a_clear_registry_error(tmp_path):
     assert path.read_bytes().startswith(b"this is not a database")
 
 
-def test_status_creates_and_updates_a_device(tmp_path):
-    reg = Registry(tmp_path / "fleet.db")
+def test_status_creates_and_updates_a_device(target):
+    reg = Registry(target)
     reg.record_status(status(), now=10.0)
     d = reg.get_device("dev-1")
     assert d["online"] is True and d["first_seen"] == 10.0 and d["platform"]["jetpack"] == "5.1.2"
@@ -81,8 +90,8 @@ def test_status_creates_and_updates_a_device(tmp_path):
     assert reg.list_devices(online=True) == []
 
 
-def test_telemetry_batch_updates_summaries_in_one_write(tmp_path):
-    reg = Registry(tmp_path / "fleet.db")
+def test_telemetry_batch_updates_summaries_in_one_write(target):
+    reg = Registry(target)
     items = [("dev-%03d" % i, 5.0, {"qps": float(i)}, "ok") for i in range(500)]
     assert reg.record_telemetry(items, now=6.0) == 500
     assert reg.device_count() == 500
@@ -91,8 +100,8 @@ def test_telemetry_batch_updates_summaries_in_one_write(tmp_path):
     assert reg.record_telemetry([], now=7.0) == 0
 
 
-def test_rollout_save_load_and_history(tmp_path):
-    reg = Registry(tmp_path / "fleet.db")
+def test_rollout_save_load_and_history(target):
+    reg = Registry(target)
     body = {
         "rollout_id": "r1",
         "bundle": {"name": "digits", "version": 2},
@@ -143,9 +152,9 @@ def test_rollout_save_load_and_history(tmp_path):
     assert reg.load_rollout("nope") is None
 
 
-def test_readers_in_another_connection_are_not_blocked_by_a_writer(tmp_path):
-    """WAL: a second process/connection reads while the controller writes."""
-    path = tmp_path / "fleet.db"
+def test_readers_in_another_connection_are_not_blocked_by_a_writer(target):
+    """WAL (SQLite) / MVCC (PostgreSQL): a second connection reads while the controller writes."""
+    path = target
     reg = Registry(path)
     reg.record_telemetry([("d%d" % i, 1.0, {"n": 0}, "ok") for i in range(100)], now=1.0)
     errors = []
@@ -173,3 +182,50 @@ def test_readers_in_another_connection_are_not_blocked_by_a_writer(tmp_path):
         t.join()
     assert errors == []
     assert reg.get_device("d5")["telemetry"] == {"n": 49}
+
+
+def test_postgresql_database_is_migrated_once_and_a_newer_one_refused(pg_url):
+    import psycopg
+
+    with Registry(pg_url) as reg:
+        assert reg.schema_version() == SCHEMA_VERSION and reg.shared and reg.engine == "postgresql"
+    with Registry(pg_url) as reg:  # re-opening applies nothing twice
+        assert reg.schema_version() == SCHEMA_VERSION
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+        # Floats are 8-byte there (PostgreSQL's REAL would round timestamps to ~2 minutes).
+        kind = conn.execute(
+            "SELECT data_type FROM information_schema.columns WHERE table_name='devices' AND column_name='last_seen'"
+        ).fetchone()[0]
+        assert kind == "double precision"
+        conn.execute("INSERT INTO schema_migrations VALUES (%s, 0)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(RegistryError, match="upgrade the controller"):
+        Registry(pg_url)
+
+
+def test_controllers_opening_one_postgresql_database_together_migrate_it_once(pg_url):
+    regs, errors = [], []
+
+    def open_one():
+        try:
+            regs.append(Registry(pg_url))
+        except Exception as e:  # pragma: no cover - the failure we look for
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(regs) == 4
+    assert all(r.schema_version() == SCHEMA_VERSION for r in regs)
+    for r in regs:
+        r.close()
+
+
+def test_unreachable_postgresql_is_a_clear_registry_error():
+    from mqtt_broker import free_port
+
+    with pytest.raises(RegistryError, match="cannot open registry postgresql://fleet:\\*\\*\\*@"):
+        Registry("postgresql://fleet:secret@127.0.0.1:%d/fleet" % free_port(), busy_timeout_s=1)
