@@ -133,9 +133,9 @@ def _npy_object() -> bytes:
 
 
 def test_wrong_content_type_is_415(api):
-    status, _, body = api.request("POST", "/v1/infer", b"{}", {"Content-Type": "application/json"})
+    status, _, body = api.request("POST", "/v1/infer", b"a=1", {"Content-Type": "multipart/form-data"})
     assert status == 415
-    assert "application/json" in json.loads(body)["error"]
+    assert "multipart/form-data" in json.loads(body)["error"] and "application/json" in json.loads(body)["error"]
 
 
 def test_body_over_limit_is_413_without_reading_it(api):

@@ -1,146 +1,55 @@
 """The local HTTP API on the standard library (bound to 127.0.0.1 unless configured otherwise).
 
-    POST /v1/infer   body: image/png, image/jpeg or application/x-npy
-                     -> 200 {"route", "latency_ms", "output", "bundle"}
-                     an .npy of N > 1 items (N, *input shape) -> 200 {"results": [{"route", "output"}],
-                     "latency_ms", "bundle"}
-    GET  /healthz    the process answers
-    GET  /readyz     200 only while a verified, self-tested model is active
-    GET  /metrics    Prometheus text format
+    POST /v1/infer      body: image/png, image/jpeg, application/x-npy or application/json
+                        ({"image_base64": str | [str], "top_k"} or {"tensor": nested lists, "top_k"})
+                        -> 200 {"route", "latency_ms", "output", "bundle"}
+                        N > 1 items (a batch .npy/tensor or a list of images) -> 200 {"results":
+                        [{"route", "output"}], "latency_ms", "bundle"}
+    GET  /healthz       the process answers
+    GET  /readyz        200 only while a verified, self-tested model is active
+    GET  /metrics       Prometheus text format
+    GET  /openapi.json  the OpenAPI 3 document of all this (`openapi.py`)
 
-Errors are JSON ``{"error": "<one line>"}``: 400 bad input, 404, 405, 411 no Content-Length,
-413 body over `max_body_bytes` (refused from the header, the body is not read), 415 wrong content type,
-503 no model or overloaded (with Retry-After), 504 timeout, 500 anything else. No request can stop the
-server: every handler failure is answered and logged.
+Errors are JSON ``{"error": "<one line>"}``: 400 the client's bad input (never a model error), 401,
+404, 405, 408 body not received within `read_timeout_s`, 411 no Content-Length, 413 body over
+`max_body_bytes` (refused from the header, the body is not read), 415 wrong content type, 503 no model
+or overloaded (with Retry-After), 504 timeout, 500 the model's fault. No request can stop the server:
+every handler failure is answered and logged.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
 import socket
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
 
 from edge_agent.config import ApiConfig
 from edge_agent.errors import EdgeAgentError, InputError
 from edge_agent.runtime.errors import OverloadedError, RequestTimeoutError, ServiceClosedError
+from edge_agent.runtime.http_json import JsonRequest, check_top_k, parse_json_request, query_top_k
+from edge_agent.runtime.http_server import CappedHTTPServer
+from edge_agent.runtime.openapi import openapi_json_bytes
+from edge_agent.runtime.postprocess import scale_boxes, shorten
 from edge_agent.runtime.preprocess import read_npy
+from edge_agent.runtime.service import InferResult
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 NPY_TYPES = ("application/x-npy", "application/npy")
-
-
-#: Threads answering connections over `max_connections` with a 503, and how many such connections may
-#: wait for them (beyond that a connection is closed unanswered: the last resort, never the first).
-_REJECT_THREADS = 2
-_REJECT_QUEUE = 256
-#: Seconds a refused connection gets to deliver its request head and to read the 503.
-_REJECT_TIMEOUT_S = 1.0
-_BUSY_ANSWER = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b"Connection: close\r\nContent-Length: 57\r\n\r\n"
-    b'{"error":"too many connections to the API; retry later"}\n'
-)
-
-
-class _Server(ThreadingHTTPServer):
-    """A thread per connection up to `max_connections`; connections beyond it are answered 503 by a
-    small fixed pool (reading their request first, so closing never resets them)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr: Any, handler: Any, api: ApiServer) -> None:
-        self.api = api
-        self.request_queue_size = api.cfg.listen_backlog  # read by server_activate's listen()
-        self._slots = threading.BoundedSemaphore(api.cfg.max_connections)
-        self._rejects: Deque[Any] = collections.deque()
-        self._reject_cv = threading.Condition()
-        self.busy_refused = 0
-        self._closing = False
-        super().__init__(addr, handler)
-        for i in range(_REJECT_THREADS):
-            threading.Thread(target=self._reject_loop, name="http-api-busy-%d" % i, daemon=True).start()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("HTTP connection from %s failed", client_address, exc_info=True)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve the connection in its own thread while a slot is free, else queue it for a 503."""
-        if self._slots.acquire(blocking=False):
-            try:
-                super().process_request(request, client_address)
-            except Exception:
-                self._slots.release()
-                raise
-            return
-        self.busy_refused += 1
-        with self._reject_cv:
-            if len(self._rejects) < _REJECT_QUEUE:
-                self._rejects.append(request)
-                self._reject_cv.notify()
-                return
-        self.shutdown_request(request)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def server_close(self) -> None:
-        """Close the socket and stop the 503 threads (connections still waiting for them are closed)."""
-        super().server_close()
-        with self._reject_cv:
-            self._closing = True
-            self._reject_cv.notify_all()
-
-    def _reject_loop(self) -> None:
-        while True:
-            with self._reject_cv:
-                while not self._rejects and not self._closing:
-                    self._reject_cv.wait()
-                if self._closing:
-                    for r in self._rejects:
-                        self.shutdown_request(r)
-                    self._rejects.clear()
-                    return
-                request = self._rejects.popleft()
-            try:
-                _answer_busy(request)
-            except OSError:
-                pass
-            finally:
-                self.shutdown_request(request)
-
-
-def _answer_busy(sock: socket.socket) -> None:
-    """Read what the client sent (so closing does not reset it), answer 503, then wait for its close."""
-    deadline = time.monotonic() + _REJECT_TIMEOUT_S
-    sock.settimeout(_REJECT_TIMEOUT_S)
-    head = b""
-    while b"\r\n\r\n" not in head and len(head) < 65536:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        head += chunk
-    sock.sendall(_BUSY_ANSWER)
-    sock.shutdown(socket.SHUT_WR)
-    while time.monotonic() < deadline:  # drain a body until the client closes
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        if not sock.recv(65536):
-            break
+JSON_TYPES = ("application/json",)
+BODY_TYPES = IMAGE_TYPES + NPY_TYPES + JSON_TYPES
+GET_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: CappedHTTPServer
     protocol_version = "HTTP/1.1"
     server_version = "edge-agent"
     sys_version = ""
@@ -224,7 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self._path()
         if path == "/v1/infer":
             self._error(405, "use POST for /v1/infer", {"Allow": "POST"})
-        elif path in ("/healthz", "/readyz", "/metrics"):
+        elif path in GET_PATHS:
             self._error(405, "use GET for %s" % path, {"Allow": "GET, HEAD"})
         else:
             self._error(404, "no such endpoint %s" % path)
@@ -247,6 +156,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             text = api.metrics_text()
             self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/openapi.json":
+            self._send(200, openapi_json_bytes(), "application/json")
         elif path == "/v1/infer":
             self._error(405, "use POST for /v1/infer", {"Allow": "POST"})
         else:
@@ -266,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(503, "no model is active yet", {"Retry-After": "5"})
             return
         try:
-            svc, res, many = self._infer(svc, ctype, body)
+            svc, res, many, top_k = self._infer(svc, ctype, body)
         except InputError as e:
             self._error(400, str(e))
             return
@@ -286,12 +197,12 @@ class _Handler(BaseHTTPRequestHandler):
         api._count_ok()
         if many is not None:
             self._json(200, {
-                "results": [{"route": r.route, "output": r.output} for r in many],
+                "results": [{"route": r.route, "output": shorten(r.output, top_k)} for r in many],
                 "latency_ms": many[0].latency_ms, "bundle": many[0].extra.get("bundle") or svc.bundle,
             })
             return
         # An A/B candidate's answers name the candidate bundle (InferResult.extra["bundle"]).
-        self._json(200, {"route": res.route, "latency_ms": res.latency_ms, "output": res.output,
+        self._json(200, {"route": res.route, "latency_ms": res.latency_ms, "output": shorten(res.output, top_k),
                          "bundle": res.extra.get("bundle") or svc.bundle})
 
     def _read_infer_body(self) -> Optional[Tuple[str, bytes]]:
@@ -321,9 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(413, "body of %d bytes is over the %d byte limit" % (length, limit))
             return None
         ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-        if ctype not in IMAGE_TYPES + NPY_TYPES:
+        if ctype not in BODY_TYPES:
             self.close_connection = True
-            self._error(415, "content type %r is not one of %s" % (ctype, ", ".join(IMAGE_TYPES + NPY_TYPES)))
+            self._error(415, "content type %r is not one of %s" % (ctype, ", ".join(BODY_TYPES)))
             return None
         try:
             body = self.rfile.read(length)
@@ -337,19 +248,23 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return ctype, body
 
-    def _infer(self, svc: Any, ctype: str, body: bytes) -> Tuple[Any, Any, Any]:
-        """Run one request on `svc`: (the service that answered, single result or None, batch results or None).
-
-        A batch .npy (leading dimension > 1) goes through infer_batch. Raises the service's errors."""
+    def _infer(self, svc: Any, ctype: str, body: bytes) -> Tuple[Any, Any, Any, Optional[int]]:
+        """Run one request on `svc`: (the service that answered, single result or None, batch results or
+        None, the top_k asked for). Raises the service's errors (InputError for the client's mistakes)."""
         api = self.server.api
+        top_k = query_top_k(self.path)
         for attempt in (1, 2):
             try:
+                if ctype in JSON_TYPES:
+                    req = parse_json_request(body, max_items=svc.cfg.max_queue,
+                                             integer_input=svc.pre.dtype.kind in "iu")
+                    top_k = req.top_k if req.top_k is not None else top_k
+                    check_top_k(top_k, svc)
+                    return (svc, *self._infer_json(svc, req), top_k)
+                check_top_k(top_k, svc)
                 if ctype in NPY_TYPES:
-                    arr = read_npy(body, max_bytes=api.cfg.max_body_bytes)
-                    if arr.ndim == len(svc.pre.item_shape) + 1 and arr.shape[0] > 1:
-                        return svc, None, svc.infer_batch(arr, timeout_s=api.infer_timeout_s)
-                    return svc, svc.infer_tensor(arr, timeout_s=api.infer_timeout_s), None
-                return svc, svc.infer_image(body, timeout_s=api.infer_timeout_s), None
+                    return (svc, *self._infer_tensor(svc, read_npy(body, max_bytes=api.cfg.max_body_bytes)), top_k)
+                return svc, svc.infer_image(body, timeout_s=api.infer_timeout_s), None, top_k
             except ServiceClosedError:
                 # The model was swapped (activation, promotion, rollback) between taking the service
                 # and submitting: answer with the one now serving instead of failing the request.
@@ -358,6 +273,28 @@ class _Handler(BaseHTTPRequestHandler):
                     raise
                 svc = fresh
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _infer_tensor(self, svc: Any, arr: Any) -> Tuple[Any, Any]:
+        """One item (or a batch axis of 1) -> a single answer; N > 1 items -> results."""
+        timeout = self.server.api.infer_timeout_s
+        if arr.ndim == len(svc.pre.item_shape) + 1 and arr.shape[0] > 1:
+            return None, svc.infer_batch(arr, timeout_s=timeout)
+        return svc.infer_tensor(arr, timeout_s=timeout), None
+
+    def _infer_json(self, svc: Any, req: JsonRequest) -> Tuple[Any, Any]:
+        timeout = self.server.api.infer_timeout_s
+        if req.tensor is not None:
+            return self._infer_tensor(svc, req.tensor)
+        assert req.images is not None
+        if not req.many:
+            return svc.infer_image(req.images[0], timeout_s=timeout), None
+        # A list of images runs as one chunk through the batchers; detection boxes are then scaled
+        # back to each image's own size.
+        items, sizes = zip(*(svc.pre.from_image_bytes(b) for b in req.images))
+        results = svc.infer_batch(np.stack(items), timeout_s=timeout)
+        return None, [r if r.output.get("kind") != "detection" else
+                      InferResult(r.route, scale_boxes(r.output, svc.pre.size_hw, hw), r.latency_ms, r.extra)
+                      for r, hw in zip(results, sizes)]
 
 
 class ApiServer:
@@ -370,7 +307,7 @@ class ApiServer:
         self.is_ready = is_ready
         self.metrics_text = metrics_text
         self.infer_timeout_s = infer_timeout_s
-        self._server: Optional[_Server] = None
+        self._server: Optional[CappedHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.responses: Dict[int, int] = {}
@@ -392,7 +329,7 @@ class ApiServer:
         from edge_agent.errors import ConfigError
 
         try:
-            self._server = _Server((self.cfg.host, self.cfg.port), _Handler, self)
+            self._server = CappedHTTPServer((self.cfg.host, self.cfg.port), _Handler, self)
         except OSError as e:
             raise ConfigError("cannot listen on %s:%d: %s" % (self.cfg.host, self.cfg.port, e.strerror or e))
         self._thread = threading.Thread(

@@ -163,9 +163,7 @@ class Postprocessor:
         keep = nms_per_class(boxes, scores, cls, score_threshold=self.score_threshold,
                              iou_threshold=self.iou_threshold, max_detections=self.post.max_detections)
         if input_hw and original_hw:
-            sy = original_hw[0] / float(input_hw[0])
-            sx = original_hw[1] / float(input_hw[1])
-            boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
+            boxes = boxes * np.array(_box_scale(input_hw, original_hw), dtype=np.float32)
         dets = []
         for i in keep:
             dets.append({
@@ -175,3 +173,27 @@ class Postprocessor:
                 "label": self._label(int(cls[i])),
             })
         return {"kind": "detection", "detections": dets}
+
+
+def _box_scale(input_hw: Tuple[int, int], original_hw: Tuple[int, int]) -> Tuple[float, float, float, float]:
+    sy = original_hw[0] / float(input_hw[0])
+    sx = original_hw[1] / float(input_hw[1])
+    return sx, sy, sx, sy
+
+
+def scale_boxes(output: Dict[str, Any], input_hw: Tuple[int, int], original_hw: Tuple[int, int]) -> Dict[str, Any]:
+    """A detection answer in model-input pixels rescaled to the original image's pixels (a new dict)."""
+    f = _box_scale(input_hw, original_hw)
+    dets = [dict(d, box=[round(float(v) * k, 2) for v, k in zip(d["box"], f)]) for d in output["detections"]]
+    return dict(output, detections=dets)
+
+
+def shorten(output: Dict[str, Any], top_k: Optional[int]) -> Dict[str, Any]:
+    """An answer cut to the `top_k` best classes or detections (both are sorted best first)."""
+    if top_k is None:
+        return output
+    if output.get("kind") == "classification":
+        return dict(output, top=output["top"][:top_k])
+    if output.get("kind") == "detection":
+        return dict(output, detections=output["detections"][:top_k])
+    return output
