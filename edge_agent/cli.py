@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from edge_agent import __version__
-from edge_agent.clikit import run_main
+from edge_agent.clikit import installed_modules, run_main
 
 #: One module per command group, each with register(subparsers).
 COMMAND_MODULES = [
@@ -19,18 +19,12 @@ COMMAND_MODULES = [
 ]
 
 
-def _available(modules: List[str]) -> List[str]:
-    import importlib.util
-
-    return [m for m in modules if importlib.util.find_spec(m) is not None]
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `edge-agent` console script."""
     return run_main(
         "edge-agent",
         "Edge agent for Jetson fleets: pulls signed model bundles, builds engines, serves inference.",
-        _available(COMMAND_MODULES),
+        installed_modules(COMMAND_MODULES),
         __version__,
         argv,
     )

@@ -36,6 +36,14 @@ def print_rows(rows: Sequence[Tuple[str, str]]) -> None:
         print("%-*s  %s" % (width, k, v))
 
 
+def installed_modules(modules: Sequence[str]) -> List[str]:
+    """The command modules of `modules` that can be imported here (optional command groups may be absent
+    from a given install); nothing is imported, only looked up."""
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is not None]
+
+
 def build_parser(prog: str, description: str, modules: Sequence[str], version: str) -> argparse.ArgumentParser:
     """A parser with one sub-command per module."""
     parser = argparse.ArgumentParser(prog=prog, description=description)

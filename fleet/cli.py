@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from edge_agent import __version__
-from edge_agent.cli import _available
-from edge_agent.clikit import run_main
+from edge_agent.clikit import installed_modules, run_main
 
 #: One module per command group, each with register(subparsers).
 COMMAND_MODULES = [
@@ -29,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_main(
         "fleet",
         "Fleet controller for edge-agent devices: sign bundles, roll them out, watch the fleet.",
-        _available(COMMAND_MODULES),
+        installed_modules(COMMAND_MODULES),
         __version__,
         argv,
     )

@@ -233,3 +233,57 @@ def test_spool_matches_a_simple_model_under_random_operations(tmp_path_factory):
         s.close()
 
     run()
+
+
+def _failing_fsync_dir(real, fail):
+    """fsync_dir that raises EIO while fail[0] is set (a dying disk cannot be made on demand here)."""
+
+    def fsync_dir(path):
+        if fail[0]:
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    return fsync_dir
+
+
+def test_new_segment_whose_directory_entry_cannot_be_synced_fails_the_append_then_recovers(tmp_path, monkeypatch):
+    import edge_agent.telemetry.spool as spool_mod
+
+    fail = [False]
+    monkeypatch.setattr(spool_mod, "fsync_dir", _failing_fsync_dir(spool_mod.fsync_dir, fail))
+    s = Spool(tmp_path / "spool", 100, segment_bytes=200)
+    assert s.append(TOPIC, _payload(0), 1) == 0
+    fail[0] = True
+    with pytest.raises(ResourceError, match="cannot write to the telemetry spool"):
+        for i in range(1, 20):  # the first append that opens a second segment
+            s.append(TOPIC, _payload(i), 1)
+    kept = len(s)
+    assert kept >= 2
+    fail[0] = False
+    seq = s.append(TOPIC, b"after", 1)  # reuses the segment, syncing its entry this time
+    assert [m.seq for m in s.peek(100)] == [*range(kept), seq]
+    s.close()
+    again = Spool(tmp_path / "spool", 100, segment_bytes=200)
+    assert [m.payload for m in again.peek(100)][-1] == b"after" and len(again) == kept + 1
+
+
+def test_head_that_cannot_be_synced_is_counted_and_logged_not_fatal(tmp_path, monkeypatch, caplog):
+    import edge_agent.telemetry.spool as spool_mod
+
+    fail = [False]
+    monkeypatch.setattr(spool_mod, "fsync_dir", _failing_fsync_dir(spool_mod.fsync_dir, fail))
+    s = Spool(tmp_path / "spool", 2)
+    for i in range(2):
+        s.append(TOPIC, _payload(i), 1)
+    fail[0] = True
+    with caplog.at_level("DEBUG", logger="edge_agent.telemetry.spool"):
+        assert s.append(TOPIC, _payload(2), 1) == 2  # drops the oldest: head.json rewritten and synced
+        assert s.append(TOPIC, _payload(3), 1) == 3
+    assert [m.seq for m in s.peek(10)] == [2, 3] and s.dropped == 2
+    assert s.summary()["head_write_failures"] == 2
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "cannot update" in r.getMessage()]
+    assert len(warnings) == 1  # once per streak, not once per message
+    fail[0] = False
+    assert s.ack(2) == 1  # writes head.json again
+    s.close()
+    assert json.loads((tmp_path / "spool" / HEAD_FILE).read_text()) == {"head": 3, "dropped": 2}

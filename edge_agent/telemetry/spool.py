@@ -10,6 +10,11 @@ A record is a 24-byte header (magic, body length, seq, CRC-32 of seq+body) follo
 at most the last record is torn; a torn or corrupt record ends the reading of its segment and is
 never fatal. `head.json` is replaced atomically (temp file, fsync, rename, fsync dir).
 
+Directory fsync failures (`edge_agent.fsutil.fsync_dir`): a new segment whose directory entry cannot be
+synced fails the append that needed it (ResourceError: the caller drops the message and says so); a
+head.json that cannot be written or synced is logged and counted (`head_write_failures`) but fails
+nothing, since a stale head only means resending messages already delivered.
+
 Bounds: `max_messages` and `max_bytes`. When a new message does not fit, the oldest are dropped
 first and counted in `dropped` (persisted, so the count survives a restart).
 """
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Deque, Iterator, List, NamedTuple, Optional, Tuple
 
 from edge_agent.errors import ResourceError
+from edge_agent.fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +80,6 @@ def _decode_body(body: bytes) -> Tuple[int, str, bytes]:
     return qos, topic, body[start + tlen:]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """Messages kept on disk while the broker is unreachable; oldest dropped first when full.
 
@@ -118,6 +111,10 @@ class Spool:
         self._next_seq = 0
         self.dropped = 0
         self.corrupt = 0
+        #: head.json writes that failed (see _write_head); never fatal.
+        self.head_write_failures = 0
+        self._head_failing = False
+        self._segment_entry_synced = True  # segments found on disk at start-up
         self._tail_seg: Optional[int] = None
         self._tail_size = 0
         self._tail_file = None
@@ -218,18 +215,34 @@ class Spool:
 
     def _write_head(self, *, sync_dir: bool = True) -> None:
         """Replace head.json atomically. `sync_dir=False` (acks) skips the directory fsync: after a power
-        loss the rename may be undone, which only means resending a batch, never losing one."""
+        loss the rename may be undone, which only means resending a batch, never losing one.
+
+        The head only moves forward and a stale one means resending, never losing, so a failed write or
+        sync does not fail the append or ack that asked for it (the message is already safe, or
+        delivered): it is logged (a warning on the first failure of a streak) and counted in
+        `head_write_failures`."""
         path = self.dir / HEAD_FILE
         tmp = self.dir / (HEAD_FILE + ".tmp")
         data = json.dumps({"head": self._head, "dropped": self.dropped}).encode("utf-8")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if self._fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if self._fsync and sync_dir:
-            _fsync_dir(self.dir)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self._fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            if self._fsync and sync_dir:
+                fsync_dir(self.dir)
+        except OSError as e:
+            self.head_write_failures += 1
+            log = logger.warning if not self._head_failing else logger.debug
+            log("telemetry spool: cannot update %s (%s); after a restart, messages already delivered may be "
+                "sent again and the drop count may be behind", path, e.strerror or e)
+            self._head_failing = True
+            return
+        if self._head_failing:
+            logger.info("telemetry spool: %s is written again", path)
+            self._head_failing = False
 
     def _remove_dead_segments(self) -> None:
         """Delete segments whose every record is below the head (never the tail being written)."""
@@ -336,15 +349,23 @@ class Spool:
             # Reopen the existing tail after a restart instead of starting a new file.
             self._tail_file = open(self.dir / _segment_name(self._tail_seg), "ab")
             if self._tail_file.tell() == self._tail_size:
+                self._sync_segment_entry()  # when an earlier sync of this new segment failed
                 return
             self._tail_file.close()
             self._tail_file = None
         self._tail_seg = first_seq
         self._tail_size = 0
         self._tail_file = open(self.dir / _segment_name(first_seq), "ab")
-        if self._fsync:
-            _fsync_dir(self.dir)
+        self._segment_entry_synced = False
+        self._sync_segment_entry()
         self._remove_dead_segments()
+
+    def _sync_segment_entry(self) -> None:
+        """Make the tail segment's directory entry durable before records in it count as kept. Raises
+        OSError, which fails the append (ResourceError) like a failed write; the next append tries again."""
+        if self._fsync and not self._segment_entry_synced:
+            fsync_dir(self.dir)
+        self._segment_entry_synced = True
 
     def peek(self, limit: int = 100) -> List[SpooledMessage]:
         """The oldest `limit` messages, in order, without removing them; unreadable ones are skipped."""
@@ -411,6 +432,7 @@ class Spool:
                 "newest_seq": self._entries[-1].seq if self._entries else None,
                 "dropped": self.dropped,
                 "corrupt_records": self.corrupt,
+                "head_write_failures": self.head_write_failures,
                 "max_messages": self.max_messages,
                 "max_bytes": self.max_bytes,
             }

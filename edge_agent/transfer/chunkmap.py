@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 
 class ChunkMap:
@@ -16,7 +16,7 @@ class ChunkMap:
         self._bits = bytearray(-(-self.count // 8)) if self.count else bytearray()
         self.done_count = 0
 
-    def chunk_range(self, index: int) -> tuple[int, int]:
+    def chunk_range(self, index: int) -> Tuple[int, int]:
         """(offset, length) of chunk `index`."""
         offset = index * self.chunk_bytes
         return offset, min(self.chunk_bytes, self.size - offset)
