@@ -109,7 +109,8 @@ class EngineConfig(_Section):
 class RuntimeConfig(_Section):
     """Dynamic batching and routing."""
 
-    max_queue_delay_ms: float = Field(2.0, ge=0)
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="longest a partial batch waits for more while its engine is busy (idle: runs at once)")
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
 

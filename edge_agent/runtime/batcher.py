@@ -1,8 +1,12 @@
 """The dynamic batcher: one bounded queue and one worker thread per model.
 
-A request waits until the batch is full (the tuned batch size) or the first request of the batch has
-waited `max_queue_delay_ms`, whichever comes first. A full queue refuses at once with `OverloadedError`
-(counted); nothing builds an unbounded backlog. Latency is measured from arrival to answer.
+Batches form while the engine is busy: when the worker comes back for work it takes everything queued
+(up to the tuned batch size) and runs it at once if the engine is idle, so a lone request pays no
+batching delay. Only while the engine is already running a batch (an engine shared by several
+batchers, such as a candidate beside the active bundle on the same model) does a partial batch wait,
+until it is full or its first request has waited `max_queue_delay_ms`, whichever comes first. A full
+queue refuses at once with `OverloadedError` (counted); nothing builds an unbounded backlog. Latency
+is measured from arrival to answer.
 
 The hand-offs are kept cheap because they run for every request: the queue is a deque guarded by the
 same lock as its item count (one lock round trip per submit, one per batch collected), the worker sleeps
@@ -31,6 +35,33 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.5
 # Ticket states.
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
+
+
+class _InFlight:
+    """Batches running per engine (by identity), shared by every batcher of the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count: Dict[int, int] = {}
+
+    def busy(self, engine: object) -> bool:
+        """Whether a batch runs on `engine` now."""
+        return self._count.get(id(engine), 0) > 0
+
+    def enter(self, engine: object) -> None:
+        with self._lock:
+            self._count[id(engine)] = self._count.get(id(engine), 0) + 1
+
+    def leave(self, engine: object) -> None:
+        with self._lock:
+            n = self._count.get(id(engine), 0) - 1
+            if n > 0:
+                self._count[id(engine)] = n
+            else:
+                self._count.pop(id(engine), None)
+
+
+_IN_FLIGHT = _InFlight()
 
 
 class BatchItemResult:
@@ -213,7 +244,8 @@ class DynamicBatcher:
 
     def _collect(self) -> Optional[List[Ticket]]:
         """The next batch: queued entries in order until the max batch is reached (an entry that does not
-        fit stays queued for the next one) or the first entry has waited the max queue delay."""
+        fit stays queued for the next one). A partial batch runs at once on an idle engine; on a busy one
+        it waits for more until its first entry has waited the max queue delay."""
         if not self._wait(_IDLE_POLL_S):
             return None
         batch: List[Ticket] = []
@@ -231,7 +263,7 @@ class DynamicBatcher:
                 stop = size >= max_batch or bool(q) or self._closed
             if not batch:
                 return None
-            if stop:
+            if stop or not _IN_FLIGHT.busy(self.engine):
                 break
             if deadline is None:
                 deadline = batch[0].arrival + self.max_queue_delay_s
@@ -265,7 +297,11 @@ class DynamicBatcher:
                     k: np.concatenate([t.item[k][None] if t.single else t.item[k] for t in batch])
                     for k in batch[0].item
                 }
-            out = self.engine.infer(feed)
+            _IN_FLIGHT.enter(self.engine)
+            try:
+                out = self.engine.infer(feed)
+            finally:
+                _IN_FLIGHT.leave(self.engine)
         except Exception as e:  # one bad batch must not stop the worker
             err = e if isinstance(e, EdgeAgentError) else InferenceError("%s model failed: %s" % (self.name, e))
             if not isinstance(e, EdgeAgentError):
