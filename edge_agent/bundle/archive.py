@@ -1,6 +1,7 @@
 """The offline bundle form: an uncompressed tar with ``manifest.json`` first, then the files.
 
-`tarfile` is used only to parse headers. Every member is validated here (regular files and
+`tarfile` is used only to write bundles; reading parses every header with `_tarheaders`, which bounds
+pax and GNU long-name headers before reading them. Every member is validated here (regular files and
 directories only; no absolute paths, ``..``, links, devices, fifos or duplicates; data inside the
 file; a proper end-of-archive marker), and data is copied by hand — never `extract`/`extractall`
 and never tarfile extraction filters (Python 3.8 on JetPack 5 may lack them). Unpacking writes into a
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
+from edge_agent.bundle._tarheaders import MAX_META_BYTES, RawHeader, iter_headers  # noqa: F401 - re-exported
 from edge_agent.bundle.manifest import MANIFEST_NAME, ManifestBody
 from edge_agent.bundle.paths import check_member_path
 from edge_agent.errors import ArchiveError, IntegrityError, ResourceError
@@ -32,9 +34,7 @@ BLOCK = 512
 COPY_BYTES = 1 << 20
 #: A bundle with more members than this is refused before any data is read.
 MAX_MEMBERS = 10000
-#: Largest pax / GNU long-name header accepted (they hold paths of at most 255 characters).
-MAX_META_BYTES = 64 * 1024
-_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE)
+_REGULAR = (b"0", b"\0")
 
 
 @dataclass(frozen=True)
@@ -148,96 +148,53 @@ def _unlink_quietly(p: Path) -> None:
 # ----------------------------------------------------------------------------------------------- read
 
 
-def _kind_of(ti: tarfile.TarInfo) -> str:
-    if ti.type in _REGULAR and not ti.issparse():
+_KINDS = {b"2": "symlink", b"1": "hardlink", b"3": "device", b"4": "device", b"6": "fifo"}
+
+
+def _kind_of(h: RawHeader) -> str:
+    if h.type in _REGULAR:
         return "file"
-    if ti.type == tarfile.DIRTYPE:
+    if h.type == b"5":
         return "dir"
-    if ti.issym():
-        what = "symlink"
-    elif ti.islnk():
-        what = "hardlink"
-    elif ti.ischr() or ti.isblk():
-        what = "device"
-    elif ti.isfifo():
-        what = "fifo"
-    else:
-        what = "special member (type %r)" % ti.type
-    raise ArchiveError("bundle member %r is a %s; only regular files and directories are allowed" % (ti.name, what))
-
-
-def _header_size(buf: bytes) -> int:
-    field = buf[124:136]
-    if field[0] & 0x80:  # base-256 (GNU) for sizes over 8 GiB
-        return int.from_bytes(field[1:], "big")
-    text = field.replace(b"\0", b" ").strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise ArchiveError("bundle is not a valid tar archive: bad size field in a header")
-
-
-def precheck_headers(f: BinaryIO, file_size: int) -> None:
-    """Walk the raw 512-byte headers before `tarfile` sees them: `tarfile` reads pax and GNU long-name
-    headers whole into memory, so an oversized one is refused here first."""
-    pos = 0
-    headers = 0
-    while pos + BLOCK <= file_size:
-        f.seek(pos)
-        buf = f.read(BLOCK)
-        if buf == b"\0" * BLOCK:
-            return
-        headers += 1
-        if headers > 4 * MAX_MEMBERS:
-            raise ArchiveError("bundle has more than %d members" % MAX_MEMBERS)
-        size = _header_size(buf)
-        if buf[156:157] in (b"x", b"g", b"L", b"K") and size > MAX_META_BYTES:
-            raise ArchiveError("bundle has a %d byte metadata header (at most %d)" % (size, MAX_META_BYTES))
-        pos += BLOCK + ((size + BLOCK - 1) // BLOCK) * BLOCK
-    f.seek(0)
+    what = _KINDS.get(h.type, "special member (type %r)" % h.type.decode("latin-1"))
+    raise ArchiveError("bundle member %r is a %s; only regular files and directories are allowed" % (h.name, what))
 
 
 def scan_members(f: BinaryIO, file_size: int, *, max_bundle_bytes: int) -> List[Member]:
-    """Parse and validate every header of an open tar; the members in archive order."""
-    precheck_headers(f, file_size)
-    f.seek(0)
+    """Parse and validate every header of an open tar; the members in archive order.
+
+    Headers are parsed by `_tarheaders` (not `tarfile`), which bounds every metadata header before
+    reading it."""
     members: List[Member] = []
     seen: Dict[str, str] = {}
     implied_dirs: Set[str] = set()
     total = 0
     end = 0
-    try:
-        tf = tarfile.open(fileobj=f, mode="r:")
-        while True:
-            ti = tf.next()
-            if ti is None:
-                break
-            if len(members) >= MAX_MEMBERS:
-                raise ArchiveError("bundle has more than %d members" % MAX_MEMBERS)
-            name = check_member_path(ti.name)
-            kind = _kind_of(ti)
-            if name in seen:
-                raise ArchiveError("bundle member %r appears twice" % name)
-            # A file may not also be a parent of another member (it would have to be a directory).
-            parts = name.split("/")
-            parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
-            if any(seen.get(p) == "file" for p in parents) or (kind == "file" and name in implied_dirs):
-                raise ArchiveError("bundle member %r is both a file and a directory" % name)
-            implied_dirs.update(parents)
-            size = ti.size if kind == "file" else 0
-            if size < 0 or ti.offset_data + size > file_size:
-                raise ArchiveError("bundle is truncated: member %r runs past the end of the file" % name)
-            total += size
-            if total > max_bundle_bytes:
-                raise ArchiveError("bundle contents are over the %d byte limit" % max_bundle_bytes)
-            seen[name] = kind
-            members.append(Member(name=name, kind=kind, size=size, offset=ti.offset_data))
-            end = ti.offset_data + ((size + BLOCK - 1) // BLOCK) * BLOCK
-    except tarfile.TarError as e:
-        raise ArchiveError("bundle is not a valid tar archive: %s" % e)
+    for h in iter_headers(f, file_size, max_headers=4 * MAX_MEMBERS):
+        if len(members) >= MAX_MEMBERS:
+            raise ArchiveError("bundle has more than %d members" % MAX_MEMBERS)
+        name = check_member_path(h.name)
+        kind = _kind_of(h)
+        if name in seen:
+            raise ArchiveError("bundle member %r appears twice" % name)
+        # A file may not also be a parent of another member (it would have to be a directory).
+        parts = name.split("/")
+        parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        if any(seen.get(p) == "file" for p in parents) or (kind == "file" and name in implied_dirs):
+            raise ArchiveError("bundle member %r is both a file and a directory" % name)
+        implied_dirs.update(parents)
+        size = h.size if kind == "file" else 0
+        if h.offset + size > file_size:
+            raise ArchiveError("bundle is truncated: member %r runs past the end of the file" % name)
+        total += size
+        if total > max_bundle_bytes:
+            raise ArchiveError("bundle contents are over the %d byte limit" % max_bundle_bytes)
+        seen[name] = kind
+        members.append(Member(name=name, kind=kind, size=size, offset=h.offset))
+        end = h.offset + ((size + BLOCK - 1) // BLOCK) * BLOCK
     if not members:
         raise ArchiveError("bundle archive is empty")
-    # tarfile stops quietly at a clean member boundary; a complete archive ends with two zero blocks.
+    # A complete archive ends with two zero blocks.
     f.seek(end)
     if f.read(2 * BLOCK) != b"\0" * (2 * BLOCK):
         raise ArchiveError("bundle is truncated: no end-of-archive marker")

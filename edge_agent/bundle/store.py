@@ -83,6 +83,14 @@ class StoreState(BaseModel):
     pending: Optional[PendingDeploy] = None
 
 
+class StoreSnapshot(BaseModel):
+    """`state.json` and the names in the store at one moment (BundleStore.snapshot / restore)."""
+
+    state: StoreState
+    state_bytes: Optional[bytes] = None
+    entries: Set[str] = Field(default_factory=set)
+
+
 class BundleStore:
     """The content-addressed store plus `state.json`. Not thread-safe: one owner (the deploy worker)
     writes; readers take `state` snapshots."""
@@ -142,6 +150,39 @@ class BundleStore:
         write_atomic(self.state_path, json.dumps(new.model_dump(mode="json"), indent=1, sort_keys=True).encode())
         self._state = new
         return self.state
+
+    def snapshot(self) -> StoreSnapshot:
+        """What an operation that may be refused must leave as it was (see `restore`)."""
+        raw = self.state_path.read_bytes() if self.state_path.exists() else None
+        return StoreSnapshot(state=self.state, state_bytes=raw, entries=self._entries())
+
+    def restore(self, snap: StoreSnapshot) -> None:
+        """Undo everything added since `snap`: new objects, partial files and bundle trees are removed
+        and `state.json` gets its old bytes back (or is removed when there was none)."""
+        for rel in sorted(self._entries() - snap.entries, reverse=True):  # children before parents
+            p = self.root / rel
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(str(p), ignore_errors=True)
+            else:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+        if snap.state_bytes is None:
+            if self.state_path.exists():
+                self.state_path.unlink()
+        else:
+            write_atomic(self.state_path, snap.state_bytes)
+        self._state = snap.state.model_copy(deep=True)
+
+    def _entries(self) -> Set[str]:
+        out: Set[str] = set()
+        for d in (self.objects_dir, self.partial_dir, self.bundles_dir):
+            if d.is_dir():
+                out.update(str(p.relative_to(self.root)) for p in d.iterdir())
+        if self.bundles_dir.is_dir():
+            out.update(str(p.relative_to(self.root)) for p in self.bundles_dir.glob("*/*"))
+        return out
 
     # ---------------------------------------------------------------------------------- objects
 

@@ -25,7 +25,15 @@ from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.bundle.store import BundleRecord, BundleStore, PendingDeploy
 from edge_agent.bundle.verify import manifest_digest, verify_manifest
 from edge_agent.config import LimitsConfig
-from edge_agent.errors import BundleError, EdgeAgentError, EngineError, ManifestError, ResourceError, TransportError
+from edge_agent.errors import (
+    ArchiveError,
+    BundleError,
+    EdgeAgentError,
+    EngineError,
+    ManifestError,
+    ResourceError,
+    TransportError,
+)
 from edge_agent.protocol.messages import BundleRef, DeployArgs, DeployState, RollbackArgs
 from edge_agent.protocol.trusted_time import future_reason, raised_floor, trusted_now
 from edge_agent.signing import PublicKey
@@ -379,7 +387,19 @@ class Deployer:
     # ------------------------------------------------------------------------------------ side-load
 
     def install_file(self, path: Path, *, max_bundle_bytes: int) -> BundleRecord:
-        """Side-load a bundle archive through the same verify/store path as an MQTT deploy."""
+        """Side-load a bundle archive through the same verify/store path as an MQTT deploy.
+
+        A refused bundle changes nothing on disk: objects, partial files and bundle trees it added are
+        removed and `state.json` (time floor, versions, deploy state) gets its old bytes back."""
+        snap = self.store.snapshot()
+        try:
+            return self._install_file(path, max_bundle_bytes=max_bundle_bytes)
+        except BaseException:
+            if self.store.state.active == snap.state.active:  # refused before it became active
+                self.store.restore(snap)
+            raise
+
+    def _install_file(self, path: Path, *, max_bundle_bytes: int) -> BundleRecord:
         from edge_agent.bundle.archive import read_bundle
 
         raw, reader = read_bundle(Path(path), max_manifest_bytes=self.limits.max_manifest_bytes,
@@ -392,6 +412,10 @@ class Deployer:
             lacking = sorted(set(body.files) - names)
             if lacking:
                 raise BundleError("bundle %s lacks file(s) its manifest lists: %s" % (path, ", ".join(lacking)))
+            unlisted = sorted(names - set(body.files))
+            if unlisted:
+                raise ArchiveError("bundle %s has file(s) its manifest does not list: %s"
+                                   % (Path(path).name, ", ".join(unlisted[:5])))
             self.store.check_quota(sum(size for _, size in self.store.missing_files(body).values()))
             self.store.add_object_bytes(raw, msha)
             self.store.update_state(**self.floor_update(body.created, "bundle"))
