@@ -125,6 +125,7 @@ class ControlPlane:
         r("rollout.abort", lambda p: self.runner.abort(_need(p, "rollout_id"), rollback=bool(p.get("rollback", True))))
         r("rollout.promote", lambda p: self.runner.promote(_need(p, "rollout_id"), accept=bool(p.get("accept", True))))
         r("rollback", self._rollback)
+        r("router.set", self._router_set)
         r("telemetry.latest", self._telemetry_latest)
 
     def _controller_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -212,6 +213,38 @@ class ControlPlane:
         return self.runner.rollback_devices(
             devices, to=params.get("to"), reason=str(params.get("reason") or "operator rollback")
         )
+
+    def _router_set(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """Sign and send a `set-router` command (gate / τ / target / adaptive) to each named device."""
+        from pydantic import ValidationError
+
+        from edge_agent.errors import EdgeAgentError
+        from edge_agent.protocol.messages import SetRouterArgs
+
+        devices = params.get("devices") or []
+        if not isinstance(devices, list) or not devices:
+            raise RolloutError("router.set needs a list of devices")
+        fields = {k: params[k] for k in ("gate", "tau", "target_large_fraction", "adaptive")
+                  if params.get(k) is not None}
+        if not fields:
+            raise RolloutError("router.set needs at least one of gate, tau, target_large_fraction, adaptive")
+        try:
+            args = SetRouterArgs(**fields)
+        except ValidationError as e:
+            raise RolloutError("router.set: %s" % e.errors()[0]["msg"])
+        known = {d["device_id"] for d in self.registry.list_devices()}
+        unknown = sorted(d for d in devices if d not in known)
+        if unknown:
+            raise RolloutError("unknown device(s): %s" % ", ".join(unknown[:10]))
+        sent: List[str] = []
+        failed: Dict[str, str] = {}
+        for d in dict.fromkeys(devices):
+            try:
+                self.runner.send_command(d, args)
+                sent.append(d)
+            except EdgeAgentError as e:
+                failed[d] = str(e)
+        return {"sent": sent, "failed": failed}
 
     def _telemetry_latest(self, params: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows = self.registry.list_devices()

@@ -47,6 +47,7 @@ class SimDevice:
         self.event_seq = 0
         self.online = True
         self.commands: List[str] = []
+        self.command_args: List = []  # the verified args of every accepted command, in order
         self.deploys: List = []
         #: Bumped by every deploy and rollback: a step of an older deploy finds it changed and stops
         #: (a rollback cancels a deploy in flight, as the agent's state machine does).
@@ -225,6 +226,7 @@ class SimFleet:
             d.last_seq = body.seq
             args = body.args
             d.commands.append(args.kind)
+            d.command_args.append(args)
             if args.kind == "deploy":
                 d.deploys.append(args)
                 self._deploy(d, args.bundle, args.rollout_id)

@@ -63,6 +63,11 @@ def test_set_router_outside_the_bundles_tau_bounds_is_refused_with_the_reason(tm
                                           now=now))
         assert [k for k, _ in events] == ["command-accepted", "router-changed"]
         assert svc.router.base_tau == 0.7
+        events.clear()
+        agent.handle_command(sign_command(SetRouterArgs(gate="large-only"), device_id="dev1", seq=3,
+                                          keys=[controller], now=now))
+        assert [k for k, _ in events] == ["command-accepted", "router-changed"]
+        assert svc.router.gate == "large-only" and svc.router.decide(0.99) is True
     finally:
         agent._service = None
         agent.shutdown(timeout_s=1)

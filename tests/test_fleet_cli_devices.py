@@ -70,6 +70,30 @@ def test_rollback_sends_signed_commands_the_devices_accept(rig, capsys):
     assert rc == 1 and err.strip() == "fleet: error: unknown device(s): ghost"
 
 
+def test_router_set_sends_a_signed_set_router_the_devices_accept(rig, capsys):
+    rc, out, err = rig.cli(capsys, "router", "set", "--devices", "dev-00,dev-03", "--gate", "large-only")
+    assert rc == 0, err
+    assert "set-router sent to dev-00" in out and "set-router sent to dev-03" in out
+    rig.wait(lambda: all("set-router" in rig.commands_of(d) for d in ("dev-00", "dev-03")), 5, "delivered")
+    for d in ("dev-00", "dev-03"):
+        (args,) = [a for a in rig.fleet.devices[d].command_args if a.kind == "set-router"]
+        assert args.gate == "large-only" and args.tau is None
+        assert rig.fleet.devices[d].refused == [], "the device verified the controller's signature"
+    assert "set-router" not in rig.commands_of("dev-01")
+    rc, out, err = rig.cli(capsys, "router", "set", "--devices", "dev-01", "--gate", "small-only", "--tau", "0.75",
+                           "--json")
+    assert rc == 0 and json.loads(out)["sent"] == ["dev-01"]
+    rig.wait(lambda: "set-router" in rig.commands_of("dev-01"), 5, "delivered")
+    args = rig.fleet.devices["dev-01"].command_args[-1]
+    assert (args.gate, args.tau) == ("small-only", "0.75")
+    rc, _, err = rig.cli(capsys, "router", "set", "--devices", "dev-01")
+    assert rc != 0 and "give at least one of" in err
+    rc, _, err = rig.cli(capsys, "router", "set", "--devices", "dev-01", "--tau", "abc")
+    assert rc != 0 and "not a decimal" in err
+    rc, _, err = rig.cli(capsys, "router", "set", "--devices", "ghost", "--gate", "large-only")
+    assert rc == 1 and "unknown device(s): ghost" in err
+
+
 def test_telemetry_snapshot_and_follow(rig, broker, capsys):
     pub = publisher(broker)
     stop = threading.Event()

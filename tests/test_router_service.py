@@ -244,3 +244,38 @@ def test_a_multi_item_request_answers_each_item_as_single_requests_do(models, ca
     assert 0 < sum(r.route == "large" for r in together) < 100
     assert snap["requests"] == 200
     assert snap["routes"]["small"]["requests"] + snap["routes"]["large"]["requests"] == 200
+
+
+@pytest.mark.parametrize("gate, route", [("large-only", "large"), ("small-only", "small")])
+def test_fixed_gates_from_the_bundle_spec_use_one_model_only(models, heldout, tmp_path, gate, route):
+    """`router.gate = "large-only"` in the bundle spec: every item is answered by the large model and the
+    small model never runs (its batcher sees no item); small-only never escalates."""
+    x, _ = heldout
+    svc = InferenceService(models, digits_manifest(tmp_path, router={"gate": gate}), tmp_path, FAST)
+    try:
+        singles = [svc.infer_tensor(v).route for v in x[:20]]
+        many = [r.route for r in svc.infer_batch(x[20:52])]
+        other = "small" if route == "large" else "large"
+        snap_other = svc._batchers[other].snapshot(reset=False)
+        snap = svc.stats_snapshot()
+    finally:
+        svc.close()
+    assert set(singles) == set(many) == {route}
+    assert snap_other["items"] == 0 and snap_other["batches"] == 0
+    assert snap["routes"][route]["requests"] == 52 and snap["routes"][other]["requests"] == 0
+    assert svc.router_state()["gate"] == gate
+
+
+def test_set_router_switches_to_large_only_and_back(models, heldout, tmp_path):
+    x, _ = heldout
+    svc = InferenceService(models, digits_manifest(tmp_path, router={"tau": "0.6"}), tmp_path, FAST)
+    try:
+        svc.set_router(gate="large-only")
+        svc.small_batcher.snapshot(reset=True)
+        assert {svc.infer_tensor(v).route for v in x[:10]} == {"large"}
+        assert svc.small_batcher.snapshot(reset=True)["items"] == 0
+        svc.set_router(gate="confidence")
+        routes = {svc.infer_tensor(v).route for v in x[:50]}
+        assert "small" in routes and svc.small_batcher.snapshot(reset=True)["items"] == 50
+    finally:
+        svc.close()

@@ -137,7 +137,9 @@ class Postprocessing(_Strict):
 class RouterPolicy(_Strict):
     """The DynamicRouter's gate and the bounds of its adaptive threshold τ."""
 
-    gate: Literal["confidence", "linear"] = "confidence"
+    gate: Literal["confidence", "linear", "small-only", "large-only"] = Field(
+        "confidence", description="small-only / large-only: fixed routes (baselines, emergency switch); "
+        "large-only never runs the small model")
     tau: str = "0.9"
     tau_min: str = "0.5"
     tau_max: str = "0.999"

@@ -309,7 +309,7 @@ class SetRouterArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["set-router"] = "set-router"
-    gate: Optional[Literal["confidence", "linear"]] = None
+    gate: Optional[Literal["confidence", "linear", "small-only", "large-only"]] = None
     tau: Optional[str] = Field(None, description="decimal string (signed documents carry no floats)")
     target_large_fraction: Optional[str] = None
     adaptive: Optional[bool] = None

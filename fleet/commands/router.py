@@ -271,7 +271,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--source", choices=["features", "input_stats"], default="features")
     f.add_argument("--batch", type=int, default=32)
     f.set_defaults(func=_fit_head)
+    _register_set(rsub)
     p.set_defaults(func=lambda _args: _usage(p))
+
+
+def _register_set(rsub: argparse._SubParsersAction) -> None:
+    from fleet.commands._connect import add_connection_args
+
+    s = rsub.add_parser("set", help="change devices' router policy now (signed set-router command)",
+                        description="Change the router policy of running devices: the controller signs and "
+                        "sends a set-router command; each device answers with a router-changed or "
+                        "command-refused event (see `fleet devices`). large-only skips the small model; "
+                        "small-only never escalates. tau must lie within the bundle's bounds.")
+    s.add_argument("--devices", action="append", metavar="ID[,ID...]", required=True, help="devices to change")
+    s.add_argument("--gate", choices=["confidence", "linear", "small-only", "large-only"])
+    s.add_argument("--tau", help="threshold, a decimal within the bundle's [tau_min, tau_max]")
+    s.add_argument("--target-large-fraction", metavar="F", help="share of items to send to large (0-1)")
+    s.add_argument("--adaptive", choices=["on", "off"], help="adapt tau to the target large fraction")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    add_connection_args(s)
+    s.set_defaults(func=_set)
+
+
+def _set(args: argparse.Namespace) -> int:
+    from decimal import Decimal, InvalidOperation
+
+    from fleet.commands._connect import rpc_call, split_ids
+
+    devices = split_ids(args.devices)
+    adaptive = None if args.adaptive is None else args.adaptive == "on"
+    params = {"devices": devices, "gate": args.gate, "adaptive": adaptive}
+    for key, v in (("tau", args.tau), ("target_large_fraction", args.target_large_fraction)):
+        if v is None:
+            continue
+        try:
+            d = Decimal(v)
+        except InvalidOperation:
+            raise CliError("--%s %r is not a decimal number" % (key.replace("_", "-"), v))
+        if not d.is_finite():
+            raise CliError("--%s must be finite" % key.replace("_", "-"))
+        params[key] = str(d)
+    if all(params[k] is None for k in ("gate", "adaptive")) and "tau" not in params and \
+            "target_large_fraction" not in params:
+        raise CliError("give at least one of --gate, --tau, --target-large-fraction, --adaptive")
+    r = rpc_call(args, "router.set", {k: v for k, v in params.items() if v is not None})
+    if args.json:
+        print(json.dumps(r, sort_keys=True))
+    else:
+        for d in r.get("sent", []):
+            print("set-router sent to %s" % d)
+        for d, why in sorted((r.get("failed") or {}).items()):
+            print("NOT sent to %s: %s" % (d, why))
+    return 1 if r.get("failed") else 0
 
 
 def _usage(p: argparse.ArgumentParser) -> Optional[int]:
