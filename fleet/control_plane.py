@@ -21,8 +21,9 @@ from edge_agent.mqtt.session import Inbound, MqttSession
 from edge_agent.protocol.messages import BundleRef
 from fleet.ingest import HealthPolicy, Ingest
 from fleet.registry import Registry
-from fleet.rollout import RolloutError, RolloutParams
-from fleet.rollout_runner import RolloutRunner, SendCommand
+from fleet.rollouts.record import RolloutParams
+from fleet.rollouts.runner import RolloutRunner, SendCommand
+from fleet.rollouts.states import RolloutError
 from fleet.rpc import RpcServer
 
 log = logging.getLogger(__name__)

@@ -64,7 +64,7 @@ class Controller:
         from fleet.control_plane import ControlPlane
         from fleet.ingest import HealthPolicy
         from fleet.registry import Registry
-        from fleet.rollout import RolloutParams
+        from fleet.rollouts.record import RolloutParams
 
         r = cfg.rollouts
         if self.registry is None:

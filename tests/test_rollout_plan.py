@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import pytest
 
-from fleet import rollout as plan
 from fleet.registry import Registry
-from fleet.rollout import (
-    Note,
-    Rollout,
+from fleet.rollouts.actions import Note, SendDeploy, SendPromote, SendRollback
+from fleet.rollouts.classify import classify_event, classify_status
+from fleet.rollouts.plan import Rollout
+from fleet.rollouts.record import RolloutParams
+from fleet.rollouts.states import (
+    ABORTED,
+    D_FAILED,
+    D_ROLLBACK_FAILED,
+    D_ROLLBACK_SENT,
+    D_ROLLED_BACK,
+    D_SENT,
+    D_SKIPPED,
+    D_SUCCEEDED,
+    D_TIMED_OUT,
+    HALTED,
+    OBS_FAILURE,
+    OBS_PROGRESS,
+    OBS_SUCCESS,
+    PAUSED,
+    RUNNING,
+    STALLED,
+    SUCCEEDED,
     RolloutError,
-    RolloutParams,
-    SendDeploy,
-    SendPromote,
-    SendRollback,
-    classify_event,
-    classify_status,
-    resolve_waves,
 )
+from fleet.rollouts.waves import resolve_waves
 
 BUNDLE = {"name": "digits", "version": 2}
 OLD = {"name": "digits", "version": 1}
@@ -95,8 +107,8 @@ def test_good_bundle_goes_through_three_waves_to_twenty_devices():
             new = pass_device(r, d, t)
             sent += deploys(new)
     assert sent == DEVICES, "every device receives the deploy exactly once, wave by wave"
-    assert r.state == plan.SUCCEEDED
-    assert all(e.state == plan.D_SUCCEEDED for e in r.devices.values())
+    assert r.state == SUCCEEDED
+    assert all(e.state == D_SUCCEEDED for e in r.devices.values())
     assert [s["succeeded"] for s in r.summary()["wave_progress"]] == [2, 4, 14]
 
 
@@ -114,18 +126,18 @@ def test_failing_golden_halts_in_wave_one_and_later_waves_never_get_it():
     r.start(0)
     r.observe("dev-00", event_obs(r, "fetch-done"), "", 1)
     acts = r.observe("dev-00", event_obs(r, "selftest-failed"), "selftest-failed: top-1 mismatch", 2)
-    assert r.state == plan.HALTED
+    assert r.state == HALTED
     assert "1 of 2 devices failed" in r.reason
     # dev-01 was still deploying: it is told to roll back to the bundle it ran before.
     rb = rollbacks(acts)
     assert [(a.device_id, a.to) for a in rb] == [("dev-01", OLD)]
-    assert r.devices["dev-00"].state == plan.D_FAILED
-    assert r.devices["dev-01"].state == plan.D_ROLLBACK_SENT
-    assert all(r.devices[d].state == plan.D_SKIPPED for d in DEVICES[2:])
+    assert r.devices["dev-00"].state == D_FAILED
+    assert r.devices["dev-01"].state == D_ROLLBACK_SENT
+    assert all(r.devices[d].state == D_SKIPPED for d in DEVICES[2:])
     # Later news changes nothing for the skipped waves.
     later = pass_device(r, "dev-01", 3)
     assert deploys(later) == []
-    assert all(r.devices[d].state == plan.D_SKIPPED for d in DEVICES[2:])
+    assert all(r.devices[d].state == D_SKIPPED for d in DEVICES[2:])
 
 
 def test_halt_rolls_back_devices_that_already_succeeded():
@@ -136,18 +148,18 @@ def test_halt_rolls_back_devices_that_already_succeeded():
     pass_device(r, "dev-02", 3)
     acts = r.observe("dev-03", event_obs(r, "probation-failed"), "p99 over SLO", 4)
     # 1 failure of 6 started devices > 10%: halt.
-    assert r.state == plan.HALTED
+    assert r.state == HALTED
     assert sorted(a.device_id for a in rollbacks(acts)) == ["dev-00", "dev-01", "dev-02", "dev-04", "dev-05"]
     assert all(a.to == OLD for a in rollbacks(acts))
     r.observe("dev-00", event_obs(r, "rolled-back"), "rolled back", 5)
-    assert r.devices["dev-00"].state == plan.D_ROLLED_BACK
+    assert r.devices["dev-00"].state == D_ROLLED_BACK
 
 
 def test_failures_under_the_error_threshold_do_not_halt():
     r = make(devices=DEVICES, percents=(50, 100), error_threshold=0.2, success_threshold=0.8)
     r.start(0)
     r.observe("dev-00", event_obs(r, "selftest-failed"), "", 1)
-    assert r.state == plan.RUNNING
+    assert r.state == RUNNING
     for i, d in enumerate(DEVICES[1:10]):
         pass_device(r, d, 2 + i)
     assert r.current_wave == 1, "9/10 passed >= 80%: the next wave starts"
@@ -165,14 +177,14 @@ def test_offline_device_times_out_and_is_reported_then_the_operator_decides():
     )
     assert r.tick(30) == []
     acts = r.tick(61)
-    assert r.devices["dev-01"].state == plan.D_TIMED_OUT
+    assert r.devices["dev-01"].state == D_TIMED_OUT
     assert any(isinstance(a, Note) and a.kind == "device-timed-out" and a.device_id == "dev-01" for a in acts)
     # 1 of 2 succeeded with a 90% threshold: not a failure, but not enough to go on by itself.
-    assert r.state == plan.STALLED
+    assert r.state == STALLED
     assert "timed out" in r.reason
     assert deploys(acts) == []
     acts = r.resume(70)
-    assert r.state == plan.RUNNING
+    assert r.state == RUNNING
     assert deploys(acts) == DEVICES[2:6]
 
 
@@ -181,10 +193,10 @@ def test_late_success_of_a_timed_out_device_unstalls_the_wave():
     r.start(0)
     pass_device(r, "dev-00", 5)
     r.tick(61)
-    assert r.state == plan.STALLED
+    assert r.state == STALLED
     acts = pass_device(r, "dev-01", 90)
-    assert r.devices["dev-01"].state == plan.D_SUCCEEDED
-    assert r.state == plan.RUNNING
+    assert r.devices["dev-01"].state == D_SUCCEEDED
+    assert r.state == RUNNING
     assert deploys(acts) == DEVICES[2:6]
 
 
@@ -194,22 +206,22 @@ def test_status_active_with_the_bundle_counts_as_success_but_probation_does_not(
     obs = classify_status(
         r, online=True, active=BUNDLE, deploy_state="probation", deploy_bundle=BUNDLE, deploy_rollout_id="r1"
     )
-    assert obs == plan.OBS_PROGRESS
+    assert obs == OBS_PROGRESS
     r.observe("a", obs, "", 1)
-    assert r.state == plan.RUNNING
+    assert r.state == RUNNING
     obs = classify_status(
         r, online=True, active=BUNDLE, deploy_state="active", deploy_bundle=BUNDLE, deploy_rollout_id="r1"
     )
-    assert obs == plan.OBS_SUCCESS
+    assert obs == OBS_SUCCESS
     r.observe("a", obs, "", 2)
-    assert r.state == plan.SUCCEEDED
+    assert r.state == SUCCEEDED
 
 
 def test_events_of_another_rollout_or_bundle_are_ignored():
     r = make()
     assert event_obs(r, "selftest-failed", rollout_id="other") is None
     assert event_obs(r, "selftest-failed", rollout_id=None, bundle={"name": "digits", "version": 9}) is None
-    assert event_obs(r, "selftest-failed", rollout_id=None, bundle=BUNDLE) == plan.OBS_FAILURE
+    assert event_obs(r, "selftest-failed", rollout_id=None, bundle=BUNDLE) == OBS_FAILURE
     assert (
         classify_status(r, online=True, active=OLD, deploy_state="failed", deploy_bundle=BUNDLE, deploy_rollout_id="r0")
         is None
@@ -223,7 +235,7 @@ def test_pause_holds_the_next_wave_and_resume_starts_it():
     pass_device(r, "dev-00", 2)
     acts = pass_device(r, "dev-01", 3)
     assert deploys(acts) == []
-    assert r.state == plan.PAUSED
+    assert r.state == PAUSED
     acts = r.resume(4)
     assert deploys(acts) == DEVICES[2:6]
     with pytest.raises(RolloutError):
@@ -235,7 +247,7 @@ def test_abort_rolls_back_unless_told_to_keep():
     r.start(0)
     pass_device(r, "dev-00", 1)
     acts = r.abort(2)
-    assert r.state == plan.ABORTED
+    assert r.state == ABORTED
     assert sorted(a.device_id for a in rollbacks(acts)) == ["dev-00", "dev-01"]
     with pytest.raises(RolloutError):
         r.abort(3)
@@ -243,7 +255,7 @@ def test_abort_rolls_back_unless_told_to_keep():
     r2.start(0)
     acts = r2.abort(1, rollback=False)
     assert rollbacks(acts) == []
-    assert r2.devices["dev-05"].state == plan.D_SKIPPED
+    assert r2.devices["dev-05"].state == D_SKIPPED
 
 
 def test_device_activating_after_a_halt_is_rolled_back():
@@ -251,7 +263,7 @@ def test_device_activating_after_a_halt_is_rolled_back():
     r.start(0)
     r.tick(11)  # both time out: stalled
     r.abort(12)
-    assert r.devices["dev-00"].state == plan.D_TIMED_OUT
+    assert r.devices["dev-00"].state == D_TIMED_OUT
     acts = pass_device(r, "dev-00", 20)
     assert [a.device_id for a in rollbacks(acts)] == ["dev-00"]
 
@@ -260,9 +272,9 @@ def test_unconfirmed_rollback_is_reported_after_the_timeout():
     r = make(device_timeout_s=10)
     r.start(0)
     r.observe("dev-00", event_obs(r, "selftest-failed"), "", 1)
-    assert r.devices["dev-01"].state == plan.D_ROLLBACK_SENT
+    assert r.devices["dev-01"].state == D_ROLLBACK_SENT
     acts = r.tick(20)
-    assert r.devices["dev-01"].state == plan.D_ROLLBACK_FAILED
+    assert r.devices["dev-01"].state == D_ROLLBACK_FAILED
     assert any(isinstance(a, Note) and a.kind == "rollback-unconfirmed" for a in acts)
 
 
@@ -275,7 +287,7 @@ def test_ab_rollout_succeeds_on_shadow_started_and_promotes():
     r.start(0)
     for d in devs:
         r.observe(d, event_obs(r, "shadow-started"), "", 1)
-    assert r.state == plan.SUCCEEDED
+    assert r.state == SUCCEEDED
     acts = r.promote(2)
     assert sorted(a.device_id for a in acts if isinstance(a, SendPromote)) == devs
     with pytest.raises(RolloutError):
@@ -297,8 +309,8 @@ def test_restart_resumes_from_registry_state(tmp_path):
     r2 = Rollout.from_dict(reg.load_rollout("r1"))
     assert r2.to_dict() == r.to_dict()
     assert r2.current_wave == 1
-    assert r2.devices["dev-02"].state == plan.D_SUCCEEDED
-    assert r2.devices["dev-03"].state == plan.D_SENT
+    assert r2.devices["dev-02"].state == D_SUCCEEDED
+    assert r2.devices["dev-03"].state == D_SENT
     sent = []
     for d in DEVICES[3:6]:
         sent += deploys(pass_device(r2, d, 10))

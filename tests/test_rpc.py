@@ -10,7 +10,7 @@ import pytest
 from edge_agent.config import MqttConfig
 from edge_agent.mqtt.session import MqttSession, require_connected
 from edge_agent.protocol.messages import RpcResponse
-from fleet.rollout import RolloutError
+from fleet.rollouts.states import RolloutError
 from fleet.rpc import RpcClient, RpcError, RpcServer, RpcTimeout
 
 pytestmark = pytest.mark.mqtt

@@ -20,8 +20,19 @@ from edge_agent.lifecycle.shadow import ShadowGates, ShadowJudge, Split, agreeme
 from edge_agent.runtime.ab import SplitService
 from edge_agent.runtime.mirror import ShadowService
 from edge_agent.runtime.service import InferenceService
-from fleet import rollout as plan
-from fleet.rollout import Rollout, SendPromote, SendRollback
+from fleet.rollouts.actions import Note, SendDeploy, SendPromote, SendRollback
+from fleet.rollouts.classify import classify_event, classify_status
+from fleet.rollouts.plan import Rollout
+from fleet.rollouts.states import (
+    ABORTED,
+    D_PROGRESS,
+    D_SKIPPED,
+    HALTED,
+    OBS_FAILURE,
+    OBS_PROGRESS,
+    OBS_SUCCESS,
+    RolloutError,
+)
 
 CAND = {"name": "digits", "version": 2}
 
@@ -345,32 +356,32 @@ def _shadow_rollout(devs, waves=None):
 
 
 def _obs(r, kind):
-    return plan.classify_event(r, kind=kind, bundle=CAND, rollout_id="r1")
+    return classify_event(r, kind=kind, bundle=CAND, rollout_id="r1")
 
 
 def test_shadow_rollout_advances_waves_on_promotion_not_on_shadow_start():
     r = _shadow_rollout(None, waves=[["a"], ["b"]])
     r.observe("a", _obs(r, "shadow-started"), "", 1)
-    assert r.current_wave == 0 and r.devices["a"].state == plan.D_PROGRESS
+    assert r.current_wave == 0 and r.devices["a"].state == D_PROGRESS
     acts = r.observe("a", _obs(r, "promoted"), "", 2)
-    assert r.current_wave == 1 and any(a.device_id == "b" for a in acts if not isinstance(a, plan.Note))
+    assert r.current_wave == 1 and any(a.device_id == "b" for a in acts if not isinstance(a, Note))
 
 
 def test_shadow_rollout_halts_when_a_candidate_is_refused():
     r = _shadow_rollout(None, waves=[["a"], ["b"]])
     acts = r.observe("a", _obs(r, "candidate-refused"), "agreement too low", 1)
-    assert r.state == plan.HALTED and r.devices["b"].state == plan.D_SKIPPED
+    assert r.state == HALTED and r.devices["b"].state == D_SKIPPED
     assert [a.device_id for a in acts if isinstance(a, SendRollback)] == []  # a failed device is not rolled back
 
 
 def test_shadow_status_counts_as_success_only_once_the_candidate_is_active():
     r = _shadow_rollout(["a"])
     kw = dict(online=True, deploy_bundle=CAND, deploy_rollout_id="r1")
-    assert plan.classify_status(r, active={"name": "digits", "version": 1}, deploy_state="shadow", **kw) == \
-        plan.OBS_PROGRESS
-    assert plan.classify_status(r, active=CAND, deploy_state="active", **kw) == plan.OBS_SUCCESS
-    assert plan.classify_status(r, active={"name": "digits", "version": 1}, deploy_state="failed", **kw) == \
-        plan.OBS_FAILURE
+    assert classify_status(r, active={"name": "digits", "version": 1}, deploy_state="shadow", **kw) == \
+        OBS_PROGRESS
+    assert classify_status(r, active=CAND, deploy_state="active", **kw) == OBS_SUCCESS
+    assert classify_status(r, active={"name": "digits", "version": 1}, deploy_state="failed", **kw) == \
+        OBS_FAILURE
 
 
 def test_operator_promote_reaches_shadowing_devices_and_drop_aborts_without_rollback():
@@ -382,11 +393,11 @@ def test_operator_promote_reaches_shadowing_devices_and_drop_aborts_without_roll
     r2 = _shadow_rollout(["a", "b"])
     acts = r2.promote(2, accept=False)
     assert sorted(a.device_id for a in acts if isinstance(a, SendPromote)) == ["a", "b"]
-    assert r2.state == plan.ABORTED and not any(isinstance(a, SendRollback) for a in acts)
+    assert r2.state == ABORTED and not any(isinstance(a, SendRollback) for a in acts)
 
 
 def test_ab_rollout_needs_a_split():
-    with pytest.raises(plan.RolloutError):
+    with pytest.raises(RolloutError):
         Rollout.create(rollout_id="r", bundle=CAND, manifest_sha256="a" * 64, manifest_size=1, waves=[["a"]],
                        mode="ab", now=0)
 
@@ -476,13 +487,13 @@ def test_rollout_status_shows_candidate_against_active_per_device():
 
 
 def test_ab_rollout_sends_the_split_as_a_decimal_string_and_promote_names_the_rollout():
-    from fleet.rollout_runner import RolloutRunner
+    from fleet.rollouts.runner import RolloutRunner
 
     r = Rollout.create(rollout_id="r9", bundle=CAND, manifest_sha256="a" * 64, manifest_size=1, waves=[["a"]],
                        mode="ab", ab_split=12.5, now=0)
-    args = RolloutRunner._command_for(r, plan.SendDeploy("a"))
+    args = RolloutRunner._command_for(r, SendDeploy("a"))
     assert args.mode == "ab" and args.ab_split == "12.5"
     r.ab_split = 30.0
-    assert RolloutRunner._command_for(r, plan.SendDeploy("a")).ab_split == "30"
+    assert RolloutRunner._command_for(r, SendDeploy("a")).ab_split == "30"
     p = RolloutRunner._command_for(r, SendPromote("a", True, "x"))
     assert p.rollout_id == "r9" and p.accept

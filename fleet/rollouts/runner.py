@@ -1,4 +1,4 @@
-"""Runs rollouts: feeds the pure planner (`fleet.rollout`) with status, events and time, persists every
+"""Runs rollouts: feeds the pure planner (`fleet.rollouts.plan`) with status, events and time, persists every
 step to the registry, and carries out the planner's actions by sending commands.
 
 Commands go through `send_command(device_id, args)`, a function the controller supplies: it signs the
@@ -30,9 +30,13 @@ from edge_agent.protocol.messages import (
     RollbackArgs,
     Status,
 )
-from fleet import rollout as plan
 from fleet.registry import Registry
-from fleet.rollout import Action, Rollout, RolloutError, RolloutParams
+from fleet.rollouts.actions import Action, Note, SendDeploy, SendPromote, SendRollback
+from fleet.rollouts.classify import classify_event, classify_status
+from fleet.rollouts.plan import Rollout
+from fleet.rollouts.record import RolloutParams
+from fleet.rollouts.states import ABORTED, ACTIVE_STATES, D_ROLLBACK_SENT, DEFAULT_WAVES, HALTED, RolloutError
+from fleet.rollouts.waves import check_explicit_waves, resolve_waves
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ class RolloutRunner:
         self.registry = registry
         self.send_command = send_command
         self.defaults = defaults or RolloutParams()
-        self.default_waves = list(default_waves or plan.DEFAULT_WAVES)
+        self.default_waves = list(default_waves or DEFAULT_WAVES)
         #: After a restart, how long a device has to show (by its retained status or an event) that it
         #: got a command sent just before the restart, before the command is sent again.
         self.resend_grace_s = resend_grace_s
@@ -121,12 +125,12 @@ class RolloutRunner:
         """Load every rollout that was running, paused or stalled when the controller stopped."""
         with self._lock:
             resumed = []
-            for row in self.registry.list_rollouts(states=(*plan.ACTIVE_STATES, plan.HALTED, plan.ABORTED), limit=1000):
+            for row in self.registry.list_rollouts(states=(*ACTIVE_STATES, HALTED, ABORTED), limit=1000):
                 body = self.registry.load_rollout(row["rollout_id"])
                 if body is None:
                     continue
                 r = Rollout.from_dict(body)
-                if r.final and not any(e.state == plan.D_ROLLBACK_SENT for e in r.devices.values()):
+                if r.final and not any(e.state == D_ROLLBACK_SENT for e in r.devices.values()):
                     continue  # ended, nothing outstanding
                 self._active[r.rollout_id] = r
                 resumed.append(r.rollout_id)
@@ -153,7 +157,7 @@ class RolloutRunner:
         bref = BundleRef(name=bundle["name"], version=int(bundle["version"])).model_dump()
         known = {d["device_id"]: d for d in self.registry.list_devices()}
         if wave_devices:
-            waves = plan.check_explicit_waves(wave_devices)
+            waves = check_explicit_waves(wave_devices)
             unknown = sorted(d for w in waves for d in w if d not in known)
             if unknown:
                 raise RolloutError("unknown device(s): %s" % ", ".join(unknown[:10]))
@@ -169,7 +173,7 @@ class RolloutRunner:
                 raise RolloutError("the registry knows no devices yet; nothing to roll out to")
             # Online devices first, so the first (canary) wave is made of devices that can answer.
             targets.sort(key=lambda d: (not known[d]["online"], d))
-            waves = plan.resolve_waves(targets, list(percents or self.default_waves))
+            waves = resolve_waves(targets, list(percents or self.default_waves))
         merged = self.defaults.to_dict()
         merged.update({k: v for k, v in (params or {}).items() if v is not None})
         try:
@@ -209,7 +213,7 @@ class RolloutRunner:
             for r in list(self._active.values()):
                 if status.device_id not in r.devices:
                     continue
-                obs = plan.classify_status(
+                obs = classify_status(
                     r,
                     online=status.online,
                     active=status.active.model_dump() if status.active else None,
@@ -229,7 +233,7 @@ class RolloutRunner:
             for r in list(self._active.values()):
                 if event.device_id not in r.devices:
                     continue
-                obs = plan.classify_event(
+                obs = classify_event(
                     r,
                     kind=event.kind,
                     bundle=event.bundle.model_dump() if event.bundle else None,
@@ -349,7 +353,7 @@ class RolloutRunner:
         now = self.clock()
         history = []
         for a in acts:
-            if isinstance(a, plan.Note):
+            if isinstance(a, Note):
                 history.append((now, a.kind, a.device_id, a.message))
                 log.info(
                     "rollout %s: %s%s: %s", r.rollout_id, a.kind, " " + a.device_id if a.device_id else "", a.message
@@ -359,7 +363,7 @@ class RolloutRunner:
             return  # e.g. a progress detail: nothing a restart would need
         self.registry.save_rollout(r.row_dict(), history, devices=dirty)
         for a in acts:
-            if isinstance(a, plan.Note):
+            if isinstance(a, Note):
                 continue
             item = (r.rollout_id, a.device_id, self._command_for(r, a))
             if self._sender is not None:
@@ -369,7 +373,7 @@ class RolloutRunner:
         if (
             r.final
             and r.rollout_id in self._active
-            and not any(e.state == plan.D_ROLLBACK_SENT for e in r.devices.values())
+            and not any(e.state == D_ROLLBACK_SENT for e in r.devices.values())
         ):
             # Keep a stopped rollout in memory while rollbacks are outstanding, so their results
             # (and late activations) are still tracked; otherwise it lives on in the registry only.
@@ -377,7 +381,7 @@ class RolloutRunner:
 
     @staticmethod
     def _command_for(r: Rollout, a: Action) -> CommandArgs:
-        if isinstance(a, plan.SendDeploy):
+        if isinstance(a, SendDeploy):
             return DeployArgs(
                 bundle=BundleRef(**r.bundle),
                 manifest_sha256=r.manifest_sha256,
@@ -386,8 +390,8 @@ class RolloutRunner:
                 ab_split=None if r.ab_split is None else _decimal(r.ab_split),
                 rollout_id=r.rollout_id,
             )
-        if isinstance(a, plan.SendRollback):
+        if isinstance(a, SendRollback):
             return RollbackArgs(to=BundleRef(**a.to) if a.to else None, reason=a.reason[:200], rollout_id=r.rollout_id)
-        if isinstance(a, plan.SendPromote):
+        if isinstance(a, SendPromote):
             return PromoteArgs(accept=a.accept, reason=a.reason[:200], rollout_id=r.rollout_id)
         raise TypeError("not a command action: %r" % (a,))
