@@ -94,7 +94,8 @@ def check_key_separation(trust: TrustConfig) -> None:
 
     Every `*.pub` in `bundle_keys_dir` is a bundle key, so a command key file placed there (or a key
     listed in both sets) would let whoever holds the controller's key publish models. Raises
-    ConfigError; checks the paths even when the key files are not installed yet.
+    ConfigError; checks the paths even when the key files are not installed yet. A command-key folder
+    without any key is refused too (every command would be refused).
     """
     bdir = trust.bundle_keys_dir
     for p in trust.command_keys:
@@ -104,11 +105,20 @@ def check_key_separation(trust: TrustConfig) -> None:
                 "trust.command_keys entry %s is inside trust.bundle_keys_dir %s, so the controller key would "
                 "also be trusted to sign bundles; move it to a separate folder such as "
                 "/etc/edge-agent/command-keys/" % (p, bdir))
+    for p in trust.command_keys:
+        if p.is_dir() and not any(p.glob("*.pub")):
+            raise ConfigError(
+                "trust.command_keys entry %s is a folder without any *.pub key, so every controller command "
+                "would be refused; install the controller's public key there (controller.pub) or remove the entry"
+                % p)
     try:
         command = load_public_keys([p for p in trust.command_keys if p.exists()])
         bundle = load_public_keys([bdir]) if bdir.exists() else {}
     except EdgeAgentError as e:
         raise ConfigError("cannot load trusted keys: %s" % e)
+    if trust.command_keys and not command:
+        log.warning("no controller key is installed (trust.command_keys: %s); every command will be refused "
+                    "until one is", ", ".join(str(p) for p in trust.command_keys))
     both = sorted(set(command) & set(bundle))
     if both:
         raise ConfigError(

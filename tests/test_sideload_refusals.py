@@ -109,6 +109,6 @@ def test_archive_member_not_listed_in_the_manifest_refused_on_side_load(tmp_path
     files["extra/run.sh"] = smuggled
     bad = pack_bundle(raw, files, tmp_path / "smuggled.bundle")  # the signed manifest, one extra member
     before, state_before = _disk(agent.store.root), agent.store.state_path.read_bytes()
-    with pytest.raises(ArchiveError, match="does not list: extra/run.sh"):
+    with pytest.raises(ArchiveError, match=r"does not list: extra/run\.sh"):
         agent.deployer.install_file(bad, max_bundle_bytes=1 << 30)
     _assert_unchanged(agent, before, state_before)
