@@ -19,7 +19,7 @@ NOT_UTF8 = b'device_id = "dev1"\n# caf\xe9 \xff\xfe\n'
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=str(REPO),
-                          timeout=60, stdin=subprocess.DEVNULL)
+                          check=False, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def _one_line_config_error(res: subprocess.CompletedProcess, *needles: str) -> None:
