@@ -32,6 +32,7 @@ import numpy as np
 from edge_agent.config import ApiConfig
 from edge_agent.errors import EdgeAgentError, InputError
 from edge_agent.runtime.errors import OverloadedError, RequestTimeoutError, ServiceClosedError
+from edge_agent.runtime.http_auth import ApiAccess, api_access
 from edge_agent.runtime.http_json import JsonRequest, check_top_k, parse_json_request, query_top_k
 from edge_agent.runtime.http_server import CappedHTTPServer
 from edge_agent.runtime.openapi import openapi_json_bytes
@@ -107,16 +108,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------------------ routes
     def do_GET(self) -> None:
-        """GET /healthz, /readyz, /metrics."""
-        self._guard(self._get)
+        """GET /healthz, /readyz, /metrics, /openapi.json."""
+        self._guard(self._authorized(self._get))
 
     def do_HEAD(self) -> None:
         """HEAD mirrors GET without a body."""
-        self._guard(self._get)
+        self._guard(self._authorized(self._get))
 
     def do_POST(self) -> None:
         """POST /v1/infer."""
-        self._guard(self._post)
+        self._guard(self._authorized(self._post))
+
+    def _authorized(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """`fn`, or a 401 when the API needs a bearer token and the request lacks the right one."""
+        if self.server.api.access.allows(self._path(), self.headers.get("Authorization")):
+            return fn
+
+        def refuse() -> None:
+            self._drop_body()
+            self._error(401, "this API needs 'Authorization: Bearer <token>' (api.token_file)",
+                        {"WWW-Authenticate": 'Bearer realm="edge-agent"'})
+        return refuse
 
     def do_PUT(self) -> None:
         """Not allowed anywhere."""
@@ -311,6 +323,7 @@ class ApiServer:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.responses: Dict[int, int] = {}
+        self.access = ApiAccess(None)
 
     def _count_ok(self) -> None:
         self._count_error(200)
@@ -328,6 +341,7 @@ class ApiServer:
         """Bind and serve in a daemon thread; an address that cannot be bound is a ConfigError."""
         from edge_agent.errors import ConfigError
 
+        self.access = api_access(self.cfg)  # ConfigError: beyond loopback without a token or an opt-out
         try:
             self._server = CappedHTTPServer((self.cfg.host, self.cfg.port), _Handler, self)
         except OSError as e:
