@@ -106,7 +106,7 @@ class ControllerStore:
             return hit
         rec = self.record(name, version)
         msha = str(rec["manifest_sha256"])
-        raw = (self.objects / msha).read_bytes()
+        raw = self.object_path(msha).read_bytes()
         body = read_unverified(raw, max_manifest_bytes=len(raw) + 1)
         allowed = {msha: len(raw)}
         for entry in body.files.values():

@@ -80,3 +80,17 @@ class SeqCounter:
                 fcntl.flock(lockf.fileno(), fcntl.LOCK_UN)
         self._next, self._ceiling = base, ceiling
         self.reservations += 1
+
+
+class RegistrySeqCounter:
+    """Command sequence numbers allocated in the shared registry (PostgreSQL): one row per device,
+    raised in one statement under the row's lock, so the numbers a device gets strictly increase
+    whichever controller signs its commands."""
+
+    def __init__(self, registry, *, clock=time.time) -> None:
+        self.registry = registry
+        self.clock = clock
+
+    def next(self, device_id: str) -> int:
+        """The next sequence number for `device_id` (committed before it is returned)."""
+        return self.registry.next_command_seq(device_id, floor=int(self.clock() * 1000))

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from edge_agent.mqtt.session import Inbound, MqttSession
 from edge_agent.protocol.messages import BundleRef
 from fleet.ingest import HealthPolicy, Ingest
+from fleet.leases import RolloutLeases
 from fleet.registry import Registry
 from fleet.rollouts.record import RolloutParams
 from fleet.rollouts.runner import RolloutRunner, SendCommand
@@ -49,12 +50,16 @@ class ControlPlane:
         telemetry_flush_s: float = 5.0,
         ingest_backlog: int = 20000,
         share_group: Optional[str] = "fleet",
+        leases: Optional[RolloutLeases] = None,
+        inbox_poll_s: float = 0.25,
     ) -> None:
         self.session = session
         self.prefix = prefix
         self.registry = registry
         self.resolve_bundle = resolve_bundle
-        self.runner = RolloutRunner(registry, send_command, defaults=defaults, default_waves=default_waves)
+        self.runner = RolloutRunner(registry, send_command, defaults=defaults, default_waves=default_waves,
+                                    leases=leases)
+        self.inbox_poll_s = inbox_poll_s
         self.ingest = Ingest(
             registry,
             prefix=prefix,
@@ -101,10 +106,19 @@ class ControlPlane:
         self.ingest.submit(msg.topic, msg.payload)
 
     def _tick_loop(self) -> None:
-        next_flush = time.monotonic() + self.telemetry_flush_s
-        while not self._stop.wait(self.tick_interval_s):
+        now = time.monotonic()
+        next_flush = now + self.telemetry_flush_s
+        next_tick = now + self.tick_interval_s
+        # With leases, the inbox (events and operator requests other controllers forward) is polled more
+        # often than the tick, so a forwarded `fleet rollout pause` is answered well within a second.
+        step = min(self.tick_interval_s, self.inbox_poll_s) if self.runner.leases is not None else self.tick_interval_s
+        while not self._stop.wait(step):
             try:
-                self.runner.tick()
+                if self.runner.leases is not None:
+                    self.runner.poll_inbox()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.tick_interval_s
+                    self.runner.tick()
                 if time.monotonic() >= next_flush:
                     next_flush = time.monotonic() + self.telemetry_flush_s
                     self.ingest.flush()
@@ -133,7 +147,10 @@ class ControlPlane:
         return {
             "uptime_s": round(time.time() - self.started_at, 1),
             "devices": self.registry.device_count(),
-            "active_rollouts": self.runner.active_ids(),
+            "active_rollouts": self.runner.fleet_active_ids(),
+            "driven_here": self.runner.active_ids(),
+            "registry": self.registry.engine,
+            "takeovers": self.runner.takeovers,
             "ingest": self.ingest.stats(),
             "rpc": dict(self.rpc.stats),
             "command_send_failures": self.runner.send_failures,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.errors import ResourceError
@@ -42,8 +42,14 @@ class Controller:
         if cfg.registry.url:
             # Shared by several controllers: opened here, because `fleet push` needs it as well.
             self.registry = self._open_registry(cfg)
-        self.store = ControllerStore(state / "store")
-        self.seq = SeqCounter(state / "command-seq.json")
+            from fleet.bundle_store_db import SharedBundleStore
+            from fleet.command_seq import RegistrySeqCounter
+
+            self.store: ControllerStore = SharedBundleStore(state / "store", self.registry)
+            self.seq: Any = RegistrySeqCounter(self.registry)
+        else:
+            self.store = ControllerStore(state / "store")
+            self.seq = SeqCounter(state / "command-seq.json")
         self.key = key
         self.session = MqttSession(cfg.mqtt, client_id=client_id or cfg.controller.client_id, outgoing_queue=8192,
                                    name="controller")
@@ -74,8 +80,16 @@ class Controller:
             resolve_bundle=self.resolve_bundle, share_group=cfg.controller.shared_group, default_waves=r.waves,
             defaults=RolloutParams(r.success_threshold, r.error_threshold, r.device_timeout_s),
             health=HealthPolicy(max_error_rate=r.unhealthy_error_rate), tick_interval_s=r.tick_interval_s,
-            telemetry_flush_s=r.telemetry_flush_s, ingest_backlog=r.ingest_backlog,
+            telemetry_flush_s=r.telemetry_flush_s, ingest_backlog=r.ingest_backlog, leases=self._leases(cfg),
         )
+
+    def _leases(self, cfg: FleetConfig):
+        """Rollout leases when the registry is shared with other controllers (None: we own them all)."""
+        if not self.registry.shared:
+            return None
+        from fleet.leases import RolloutLeases, new_owner_id
+
+        return RolloutLeases(self.registry, new_owner_id(cfg.controller.client_id), lease_s=cfg.registry.lease_s)
 
     @staticmethod
     def _open_registry(cfg: FleetConfig):

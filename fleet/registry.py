@@ -259,6 +259,30 @@ class Registry:
     def _read(self, sql: str, params: Sequence[Any] = ()) -> List[Any]:
         return self._db.read(sql, params)
 
+    #: For the modules that keep their own tables here (fleet/bundle_store_db.py, fleet/leases.py):
+    #: `write(fn)` runs fn(tx) in one transaction, `read(sql, params)` returns rows by column name.
+    write = _write
+    read = _read
+
+    # --------------------------------------------------------------------------- command sequence
+
+    def next_command_seq(self, device_id: str, *, floor: int) -> int:
+        """The next command sequence number for `device_id`: above every number handed out for it by
+        any controller sharing this database, and at least `floor` (the clock in ms, so a registry
+        that replaced an older counter still starts above what devices have seen)."""
+        upsert = (
+            "INSERT INTO command_seq (device_id, last_seq) VALUES (?, ?) ON CONFLICT(device_id) DO UPDATE "
+            "SET last_seq = GREATEST(command_seq.last_seq + 1, excluded.last_seq)"
+        )
+
+        def write(tx: Tx) -> int:
+            if tx.dialect.name == "postgresql":  # one round trip; the row lock orders concurrent callers
+                return int(tx.fetchall(upsert + " RETURNING last_seq", (device_id, int(floor)))[0]["last_seq"])
+            tx.execute(upsert, (device_id, int(floor)))
+            return int(tx.fetchall("SELECT last_seq FROM command_seq WHERE device_id = ?", (device_id,))[0][0])
+
+        return int(self._write(write))
+
     # ------------------------------------------------------------------------------------- devices
 
     def record_status(self, status: Dict[str, Any], *, now: float) -> None:
@@ -332,14 +356,19 @@ class Registry:
         rollout: Dict[str, Any],
         history: Sequence[Tuple[float, str, Optional[str], str]] = (),
         devices: Optional[Sequence[Dict[str, Any]]] = None,
+        *,
+        owner: Optional[str] = None,
     ) -> None:
         """Store a rollout (a `Rollout.to_dict()`) and append `history` (ts, kind, device, message) atomically.
 
         `devices`: only these device entries are written (the ones that changed); default: the rollout's
-        own ``devices`` list."""
+        own ``devices`` list. `owner`: with several controllers, the lease holder this save is made for;
+        when another controller holds the lease now, nothing is written and `LeaseLost` is raised."""
         entries = rollout.get("devices", []) if devices is None else devices
 
         def write(db: Tx) -> None:
+            if owner is not None:
+                _check_lease(db, rollout["rollout_id"], owner)
             body = {k: v for k, v in rollout.items() if k != "devices"}
             db.execute(
                 "INSERT INTO rollouts (rollout_id, bundle_name, bundle_version, mode, state, created, updated, reason, "
@@ -448,6 +477,15 @@ class Registry:
             (device_id, int(limit)),
         )
         return [dict(r) for r in rows]
+
+
+def _check_lease(db: Tx, rollout_id: str, owner: str) -> None:
+    from fleet.leases import LeaseLost
+
+    lock = " FOR UPDATE" if db.dialect.name == "postgresql" else ""
+    rows = db.fetchall("SELECT owner FROM rollout_leases WHERE rollout_id = ?" + lock, (rollout_id,))
+    if not rows or rows[0]["owner"] != owner:
+        raise LeaseLost("rollout %s is owned by %s now" % (rollout_id, rows[0]["owner"] if rows else "nobody"))
 
 
 def _upsert_status(db: Tx, s: Dict[str, Any], now: float) -> None:

@@ -9,6 +9,11 @@ where it stands) or, after a grace period, is sent the command again (commands a
 device); a device that never answers times out.
 
 All public methods are thread-safe (the MQTT thread, the RPC handler and the ticker call them).
+
+With several controllers on one PostgreSQL registry, a runner is given `RolloutLeases`
+(fleet/leases.py): it drives only the rollouts whose lease it holds, renews them every tick, takes over
+rollouts whose owner died, forwards device events and operator requests for rollouts owned elsewhere to
+the owner's inbox, and every save checks the lease, so only the owner ever commands a rollout's devices.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.protocol.messages import (
@@ -30,17 +35,29 @@ from edge_agent.protocol.messages import (
     RollbackArgs,
     Status,
 )
+from fleet.leases import SETTLED_OWNER, LeaseLost, RolloutLeases
 from fleet.registry import Registry
 from fleet.rollouts.actions import Action, Note, SendDeploy, SendPromote, SendRollback
 from fleet.rollouts.classify import classify_event, classify_status
 from fleet.rollouts.plan import Rollout
 from fleet.rollouts.record import RolloutParams
-from fleet.rollouts.states import ABORTED, ACTIVE_STATES, D_ROLLBACK_SENT, DEFAULT_WAVES, HALTED, RolloutError
+from fleet.rollouts.states import (
+    ABORTED,
+    ACTIVE_STATES,
+    D_ROLLBACK_SENT,
+    DEFAULT_WAVES,
+    HALTED,
+    IN_FLIGHT,
+    RolloutError,
+)
 from fleet.rollouts.waves import check_explicit_waves, resolve_waves
 
 log = logging.getLogger(__name__)
 
 SendCommand = Callable[[str, CommandArgs], None]
+
+#: Rollout states that may still need an owner (halted/aborted ones while rollbacks are outstanding).
+OWNED_STATES = (*ACTIVE_STATES, HALTED, ABORTED)
 
 
 def _decimal(v: float) -> str:
@@ -65,6 +82,8 @@ class RolloutRunner:
         default_waves: Optional[Sequence[float]] = None,
         resend_grace_s: float = 15.0,
         clock: Callable[[], float] = time.time,
+        leases: Optional[RolloutLeases] = None,
+        forward_timeout_s: float = 5.0,
     ) -> None:
         self.registry = registry
         self.send_command = send_command
@@ -81,6 +100,11 @@ class RolloutRunner:
         # deploys never holds up whoever reported the event that started it (the ingest worker).
         self._outbox: queue.Queue = queue.Queue()
         self._sender: Optional[threading.Thread] = None
+        #: Several controllers: the leases this runner holds (None: the only controller, owns all).
+        self.leases = leases
+        self.forward_timeout_s = forward_timeout_s
+        self.takeovers = 0
+        self.forwarded = 0
 
     def start_sender(self) -> None:
         """Send commands from a background thread from now on (otherwise they are sent inline)."""
@@ -113,31 +137,59 @@ class RolloutRunner:
                 body = r.row_dict() if r is not None else self.registry.load_rollout(rollout_id)
                 if body is not None:
                     body.pop("devices", None)
-                    self.registry.save_rollout(
-                        body,
-                        [(self.clock(), "send-failed", device_id, "%s not sent: %s" % (args.kind, e))],
-                        devices=[],
-                    )
+                    try:
+                        self.registry.save_rollout(
+                            body,
+                            [(self.clock(), "send-failed", device_id, "%s not sent: %s" % (args.kind, e))],
+                            devices=[], owner=self._owner(),
+                        )
+                    except LeaseLost as lost:
+                        self._lost(rollout_id, lost)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
     def resume_from_registry(self) -> List[str]:
-        """Load every rollout that was running, paused or stalled when the controller stopped."""
+        """Load every rollout that was running, paused or stalled when the controller stopped (with
+        leases: every such rollout no live controller owns)."""
         with self._lock:
             resumed = []
-            for row in self.registry.list_rollouts(states=(*ACTIVE_STATES, HALTED, ABORTED), limit=1000):
-                body = self.registry.load_rollout(row["rollout_id"])
-                if body is None:
-                    continue
-                r = Rollout.from_dict(body)
-                if r.final and not any(e.state == D_ROLLBACK_SENT for e in r.devices.values()):
-                    continue  # ended, nothing outstanding
-                self._active[r.rollout_id] = r
-                resumed.append(r.rollout_id)
-                self._apply(r, r.restarted(self.clock(), self.resend_grace_s))
+            for row in self.registry.list_rollouts(states=OWNED_STATES, limit=1000):
+                if row["rollout_id"] not in self._active and self._adopt(row["rollout_id"]):
+                    resumed.append(row["rollout_id"])
             if resumed:
                 log.info("resumed %d rollout(s) from the registry: %s", len(resumed), ", ".join(resumed))
             return resumed
+
+    def _adopt(self, rollout_id: str) -> bool:
+        """Drive a saved rollout from here (after a restart or a takeover); False when it needs no
+        owner or (with leases) another live controller owns it."""
+        if self.leases is not None and not self.leases.acquire(rollout_id):
+            return False
+        body = self.registry.load_rollout(rollout_id)
+        if body is None:
+            return False
+        r = Rollout.from_dict(body)
+        if r.final and not any(e.state == D_ROLLBACK_SENT for e in r.devices.values()):
+            if self.leases is not None:
+                self.leases.settle(rollout_id)
+            return False  # ended, nothing outstanding
+        self._active[r.rollout_id] = r
+        acts = r.restarted(self.clock(), self.resend_grace_s)
+        self._apply(r, acts)
+        if self.leases is not None:
+            self._replay_statuses(r)
+        return rollout_id in self._active
+
+    def _replay_statuses(self, r: Rollout) -> None:
+        """After a takeover: what the registry knows of each in-flight device (every controller records
+        every status), so the new owner does not wait for statuses it was not listening to."""
+        waiting = {d for d, e in r.devices.items() if e.state in (*IN_FLIGHT, D_ROLLBACK_SENT)}
+        for row in self.registry.list_devices():
+            if row["device_id"] in waiting and r.rollout_id in self._active:
+                deploy = row.get("deploy") or {}
+                self._observe_status(r, row["device_id"], online=row["online"], active=row["active"],
+                                     deploy_state=deploy.get("state"), deploy_bundle=deploy.get("bundle"),
+                                     deploy_rollout_id=deploy.get("rollout_id"), detail=deploy.get("detail"))
 
     def start(
         self,
@@ -182,6 +234,8 @@ class RolloutRunner:
             raise RolloutError("bad rollout parameter: %s" % e)
         with self._lock:
             busy = {d: r.rollout_id for r in self._active.values() if not r.final for d in r.devices}
+            if self.leases is not None:
+                busy.update(self._busy_elsewhere())
             clash = sorted(d for w in waves for d in w if d in busy)
             if clash:
                 raise RolloutError(
@@ -200,9 +254,19 @@ class RolloutRunner:
                 ab_split=ab_split,
                 now=now,
             )
+            if self.leases is not None and not self.leases.acquire(r.rollout_id):
+                raise RolloutError("rollout %s: could not take its lease" % r.rollout_id)
             self._active[r.rollout_id] = r
             self._apply(r, r.start(now))
             return r.summary()
+
+    def _busy_elsewhere(self) -> Dict[str, str]:
+        """Devices in an active rollout of any controller (the shared registry's view)."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        rows = self.registry.read(
+            "SELECT d.device_id, d.rollout_id FROM rollout_devices d JOIN rollouts r ON r.rollout_id = d.rollout_id "
+            "WHERE r.state IN (%s)" % marks, ACTIVE_STATES)
+        return {row["device_id"]: row["rollout_id"] for row in rows}
 
     # ------------------------------------------------------------------------------------- inputs
 
@@ -213,22 +277,31 @@ class RolloutRunner:
             for r in list(self._active.values()):
                 if status.device_id not in r.devices:
                     continue
-                obs = classify_status(
-                    r,
-                    online=status.online,
+                self._observe_status(
+                    r, status.device_id, online=status.online,
                     active=status.active.model_dump() if status.active else None,
                     deploy_state=deploy.state if deploy else None,
                     deploy_bundle=deploy.bundle.model_dump() if deploy and deploy.bundle else None,
                     deploy_rollout_id=deploy.rollout_id if deploy else None,
+                    detail=deploy.detail if deploy else None,
                 )
-                if obs is not None:
-                    detail = "status %s" % (deploy.state if deploy else "offline")
-                    if deploy and deploy.detail:
-                        detail += ": %s" % deploy.detail
-                    self._apply(r, r.observe(status.device_id, obs, detail, self.clock()))
 
-    def on_event(self, event: Event) -> None:
-        """A device's event arrived (called by ingest)."""
+    def _observe_status(self, r: Rollout, device_id: str, *, online: bool, active: Optional[Dict[str, Any]],
+                        deploy_state: Optional[str], deploy_bundle: Optional[Dict[str, Any]],
+                        deploy_rollout_id: Optional[str], detail: Optional[str]) -> None:
+        obs = classify_status(
+            r, online=online, active=active, deploy_state=deploy_state, deploy_bundle=deploy_bundle,
+            deploy_rollout_id=deploy_rollout_id,
+        )
+        if obs is not None:
+            text = "status %s" % (deploy_state or "offline")
+            if detail:
+                text += ": %s" % detail
+            self._apply(r, r.observe(device_id, obs, text, self.clock()))
+
+    def on_event(self, event: Event, *, forward: bool = True) -> None:
+        """A device's event arrived (called by ingest; `forward` False for one another controller
+        forwarded, so it is never passed on again)."""
         with self._lock:
             for r in list(self._active.values()):
                 if event.device_id not in r.devices:
@@ -242,9 +315,31 @@ class RolloutRunner:
                 if obs is not None:
                     detail = "%s: %s" % (event.kind, event.message) if event.message else event.kind
                     self._apply(r, r.observe(event.device_id, obs, detail[:300], self.clock()))
+            mine = [rid for rid, r in self._active.items() if event.device_id in r.devices]
+        if self.leases is not None and forward:
+            self._forward_event(event, set(mine))
+
+    def _forward_event(self, event: Event, mine: Set[str]) -> None:
+        """Shared subscriptions gave us an event of a device in a rollout another controller owns:
+        leave it in that rollout's inbox."""
+        assert self.leases is not None
+        marks = ",".join("?" * len(OWNED_STATES))
+        rows = self.registry.read(
+            "SELECT d.rollout_id FROM rollout_devices d JOIN rollouts r ON r.rollout_id = d.rollout_id "
+            "LEFT JOIN rollout_leases l ON l.rollout_id = d.rollout_id WHERE d.device_id = ? AND r.state IN (%s) "
+            "AND (l.owner IS NULL OR l.owner <> ?)" % marks,
+            (event.device_id, *OWNED_STATES, SETTLED_OWNER),
+        )
+        for row in rows:
+            if row["rollout_id"] not in mine:
+                self.leases.post(row["rollout_id"], "event", event.model_dump(mode="json"))
+                self.forwarded += 1
 
     def tick(self) -> None:
-        """Time passes: device timeouts. Call every second or so."""
+        """Time passes: device timeouts (and, with leases: renew ours, take over orphaned rollouts).
+        Call every second or so."""
+        if self.leases is not None:
+            self._keep_leases()
         now = self.clock()
         with self._lock:
             for r in list(self._active.values()):
@@ -264,6 +359,9 @@ class RolloutRunner:
 
     def pause(self, rollout_id: str) -> Dict[str, Any]:
         """Pause a running rollout."""
+        fwd = self._forward_op(rollout_id, "pause", {})
+        if fwd is not None:
+            return fwd
         with self._lock:
             r = self._get(rollout_id)
             self._apply(r, r.pause(self.clock()))
@@ -271,6 +369,9 @@ class RolloutRunner:
 
     def resume(self, rollout_id: str) -> Dict[str, Any]:
         """Resume a paused rollout or push a stalled one onwards."""
+        fwd = self._forward_op(rollout_id, "resume", {})
+        if fwd is not None:
+            return fwd
         with self._lock:
             r = self._get(rollout_id)
             self._apply(r, r.resume(self.clock()))
@@ -278,6 +379,9 @@ class RolloutRunner:
 
     def abort(self, rollout_id: str, *, rollback: bool = True) -> Dict[str, Any]:
         """Abort a rollout (rolling back the devices that took it unless `rollback` is False)."""
+        fwd = self._forward_op(rollout_id, "abort", {"rollback": rollback})
+        if fwd is not None:
+            return fwd
         with self._lock:
             r = self._get(rollout_id)
             self._apply(r, r.abort(self.clock(), rollback=rollback))
@@ -285,6 +389,9 @@ class RolloutRunner:
 
     def promote(self, rollout_id: str, *, accept: bool = True) -> Dict[str, Any]:
         """Promote (or drop) a shadow/A-B rollout's candidate on its devices."""
+        fwd = self._forward_op(rollout_id, "promote", {"accept": accept})
+        if fwd is not None:
+            return fwd
         with self._lock:
             r = self._active.get(rollout_id)
             if r is None:
@@ -316,6 +423,89 @@ class RolloutRunner:
                 failed[d] = str(e)
         return {"sent": sent, "failed": failed}
 
+    def _forward_op(self, rollout_id: str, op: str, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """With leases, an operator request for a rollout another live controller owns goes to its inbox
+        and this waits for the owner's answer; None: do it here (ours, orphaned — taken now — or ended)."""
+        if self.leases is None:
+            return None
+        with self._lock:
+            if rollout_id in self._active:
+                return None
+        holder = self.leases.holder(rollout_id)
+        if holder is None or holder == self.leases.owner:
+            with self._lock:
+                if rollout_id not in self._active and self._adopt(rollout_id):
+                    self.takeovers += 1
+            return None
+        item = self.leases.post(rollout_id, "op", {"op": op, "args": args})
+        answer = self.leases.wait_result(item, self.forward_timeout_s)
+        if answer is None:
+            raise RolloutError("rollout %s is driven by controller %s, which did not answer within %.0f s; "
+                               "try again" % (rollout_id, holder, self.forward_timeout_s))
+        if answer.get("error"):
+            raise RolloutError(str(answer["error"]))
+        return answer.get("result")
+
+    def poll_inbox(self) -> int:
+        """Handle what other controllers left for our rollouts (events, operator requests); returns how
+        many. Call often (the control plane does, every quarter second)."""
+        if self.leases is None:
+            return 0
+        with self._lock:
+            ids = list(self._active)
+        items = self.leases.take(ids)
+        for item in items:
+            result: Optional[Dict[str, Any]] = None
+            try:
+                if item["kind"] == "event":
+                    self.on_event(Event.model_validate(item["body"]), forward=False)
+                else:
+                    result = {"result": self._run_op(item["rollout_id"], item["body"])}
+            except (EdgeAgentError, ValueError) as e:
+                result = {"error": str(e)} if item["kind"] != "event" else None
+                if item["kind"] == "event":
+                    log.warning("forwarded event for %s not handled: %s", item["rollout_id"], e)
+            self.leases.done(item["id"], result)
+        return len(items)
+
+    def _run_op(self, rollout_id: str, body: Dict[str, Any]) -> Dict[str, Any]:
+        op, args = body.get("op"), body.get("args") or {}
+        if op == "pause":
+            return self.pause(rollout_id)
+        if op == "resume":
+            return self.resume(rollout_id)
+        if op == "abort":
+            return self.abort(rollout_id, rollback=bool(args.get("rollback", True)))
+        if op == "promote":
+            return self.promote(rollout_id, accept=bool(args.get("accept", True)))
+        raise RolloutError("unknown forwarded operation %r" % op)
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of our rollouts (dropping any another controller took), then take over the
+        rollouts whose owner's lease expired."""
+        assert self.leases is not None
+        with self._lock:
+            ids = list(self._active)
+        held = self.leases.renew(ids)
+        for rid in ids:
+            if rid not in held:
+                self._lost(rid, LeaseLost("lease not renewed in time"))
+        for rid in self.leases.orphans(OWNED_STATES):
+            with self._lock:
+                if rid in self._active:
+                    continue
+                if self._adopt(rid):
+                    self.takeovers += 1
+                    log.warning("took over rollout %s (its owner's lease expired)", rid)
+
+    def _lost(self, rollout_id: str, why: Exception) -> None:
+        with self._lock:
+            if self._active.pop(rollout_id, None) is not None:
+                log.warning("rollout %s: no longer driven here: %s", rollout_id, why)
+
+    def _owner(self) -> Optional[str]:
+        return self.leases.owner if self.leases is not None else None
+
     # ------------------------------------------------------------------------------------- queries
 
     def get(self, rollout_id: Optional[str] = None, *, history: int = 50) -> Dict[str, Any]:
@@ -346,6 +536,12 @@ class RolloutRunner:
         with self._lock:
             return [rid for rid, r in self._active.items() if not r.final]
 
+    def fleet_active_ids(self) -> List[str]:
+        """Ids of the running, paused or stalled rollouts of every controller sharing the registry."""
+        if self.leases is None:
+            return self.active_ids()
+        return sorted(r["rollout_id"] for r in self.registry.list_rollouts(states=ACTIVE_STATES, limit=1000))
+
     # ------------------------------------------------------------------------------------ internals
 
     def _apply(self, r: Rollout, acts: List[Action]) -> None:
@@ -361,7 +557,11 @@ class RolloutRunner:
         dirty = r.take_dirty()
         if not acts and not dirty:
             return  # e.g. a progress detail: nothing a restart would need
-        self.registry.save_rollout(r.row_dict(), history, devices=dirty)
+        try:
+            self.registry.save_rollout(r.row_dict(), history, devices=dirty, owner=self._owner())
+        except LeaseLost as e:
+            self._lost(r.rollout_id, e)  # another controller drives it now; send nothing
+            return
         for a in acts:
             if isinstance(a, Note):
                 continue
@@ -378,6 +578,8 @@ class RolloutRunner:
             # Keep a stopped rollout in memory while rollbacks are outstanding, so their results
             # (and late activations) are still tracked; otherwise it lives on in the registry only.
             del self._active[r.rollout_id]
+            if self.leases is not None:
+                self.leases.settle(r.rollout_id)
 
     @staticmethod
     def _command_for(r: Rollout, a: Action) -> CommandArgs:

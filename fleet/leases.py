@@ -1,0 +1,167 @@
+"""Rollout ownership when several controllers share one registry: a lease row per rollout, renewed by
+its owner every tick, and an inbox for what reaches a controller that does not own the rollout.
+
+* ``rollout_leases``: (rollout_id, owner, expires_at, epoch). The controller that starts a rollout
+  holds its lease; it renews it every tick (`renew`). When the owner dies (kill -9, power loss,
+  partition), its leases expire after `lease_s`; any controller's next tick finds the rollout orphaned
+  (`orphans`) and takes it (`acquire`, which raises the epoch). Takeover therefore happens within
+  ``lease_s + tick_interval_s`` of the owner's last renewal. Every rollout save checks the lease in
+  the same transaction (`Registry.save_rollout(owner=...)`), and commands are sent only after the save
+  committed, so a controller that lost its lease (paused longer than `lease_s`) cannot send another
+  command for that rollout: the two owners never both command a device.
+* ``rollout_inbox``: device events (shared subscriptions deliver each to one controller) and operator
+  requests (pause, abort, … arrive at whichever controller the CLI's RPC reached) for a rollout owned
+  elsewhere are written here; the owner takes them every inbox poll and writes operator results back.
+
+Lease times come from the controllers' clocks: keep them in NTP sync, well within `lease_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+
+from fleet.registry import Registry
+from fleet.registry_db import RegistryError
+
+#: `expires_at` of a rollout that ended with nothing outstanding: never orphaned again.
+SETTLED = 1e18
+SETTLED_OWNER = "(settled)"
+
+
+class LeaseLost(RegistryError):
+    """This controller no longer owns the rollout (another one took it over)."""
+
+
+def new_owner_id(client_id: str) -> str:
+    """A controller's owner name: client id, host, pid and a random tag (unique per process)."""
+    return "%s@%s:%d:%s" % (client_id, socket.gethostname()[:40], os.getpid(), os.urandom(2).hex())
+
+
+class RolloutLeases:
+    """Leases and inbox rows of one controller (`owner`)."""
+
+    def __init__(self, registry: Registry, owner: str, *, lease_s: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.owner = owner
+        self.lease_s = lease_s
+        self.clock = clock
+        self.takeovers = 0
+
+    # ------------------------------------------------------------------------------------ leases
+
+    def acquire(self, rollout_id: str) -> bool:
+        """Take the lease when it is free, expired or already ours; True when we hold it now."""
+        now = self.clock()
+
+        def write(tx: Any) -> bool:
+            tx.execute(
+                "INSERT INTO rollout_leases (rollout_id, owner, expires_at, epoch) VALUES (?, ?, ?, 1) "
+                "ON CONFLICT(rollout_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at, "
+                "epoch = rollout_leases.epoch + 1 WHERE rollout_leases.owner = ? OR rollout_leases.expires_at < ?",
+                (rollout_id, self.owner, now + self.lease_s, self.owner, now),
+            )
+            rows = tx.fetchall("SELECT owner FROM rollout_leases WHERE rollout_id = ?", (rollout_id,))
+            return bool(rows) and rows[0]["owner"] == self.owner
+
+        return bool(self.registry.write(write))
+
+    def renew(self, rollout_ids: Sequence[str]) -> Set[str]:
+        """Extend our leases; returns the ids we still hold (a missing one was taken over)."""
+        if not rollout_ids:
+            return set()
+        ids = list(rollout_ids)
+        marks = ",".join("?" * len(ids))
+
+        def write(tx: Any) -> Set[str]:
+            tx.execute(
+                "UPDATE rollout_leases SET expires_at = ? WHERE owner = ? AND rollout_id IN (%s)" % marks,
+                (self.clock() + self.lease_s, self.owner, *ids),
+            )
+            rows = tx.fetchall(
+                "SELECT rollout_id FROM rollout_leases WHERE owner = ? AND rollout_id IN (%s)" % marks,
+                (self.owner, *ids),
+            )
+            return {r["rollout_id"] for r in rows}
+
+        return set(self.registry.write(write))
+
+    def settle(self, rollout_id: str) -> None:
+        """The rollout ended with nothing outstanding: nobody needs to own it any more."""
+        self.registry.write(lambda tx: tx.execute(
+            "UPDATE rollout_leases SET owner = ?, expires_at = ? WHERE rollout_id = ? AND owner = ?",
+            (SETTLED_OWNER, SETTLED, rollout_id, self.owner)))
+
+    def orphans(self, states: Sequence[str]) -> List[str]:
+        """Rollouts in `states` whose lease is missing or expired (their owner is gone)."""
+        marks = ",".join("?" * len(states))
+        rows = self.registry.read(
+            "SELECT r.rollout_id FROM rollouts r LEFT JOIN rollout_leases l ON l.rollout_id = r.rollout_id "
+            "WHERE r.state IN (%s) AND (l.rollout_id IS NULL OR l.expires_at < ?) ORDER BY r.created" % marks,
+            (*states, self.clock()),
+        )
+        return [r["rollout_id"] for r in rows]
+
+    def holder(self, rollout_id: str) -> Optional[str]:
+        """Who holds a live lease on the rollout (None when nobody does)."""
+        rows = self.registry.read(
+            "SELECT owner, expires_at FROM rollout_leases WHERE rollout_id = ?", (rollout_id,)
+        )
+        if not rows or rows[0]["expires_at"] < self.clock() or rows[0]["owner"] == SETTLED_OWNER:
+            return None
+        return str(rows[0]["owner"])
+
+    # ------------------------------------------------------------------------------------- inbox
+
+    def post(self, rollout_id: str, kind: str, body: Dict[str, Any]) -> int:
+        """Leave an event or operator request for the rollout's owner; returns its id."""
+
+        insert = "INSERT INTO rollout_inbox (rollout_id, kind, body, created) VALUES (?, ?, ?, ?)"
+        params = (rollout_id, kind, json.dumps(body, separators=(",", ":")), self.clock())
+
+        def write(tx: Any) -> int:
+            if tx.dialect.name == "postgresql":
+                return int(tx.fetchall(insert + " RETURNING id", params)[0]["id"])
+            return int(tx.execute(insert, params).lastrowid)
+
+        return int(self.registry.write(write))
+
+    def take(self, rollout_ids: Sequence[str], limit: int = 500) -> List[Dict[str, Any]]:
+        """Open inbox rows of our rollouts, oldest first: {id, rollout_id, kind, body}."""
+        if not rollout_ids:
+            return []
+        marks = ",".join("?" * len(rollout_ids))
+        rows = self.registry.read(
+            "SELECT id, rollout_id, kind, body FROM rollout_inbox WHERE done = 0 AND rollout_id IN (%s) "
+            "ORDER BY id LIMIT ?" % marks,
+            (*rollout_ids, int(limit)),
+        )
+        return [{"id": r["id"], "rollout_id": r["rollout_id"], "kind": r["kind"], "body": json.loads(r["body"])}
+                for r in rows]
+
+    def done(self, item_id: int, result: Optional[Dict[str, Any]] = None) -> None:
+        """Mark an inbox row handled (events are deleted, operator requests keep their result)."""
+        if result is None:
+            self.registry.write(lambda tx: tx.execute("DELETE FROM rollout_inbox WHERE id = ?", (item_id,)))
+            return
+        text = json.dumps(result, separators=(",", ":"), default=str)
+        self.registry.write(lambda tx: tx.execute(
+            "UPDATE rollout_inbox SET done = 1, result = ? WHERE id = ?", (text, item_id)))
+
+    def wait_result(self, item_id: int, timeout_s: float, poll_s: float = 0.05) -> Optional[Dict[str, Any]]:
+        """The owner's answer to an operator request (None on timeout); the row is removed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self.registry.read("SELECT done, result FROM rollout_inbox WHERE id = ?", (item_id,))
+            if rows and rows[0]["done"]:
+                self.registry.write(lambda tx: tx.execute("DELETE FROM rollout_inbox WHERE id = ?", (item_id,)))
+                return json.loads(rows[0]["result"] or "{}")
+            if time.monotonic() >= deadline:
+                self.registry.write(lambda tx: tx.execute(
+                    "DELETE FROM rollout_inbox WHERE id = ? AND done = 0", (item_id,)))
+                return None
+            time.sleep(poll_s)

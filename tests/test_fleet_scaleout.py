@@ -1,0 +1,87 @@
+"""Several controllers, one fleet: two `fleet serve` processes on one real PostgreSQL registry and one
+broker, with simulated devices that verify every signed command (signature, expiry, sequence number).
+
+The rollout's owner is killed with -9 in the middle of a wave; the other controller takes the rollout
+over when the lease expires and finishes it, and no device is sent a conflicting command (each device
+accepts only deploys of the rollout's bundle, refuses nothing — no replayed or out-of-order sequence
+number — and ends on the new bundle)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from scaleout_helpers import SharedRig, insert_bundle_record
+
+pytestmark = pytest.mark.mqtt
+
+
+def cli(rig, capsys, *args):
+    from fleet.cli import main
+
+    capsys.readouterr()
+    rc = main([*args, "--broker", "%s:%d" % (rig.broker.host, rig.broker.port)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def rig(broker, tmp_path, pg_url):
+    r = SharedRig(broker, tmp_path, pg_url, controllers=2, devices=12, step_s=0.25, lease_s=2.0)
+    try:
+        yield r.start()
+    finally:
+        r.stop()
+
+
+def test_any_controller_answers_with_the_same_view(rig, capsys):
+    views = set()
+    for _ in range(6):  # shared RPC: requests go round-robin to both controllers
+        rc, out, err = cli(rig, capsys, "devices", "--json")
+        assert rc == 0, err
+        views.add(tuple(sorted(d["device_id"] for d in json.loads(out))))
+    assert views == {tuple(rig.device_ids)}
+
+
+def test_rollout_owner_killed_mid_wave_is_finished_by_the_other_controller(rig, capsys):
+    insert_bundle_record(rig.pg_url, "digits", 2)
+    rc, out, err = cli(rig, capsys, "rollout", "start", "digits@2", "--waves", "25,50,100", "--json")
+    assert rc == 0, err
+    rid = json.loads(out.splitlines()[-1])["rollout_id"]
+    # Mid-wave: commands of wave 1 are out, the devices are still deploying.
+    rig.wait(lambda: rig.query("SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = %s AND state IN "
+                               "('sent', 'in-progress')", (rid,))[0][0] > 0, 20, "wave 1 in flight")
+    owner = rig.lease_owner(rid)
+    assert owner in rig.names
+    survivor = next(n for n in rig.names if n != owner)
+    rig.kill(owner)
+    rig.wait(lambda: rig.lease_owner(rid) == survivor, 20, "the surviving controller takes the lease")
+    rig.wait(lambda: rig.rollout_state(rid) == "succeeded", 60,
+             "rollout finished by %s\n%s" % (survivor, rig.log(survivor)))
+
+    rc, out, err = cli(rig, capsys, "rollout", "status", rid, "--json")
+    assert rc == 0, err
+    status = json.loads(out)
+    assert status["state"] == "succeeded"
+    assert {e["state"] for e in status["devices"]} == {"succeeded"}
+    assert any(h["kind"] == "resumed-after-restart" for h in status["history"])
+    for dev_id, d in rig.fleet.devices.items():
+        assert d.refused == [], (dev_id, d.refused)
+        assert set(d.commands) == {"deploy"}, (dev_id, d.commands)
+        assert {(a.bundle.name, a.bundle.version, a.rollout_id) for a in d.deploys} == {("digits", 2, rid)}
+        assert d.active.version == 2
+
+
+def test_operator_request_reaches_the_owner_from_either_controller(rig, capsys):
+    insert_bundle_record(rig.pg_url, "digits", 2)
+    rc, out, err = cli(rig, capsys, "rollout", "start", "digits@2", "--waves", "25,50,100", "--json")
+    assert rc == 0, err
+    rid = json.loads(out.splitlines()[-1])["rollout_id"]
+    # Several pauses/resumes: the shared RPC group hands some to the controller that does not own it,
+    # which forwards them through the rollout's inbox; every one is answered with the owner's state.
+    for want, verb in (("paused", "pause"), ("running", "resume"), ("paused", "pause"), ("running", "resume")):
+        rc, out, err = cli(rig, capsys, "rollout", verb, rid)
+        assert rc == 0, err
+        rig.wait(lambda w=want: rig.rollout_state(rid) in (w, "succeeded"), 10, "rollout %s" % want)
+    rig.wait(lambda: rig.rollout_state(rid) == "succeeded", 60, "rollout finished")
+    assert all(d.refused == [] for d in rig.fleet.devices.values())
