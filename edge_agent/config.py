@@ -104,6 +104,9 @@ class EngineConfig(_Section):
     retune_memory_change: float = Field(0.25, gt=0)
     ort_intra_op_threads: int = Field(0, ge=0)
     build_timeout_s: float = Field(1800.0, gt=0)
+    #: MB the TensorRT backend takes once per process besides its engines: the CUDA context and the
+    #: TensorRT/cuBLAS/cuDNN handles (check yours with the `gpu` tests' memory report)
+    trt_overhead_mb: int = Field(300, ge=0)
 
 
 class RuntimeConfig(_Section):

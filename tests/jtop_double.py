@@ -3,8 +3,11 @@
 It follows the documented shapes: `jtop(interval)` is a Thread with `start()`, `close()`, `ok()`,
 `is_alive()` and the context-manager protocol; `stats` (CPU1..n as % or 'OFF', RAM/SWAP as fractions,
 GPU %, 'Temp <name>' °C, 'Power <rail>'/'Power TOT' mW), `memory['RAM']` (KB), `gpu` (by device-tree
-name), `temperature` ({online, temp, max, crit}; -256 when offline) and `power` ({'rail': {...},
-'tot': {...}}, mV/mA/mW). `install(monkeypatch, board)` puts it in `sys.modules['jtop']`.
+name), `temperature` ({online, temp}, -256 when offline; `max`/`crit` only for hwmon sensors, never for the
+CPU/GPU/SOC/tj/CV thermal zones: jetson_stats 4.2.12 jtop/core/temperature.py reads those from
+/sys/class/thermal without limits) and `power` ({'rail': {...}, 'tot': {...}}, mV/mA/mW).
+`memory` and `gpu` behave like jtop's GenericInterface (jtop/core/common.py): indexing, iteration, len,
+`in`, keys(), values(), items() and get(). `install(monkeypatch, board)` puts it in `sys.modules['jtop']`.
 """
 
 from __future__ import annotations
@@ -43,12 +46,12 @@ XAVIER_NX: Dict[str, Any] = {
         }
     },
     "temperature": {
-        "AO": {"online": True, "temp": 36.5, "max": 99.5, "crit": 103.5},
-        "AUX": {"online": True, "temp": 35.0, "max": 99.5, "crit": 103.5},
-        "CPU": {"online": True, "temp": 37.5, "max": 99.5, "crit": 103.5},
-        "GPU": {"online": True, "temp": 36.0, "max": 99.5, "crit": 103.5},
-        "PMIC": {"online": False, "temp": -256, "max": 120.0, "crit": 125.0},
-        "thermal": {"online": True, "temp": 36.6, "max": 99.5, "crit": 103.5},
+        "AO": {"online": True, "temp": 36.5},
+        "AUX": {"online": True, "temp": 35.0},
+        "CPU": {"online": True, "temp": 37.5},
+        "GPU": {"online": True, "temp": 36.0},
+        "PMIC": {"online": False, "temp": -256},
+        "thermal": {"online": True, "temp": 36.6},
     },
     "power": {
         "rail": {
@@ -84,15 +87,15 @@ ORIN: Dict[str, Any] = {
         }
     },
     "temperature": {
-        "CPU": {"online": True, "temp": 48.2, "max": 99.0, "crit": 104.5},
-        "CV0": {"online": True, "temp": 46.1, "max": 99.0, "crit": 104.5},
-        "CV1": {"online": True, "temp": 46.0, "max": 99.0, "crit": 104.5},
-        "CV2": {"online": True, "temp": 45.8, "max": 99.0, "crit": 104.5},
-        "GPU": {"online": True, "temp": 50.3, "max": 99.0, "crit": 104.5},
-        "SOC0": {"online": True, "temp": 47.0, "max": 99.0, "crit": 104.5},
-        "SOC1": {"online": True, "temp": 46.5, "max": 99.0, "crit": 104.5},
-        "SOC2": {"online": True, "temp": 46.9, "max": 99.0, "crit": 104.5},
-        "tj": {"online": True, "temp": 50.3, "max": 99.0, "crit": 104.5},
+        "CPU": {"online": True, "temp": 48.2},
+        "CV0": {"online": True, "temp": 46.1},
+        "CV1": {"online": True, "temp": 46.0},
+        "CV2": {"online": True, "temp": 45.8},
+        "GPU": {"online": True, "temp": 50.3},
+        "SOC0": {"online": True, "temp": 47.0},
+        "SOC1": {"online": True, "temp": 46.5},
+        "SOC2": {"online": True, "temp": 46.9},
+        "tj": {"online": True, "temp": 50.3},
     },
     "power": {
         "rail": {
@@ -110,8 +113,9 @@ ORIN: Dict[str, Any] = {
 
 
 class _Interface:
-    """Like jtop's dict-like interfaces (`memory`, `gpu`): indexing, iteration and items(), no dict methods
-    beyond those, so code that works on the double does not depend on more than jtop gives."""
+    """Like jtop's GenericInterface (`memory`, `gpu`; jetson_stats jtop/core/common.py): indexing, iteration,
+    len, `in`, items(), keys(), values() and get() — and nothing else, so code that works on the double does
+    not depend on more than jtop gives."""
 
     def __init__(self, data: Dict[str, Any]) -> None:
         self._data = data
@@ -127,6 +131,18 @@ class _Interface:
 
     def items(self):
         return self._data.items()
+
+    def keys(self):
+        return self._data.keys()
+
+    def values(self):
+        return self._data.values()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
 
 
 class JtopDouble:

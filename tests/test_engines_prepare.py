@@ -145,7 +145,7 @@ def test_precision_falls_back_to_what_the_manifest_allows(bundle):
 # ------------------------------------------------------------------------------ TensorRT via the double
 
 TRT_CFG = EngineConfig(backend="tensorrt", tune_iterations=3, max_batch_limit=16, latency_slo_ms=1000.0,
-                       precision="fp16")
+                       precision="fp16", trt_overhead_mb=0)
 
 
 def test_tensorrt_build_cache_reload_and_golden(trt_double, bundle, tmp_path):
@@ -232,8 +232,9 @@ def test_tampered_cache_plan_is_a_miss(trt_double, bundle, tmp_path):
     assert models.sources == {"small": "built", "large": "built"}
 
 
-def test_profile_too_big_for_budget_is_rebuilt_smaller(trt_double, bundle, tmp_path):
+def test_profile_too_big_for_budget_is_rebuilt_smaller(trt_double, bundle, tmp_path, monkeypatch):
     bundle_dir, manifest = bundle
+    monkeypatch.setenv("TRT_DOUBLE_SCRATCH_BYTES", str(64 << 10))  # batch-dependent memory dominates
     cfg = TRT_CFG.model_copy(update={"max_batch_limit": 64, "precision": "fp32"})
     plat = _platform(trt_double.__version__, (7, 2))
     # measure what batch 64 needs, then give a budget that fits about a third of that
@@ -347,10 +348,11 @@ def test_discrete_gpu_budget_comes_from_device_memory(trt_double, monkeypatch):
     from edge_agent.engines.prepare import current_budget
 
     monkeypatch.setenv("TRT_DOUBLE_MEM_TOTAL", str(4 << 30))
+    monkeypatch.setenv("TRT_DOUBLE_CONTEXT_BYTES", str(64 << 20))  # the CUDA context itself takes device memory
     dgpu = PlatformInfo(python="3", machine="x86_64", jetson_model=None, l4t_release=None, trt_version="8.6.1.6",
                         trt_error=None, cuda_version="12.2", gpu_name="Double GPU sm72", compute_capability=(7, 2))
     cfg = EngineConfig(memory_fraction=0.5, memory_reserve_mb=0)
     b = current_budget(cfg, dgpu, "tensorrt")
-    assert (b.source, b.total_bytes, b.budget_bytes) == ("cuda", 4 << 30, 2 << 30)
+    assert (b.source, b.total_bytes, b.budget_bytes) == ("cuda", 4 << 30, ((4 << 30) - (64 << 20)) // 2)
     # a Jetson's integrated GPU shares system memory: /proc/meminfo, never cudaMemGetInfo
     assert current_budget(cfg, _platform("8.5.2.2", (7, 2)), "tensorrt").source == "meminfo"

@@ -74,7 +74,7 @@ def test_tensorrt_path_builds_runs_and_matches_onnxruntime(capsys, trt_double):
     assert checks["tensorrt inference"]["status"] == "ok"
     assert checks["tensorrt inference"]["max_rel_diff"] < 1e-5
     assert checks["backend"]["backend"] == "tensorrt"
-    assert checks["platform"]["platform_key"] == "trt8.5.2-sm72"
+    assert checks["platform"]["platform_key"] == "trt8.5.2.2-sm72"
 
 
 def test_tensorrt_build_failure_fails_the_selftest(capsys, trt_double, monkeypatch):

@@ -17,7 +17,7 @@ MANIFEST_SCHEMA = "edge-agent/manifest/1"
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")
 PRECISIONS = ("fp32", "fp16", "int8")
-PLATFORM_KEY_PATTERN = r"^trt[0-9]+(\.[0-9]+)*-sm[0-9]{2,3}$"
+PLATFORM_KEY_PATTERN = r"^trt[0-9]+(\.[0-9]+)*-sm[0-9]{2,3}(-[a-z0-9]+)*$"
 
 
 def _decimal(v: str) -> str:

@@ -83,11 +83,11 @@ def run_selftest(args: argparse.Namespace) -> _Report:
             "available" if "onnxruntime" in have else "onnxruntime does not import (pip install onnxruntime)")
     trt_ok = plat.trt_version is not None and plat.has_gpu
     if trt_ok:
-        rep.add("tensorrt", OK, "TensorRT %s, GPU %s (sm %s)" % (plat.trt_version, plat.gpu_name,
-                                                                 "%d%d" % plat.compute_capability))
+        rep.add("tensorrt", OK, "TensorRT %s, GPU %s (sm %s, CUDA driver %s)" % (
+            plat.trt_version, plat.gpu_name, "%d%d" % plat.compute_capability, plat.cuda_version))
     else:
-        why = plat.trt_error if plat.trt_version is None else "TensorRT %s imports but no CUDA GPU answered" % (
-            plat.trt_version)
+        why = plat.trt_error if plat.trt_version is None else "TensorRT %s imports but %s" % (
+            plat.trt_version, plat.gpu_error or "no CUDA GPU answered")
         rep.add("tensorrt", FAIL if require_trt else SKIP, "unavailable: %s" % why)
     try:
         backend, reason = choose_backend(cfg.backend, plat)
@@ -160,17 +160,46 @@ def _check_tensorrt(
         except EdgeAgentError as e:
             rep.add("tensorrt inference", FAIL, str(e))
             return
+        except Exception as e:  # a library bug must become a failed check with its message, not a traceback
+            rep.add("tensorrt inference", FAIL, "%s: %s" % (type(e).__name__, e))
+            return
     diff = _max_rel_diff(got, want)
     rep.add("tensorrt inference", OK if diff <= _FP32_TOL else FAIL,
             "tiny engine, batch %d: max rel diff %.2e vs onnxruntime (%.2f ms)" % (len(x), diff, ms),
             max_rel_diff=diff)
 
 
+def environment() -> Dict[str, Any]:
+    """What a bug report needs: versions (TensorRT full, CUDA driver and the CUDA pycuda was built against,
+    pycuda, numpy, onnxruntime, Python), board, L4T, SM and memory."""
+    from edge_agent.engines.budget import MIB, parse_meminfo
+    from edge_agent.engines.platform import detect_platform
+
+    plat = detect_platform()
+    env: Dict[str, Any] = dict(plat.describe())
+    env["numpy"] = np.__version__
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        env["onnxruntime"] = None
+    try:
+        info = parse_meminfo(Path("/proc/meminfo").read_text())
+        env["ram_total_mb"] = info.get("MemTotal", 0) // MIB
+        env["ram_available_mb"] = info.get("MemAvailable", 0) // MIB
+        env["swap_total_mb"] = info.get("SwapTotal", 0) // MIB
+    except OSError:
+        env["ram_total_mb"] = env["ram_available_mb"] = env["swap_total_mb"] = None
+    return env
+
+
 def _run(args: argparse.Namespace) -> int:
     rep = run_selftest(args)
     failed = rep.failed
     if args.json:
-        print(json.dumps({"passed": not failed, "checks": rep.checks}, indent=2, default=str))
+        print(json.dumps({"passed": not failed, "environment": environment(), "checks": rep.checks}, indent=2,
+                         default=str))
     else:
         for c in rep.checks:
             print("%-22s %-5s %s" % (c["name"], c["status"], c["detail"]))

@@ -3,7 +3,10 @@
 pycuda's current context is per thread: every thread that touches device memory or runs an engine
 pushes the context and pops it again (`CudaContext.active()`); one pop per push. The context is
 created once per process and shared by all engines (`acquire_context` / `release_context`), and
-detached when the last engine lets go of it.
+destroyed when the last engine lets go of it — from whichever thread that is: pycuda's `Context.detach()`
+destroys a context only when it is current in the calling thread or when called by the thread that
+created it, and otherwise marks it invalid and leaks it (inducer/pycuda, src/cpp/cuda.hpp,
+`context::detach`), so `detach` pushes it first.
 """
 
 from __future__ import annotations
@@ -55,10 +58,13 @@ class CudaContext:
             self._ctx.pop()
 
     def detach(self) -> None:
-        """Give the context back to the driver. Call with the context not pushed."""
-        if not self._detached:
-            self._detached = True
-            self._ctx.detach()
+        """Destroy the context, from any thread: push it, then detach (which pops it). Call with the context
+        not pushed by this thread, after every buffer and TensorRT object using it has been freed."""
+        if self._detached:
+            return
+        self._detached = True
+        self._ctx.push()
+        self._ctx.detach()
 
 
 def acquire_context() -> CudaContext:
@@ -142,22 +148,42 @@ def mem_get_info() -> Tuple[int, int]:
         release_context()
 
 
-def probe_gpu() -> Optional[Dict[str, Any]]:
-    """Name, compute capability and CUDA version of GPU 0, or None when there is no usable GPU."""
+def probe_gpu() -> Dict[str, Any]:
+    """What the CUDA driver says about GPU 0: `{"ok": True, name, compute_capability, cuda_driver_version,
+    cuda_compiled_version, pycuda_version, total_memory_bytes}` or `{"ok": False, "reason": ...}` saying
+    whether pycuda is missing or no GPU answered. Never raises."""
     try:
         cuda = driver()
+    except EngineError as e:
+        return {"ok": False, "reason": str(e), "pycuda_version": None}
+    out: Dict[str, Any] = {"ok": False, "pycuda_version": _pycuda_version()}
+    try:
+        out["cuda_compiled_version"] = ".".join(str(v) for v in cuda.get_version()[:2])
         cuda.init()
+        out["cuda_driver_version"] = _format_cuda_version(int(cuda.get_driver_version()))
         if cuda.Device.count() < 1:
-            return None
+            out["reason"] = "pycuda works but the CUDA driver reports no GPU"
+            return out
         dev = cuda.Device(0)
         major, minor = dev.compute_capability()
-        version = ".".join(str(v) for v in cuda.get_version()[:2])
-        return {
-            "name": str(dev.name()),
-            "compute_capability": (int(major), int(minor)),
-            "cuda_version": version,
-            "total_memory_bytes": int(dev.total_memory()),
-        }
-    except Exception as e:  # no pycuda, no driver, no device: all mean "no GPU for us"
+        out.update(ok=True, name=str(dev.name()), compute_capability=(int(major), int(minor)),
+                   total_memory_bytes=int(dev.total_memory()))
+        return out
+    except Exception as e:  # pycuda.driver.Error and friends: a driver without a usable GPU
         log.debug("no usable GPU: %s", e)
+        out["reason"] = "no CUDA GPU answered (%s: %s)" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return out
+
+
+def _format_cuda_version(v: int) -> str:
+    """cuDriverGetVersion's integer (1000 * major + 10 * minor) -> "12.2"."""
+    return "%d.%d" % (v // 1000, (v % 1000) // 10)
+
+
+def _pycuda_version() -> Optional[str]:
+    try:
+        import pycuda
+
+        return str(getattr(pycuda, "VERSION_TEXT", None) or ".".join(str(v) for v in getattr(pycuda, "VERSION", ())))
+    except Exception:
         return None

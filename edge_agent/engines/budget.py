@@ -1,9 +1,13 @@
 """The memory budget engines are sized to.
 
 budget = memory available to the GPU × fraction − reserve, where "available to the GPU" is
-`MemAvailable` (+ `SwapFree` when allowed) on a Jetson's unified memory, the same from jtop when it is
-running, and free device memory on a discrete GPU. The functions that compute a budget are pure (dicts
-in, a `MemoryBudget` out); `read_budget` does the reading.
+`MemAvailable` (+ `SwapFree` when allowed) on a Jetson's unified memory and free device memory on a
+discrete GPU. The functions that compute a budget are pure (dicts in, a `MemoryBudget` out); `read_budget`
+does the reading.
+
+jtop is deliberately not a source: it reads the same /proc/meminfo, and its RAM `cached` is Cached +
+SReclaimable (jetson_stats jtop/core/memory.py), where Cached includes Shmem, which cannot be reclaimed —
+so free + buffers + cached over-counts what the kernel's own MemAvailable estimate says is available.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ KIB = 1024
 class MemoryBudget:
     """How much memory the engines of both models may use, and where the figure came from."""
 
-    source: str  #: "meminfo", "jtop" or "cuda"
+    source: str  #: "meminfo" or "cuda"
     total_bytes: int
     available_bytes: int
     fraction: float
@@ -74,35 +78,6 @@ def budget_from_meminfo(
     )
 
 
-def budget_from_jtop(
-    memory: Mapping[str, Any], *, fraction: float, reserve_bytes: int, allow_swap: bool = False
-) -> MemoryBudget:
-    """Budget from jtop's `j.memory` dict (`RAM`/`SWAP` values in KB).
-
-    jtop's RAM `used` excludes buffers and page cache, so available = free + buffers + cached.
-    """
-    try:
-        ram = memory["RAM"]
-        total = int(ram["tot"]) * KIB
-        available = (int(ram["free"]) + int(ram.get("buffers", 0)) + int(ram.get("cached", 0))) * KIB
-    except (KeyError, TypeError, ValueError) as e:
-        raise ResourceError("jtop memory report lacks RAM tot/free (%s): cannot size engines" % e)
-    available = min(available, total)
-    if allow_swap and isinstance(memory.get("SWAP"), Mapping):
-        swap = memory["SWAP"]
-        swap_total = int(swap.get("tot", 0)) * KIB
-        available += max(0, swap_total - int(swap.get("used", 0)) * KIB)
-        total += swap_total
-    return MemoryBudget(
-        source="jtop",
-        total_bytes=total,
-        available_bytes=available,
-        fraction=fraction,
-        reserve_bytes=int(reserve_bytes),
-        budget_bytes=apply_budget(available, fraction=fraction, reserve_bytes=reserve_bytes),
-    )
-
-
 def budget_from_cuda(free_bytes: int, total_bytes: int, *, fraction: float, reserve_bytes: int) -> MemoryBudget:
     """Discrete-GPU budget from `cuda.mem_get_info()` → (free, total)."""
     return MemoryBudget(
@@ -121,25 +96,17 @@ def read_budget(
     reserve_bytes: int,
     allow_swap: bool = False,
     unified_memory: bool = True,
-    use_jtop: bool = False,
     meminfo_path: Path = MEMINFO_PATH,
     cuda_mem_get_info: Optional[Any] = None,
 ) -> MemoryBudget:
     """Read the current budget.
 
-    Unified memory (Jetson, CPU-only boxes): jtop when asked for and running, else /proc/meminfo
-    (cudaMemGetInfo under-reports there). Discrete GPU: `cuda_mem_get_info()` → (free, total).
+    Unified memory (Jetson, CPU-only boxes): /proc/meminfo (cudaMemGetInfo under-reports there).
+    Discrete GPU: `cuda_mem_get_info()` → (free, total).
     """
     if not unified_memory and cuda_mem_get_info is not None:
         free, total = cuda_mem_get_info()
         return budget_from_cuda(free, total, fraction=fraction, reserve_bytes=reserve_bytes)
-    if use_jtop:
-        memory = _jtop_memory()
-        if memory is not None:
-            try:
-                return budget_from_jtop(memory, fraction=fraction, reserve_bytes=reserve_bytes, allow_swap=allow_swap)
-            except ResourceError as e:
-                log.warning("%s; falling back to %s", e, meminfo_path)
     try:
         info = read_meminfo_bytes(meminfo_path)
     except OSError as e:
@@ -147,7 +114,7 @@ def read_budget(
     return budget_from_meminfo(info, fraction=fraction, reserve_bytes=reserve_bytes, allow_swap=allow_swap)
 
 
-def budget_for_config(cfg: Any, *, unified_memory: bool = True, use_jtop: bool = False,
+def budget_for_config(cfg: Any, *, unified_memory: bool = True,
                       cuda_mem_get_info: Optional[Any] = None) -> MemoryBudget:
     """`read_budget` with the fraction, reserve and swap setting of an `EngineConfig`."""
     return read_budget(
@@ -155,21 +122,5 @@ def budget_for_config(cfg: Any, *, unified_memory: bool = True, use_jtop: bool =
         reserve_bytes=cfg.memory_reserve_mb * MIB,
         allow_swap=cfg.allow_swap,
         unified_memory=unified_memory,
-        use_jtop=use_jtop,
         cuda_mem_get_info=cuda_mem_get_info,
     )
-
-
-def _jtop_memory() -> Optional[Mapping[str, Any]]:
-    """jtop's memory dict, or None when jtop is not installed or its service is not reachable."""
-    try:
-        from jtop import jtop
-    except ImportError:
-        return None
-    try:
-        with jtop(interval=0.5) as j:
-            if j.ok():
-                return dict(j.memory)
-    except Exception as e:  # JtopException when jtop.service is down or we are not in group jtop
-        log.info("jtop unavailable (%s); using /proc/meminfo", str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return None

@@ -1,7 +1,9 @@
 """What this device is: Jetson model, L4T release, TensorRT version, GPU and the platform key.
 
-Engines are bound to (TensorRT version, SM): the platform key `trt<major.minor.patch>-sm<major><minor>`
-names which prebuilt engine of a bundle can run here. The parsers are pure; `detect_platform` reads.
+Engines are bound to the full 4-part TensorRT version (a plan from 8.6.1.6 is refused by 8.6.1.2,
+NVIDIA/TensorRT#3069) and the SM; AGX Orin, Orin NX and Orin Nano all report sm_87, so a Jetson's board
+model is part of the key too: `trt<a.b.c.d>-sm<major><minor>[-<board>]`, e.g. `trt8.5.2.2-sm72-xavier-nx`.
+The parsers are pure; `detect_platform` reads.
 """
 
 from __future__ import annotations
@@ -33,18 +35,33 @@ def parse_device_tree_model(raw: bytes) -> Optional[str]:
     return text or None
 
 
-def trt_version_triplet(version: str) -> str:
-    """"8.5.2.2" -> "8.5.2": engines are bound to major.minor.patch."""
+def trt_version_full(version: str) -> str:
+    """"8.5.2.2" -> "8.5.2.2": the numeric parts of the version, all of them (plans are bound to all four)."""
     parts = [p for p in version.split(".") if p.isdigit()]
     if not parts:
         raise ValueError("not a TensorRT version: %r" % version)
-    return ".".join(parts[:3])
+    return ".".join(parts[:4])
 
 
-def platform_key(trt_version: str, compute_capability: Tuple[int, int]) -> str:
-    """`trt<major.minor.patch>-sm<major><minor>`, e.g. "trt8.5.2-sm72"."""
+_BOARD_NOISE = {"nvidia", "jetson", "developer", "kit", "module", "engineering", "reference", "board", "p3768",
+                "p3767", "p3701", "p3737", "p3509", "p3668", "p3450", "p2888"}
+
+
+def board_slug(model: Optional[str]) -> Optional[str]:
+    """"NVIDIA Jetson Orin Nano Developer Kit" -> "orin-nano" (None when there is no board model)."""
+    if not model:
+        return None
+    words = [w for w in re.split(r"[^a-z0-9]+", model.lower()) if w and w not in _BOARD_NOISE]
+    slug = "-".join(words)[:40].strip("-")
+    return slug or None
+
+
+def platform_key(trt_version: str, compute_capability: Tuple[int, int], board: Optional[str] = None) -> str:
+    """`trt<full version>-sm<major><minor>[-<board slug>]`, e.g. "trt8.5.2.2-sm72-xavier-nx"."""
     major, minor = compute_capability
-    return "trt%s-sm%d%d" % (trt_version_triplet(trt_version), int(major), int(minor))
+    key = "trt%s-sm%d%d" % (trt_version_full(trt_version), int(major), int(minor))
+    slug = board_slug(board)
+    return key + "-" + slug if slug else key
 
 
 @dataclass(frozen=True)
@@ -57,9 +74,13 @@ class PlatformInfo:
     l4t_release: Optional[str]
     trt_version: Optional[str]
     trt_error: Optional[str]
-    cuda_version: Optional[str]
+    cuda_version: Optional[str]  #: the driver's CUDA version (cuDriverGetVersion)
     gpu_name: Optional[str]
     compute_capability: Optional[Tuple[int, int]]
+    gpu_error: Optional[str] = None  #: why no GPU answered ("pycuda is not installed", "no CUDA GPU ...")
+    cuda_compiled_version: Optional[str] = None  #: the CUDA version pycuda was built against
+    pycuda_version: Optional[str] = None
+    total_memory_bytes: Optional[int] = None
 
     @property
     def is_jetson(self) -> bool:
@@ -81,7 +102,7 @@ class PlatformInfo:
         """Platform key, or None when TensorRT or the GPU is missing."""
         if self.trt_version is None or self.compute_capability is None:
             return None
-        return platform_key(self.trt_version, self.compute_capability)
+        return platform_key(self.trt_version, self.compute_capability, self.jetson_model if self.is_jetson else None)
 
     def describe(self) -> Dict[str, Any]:
         """JSON-ready view (str/None values)."""
@@ -93,7 +114,11 @@ class PlatformInfo:
             "l4t": self.l4t_release,
             "trt": self.trt_version,
             "cuda": self.cuda_version,
+            "cuda_compiled": self.cuda_compiled_version,
+            "pycuda": self.pycuda_version,
             "gpu": self.gpu_name,
+            "gpu_error": self.gpu_error,
+            "gpu_memory_mb": self.total_memory_bytes // (1024 * 1024) if self.total_memory_bytes else None,
             "sm": "%d%d" % cc if cc else None,
             "platform_key": self.key,
         }
@@ -124,7 +149,8 @@ def detect_platform(*, root: Path = Path("/"), probe_gpu: bool = True) -> Platfo
     except OSError:
         pass
     trt_version, trt_error = tensorrt_version()
-    gpu = _cuda.probe_gpu() if probe_gpu else None
+    gpu = _cuda.probe_gpu() if probe_gpu else {"ok": False, "reason": "GPU not probed"}
+    ok = bool(gpu.get("ok"))
     return PlatformInfo(
         python=_stdlib_platform.python_version(),
         machine=_stdlib_platform.machine(),
@@ -132,7 +158,11 @@ def detect_platform(*, root: Path = Path("/"), probe_gpu: bool = True) -> Platfo
         l4t_release=l4t,
         trt_version=trt_version,
         trt_error=trt_error,
-        cuda_version=gpu["cuda_version"] if gpu else None,
-        gpu_name=gpu["name"] if gpu else None,
-        compute_capability=gpu["compute_capability"] if gpu else None,
+        cuda_version=gpu.get("cuda_driver_version"),
+        gpu_name=gpu.get("name") if ok else None,
+        compute_capability=gpu.get("compute_capability") if ok else None,
+        gpu_error=None if ok else str(gpu.get("reason")),
+        cuda_compiled_version=gpu.get("cuda_compiled_version"),
+        pycuda_version=gpu.get("pycuda_version"),
+        total_memory_bytes=gpu.get("total_memory_bytes") if ok else None,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ def choose_backend(requested: str, platform: PlatformInfo) -> Tuple[str, str]:
 def _why_no_trt(platform: PlatformInfo) -> str:
     if platform.trt_version is None:
         return platform.trt_error or "tensorrt does not import"
-    return "no CUDA GPU answered"
+    return platform.gpu_error or "no CUDA GPU answered"
 
 
 def choose_precision(requested: str, spec: ModelSpec) -> str:
@@ -308,6 +309,8 @@ class _TrtModel:
     source: str = ""
     key: Optional[EngineKey] = None
     model: Optional[MemoryModel] = None
+    #: execution-context device memory measured per profile max batch (from the build, or its cache entry)
+    points: Dict[int, int] = field(default_factory=dict)
 
 
 def _expected_meta(platform: PlatformInfo, key: EngineKey) -> Dict[str, Any]:
@@ -324,10 +327,28 @@ def _expected_meta(platform: PlatformInfo, key: EngineKey) -> Dict[str, Any]:
     }
 
 
-def _trt_memory_model(engine: Any) -> MemoryModel:
-    """Per-item memory from the built profile's device memory and I/O buffers; weights ~ plan size."""
-    per_item = (engine.device_memory_bytes + engine.io_buffer_bytes) // max(engine.max_batch, 1)
-    return MemoryModel(fixed_bytes=engine.plan_bytes, per_item_bytes=max(int(per_item), 1))
+def _trt_memory_model(engine: Any, points: Dict[int, int], *, unified: bool) -> MemoryModel:
+    """Engine memory as fixed + per-item bytes.
+
+    Activations: the execution-context device memory measured at two profile sizes gives slope and intercept
+    (tactic scratch, bounded by the workspace, does not shrink with the batch); with one measurement all of it
+    counts as fixed, which over-estimates smaller batches rather than under-estimating them. I/O buffers are
+    sized per item; on unified memory (Jetson) the pinned host copy and the device copy both take DRAM, so they
+    count twice. Weights ~ plan size. The per-process CUDA context and library handles are not in here:
+    `trt_overhead_mb` is subtracted from the budget once.
+    """
+    top = max(engine.max_batch, 1)
+    measured = dict(points)
+    measured.setdefault(top, int(engine.device_memory_bytes))
+    sizes = sorted(measured)
+    per_item_act = 0.0
+    if len(sizes) >= 2 and sizes[-1] > sizes[0]:
+        hi, lo = sizes[-1], sizes[0]
+        per_item_act = max(0.0, (measured[hi] - measured[lo]) / float(hi - lo))
+    fixed_act = max(0, int(measured[sizes[-1]] - per_item_act * sizes[-1]))
+    io_per_item = engine.io_buffer_bytes * (2 if unified else 1) / float(top)
+    return MemoryModel(fixed_bytes=int(engine.plan_bytes + fixed_act),
+                       per_item_bytes=max(math.ceil(per_item_act + io_per_item), 1))
 
 
 def _load_prebuilt(m: _TrtModel, bundle_dir: Path, manifest: ManifestBody, platform: PlatformInfo,
@@ -373,6 +394,8 @@ def _load_or_build(m: _TrtModel, bundle_dir: Path, manifest: ManifestBody, *, cf
         try:
             eng = TrtEngine(hit.read_bytes(), name=m.name)
             m.source = "cache"
+            meta = cache.read_meta(key) or {}
+            m.points = {int(b): int(v) for b, v in dict(meta.get("device_memory_at") or {}).items()}
             return eng
         except PlanRejectedError as e:
             log.warning("cached %s engine rejected (%s): rebuilding", m.name, e)
@@ -384,10 +407,13 @@ def _load_or_build(m: _TrtModel, bundle_dir: Path, manifest: ManifestBody, *, cf
     req = BuildRequest(model=m.name, onnx_path=str(bundle_dir / m.spec.path), plan_path=str(plan_tmp),
                        precision=m.precision, min_batch=1, opt_batch=opt, max_batch=max_batch,
                        workspace_bytes=workspace, timing_cache_path=str(cache.timing_cache_path(platform.key)),
-                       calibration_cache_path=calib)
+                       calibration_cache_path=calib,
+                       memory_probe_batch=max(1, max_batch // 2) if max_batch > 1 else None)
     outcome = run_build(req, emit=emit, timeout_s=cfg.build_timeout_s)
     meta = dict(expected, built_precision=outcome.precision, build_seconds=round(outcome.seconds, 2),
-                notes=outcome.notes, workspace_bytes=workspace)
+                notes=outcome.notes, workspace_bytes=workspace,
+                device_memory_at={str(b): v for b, v in outcome.device_memory.items()})
+    m.points = dict(outcome.device_memory)
     final = cache.store(key, outcome.plan_path, meta)
     m.source = "built"
     m.precision = outcome.precision
@@ -403,6 +429,10 @@ def _prepare_trt(bundle_dir: Path, manifest: ManifestBody, *, cfg: EngineConfig,
     items = {n: _TrtModel(n, manifest.models[n], choose_precision(cfg.precision, manifest.models[n])) for n in MODELS}
     workspace = int(max(_MIN_WORKSPACE, min(cfg.workspace_max_mb * MIB, budget.budget_bytes // 2)))
     max_b = cfg.max_batch_limit
+    engine_budget = budget.budget_bytes - cfg.trt_overhead_mb * MIB  # the CUDA context + library handles, once
+    if engine_budget <= 0:
+        raise ResourceError("the memory budget of %.1f MB does not cover TensorRT's %d MB process overhead "
+                            "(engine.trt_overhead_mb)" % (budget.budget_bytes / MIB, cfg.trt_overhead_mb))
     try:
         for m in items.values():
             m.engine = _load_prebuilt(m, bundle_dir, manifest, platform, emit)
@@ -411,13 +441,13 @@ def _prepare_trt(bundle_dir: Path, manifest: ManifestBody, *, cfg: EngineConfig,
                 if m.engine is None:
                     m.engine = _load_or_build(m, bundle_dir, manifest, cfg=cfg, cache=cache, platform=platform,
                                               max_batch=max_b, workspace=workspace, emit=emit)
-                m.model = _trt_memory_model(m.engine)
-            fit = max_batch_for_budget([m.model for m in items.values() if m.model], budget.budget_bytes,
+                m.model = _trt_memory_model(m.engine, m.points, unified=platform.unified_memory)
+            fit = max_batch_for_budget([m.model for m in items.values() if m.model], engine_budget,
                                        cfg.max_batch_limit)
             if fit < 1:
                 need = sum(m.model.bytes_at(1) for m in items.values() if m.model)
-                raise ResourceError("both engines need %.1f MB at batch 1 but the memory budget is %.1f MB"
-                                    % (need / MIB, budget.budget_bytes / MIB))
+                raise ResourceError("both engines need %.1f MB at batch 1 (+ %d MB TensorRT overhead) but the memory "
+                                    "budget is %.1f MB" % (need / MIB, cfg.trt_overhead_mb, budget.budget_bytes / MIB))
             too_big = [m for m in items.values() if m.engine is not None and m.engine.max_batch > fit]
             if not too_big:
                 break
@@ -431,6 +461,7 @@ def _prepare_trt(bundle_dir: Path, manifest: ManifestBody, *, cfg: EngineConfig,
                 assert m.engine is not None
                 m.engine.close()
                 m.engine = None
+                m.points = {}
         else:
             raise ResourceError("could not size the engines to the %.1f MB budget" % (budget.budget_bytes / MIB))
     except BaseException:

@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="signing key (.key); repeat for several signatures")
     b.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write")
     b.add_argument("--engine", action="append", metavar="PLATFORM_KEY=MODEL:PLAN",
-                   help="include a prebuilt TensorRT plan, e.g. trt8.5.2-sm72=large:large.plan (repeatable)")
+                   help="include a prebuilt TensorRT plan, e.g. trt8.5.2.2-sm72-xavier-nx=large:l.plan (repeatable)")
     b.set_defaults(func=_build)
 
     v = bsub.add_parser("verify", help=_verify.__doc__, description=_verify.__doc__)

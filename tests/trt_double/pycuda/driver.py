@@ -1,15 +1,22 @@
 """Test double of `pycuda.driver`: contexts per thread, device memory as a registry of byte arrays.
 
 Strict like the real driver where our code could go wrong: allocations, pinned memory and streams need a
-context pushed in the calling thread; async copies need page-locked host memory; pop without push fails.
+context pushed in the calling thread; async copies need page-locked host memory; pop without push fails;
+`Context.detach()` destroys a context only when it is current in the calling thread or called by the thread
+that created it, and otherwise leaks it (inducer/pycuda src/cpp/cuda.hpp, `context::detach`).
+Memory: device allocations, live contexts (TRT_DOUBLE_CONTEXT_BYTES each), TensorRT engines and execution
+contexts (`_hold`) and — on unified memory (TRT_DOUBLE_UNIFIED=1, the default: Jetsons) — page-locked host
+arrays all take from the one pool `mem_get_info` reports.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import threading
-from typing import Dict, List, Optional, Tuple
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,7 +51,38 @@ _tls = threading.local()
 _addresses = itertools.count(0x7F0000000000, 0x100000)
 _memory: Dict[int, np.ndarray] = {}
 _live_contexts: List[Context] = []
+_leaked_contexts: List[Context] = []
+_held: Dict[int, Tuple[int, str]] = {}  # id -> (bytes, what): engines, execution contexts, pinned host arrays
+_held_ids = itertools.count(1)
+_released: collections.deque[int] = collections.deque()
 _streams = itertools.count(0x5000)
+
+
+def _unified() -> bool:
+    return os.environ.get("TRT_DOUBLE_UNIFIED", "1") == "1"
+
+
+def _hold(owner: Any, nbytes: int, what: str) -> None:
+    """(Double only) account `nbytes` of device memory for as long as `owner` lives."""
+    key = next(_held_ids)
+    with _state_lock:
+        _held[key] = (int(nbytes), what)
+    weakref.finalize(owner, _release_hold, key)
+
+
+def _release_hold(key: int) -> None:
+    # runs from the garbage collector, possibly inside a locked section: only queue the key
+    _released.append(key)
+
+
+def _drain_released() -> None:
+    """Drop released holds (call with _state_lock held)."""
+    while _released:
+        _held.pop(_released.popleft(), None)
+
+
+def _context_bytes() -> int:
+    return int(os.environ.get("TRT_DOUBLE_CONTEXT_BYTES", str(32 << 20)))
 
 
 def _stack() -> List[Context]:
@@ -77,8 +115,8 @@ def get_version() -> Tuple[int, int, int]:
 
 
 def get_driver_version() -> int:
-    """Driver's CUDA version as an integer."""
-    return 11040
+    """cuDriverGetVersion: the driver's CUDA version, 1000 * major + 10 * minor (TRT_DOUBLE_CUDA_DRIVER)."""
+    return int(os.environ.get("TRT_DOUBLE_CUDA_DRIVER", "11040"))
 
 
 def _sm() -> Tuple[int, int]:
@@ -127,11 +165,18 @@ class Context:
 
     def __init__(self, device: Device) -> None:
         self.device = device
-        self.detached = False
+        self.valid = True
+        self.destroyed = False
+        self._thread = threading.get_ident()
+
+    @property
+    def detached(self) -> bool:
+        """Compatibility: True once detach() ran (destroyed or leaked)."""
+        return not self.valid
 
     def push(self) -> None:
         """Make this context current in the calling thread."""
-        if self.detached:
+        if not self.valid:
             raise LogicError("cuCtxPushCurrent failed: invalid device context")
         _stack().append(self)
 
@@ -155,11 +200,24 @@ class Context:
         return _need_context("cuCtxGetDevice").device
 
     def detach(self) -> None:
-        """Release the context."""
-        self.detached = True
+        """pycuda's context::detach: destroy when current in this thread (and pop it) or when called by the
+        creating thread; from any other thread mark it invalid and silently leak it."""
+        if not self.valid:
+            raise LogicError("context::detach failed: invalid device context - cannot detach from invalid context")
+        stack = _stack()
+        active = bool(stack) and stack[-1] is self
+        destroy = active or threading.get_ident() == self._thread
+        self.valid = False
         with _state_lock:
             if self in _live_contexts:
                 _live_contexts.remove(self)
+            if destroy:
+                self.destroyed = True
+            else:
+                _leaked_contexts.append(self)
+        if active:  # current_context(this): invalid entries on top of this thread's stack are dropped
+            while stack and not stack[-1].valid:
+                stack.pop()
 
 
 class DeviceAllocation:
@@ -188,7 +246,11 @@ class PagelockedArray(np.ndarray):
 
 
 def _allocated() -> int:
-    return sum(a.nbytes for a in _memory.values())
+    """Bytes taken from the device pool (call with _state_lock held)."""
+    _drain_released()
+    held = sum(n for n, what in _held.values() if what != "pinned host" or _unified())
+    contexts = (len(_live_contexts) + len(_leaked_contexts)) * _context_bytes()
+    return sum(a.nbytes for a in _memory.values()) + held + contexts
 
 
 def mem_alloc(nbytes: int) -> DeviceAllocation:
@@ -210,13 +272,18 @@ def mem_get_info() -> Tuple[int, int]:
     """(free, total) bytes."""
     _need_context("cuMemGetInfo")
     total = Device(0).total_memory()
-    return total - _allocated(), total
+    with _state_lock:
+        used = _allocated()
+    return total - used, total
 
 
 def pagelocked_empty(shape, dtype, order: str = "C", mem_flags: int = 0) -> PagelockedArray:
     """Page-locked host array."""
     _need_context("cuMemHostAlloc")
-    return np.empty(shape, dtype=dtype, order=order).view(PagelockedArray)
+    arr = np.empty(shape, dtype=dtype, order=order)
+    view = arr.view(PagelockedArray)
+    _hold(arr, arr.nbytes, "pinned host")  # freed when the last view of it goes
+    return view
 
 
 def device_memory(address: int) -> np.ndarray:
@@ -276,7 +343,15 @@ def double_state() -> Dict[str, int]:
     with _state_lock:
         return {
             "allocations": len(_memory),
-            "allocated_bytes": _allocated(),
+            "allocated_bytes": sum(a.nbytes for a in _memory.values()),
             "contexts": len(_live_contexts),
+            "leaked_contexts": len(_leaked_contexts),
             "stack_depth": len(_stack()),
+            "used_bytes": _allocated(),
         }
+
+
+def double_reset_leaks() -> None:
+    """(Double only) forget leaked contexts (between tests)."""
+    with _state_lock:
+        _leaked_contexts.clear()
