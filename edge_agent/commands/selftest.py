@@ -172,8 +172,9 @@ def _check_tensorrt(
 def environment() -> Dict[str, Any]:
     """What a bug report needs: versions (TensorRT full, CUDA driver and the CUDA pycuda was built against,
     pycuda, numpy, onnxruntime, Python), board, L4T, SM and memory."""
-    from edge_agent.engines.budget import MIB, parse_meminfo
+    from edge_agent.engines.budget import MIB
     from edge_agent.engines.platform import detect_platform
+    from edge_agent.sysinfo.meminfo import read_meminfo_bytes
 
     plat = detect_platform()
     env: Dict[str, Any] = dict(plat.describe())
@@ -185,7 +186,7 @@ def environment() -> Dict[str, Any]:
     except ImportError:
         env["onnxruntime"] = None
     try:
-        info = parse_meminfo(Path("/proc/meminfo").read_text())
+        info = read_meminfo_bytes()
         env["ram_total_mb"] = info.get("MemTotal", 0) // MIB
         env["ram_available_mb"] = info.get("MemAvailable", 0) // MIB
         env["swap_total_mb"] = info.get("SwapTotal", 0) // MIB
