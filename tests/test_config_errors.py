@@ -62,7 +62,7 @@ def test_command_keys_folder_without_a_key_refuses_to_start(tmp_path):
     _one_line_config_error(res, str(empty), "without any *.pub key")
     # With the key installed, the same configuration passes this check.
     write_key(empty, "controller")
-    from edge_agent.agent import check_key_separation
+    from edge_agent.agent_commands import check_key_separation
     from edge_agent.config import load_agent_config
 
     check_key_separation(load_agent_config(Path(cfg)).trust)

@@ -58,7 +58,7 @@ def test_this_machines_meminfo_has_total_and_available():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux /proc")
-def test_agent_platform_info_announces_memtotal_in_mib():
-    from edge_agent.agent import platform_info
+def test_device_platform_info_announces_memtotal_in_mib():
+    from edge_agent.sysinfo.device import platform_info
 
     assert platform_info("onnxruntime").memory_total_mb == read_meminfo_bytes()["MemTotal"] // (1024 * 1024)
