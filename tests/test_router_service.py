@@ -54,7 +54,7 @@ def test_router_at_calibrated_tau_is_within_allowed_drop_of_large_only_on_heldou
     # τ is chosen on the calibration split only; accuracy is measured on the held-out split.
     data = calibration.collect(models.small, models.large, *calib, gate="confidence")
     rows = calibration.sweep(data, calibration.candidate_taus(data.scores, 0.5, 0.999))
-    best = calibration.recommend(rows, large_accuracy=data.large_accuracy, max_drop_pts=ALLOWED_DROP_PTS)
+    best = calibration.recommend(rows, max_drop_pts=ALLOWED_DROP_PTS, key="drop_pts")
     assert best is not None
     tau = best["tau"]
     svc = InferenceService(models, digits_manifest(tmp_path, router={"tau": "%.6f" % tau}), tmp_path, FAST)

@@ -1,10 +1,17 @@
-"""`fleet router calibrate|fit-head`: choose the router threshold τ, or fit a linear gate head.
+"""`fleet router calibrate|fit-head|set`: choose the router threshold τ, fit a linear gate head, or change
+devices' router policy.
 
-``fleet router calibrate BUNDLE --data LABELLED.npz [--max-accuracy-drop PTS] [--plot OUT.png]`` runs
-both models of the bundle over labelled data (keys ``x``, ``y``), sweeps τ, prints a table (τ, large
-fraction, accuracy, estimated throughput from measured model costs), recommends the τ with the fewest
-large-model calls whose accuracy is within PTS points of large-only, and draws the accuracy-vs-large
-fraction curve when asked.
+``fleet router calibrate BUNDLE --data LABELLED.npz [--max-accuracy-drop PTS] [--holdout F] [--confidence C]
+[--plot OUT.png]`` runs both models of the bundle over labelled data (keys ``x``, ``y``), holds out a
+share F of it, sweeps τ on the rest and prints a table (τ, large fraction, accuracy, drop against
+large-only with its upper confidence bound, estimated throughput from measured model costs). It
+recommends the τ with the fewest large-model calls whose *bound* on the drop is within PTS points, says
+when the bundle's τ bound or the confidence bound decided it, and checks the choice on the held-out
+part (its loss with an exact confidence interval). With too little data for the bound it says how much
+would be needed. ``--plot`` draws the accuracy-vs-large fraction curve.
+
+``fleet router set --devices ID,... [--gate G] [--tau T] ...`` changes running devices' router policy
+(a signed ``set-router`` command sent by the controller).
 
 ``fleet router fit-head BUNDLE --data LABELLED.npz --out head.npz [--source features|input_stats]``
 fits the ``linear`` gate's head (logistic regression predicting "the small model is wrong") to ship
@@ -115,6 +122,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if args.max_accuracy_drop < 0 or args.batch < 1 or args.rows < 2:
         raise CliError("--max-accuracy-drop must be >= 0, --batch >= 1 and --rows >= 2", code=2)
+    if not 0 < args.holdout < 1 or not 0.5 <= args.confidence < 1:
+        raise CliError("--holdout must be within (0, 1) and --confidence within [0.5, 1)", code=2)
     x, y = load_labelled(Path(args.data))
     with open_bundle(Path(args.bundle)) as (manifest, folder):
         pol = manifest.router
@@ -140,36 +149,74 @@ def _calibrate(args: argparse.Namespace) -> int:
         finally:
             small.close()
             large.close()
-    tau_min, tau_max = float(pol.tau_min), float(pol.tau_max)
-    rows = calibration.sweep(data, calibration.candidate_taus(data.scores, tau_min, tau_max))
-    best = calibration.recommend(rows, large_accuracy=data.large_accuracy, max_drop_pts=args.max_accuracy_drop)
+    _report(args, data, gate, float(pol.tau_min), float(pol.tau_max))
+    return 0
+
+
+def _report(args: argparse.Namespace, data, gate: str, tau_min: float, tau_max: float) -> None:
+    """Choose τ on the calibration part by the loss bound, check it on the held-out part, print both."""
+    import math
+
+    from edge_agent.runtime import calibration
+
+    try:
+        cal_idx, val_idx = calibration.split_holdout(len(data.scores), args.holdout, args.seed)
+    except ValueError as e:
+        raise CliError(str(e))
+    cal, val = data.subset(cal_idx), data.subset(val_idx)
+    conf, budget = args.confidence, args.max_accuracy_drop
+    rows = calibration.sweep(cal, calibration.candidate_taus(cal.scores, tau_min, tau_max), confidence=conf)
+    best = calibration.recommend(rows, max_drop_pts=budget)
+    notes = calibration.binding_notes(cal, best, tau_min=tau_min, tau_max=tau_max, max_drop_pts=budget,
+                                      confidence=conf)
     large_only = 1000.0 / data.cost_large_ms
     _print_table(rows, best, data, args.rows)
     print()
-    print("items: %d   gate: %s   tau bounds: [%g, %g]" % (len(y), gate, tau_min, tau_max))
-    print("small-only accuracy %.4f   large-only accuracy %.4f" % (data.small_accuracy, data.large_accuracy))
+    print("items: %d (calibration %d, held out %d, seed %d)   gate: %s   tau bounds: [%g, %g]"
+          % (len(data.scores), len(cal_idx), len(val_idx), args.seed, gate, tau_min, tau_max))
+    print("calibration part: small-only accuracy %.4f, large-only accuracy %.4f"
+          % (cal.small_accuracy, cal.large_accuracy))
+    print("drop bound: one-sided %g%% Clopper-Pearson upper bound on the share of items lost to the small "
+          "model (budget %g points)" % (conf * 100, budget))
     print("measured cost per item at batch %d: small %.4g ms, large %.4g ms"
           % (args.batch, data.cost_small_ms, data.cost_large_ms))
     print("(throughput estimates count model time only; per-request serving overhead comes on top)")
+    for n in notes:
+        print("note: " + n)
+    check = None
+    if best is not None:
+        check = calibration.evaluate(val, best["tau"], confidence=conf)
+        check["loss_interval_pts"] = [v * 100.0 for v in calibration.binomial_interval(
+            check["losses"], check["items"], conf)]
     if args.plot:
         _plot(Path(args.plot), rows, best, data)
         print("plot written to %s" % args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "gate": gate, "rows": rows, "recommended": best, "small_accuracy": data.small_accuracy,
-            "large_accuracy": data.large_accuracy, "cost_small_ms": data.cost_small_ms,
-            "cost_large_ms": data.cost_large_ms,
+            "gate": gate, "rows": rows, "recommended": best, "heldout_check": check, "notes": notes,
+            "confidence": conf, "max_accuracy_drop_pts": budget, "seed": args.seed,
+            "calibration_items": len(cal_idx), "heldout_items": len(val_idx),
+            "small_accuracy": cal.small_accuracy, "large_accuracy": cal.large_accuracy,
+            "cost_small_ms": data.cost_small_ms, "cost_large_ms": data.cost_large_ms,
         }, indent=2) + "\n")
     if best is None:
+        least = min(rows, key=lambda r: (r["drop_upper_pts"], r["large_fraction"]))
+        need = math.ceil(math.log(1.0 - conf) / math.log(1.0 - budget / 100.0)) if 0 < budget < 100 else None
         raise CliError(
-            "no tau within [%g, %g] keeps accuracy within %g points of large-only (%.4f)"
-            % (tau_min, tau_max, args.max_accuracy_drop, data.large_accuracy)
-        )
-    print("recommended tau = %.6g: large fraction %.3f, accuracy %.4f (%.2f points under large-only), "
-          "estimated %.2fx large-only throughput"
-          % (best["tau"], best["large_fraction"], best["accuracy"],
-             (data.large_accuracy - best["accuracy"]) * 100, best["items_per_s"] / large_only))
-    return 0
+            "no tau within [%g, %g] has its %g%% bound on the accuracy drop within %g points (smallest: %.2f points "
+            "at tau %.6g); use more calibration data (a loss-free bound under %g points needs %s items) or a "
+            "larger budget" % (tau_min, tau_max, conf * 100, budget, least["drop_upper_pts"], least["tau"], budget,
+                               need if need is not None else "n/a"))
+    print("recommended tau = %.6g: large fraction %.3f, accuracy %.4f, %.2f points under large-only "
+          "(%g%% upper bound %.2f points, %d of %d items lost), estimated %.2fx large-only throughput"
+          % (best["tau"], best["large_fraction"], best["accuracy"], best["drop_pts"], conf * 100,
+             best["drop_upper_pts"], best["losses"], best["items"], best["items_per_s"] / large_only))
+    lo, hi = check["loss_interval_pts"]
+    print("held-out check (%d items never used to choose tau): large fraction %.3f, accuracy %.4f vs large-only "
+          "%.4f: %.2f points lost; %g%% interval on the loss [%.2f, %.2f] points; %s"
+          % (check["items"], check["large_fraction"], check["accuracy"], val.large_accuracy, check["drop_pts"],
+             conf * 100, lo, hi, "within the budget" if check["drop_pts"] <= budget + 1e-9
+             else "OVER the %g-point budget" % budget))
 
 
 def _print_table(rows, best, data, max_rows: int) -> None:
@@ -178,11 +225,13 @@ def _print_table(rows, best, data, max_rows: int) -> None:
         idx = set(np.linspace(0, len(rows) - 1, max_rows).round().astype(int).tolist())
         show = [r for i, r in enumerate(rows) if i in idx or r is best]
     large_only = 1000.0 / data.cost_large_ms
-    print("%12s  %14s  %9s  %14s  %9s" % ("tau", "large fraction", "accuracy", "est. items/s", "vs large"))
+    print("%12s  %14s  %9s  %9s  %11s  %14s  %9s" % ("tau", "large fraction", "accuracy", "drop pts", "drop bound",
+                                                    "est. items/s", "vs large"))
     for r in show:
         mark = "  <- recommended" if r is best else ""
-        print("%12.6g  %14.3f  %9.4f  %14.0f  %8.2fx%s"
-              % (r["tau"], r["large_fraction"], r["accuracy"], r["items_per_s"], r["items_per_s"] / large_only, mark))
+        print("%12.6g  %14.3f  %9.4f  %9.2f  %11.2f  %14.0f  %8.2fx%s"
+              % (r["tau"], r["large_fraction"], r["accuracy"], r["drop_pts"], r["drop_upper_pts"], r["items_per_s"],
+                 r["items_per_s"] / large_only, mark))
 
 
 def _plot(out: Path, rows, best, data) -> None:
@@ -256,7 +305,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("bundle", help="bundle archive or unpacked bundle folder")
     c.add_argument("--data", required=True, help="npz with `x` (model inputs) and `y` (labels)")
     c.add_argument("--max-accuracy-drop", type=float, default=0.5, metavar="PTS",
-                   help="allowed accuracy loss vs large-only, in percentage points (default 0.5)")
+                   help="allowed accuracy loss vs large-only, in percentage points, that the confidence bound "
+                        "must meet (default 0.5)")
+    c.add_argument("--holdout", type=float, default=0.3, metavar="FRACTION",
+                   help="share of the data held out to check the chosen tau (default 0.3)")
+    c.add_argument("--confidence", type=float, default=0.95, help="level of the loss bound (default 0.95)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split (default 0)")
     c.add_argument("--plot", metavar="OUT.png", help="draw accuracy vs large fraction (needs matplotlib)")
     c.add_argument("--gate", choices=["confidence", "linear"], help="gate to calibrate (default: the bundle's)")
     c.add_argument("--head", help="linear head npz (default: the bundle's router.linear_head)")
