@@ -15,13 +15,14 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_helpers import MIB, FleetRig, build_sample_bundle
+from agent_helpers import MIB, REPO, FleetRig, build_sample_bundle
 from mqtt_broker import free_port
 
 HELDOUT = Path(__file__).resolve().parents[1] / "samples" / "digits" / "heldout.npz"
@@ -188,7 +189,8 @@ def test_store_quota_refuses_the_new_bundle_and_the_active_one_keeps_serving(mak
     r.bundle(2, 4 * MIB)
     r.deploy(2)
     r.check_refused_cleanly(r"store quota")
-    assert any("store quota" in e["message"] for e in r.rig.watcher.find("dev1", "error"))
+    refused = r.rig.watcher.find("dev1", "deploy-failed")
+    assert any("store quota" in e["message"] and e["data"]["reason"] == "store quota" for e in refused), refused
 
 
 # ------------------------------------------------------------------------------------------ small filesystem
@@ -232,6 +234,44 @@ def test_filesystem_filling_up_during_the_pull_refuses_cleanly_then_recovers(sma
     s = r.wait_state(2, ("active",), timeout_s=90)
     assert s["active"]["version"] == 2
     assert r.infer()["bundle"]["version"] == 2
+
+
+@pytest.mark.mqtt
+def test_disk_full_during_a_pull_is_a_deploy_outcome_that_fleet_push_wait_reports(small_fs, make_rig):
+    """Before, a pull that hit ENOSPC ended in an event of kind `error`, which `fleet push --wait` does not
+    count as an outcome: it waited out its whole timeout. Now the device reports `deploy-failed` with
+    reason "disk full", and push prints the failure and exits 1 as soon as it arrives."""
+    r = make_rig(rate=1 * MIB, extra="[transfer]\nprogress_interval_s = 0.2\nchunk_bytes = 65536")
+    r.start()
+    r.bundle(1, 0)
+    r.deploy(1)
+    r.wait_state(1, ("active",))
+    v2 = build_sample_bundle(r.tmp / "bundles", r.key, version=2, extra={"extra/blob.bin": os.urandom(2 * MIB)})
+    push = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "push", str(v2), "--devices", r.dev, "--config", str(r.rig.fleet_toml),
+         "--wait", "120"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO))
+    w = r.rig.watcher
+    filler = small_fs / "filler.bin"
+    try:
+        w.wait_for(lambda: any((e.get("bundle") or {}).get("version") == 2 for e in w.find("dev1", "fetch-progress")),
+                   30, "v2 fetch progress")
+        _fill(filler)
+        started = time.monotonic()
+        out, _ = push.communicate(timeout=90)
+        waited = time.monotonic() - started
+    finally:
+        if push.poll() is None:
+            push.kill()
+            push.wait()
+        if filler.exists():
+            filler.unlink()
+    assert push.returncode == 1, out
+    assert re.search(r"dev1 +failed: .*(No space left|disk full)", out), out
+    assert waited < 90  # an outcome, not the end of --wait
+    failed = [e for e in w.find("dev1", "deploy-failed") if (e.get("bundle") or {}).get("version") == 2]
+    assert failed and failed[-1]["data"]["reason"] == "disk full", failed
+    assert not [e for e in w.find("dev1", "error") if (e.get("bundle") or {}).get("version") == 2]
+    r.check_refused_cleanly(r"No space left|disk full|ENOSPC")
 
 
 # ------------------------------------------------------------------------------------------ engine cache

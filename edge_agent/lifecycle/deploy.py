@@ -14,6 +14,7 @@ previous bundle by itself.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -72,6 +73,20 @@ class Hooks:
     #: shadow / A-B deploys: (prepared, bundle_dir, manifest, args, record) -> None: run the self-tested
     #: candidate beside the active bundle instead of activating it.
     start_candidate: Optional[Callable[[Any, Path, ManifestBody, DeployArgs, BundleRecord], None]] = None
+
+
+def resource_reason(e: BaseException) -> str:
+    """A short machine-readable reason for a local resource failure: "disk full", "store quota" or
+    "resource"."""
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "disk full"
+    text = str(e)
+    if "quota" in text:
+        return "store quota"
+    if "disk full" in text or "No space left" in text or "ENOSPC" in text:
+        return "disk full"
+    return "resource"
 
 
 class Deployer:
@@ -176,6 +191,7 @@ class Deployer:
             raise
         except OSError as e:
             err = ResourceError("deploy of %s v%d failed: %s" % (ref.name, ref.version, e))
+            err.__cause__ = e
             self._fail(err, ref, rid, command_seq)
             raise err
 
@@ -190,6 +206,8 @@ class Deployer:
             kind = "fetch-failed"
         elif isinstance(e, EngineError):
             kind = "engine-build-failed"
+        elif isinstance(e, ResourceError):
+            kind = "deploy-failed"  # disk full, store quota: the deploy's outcome, which `fleet push --wait` awaits
         else:
             kind = "error"
         log.error("deploy of %s v%d failed: %s", ref.name, ref.version, e)
@@ -207,8 +225,10 @@ class Deployer:
             log.error("cannot record the failed deploy of %s v%d: %s", ref.name, ref.version, oe)
             self.on_state(DeployState(state="failed", bundle=ref, detail=str(e)[:500], rollout_id=rid,
                                       since=self.clock()))
-        self.emit(kind, str(e), level="error", bundle=ref, rollout_id=rid, command_seq=command_seq,
-                  data={"error": type(e).__name__})
+        data = {"error": type(e).__name__}
+        if isinstance(e, ResourceError):
+            data["reason"] = resource_reason(e)
+        self.emit(kind, str(e), level="error", bundle=ref, rollout_id=rid, command_seq=command_seq, data=data)
 
     def _deploy(self, args: DeployArgs, command_seq: Optional[int]) -> BundleRecord:
         ref = args.bundle

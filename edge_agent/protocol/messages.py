@@ -229,7 +229,7 @@ class Telemetry(Message):
 EventKind = Literal[
     "agent-started", "agent-stopping", "command-refused", "command-accepted",
     "fetch-started", "fetch-progress", "fetch-done", "fetch-failed",
-    "bundle-refused", "bundle-installed",
+    "bundle-refused", "bundle-installed", "deploy-failed",
     "engine-build-started", "engine-build-progress", "engine-build-done", "engine-build-failed",
     "engine-loaded", "batch-tuned",
     "selftest-passed", "selftest-failed",

@@ -24,7 +24,7 @@ from edge_agent.protocol import boundedjson
 DEVICE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 FINAL = {"activated": "activated", "bundle-refused": "refused", "fetch-failed": "fetch failed",
          "selftest-failed": "self-test failed", "engine-build-failed": "engine failed", "command-refused": "refused",
-         "candidate-refused": "candidate refused"}
+         "candidate-refused": "candidate refused", "deploy-failed": "failed"}
 #: The event that means success, per deploy mode.
 SUCCESS = {"normal": "activated", "shadow": "promoted", "ab": "shadow-started"}
 

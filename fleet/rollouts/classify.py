@@ -24,6 +24,7 @@ _FAILURE_EVENTS = (
     "selftest-failed",
     "probation-failed",
     "candidate-refused",
+    "deploy-failed",
 )
 _PROGRESS_EVENTS = (
     "command-accepted",
