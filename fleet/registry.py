@@ -498,8 +498,15 @@ def _upsert_status(db: Tx, s: Dict[str, Any], now: float) -> None:
         "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
         "online=excluded.online, status_ts=excluded.status_ts, "
         "agent_version=COALESCE(excluded.agent_version, devices.agent_version), "
-        "platform=COALESCE(excluded.platform, devices.platform), active_name=excluded.active_name, "
-        "active_version=excluded.active_version, previous=excluded.previous, "
+        "platform=COALESCE(excluded.platform, devices.platform), "
+        # An offline status that names no bundle is the Last Will (the broker's, after a crash or kill -9):
+        # the device still holds its bundle, so the registry keeps the last one it knew.
+        "active_name=CASE WHEN excluded.online = 0 AND excluded.active_name IS NULL THEN devices.active_name "
+        "ELSE excluded.active_name END, "
+        "active_version=CASE WHEN excluded.online = 0 AND excluded.active_name IS NULL THEN devices.active_version "
+        "ELSE excluded.active_version END, "
+        "previous=CASE WHEN excluded.online = 0 AND excluded.active_name IS NULL THEN devices.previous "
+        "ELSE excluded.previous END, "
         "deploy_state=COALESCE(excluded.deploy_state, devices.deploy_state), "
         "deploy=COALESCE(excluded.deploy, devices.deploy), "
         "ready=excluded.ready, health=CASE WHEN excluded.online = 0 THEN 'offline' "

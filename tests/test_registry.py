@@ -90,6 +90,28 @@ def test_status_creates_and_updates_a_device(target):
     assert reg.list_devices(online=True) == []
 
 
+def test_the_last_will_after_a_crash_keeps_the_last_known_bundle(target):
+    """The agent's Last Will is the status it builds at start: offline, no bundle (tests the real payload).
+    After kill -9 the broker publishes it; `fleet devices` must still show what the device holds."""
+    import json
+    import time
+
+    from edge_agent.protocol.messages import Status
+
+    reg = Registry(target)
+    v3, v2 = {"name": "digits", "version": 3}, {"name": "digits", "version": 2}
+    reg.record_status(status(active=v3, state="active", previous=v2), now=10.0)
+    will = json.loads(Status(device_id="dev-1", online=False, ts=time.time(), agent_version="0.1.0").to_json())
+    assert will["active"] is None
+    reg.record_status(will, now=20.0)
+    d = reg.get_device("dev-1")
+    assert d["online"] is False and d["health"] == "offline"
+    assert d["active"] == v3 and d["previous"] == v2 and d["deploy_state"] == "active"
+    # Back online with an explicit state: that state wins, even "no bundle" (an online status is the truth).
+    reg.record_status(status(active=None, state="idle"), now=30.0)
+    assert reg.get_device("dev-1")["active"] is None
+
+
 def test_telemetry_batch_updates_summaries_in_one_write(target):
     reg = Registry(target)
     items = [("dev-%03d" % i, 5.0, {"qps": float(i)}, "ok") for i in range(500)]
