@@ -31,7 +31,8 @@ PREFIX = "edge/v1"
 
 
 def controller_filters() -> List[str]:
-    """The filters `fleet serve` subscribes to (fleet/controller.py, fleet/control_plane.py, fleet/ingest.py, fleet/rpc.py)."""
+    """The filters `fleet serve` subscribes to (fleet/controller.py, fleet/control_plane.py, fleet/ingest.py,
+    fleet/rpc.py)."""
     from edge_agent.protocol import topics
 
     out = ["$share/fleet/%s" % topics.bundles_fetch(PREFIX), topics.all_devices(PREFIX, "status")]

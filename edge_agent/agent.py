@@ -31,7 +31,8 @@ from edge_agent.bundle.store import BundleRecord, BundleStore
 from edge_agent.config import AgentConfig
 from edge_agent.errors import ResourceError
 from edge_agent.lifecycle.deploy import Deployer, Hooks
-from edge_agent.mqtt.session import MqttSession, Will
+from edge_agent.mqtt.packets import Will
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import (
     BundleRef,

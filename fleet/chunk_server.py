@@ -16,7 +16,8 @@ import threading
 from typing import Dict, Optional
 
 from edge_agent.errors import BundleError
-from edge_agent.mqtt.session import Inbound, MqttSession
+from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import ChunkRequest, MessageError
 from fleet.bundle_store import ControllerStore

@@ -17,7 +17,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from edge_agent.mqtt.session import Inbound, MqttSession
+from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol.messages import BundleRef
 from fleet.ingest import HealthPolicy, Ingest
 from fleet.leases import RolloutLeases

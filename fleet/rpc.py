@@ -21,7 +21,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edge_agent.errors import ConfigError, EdgeAgentError, TransportError
-from edge_agent.mqtt.session import Inbound, MqttSession, require_connected
+from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.session import MqttSession, require_connected
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import MessageError, RpcRequest, RpcResponse
 

@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from edge_agent.config import MqttConfig
 from edge_agent.errors import CommandError
-from edge_agent.mqtt.session import Inbound, MqttSession, require_connected
+from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.session import MqttSession, require_connected
 from edge_agent.protocol import topics
 from edge_agent.protocol.commands import verify_command
 from edge_agent.protocol.messages import BundleRef, DeployState, Event, PlatformInfo, Status, Telemetry

@@ -11,7 +11,9 @@ import pytest
 
 from edge_agent.config import MqttConfig
 from edge_agent.errors import TransportError
-from edge_agent.mqtt.session import Backoff, MqttSession, Will, require_connected
+from edge_agent.mqtt.backoff import Backoff
+from edge_agent.mqtt.packets import Will
+from edge_agent.mqtt.session import MqttSession, require_connected
 
 
 def _cfg(broker, **kw):

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, MqttConfig, TransferConfig
 from edge_agent.errors import CommandError, TransportError
-from edge_agent.mqtt.session import Inbound, MqttSession
+from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.commands import sign_command, verify_command
 from edge_agent.protocol.messages import BundleRef, CommandEnvelope, DeployArgs, MessageError, PingArgs

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from test_fuzz_agent import _enc, json_values, mutated
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt.session import Inbound, MqttSession
+from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import (
     ChunkRequest,

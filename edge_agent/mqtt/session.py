@@ -16,108 +16,21 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import select
 import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from edge_agent.config import MqttConfig
-from edge_agent.errors import ConfigError, TransportError
+from edge_agent.errors import TransportError
+from edge_agent.mqtt.backoff import Backoff
+from edge_agent.mqtt.client import inbound_from, make_client, publish_properties
+from edge_agent.mqtt.packets import Delivery, Handler, Outgoing, Will
 from edge_agent.mqtt.routing import TopicRouter
 
 log = logging.getLogger(__name__)
-
-#: Bytes an MQTT 5 PUBLISH header may add around the payload (topic, properties, user properties).
-PACKET_OVERHEAD_BYTES = 16 * 1024
-
-
-@dataclass(frozen=True)
-class Will:
-    """The Last Will the broker publishes when the session dies without a clean disconnect."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """One received message, with its MQTT 5 metadata decoded into plain values."""
-
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
-    user_properties: Dict[str, str] = field(default_factory=dict)
-    response_topic: Optional[str] = None
-    correlation_data: Optional[bytes] = None
-
-
-Handler = Callable[[Inbound], None]
-
-
-class Delivery:
-    """The fate of one publish: `wait()` for the broker's acknowledgement (QoS 1) or the write (QoS 0)."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self.ok = False
-        self.error: Optional[str] = None
-        self.mid: Optional[int] = None
-
-    def _finish(self, ok: bool, error: Optional[str] = None) -> None:
-        if self._done.is_set():
-            return
-        self.ok = ok
-        self.error = error
-        self._done.set()
-
-    def wait(self, timeout_s: float) -> bool:
-        """True when delivered within `timeout_s`; False on timeout or failure (see `.error`)."""
-        self._done.wait(timeout_s)
-        return self._done.is_set() and self.ok
-
-    @property
-    def done(self) -> bool:
-        """True once delivered or failed."""
-        return self._done.is_set()
-
-
-@dataclass
-class _Outgoing:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    user_properties: Optional[Dict[str, str]]
-    response_topic: Optional[str]
-    correlation_data: Optional[bytes]
-    delivery: Delivery
-
-
-class Backoff:
-    """Bounded exponential back-off with full jitter: min, 2·min, 4·min … capped at max."""
-
-    def __init__(self, min_s: float, max_s: float, rng: Optional[random.Random] = None) -> None:
-        self.min_s = min_s
-        self.max_s = max(max_s, min_s)
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt (grows until the cap)."""
-        cap = min(self.max_s, self.min_s * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        return self.min_s / 2 + self._rng.uniform(0, cap - self.min_s / 2)
-
-    def reset(self) -> None:
-        """After a successful connect."""
-        self.attempt = 0
 
 
 class MqttSession:
@@ -153,7 +66,7 @@ class MqttSession:
         self.connected = threading.Event()
         self._loop_ident: Optional[int] = None
         self._calls: queue.Queue = queue.Queue()
-        self._final: Optional[_Outgoing] = None
+        self._final: Optional[Outgoing] = None
         self._stop_deadline = 0.0
         self.stats: Dict[str, int] = {
             "connects": 0, "disconnects": 0, "connect_failures": 0, "published": 0, "publish_failures": 0,
@@ -193,7 +106,7 @@ class MqttSession:
         if len(payload) > self.cfg.max_payload_bytes:
             d._finish(False, "payload of %d bytes is over mqtt.max_payload_bytes" % len(payload))
             return d
-        item = _Outgoing(topic, bytes(payload), qos, retain, user_properties, response_topic, correlation_data, d)
+        item = Outgoing(topic, bytes(payload), qos, retain, user_properties, response_topic, correlation_data, d)
         try:
             if block_s > 0:
                 self._out.put(item, timeout=block_s)
@@ -225,7 +138,7 @@ class MqttSession:
         if self._thread is None:
             return
         if final is not None:
-            self._final = _Outgoing(final[0], final[1], final[2], final[3], None, None, None, Delivery())
+            self._final = Outgoing(final[0], final[1], final[2], final[3], None, None, None, Delivery())
         self._stop_deadline = time.monotonic() + timeout_s
         self._running.clear()
         self._wake()
@@ -240,54 +153,11 @@ class MqttSession:
     # ------------------------------------------------------------------------------------ paho setup
 
     def _make_client(self):
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        from edge_agent.mqtt.props import install as install_region_only_property_parsing
-
-        install_region_only_property_parsing()  # large chunks with user properties cost far less CPU
-        cfg = self.cfg
-        client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=False,
-        )
-        client.max_queued_messages_set(cfg.max_queued_messages)
-        client.max_inflight_messages_set(64)
-        if cfg.username:
-            password = None
-            if cfg.password_file is not None:
-                try:
-                    password = cfg.password_file.read_text(encoding="utf-8").strip()
-                except OSError as e:
-                    raise ConfigError("mqtt.password_file %s cannot be read: %s" % (cfg.password_file, e.strerror))
-            client.username_pw_set(cfg.username, password)
-        if cfg.tls is not None:
-            try:
-                client.tls_set(
-                    ca_certs=str(cfg.tls.ca_file),
-                    certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                    keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                    cert_reqs=ssl.CERT_REQUIRED,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ssl.SSLError, ValueError) as e:
-                raise ConfigError("mqtt.tls: cannot load certificates: %s" % e)
-            if cfg.tls.insecure_skip_hostname_check:
-                client.tls_insecure_set(True)
-        if self.will is not None:
-            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        client, self._connect_props = make_client(self.cfg, client_id=self.client_id, will=self.will)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
-        self._connect_props = Properties(PacketTypes.CONNECT)
-        # Ask the broker never to send us a packet we would refuse anyway: it drops it instead of
-        # making us allocate it.
-        self._connect_props.MaximumPacketSize = cfg.max_payload_bytes + PACKET_OVERHEAD_BYTES
-        self._connect_props.SessionExpiryInterval = 0
         return client
 
     # ------------------------------------------------------------------------------------ the loop
@@ -399,22 +269,12 @@ class MqttSession:
                 return
             self._publish_now(client, item)
 
-    def _publish_now(self, client, item: _Outgoing) -> None:
+    def _publish_now(self, client, item: Outgoing) -> None:
         import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
 
-        props = None
-        if item.user_properties or item.response_topic or item.correlation_data is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            if item.user_properties:
-                props.UserProperty = [(k, str(v)) for k, v in item.user_properties.items()]
-            if item.response_topic:
-                props.ResponseTopic = item.response_topic
-            if item.correlation_data is not None:
-                props.CorrelationData = item.correlation_data
         try:
-            info = client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain, properties=props)
+            info = client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain,
+                                  properties=publish_properties(item))
         except (ValueError, TypeError) as e:
             self.stats["publish_failures"] += 1
             item.delivery._finish(False, str(e))
@@ -510,16 +370,7 @@ class MqttSession:
             self.stats["oversize_dropped"] += 1
             log.warning("dropped %d-byte message on %s (over max_payload_bytes)", len(payload), msg.topic)
             return
-        props = getattr(msg, "properties", None)
-        user: Dict[str, str] = {}
-        response_topic = None
-        correlation = None
-        if props is not None:
-            for k, v in getattr(props, "UserProperty", None) or []:
-                user[k] = v
-            response_topic = getattr(props, "ResponseTopic", None)
-            correlation = getattr(props, "CorrelationData", None)
-        inbound = Inbound(msg.topic, payload, msg.qos, bool(msg.retain), user, response_topic, correlation)
+        inbound = inbound_from(msg)
         for topic_filter, handler in self._router.routes(msg.topic):
             try:
                 handler(inbound)

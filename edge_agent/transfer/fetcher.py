@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from edge_agent.bundle.store import BundleStore
 from edge_agent.config import TransferConfig
 from edge_agent.errors import IntegrityError, ManifestError, ResourceError, TransportError
-from edge_agent.mqtt.session import Inbound, MqttSession
+from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import BundleRef, ChunkRequest
 from edge_agent.transfer.chunkmap import ChunkMap
