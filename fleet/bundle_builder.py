@@ -31,6 +31,7 @@ from edge_agent.bundle.verify import verify_manifest
 from edge_agent.config import format_validation_error
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.signing import PrivateKey, canonical_json, sign_document
+from fleet.spec_checks import postprocessing_problem
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,10 @@ def build_bundle(
         golden = _golden_section(spec, sessions, golden_inputs, stage, files)
         body = _manifest_body(spec, spec_path, created=created, files=files, models=models,
                               router=router, golden=golden)
+        problem = postprocessing_problem(body, {m: _load_npz(files["golden/%s_outputs.npz" % m])
+                                                for m in ("small", "large")})
+        if problem:
+            raise SpecError("SPEC %s: %s" % (spec_path, problem))
         raw = canonical_json(sign_document(body.to_signed_dict(), keys))
         pack_bundle(raw, files, Path(out))
     finally:

@@ -146,6 +146,30 @@ def test_invalid_router_setting_refused(spec_dir, tmp_path):
         build_bundle(spec, KEY, tmp_path / "b.bundle", now=NOW)
 
 
+def test_postprocessing_output_the_models_lack_is_refused_at_build(spec_dir, tmp_path):
+    spec = _edit(spec_dir, 'output = "logits"', 'output = "scores"')
+    with pytest.raises(SpecError, match=r"postprocessing.output 'scores' is not an output of the small model"):
+        build_bundle(spec, KEY, tmp_path / "b.bundle", now=NOW)
+    assert not (tmp_path / "b.bundle").exists()
+
+
+def test_labels_not_matching_the_class_count_are_refused_at_build(spec_dir, tmp_path):
+    spec = _edit(spec_dir, '"8", "9"]', '"8"]')
+    with pytest.raises(SpecError, match=r"9 labels but the small model's output 'logits' has 10 classes"):
+        build_bundle(spec, KEY, tmp_path / "b.bundle", now=NOW)
+    assert not (tmp_path / "b.bundle").exists()
+
+
+def test_detection_class_count_from_either_yolo_layout():
+    from fleet.spec_checks import class_count
+
+    assert class_count("detection", np.zeros((100, 5 + 3))) == 3  # rows: cx, cy, w, h, obj, 3 classes
+    assert class_count("detection", np.zeros((4 + 80, 8400))) == 80  # columns, no objectness
+    assert class_count("detection", np.zeros((1, 4 + 2, 300))) == 2
+    assert class_count("detection", np.zeros(7)) is None
+    assert class_count("classification", np.zeros(10)) == 10
+
+
 def test_missing_model_file_refused(spec_dir, tmp_path):
     (spec_dir / "large.onnx").unlink()
     with pytest.raises(SpecError, match=r"large model .* does not exist"):
