@@ -211,11 +211,12 @@ def _check_decls(what: str, model: str, declared: Optional[List[TensorSpecDecl]]
 
 
 def _load_npz(path: Path) -> Dict[str, np.ndarray]:
+    from edge_agent.npz import NpzError, load_npz
+
     try:
-        with np.load(str(path), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise SpecError("cannot read npz %s: %s" % (path, e))
+        return load_npz(path)
+    except NpzError as e:
+        raise SpecError("cannot read npz %s: %s" % (path, e)) from None
 
 
 def _check_golden(inputs: Dict[str, np.ndarray], decls: List[TensorSpecDecl], path: Path) -> int:

@@ -29,11 +29,12 @@ class GoldenReport:
 
 
 def _load_npz(path: Path) -> Dict[str, np.ndarray]:
+    from edge_agent.npz import NpzError, load_npz
+
     try:
-        with np.load(str(path), allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise BundleError("golden file %s cannot be read: %s" % (path.name, e))
+        return load_npz(path)
+    except NpzError as e:
+        raise BundleError("golden file %s" % e) from None
 
 
 def run_engine_batched(engine: Engine, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -36,6 +36,8 @@ GATES = ("confidence", "linear", "small-only", "large-only")
 HEAD_SOURCES = ("features", "input_stats")
 #: Names of the columns `input_stats` returns, in order.
 INPUT_STAT_NAMES = ("mean", "std", "min", "max", "dark_fraction", "bright_fraction", "grad_x", "grad_y")
+#: Largest linear-head npz read, in bytes (a head is one weight per feature: kilobytes).
+MAX_HEAD_BYTES = 16 * 1024 * 1024
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -122,18 +124,21 @@ class LinearHead:
     @classmethod
     def load(cls, path: Path) -> LinearHead:
         """Read a head npz; anything malformed is a RouterPolicyError with a one-line reason."""
+        from edge_agent.npz import NpzError, load_npz
+
         try:
-            with np.load(str(path), allow_pickle=False) as z:
-                missing = [k for k in ("w", "b", "source") if k not in z.files]
-                if missing:
-                    raise RouterPolicyError("linear head %s lacks %s" % (Path(path).name, ", ".join(missing)))
-                w = np.asarray(z["w"], dtype=np.float64).reshape(-1)
-                b = float(np.asarray(z["b"]).reshape(-1)[0])
-                source = str(np.asarray(z["source"]).reshape(-1)[0])
-        except RouterPolicyError:
-            raise
-        except (OSError, ValueError, IndexError) as e:
-            raise RouterPolicyError("cannot read linear head %s: %s" % (Path(path).name, e))
+            z = load_npz(path, max_bytes=MAX_HEAD_BYTES)
+        except NpzError as e:
+            raise RouterPolicyError("cannot read linear head %s" % e) from None
+        missing = [k for k in ("w", "b", "source") if k not in z]
+        if missing:
+            raise RouterPolicyError("linear head %s lacks %s" % (Path(path).name, ", ".join(missing)))
+        try:
+            w = np.asarray(z["w"], dtype=np.float64).reshape(-1)
+            b = float(np.asarray(z["b"]).reshape(-1)[0])
+            source = str(np.asarray(z["source"]).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError) as e:
+            raise RouterPolicyError("cannot read linear head %s: %s" % (Path(path).name, e)) from None
         return cls(w=w, b=b, source=source)
 
 

@@ -77,13 +77,18 @@ def open_bundle(path: Path) -> Iterator[Tuple[object, Path]]:
 
 def load_labelled(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     """(x, y) from an npz with keys `x` and `y`."""
+    from edge_agent.npz import NpzError, load_npz
+
     try:
-        with np.load(str(path), allow_pickle=False) as z:
-            if "x" not in z.files or "y" not in z.files:
-                raise CliError("%s needs arrays `x` (inputs) and `y` (labels)" % path)
-            x, y = z["x"], z["y"].astype(np.int64).reshape(-1)
-    except (OSError, ValueError) as e:
-        raise CliError("cannot read %s: %s" % (path, e))
+        z = load_npz(path)
+    except NpzError as e:
+        raise CliError("cannot read %s: %s" % (path, e)) from None
+    if "x" not in z or "y" not in z:
+        raise CliError("%s needs arrays `x` (inputs) and `y` (labels)" % path)
+    try:
+        x, y = z["x"], z["y"].astype(np.int64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise CliError("%s: labels `y` are not integers: %s" % (path, e)) from None
     if len(x) != len(y) or len(y) == 0:
         raise CliError("%s: x and y must hold the same, non-zero number of items" % path)
     return x, y
