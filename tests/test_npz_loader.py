@@ -83,7 +83,7 @@ def test_hostile_members_refused_before_their_data_is_read(tmp_path):
         load_npz(pickled)
     other = tmp_path / "other.npz"
     other.write_bytes(_npz_with({"run.sh": b"echo"}))
-    with pytest.raises(NpzError, match="not a .npy array"):
+    with pytest.raises(NpzError, match=r"not a \.npy array"):
         load_npz(other)
     many = tmp_path / "many.npz"
     np.savez(str(many), **{"a%d" % i: np.zeros(1) for i in range(MAX_ARRAYS + 1)})
