@@ -70,13 +70,18 @@ def _real_tensorrt_and_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip `jetson` tests unless the real TensorRT and a GPU are present."""
-    jetson_items = [i for i in items if "jetson" in i.keywords]
-    if not jetson_items or _real_tensorrt_and_gpu():
+    """Skip `gpu` tests unless the real TensorRT, pycuda and a CUDA GPU are present (any Linux host), and
+    `jetson` tests unless that host is also a Jetson (/etc/nv_tegra_release)."""
+    gpu_items = [i for i in items if "gpu" in i.keywords or "jetson" in i.keywords]
+    if not gpu_items:
         return
-    skip = pytest.mark.skip(reason="needs a real Jetson: TensorRT and a CUDA GPU are not available here")
-    for item in jetson_items:
-        item.add_marker(skip)
+    have_gpu = _real_tensorrt_and_gpu()
+    on_jetson = os.path.exists("/etc/nv_tegra_release")
+    for item in gpu_items:
+        if not have_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT, pycuda and a CUDA GPU (not available here)"))
+        elif "jetson" in item.keywords and not on_jetson:
+            item.add_marker(pytest.mark.skip(reason="needs a Jetson (no /etc/nv_tegra_release)"))
 
 
 def _drop_trt_modules():
