@@ -50,6 +50,8 @@ class ControlPlane:
         tick_interval_s: float = 1.0,
         telemetry_flush_s: float = 5.0,
         ingest_backlog: int = 20000,
+        history_interval_s: float = 60.0,
+        history_retention_s: float = 7 * 86400.0,
         share_group: Optional[str] = "fleet",
         leases: Optional[RolloutLeases] = None,
         inbox_poll_s: float = 0.25,
@@ -68,6 +70,8 @@ class ControlPlane:
             on_event=self.runner.on_event,
             health=health or HealthPolicy(),
             max_backlog=ingest_backlog,
+            history_interval_s=history_interval_s,
+            history_retention_s=history_retention_s,
         )
         self.rpc = RpcServer(session, prefix=prefix, share=share_group is not None)
         self.tick_interval_s = tick_interval_s
@@ -143,6 +147,7 @@ class ControlPlane:
         r("rollback", self._rollback)
         r("router.set", self._router_set)
         r("telemetry.latest", self._telemetry_latest)
+        r("telemetry.history", self._telemetry_history)
 
     def _controller_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
         return {
@@ -265,6 +270,11 @@ class ControlPlane:
                 failed[d] = str(e)
         return {"sent": sent, "failed": failed}
 
+    def _telemetry_history(self, params: Dict[str, Any]) -> List[Dict[str, Any]]:
+        device_id = str(_need(params, "device_id"))
+        limit = int(min(max(_float(params, "limit", 1000), 1), 10000))
+        return self.registry.telemetry_history(device_id, since=_float(params, "since", 0.0), limit=limit)
+
     def _telemetry_latest(self, params: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows = self.registry.list_devices()
         dev = params.get("device_id")
@@ -273,6 +283,13 @@ class ControlPlane:
             for r in rows
             if dev is None or r["device_id"] == dev
         ]
+
+
+def _float(params: Dict[str, Any], key: str, default: float) -> float:
+    v = params.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RolloutError("parameter %r must be a number" % key)
+    return float(v)
 
 
 def _need(params: Dict[str, Any], key: str) -> Any:

@@ -81,6 +81,7 @@ class Controller:
             defaults=RolloutParams(r.success_threshold, r.error_threshold, r.device_timeout_s),
             health=HealthPolicy(max_error_rate=r.unhealthy_error_rate), tick_interval_s=r.tick_interval_s,
             telemetry_flush_s=r.telemetry_flush_s, ingest_backlog=r.ingest_backlog, leases=self._leases(cfg),
+            history_interval_s=cfg.registry.history_interval_s, history_retention_s=cfg.registry.history_retention_s,
         )
 
     def _leases(self, cfg: FleetConfig):

@@ -297,18 +297,62 @@ class Registry:
         rows = [(d, now, now, ts, _dumps(summary), health) for d, ts, summary, health in items]
         if not rows:
             return 0
+        upsert = (
+            "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
+            "telemetry_ts=excluded.telemetry_ts, telemetry=excluded.telemetry, health=excluded.health"
+        )
 
         def write(db: Tx) -> int:
+            if db.dialect.name == "postgresql":
+                # One statement for the whole batch (arrays unnested server-side), not one per row.
+                cols = list(zip(*rows))
+                db.execute(
+                    "INSERT INTO devices (device_id, first_seen, last_seen, telemetry_ts, telemetry, health, online) "
+                    "SELECT d, f, l, t, s, h, 1 FROM unnest(?::text[], ?::float8[], ?::float8[], ?::float8[], "
+                    "?::text[], ?::text[]) AS u(d, f, l, t, s, h) " + upsert,
+                    [list(c) for c in cols],
+                )
+                return len(rows)
             db.executemany(
                 "INSERT INTO devices (device_id, first_seen, last_seen, telemetry_ts, telemetry, health, online) "
-                "VALUES (?, ?, ?, ?, ?, ?, 1) "
-                "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
-                "telemetry_ts=excluded.telemetry_ts, telemetry=excluded.telemetry, health=excluded.health",
+                "VALUES (?, ?, ?, ?, ?, ?, 1) " + upsert,
                 rows,
             )
             return len(rows)
 
         return int(self._write(write))
+
+    def record_history(self, points: Sequence[Tuple[str, int, float, Dict[str, Any]]]) -> int:
+        """Keep telemetry history points (device, interval number, ts, summary); the first point of an
+        interval stays, later ones for the same interval are ignored."""
+        if not points:
+            return 0
+        rows = [(d, int(b), ts, _dumps(summary)) for d, b, ts, summary in points]
+
+        def write(db: Tx) -> int:
+            sql = "INSERT INTO telemetry_history (device_id, bucket, ts, summary) "
+            if db.dialect.name == "postgresql":
+                cols = [list(c) for c in zip(*rows)]
+                db.execute(sql + "SELECT * FROM unnest(?::text[], ?::int8[], ?::float8[], ?::text[]) "
+                           "ON CONFLICT DO NOTHING", cols)
+            else:
+                db.executemany(sql + "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
+            return len(rows)
+
+        return int(self._write(write))
+
+    def prune_history(self, before_bucket: int) -> int:
+        """Remove history points of intervals before `before_bucket`; returns how many."""
+        return int(self._write(lambda db: db.execute(
+            "DELETE FROM telemetry_history WHERE bucket < ?", (int(before_bucket),)).rowcount))
+
+    def telemetry_history(self, device_id: str, *, since: float = 0.0, limit: int = 1000) -> List[Dict[str, Any]]:
+        """A device's telemetry history points since `since` (unix time), oldest first."""
+        rows = self._read(
+            "SELECT ts, summary FROM telemetry_history WHERE device_id = ? AND ts >= ? ORDER BY bucket DESC LIMIT ?",
+            (device_id, float(since), int(limit)),
+        )
+        return [{"ts": r["ts"], **(_loads(r["summary"]) or {})} for r in reversed(rows)]
 
     def record_event(self, device_id: str, event: Dict[str, Any], *, now: float) -> None:
         """Remember a device's last event and that it was seen."""

@@ -69,7 +69,7 @@ class PgServer:
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
-        opts = "-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off " \
+        opts = "-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off " \
                "-c full_page_writes=off -c max_connections=200" % (self.port, self.sock)
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-o", opts, "-w", "-t", "60",
                   "start")

@@ -88,3 +88,54 @@ def test_full_telemetry_queue_drops_and_counts_but_keeps_status(tmp_path):
     ing.flush()
     assert reg.device_count() == 120
     assert json.loads(json.dumps(ing.stats()))["dropped"]["telemetry"] == 50
+
+
+def test_telemetry_refusals_of_the_one_pass_validator_are_counted(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    ing = Ingest(reg, prefix=P, max_telemetry_bytes=4096)
+    good = telemetry("a")
+    ing.handle(P + "/devices/a/telemetry", good.replace(b'"uptime_s":5.0', b'"uptime_s":NaN'))
+    ing.handle(P + "/devices/a/telemetry", good.replace(b'"uptime_s":5.0', b'"uptime_s":Infinity'))
+    ing.handle(P + "/devices/a/telemetry", good[:-1] + b',"engine":' + b"[" * 1000 + b"]" * 1000 + b"}")
+    ing.handle(P + "/devices/a/telemetry", good.replace(b'"seq":1', b'"seq":' + b"9" * 3000))
+    ing.handle(P + "/devices/a/telemetry", good[:-1] + b',"source":"' + b"x" * 5000 + b'"}')  # over 4096
+    ing.handle(P + "/devices/a/telemetry", good.replace(b'"seq":1', b'"seq":-1'))
+    ing.handle(P + "/devices/a/telemetry", b"[1, 2]")
+    assert ing.malformed["telemetry"] == 7 and ing.listener_errors == 0
+    assert ing.flush() == 0
+    ing.handle(P + "/devices/a/telemetry", good)
+    assert ing.flush() == 1 and reg.get_device("a")["telemetry"]["seq"] == 1
+
+
+def test_worker_batches_keep_the_newest_telemetry_per_device(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    ing = Ingest(reg, prefix=P, max_backlog=10000)
+    for seq in range(1, 6):
+        for i in range(300):
+            ing.submit(P + "/devices/d%03d/telemetry" % i, telemetry("d%03d" % i, seq=seq))
+    ing.start()
+    try:
+        assert ing.drain(10)
+    finally:
+        ing.stop()
+    assert ing.received["telemetry"] == 1500 and ing.flush() == 300
+    assert {d["telemetry"]["seq"] for d in reg.list_devices()} == {5}
+
+
+def test_history_keeps_one_point_per_device_per_interval_and_prunes_by_retention(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    now = {"t": 1000.0}
+    ing = Ingest(reg, prefix=P, history_interval_s=10.0, history_retention_s=25.0, clock=lambda: now["t"])
+    for seq in range(0, 40, 2):  # telemetry ts = 10 + seq: intervals 1..4, two flushes per interval
+        now["t"] = 10.0 + seq
+        ing.handle(P + "/devices/a/telemetry", telemetry("a", seq=seq))
+        ing.flush()
+    points = reg.telemetry_history("a")
+    assert [p["ts"] for p in points] == [10.0, 20.0, 30.0, 40.0]  # the first point of each interval
+    assert points[0]["health"] == "ok" and points[0]["p99_ms"] == 9.5
+    now["t"] = 1000.0
+    ing._next_prune = 0.0
+    ing.handle(P + "/devices/a/telemetry", telemetry("a", seq=1000 - 10))
+    ing.flush()
+    # Retention 25 s at t=1000: only the interval of the new point is left.
+    assert [p["ts"] for p in reg.telemetry_history("a")] == [1000.0]

@@ -166,7 +166,28 @@ def _follow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history(args: argparse.Namespace) -> int:
+    if not args.device:
+        raise CliError("--history needs --device ID")
+    since = time.time() - args.history * 3600.0
+    rows = rpc_call(args, "telemetry.history", {"device_id": args.device, "since": since})
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, sort_keys=True))
+        return 0
+    if not rows:
+        print("no telemetry history for %s in the last %g h" % (args.device, args.history))
+        return 0
+    now = time.time()
+    table = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["ts"])), *summary_row(args.device, r, now)[1:]]
+             for r in rows]
+    print(render_table(("TIME", *HEADERS[1:]), table, numeric=tuple(range(2, 15))))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.history is not None:
+        return _history(args)
     return _follow(args) if args.follow else _snapshot(args)
 
 
@@ -181,6 +202,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", metavar="ID", help="only this device")
     p.add_argument("--follow", "-f", action="store_true", help="live, straight from the devices' topics")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--history", type=float, metavar="HOURS",
+                   help="the device's downsampled history over the last HOURS (with --device)")
     p.add_argument("--interval", type=float, default=2.0, metavar="S", help="--follow: redraw every S seconds")
     p.add_argument("--count", type=int, default=0, metavar="N", help="--follow: stop after N messages")
     p.add_argument("--duration", type=float, default=0.0, metavar="S", help="--follow: stop after S seconds")
