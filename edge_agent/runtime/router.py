@@ -13,6 +13,12 @@ Gates and their rule (the product card's small/large gating):
   before any model runs, so large-routed items skip the small model entirely.
 * ``small-only`` / ``large-only``: fixed routes (baselines, or an operator's emergency switch).
 
+For a detection bundle the ``confidence`` gate's score is `detection_certainty`: how far the small
+detector's least decided box (after NMS at a low floor) lies from the score threshold that decides
+whether it is reported. A frame whose boxes are all clearly in or clearly out scores near 1 and stays
+on the small model; a frame with a box near the threshold (a faint object, or a clutter blob the small
+model half believes) scores near 0 and goes to large when the score is under τ.
+
 τ adaptation (`TauController`): with a target large fraction, τ is set to the quantile of the gate
 scores over a sliding window that puts exactly that fraction on the large side. Independently, when the
 large model's queue or its p99 latency passes its SLO, a shed level rises quickly and pulls τ towards the
@@ -58,6 +64,27 @@ def top_probability(logits: Sequence[float]) -> float:
     """Top softmax probability of one item's logits; plain Python, which beats numpy on a few classes."""
     m = max(logits)
     return 1.0 / sum(math.exp(v - m) for v in logits)
+
+
+#: Boxes scoring under this share of the postprocessing score threshold are background for
+#: `detection_certainty` (they are neither reported nor doubtful).
+DETECTION_FLOOR_RATIO = 0.25
+
+
+def detection_certainty(scores: np.ndarray, threshold: float) -> float:
+    """Certainty in [0, 1] of one frame's detections, for the confidence gate (large when under τ).
+
+    `scores` are the frame's candidate boxes after NMS (at a floor of `DETECTION_FLOOR_RATIO` x
+    `threshold`); `threshold` is the score at which a box is reported. Each box's margin is its distance
+    from the threshold as a share of the room on its side (``(s - t) / (1 - t)`` above, ``(t - s) / t``
+    below); the frame's certainty is the smallest margin, or 1.0 without candidates.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        return 1.0
+    t = min(max(float(threshold), 1e-6), 1.0 - 1e-6)
+    margins = np.where(s >= t, (s - t) / (1.0 - t), (t - s) / t)
+    return float(np.clip(margins.min(), 0.0, 1.0))
 
 
 def input_stats(x: np.ndarray) -> np.ndarray:

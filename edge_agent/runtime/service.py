@@ -29,9 +29,17 @@ from edge_agent.config import RuntimeConfig
 from edge_agent.errors import EdgeAgentError, InferenceError
 from edge_agent.runtime.batcher import BatchItemResult, DynamicBatcher
 from edge_agent.runtime.errors import OverloadedError, RequestTimeoutError, RouterPolicyError
-from edge_agent.runtime.postprocess import Postprocessor, decode_yolo
+from edge_agent.runtime.postprocess import Postprocessor, decode_yolo, nms_per_class
 from edge_agent.runtime.preprocess import Preprocessor
-from edge_agent.runtime.router import LinearHead, TauController, confidence_scores, input_stats, top_probability
+from edge_agent.runtime.router import (
+    DETECTION_FLOOR_RATIO,
+    LinearHead,
+    TauController,
+    confidence_scores,
+    detection_certainty,
+    input_stats,
+    top_probability,
+)
 from edge_agent.runtime.stats import LatencyRecorder, percentiles
 
 log = logging.getLogger(__name__)
@@ -382,7 +390,7 @@ class InferenceService:
         post = self._post["small"]
         o = out[post.output_name]
         if post.post.kind == "detection":
-            return np.array([float(decode_yolo(o[i])[1].max(initial=0.0)) for i in range(n)])
+            return np.array([_detection_gate_score(post, o[i]) for i in range(n)])
         if post.post.kind == "classification" and not post.post.apply_softmax:
             return np.asarray(o, dtype=np.float64).reshape(n, -1).max(axis=1)
         return confidence_scores(np.asarray(o).reshape(n, -1))
@@ -426,8 +434,7 @@ class InferenceService:
         post = self._post["small"]
         out = res.outputs[post.output_name]
         if post.post.kind == "detection":
-            _, scores, _ = decode_yolo(out)
-            return float(scores.max()) if scores.size else 0.0
+            return _detection_gate_score(post, out)
         if post.post.kind == "classification" and not post.post.apply_softmax:
             return float(np.max(out))
         if out.size <= 64:
@@ -444,6 +451,16 @@ class InferenceService:
         with self._router_lock:
             self.router.update_load(now, large.queue_depth(), p99)
             return self.router.decide(score)
+
+
+def _detection_gate_score(post: Postprocessor, out: np.ndarray) -> float:
+    """The confidence gate's score for one frame of the small detector: `detection_certainty` of its
+    candidate boxes after NMS at a floor under the score threshold."""
+    boxes, scores, cls = decode_yolo(out)
+    floor = post.score_threshold * DETECTION_FLOOR_RATIO
+    keep = nms_per_class(boxes, scores, cls, score_threshold=floor, iou_threshold=post.iou_threshold,
+                         max_detections=post.post.max_detections)
+    return detection_certainty(scores[keep], post.score_threshold)
 
 
 def _check_finite(route: str, outputs: Dict[str, np.ndarray], names: Tuple[str, ...]) -> None:
