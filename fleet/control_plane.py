@@ -80,6 +80,7 @@ class ControlPlane:
         self.started_at = time.time()
         self._stop = threading.Event()
         self._ticker: Optional[threading.Thread] = None
+        self._last_heartbeat = 0.0
         self._register_methods()
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -124,11 +125,26 @@ class ControlPlane:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.tick_interval_s
                     self.runner.tick()
+                    self._heartbeat()
                 if time.monotonic() >= next_flush:
                     next_flush = time.monotonic() + self.telemetry_flush_s
                     self.ingest.flush()
             except Exception:  # the ticker must survive a registry hiccup
                 log.exception("controller tick failed")
+
+    def _heartbeat(self) -> None:
+        """With a shared registry: tell the other controllers (and `controller.status`) we are alive."""
+        leases = self.runner.leases
+        if leases is None:
+            return
+        now = time.time()
+        if now - self._last_heartbeat < 1.0:
+            return
+        self._last_heartbeat = now
+        stats = {"ingest": self.ingest.stats(), "driven_here": self.runner.active_ids(),
+                 "takeovers": self.runner.takeovers, "forwarded_events": self.runner.forwarded}
+        self.registry.controller_heartbeat(leases.owner, leases.owner.split("@", 1)[0], self.started_at, stats,
+                                           now=now)
 
     # ------------------------------------------------------------------------------------ RPC methods
 
@@ -150,6 +166,15 @@ class ControlPlane:
         r("telemetry.history", self._telemetry_history)
 
     def _controller_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        out = self._own_status()
+        if self.runner.leases is not None:
+            # Every live controller of the fleet (heartbeat within three lease periods), whichever answered.
+            since = time.time() - 3 * self.runner.leases.lease_s
+            out["controllers"] = self.registry.list_controllers(since=since)
+            out["answered_by"] = self.runner.leases.owner
+        return out
+
+    def _own_status(self) -> Dict[str, Any]:
         return {
             "uptime_s": round(time.time() - self.started_at, 1),
             "devices": self.registry.device_count(),

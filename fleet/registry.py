@@ -141,6 +141,16 @@ MIGRATIONS: Tuple[str, ...] = (
         PRIMARY KEY (sha256, idx)
     );
     """,
+    # 3: the controllers sharing the registry, each with its last heartbeat and counters.
+    """
+    CREATE TABLE controllers (
+        owner      TEXT PRIMARY KEY,
+        client_id  TEXT NOT NULL,
+        started    {float} NOT NULL,
+        heartbeat  {float} NOT NULL,
+        stats      TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -263,6 +273,23 @@ class Registry:
     #: `write(fn)` runs fn(tx) in one transaction, `read(sql, params)` returns rows by column name.
     write = _write
     read = _read
+
+    # -------------------------------------------------------------------------------- controllers
+
+    def controller_heartbeat(self, owner: str, client_id: str, started: float, stats: Dict[str, Any],
+                             *, now: float) -> None:
+        """Record that controller `owner` is alive, with its own counters."""
+        self._write(lambda db: db.execute(
+            "INSERT INTO controllers (owner, client_id, started, heartbeat, stats) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(owner) DO UPDATE SET heartbeat = excluded.heartbeat, stats = excluded.stats",
+            (owner, client_id, started, now, _dumps(stats))))
+
+    def list_controllers(self, *, since: float) -> List[Dict[str, Any]]:
+        """Controllers whose last heartbeat is at or after `since`, with their counters."""
+        rows = self._read("SELECT owner, client_id, started, heartbeat, stats FROM controllers WHERE heartbeat >= ? "
+                          "ORDER BY owner", (since,))
+        return [{"owner": r["owner"], "client_id": r["client_id"], "started": r["started"],
+                 "heartbeat": r["heartbeat"], "stats": _loads(r["stats"])} for r in rows]
 
     # --------------------------------------------------------------------------- command sequence
 

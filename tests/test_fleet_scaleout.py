@@ -41,6 +41,22 @@ def test_any_controller_answers_with_the_same_view(rig, capsys):
         assert rc == 0, err
         views.add(tuple(sorted(d["device_id"] for d in json.loads(out))))
     assert views == {tuple(rig.device_ids)}
+    from fleet_helpers import mqtt_cfg
+
+    from fleet.rpc import RpcClient
+
+    rpc = RpcClient.connect(mqtt_cfg(rig.broker))
+    try:
+        answered = set()
+        for _ in range(6):
+            st = rpc.call("controller.status", timeout_s=10)
+            answered.add(st["answered_by"].split("@")[0])
+            assert st["registry"] == "postgresql" and st["devices"] == len(rig.device_ids)
+        rig.wait(lambda: sorted(c["client_id"] for c in rpc.call("controller.status", timeout_s=10)["controllers"])
+                 == rig.names, 10, "both controllers listed")
+    finally:
+        rpc.close()
+    assert answered == set(rig.names)  # the shared RPC group reached both, and both gave the same view
 
 
 def test_rollout_owner_killed_mid_wave_is_finished_by_the_other_controller(rig, capsys):
