@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "fleet.commands.devices",
     "fleet.commands.rollout",
     "fleet.commands.rollback",
+    "fleet.commands.timefloor",
     "fleet.commands.telemetry",
     "fleet.commands.router",
     "fleet.commands.broker",
