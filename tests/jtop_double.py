@@ -28,7 +28,7 @@ XAVIER_NX: Dict[str, Any] = {
         "RAM": 0.396, "SWAP": 0.0, "EMC": 5, "GPU": 37.0,
         "APE": "OFF", "NVENC": "OFF", "NVDEC": "OFF", "NVJPG": "OFF", "fan": 34.5,
         "Temp AO": 36.5, "Temp AUX": 35.0, "Temp CPU": 37.5, "Temp GPU": 36.0, "Temp thermal": 36.6,
-        "Temp PMIC": -256,
+        "Temp Tdiode": -256,
         "Power VDD_CPU_GPU_CV": 1234, "Power VDD_SOC": 1100, "Power TOT": 4567,
         "jetson_clocks": "OFF", "nvp model": "MODE_20W_6CORE",
     },
@@ -50,7 +50,7 @@ XAVIER_NX: Dict[str, Any] = {
         "AUX": {"online": True, "temp": 35.0},
         "CPU": {"online": True, "temp": 37.5},
         "GPU": {"online": True, "temp": 36.0},
-        "PMIC": {"online": False, "temp": -256},
+        "Tdiode": {"online": False, "temp": -256},  # jtop skips PMIC zones by name
         "thermal": {"online": True, "temp": 36.6},
     },
     "power": {

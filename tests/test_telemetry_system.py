@@ -49,7 +49,7 @@ def test_xavier_nx_jtop_fields_are_read_in_their_units(tmp_path, monkeypatch):
     assert out["mem_available_mb"] == pytest.approx(4000000 / 1024.0)  # MemAvailable from /proc
     assert out["power_mw"] == 4567  # power tot, mW
     assert out["temperatures_c"] == {"AO": 36.5, "AUX": 35.0, "CPU": 37.5, "GPU": 36.0, "thermal": 36.6}
-    assert "PMIC" not in out["temperatures_c"]  # offline sensor (-256)
+    assert "Tdiode" not in out["temperatures_c"]  # offline sensor (-256)
     assert out["throttled"] is False
 
 

@@ -451,6 +451,11 @@ def _prepare_trt(bundle_dir: Path, manifest: ManifestBody, *, cfg: EngineConfig,
             too_big = [m for m in items.values() if m.engine is not None and m.engine.max_batch > fit]
             if not too_big:
                 break
+            static = [m for m in too_big if m.engine is not None and all(-1 not in s.shape for s in m.engine.inputs)]
+            if static:  # a fixed batch cannot be rebuilt smaller
+                m = static[0]
+                raise ResourceError("the %s model has a static batch of %d, but the memory budget of %.1f MB fits "
+                                    "batch %d" % (m.name, m.engine.max_batch, budget.budget_bytes / MIB, fit))
             # profiles larger than the budget allows: rebuild those engines with a smaller max batch
             log.info("engines need %s at batch %d; rebuilding for max batch %d", "+".join(m.name for m in too_big),
                      max_b, fit)
