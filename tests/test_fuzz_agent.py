@@ -249,13 +249,14 @@ def fetcher(tmp_path_factory):
 
 
 def _fresh_run(fetcher):
-    from edge_agent.transfer.fetcher import FetchStats, _Req, _Run
+    from edge_agent.transfer.fetcher import FetchStats, _Run
+    from edge_agent.transfer.partial import PendingRequest
 
     t = fetcher._target(FILE_SHA, len(FILE), "payload.bin")
     fetcher._open(t)
     run = _Run(BundleRef(name="digits", version=3), FetchStats(bytes_total=len(FILE)))
     run.remaining[FILE_SHA] = t
-    req = _Req(t, 1, time.monotonic(), attempts=1, corr=b"corr-1")
+    req = PendingRequest(t, 1, time.monotonic(), attempts=1, corr=b"corr-1")
     run.outstanding[req.corr] = req
     return t, run
 
@@ -316,7 +317,7 @@ def test_chunk_handler_hostile_answers_never_crash_never_enter_the_store(fetcher
 def test_chunk_handler_forged_bytes_with_right_metadata_caught_by_file_hash(fetcher):
     """Right metadata, wrong bytes for every chunk: the file never enters the store."""
     from edge_agent.errors import IntegrityError
-    from edge_agent.transfer.fetcher import _Req
+    from edge_agent.transfer.partial import PendingRequest
 
     t, run = _fresh_run(fetcher)
     run.outstanding.clear()
@@ -324,7 +325,7 @@ def test_chunk_handler_forged_bytes_with_right_metadata_caught_by_file_hash(fetc
         with pytest.raises(IntegrityError):
             for _ in range(fetcher.cfg.max_retries + 1):
                 for i in range(t.cmap.count):
-                    req = _Req(t, i, time.monotonic(), corr=b"c%d" % i)
+                    req = PendingRequest(t, i, time.monotonic(), corr=b"c%d" % i)
                     run.outstanding[req.corr] = req
                     p = _good_props(i)
                     fetcher._handle(Inbound("x", os.urandom(int(p["length"])), 1, False, p, None, req.corr), run)

@@ -9,6 +9,10 @@ into ``partial/<sha256>.part`` and the chunk map is saved (after an fsync of the
 chunks, so a restarted agent, or one that lived through a broker outage, only asks for what it lacks.
 A finished file must match its sha256 before it enters the store; if it does not (e.g. a forged chunk
 slipped in), the whole file is fetched again, a bounded number of times.
+
+A file being pulled is a `transfer.partial.PartialFile`; progress is saved by `transfer.checkpoint`.
+This module stays over 400 lines on purpose: it is one transfer loop (`Fetcher._run` and its named
+steps) over one shared run state, which reads best in one place.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from edge_agent.bundle.store import BundleStore
 from edge_agent.config import TransferConfig
@@ -31,15 +35,13 @@ from edge_agent.mqtt.packets import Inbound
 from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import BundleRef, ChunkRequest
+from edge_agent.transfer.checkpoint import Checkpointer
 from edge_agent.transfer.chunkmap import ChunkMap
+from edge_agent.transfer.partial import PartialFile, PendingRequest
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[str, str, dict], None]
-
-#: Out-of-order chunks kept in memory for the running hash (beyond this they are re-read from disk).
-MAX_HELD_CHUNKS = 64
-
 
 class TransferCancelled(TransportError):
     """The transfer was cancelled (agent shutting down)."""
@@ -68,109 +70,12 @@ class FetchStats:
 
 
 @dataclass
-class _Target:
-    sha256: str
-    size: int
-    label: str
-    cmap: ChunkMap
-    fd: int = -1
-    unsaved: int = 0
-    saved_at: float = 0.0
-    refetches: int = 0
-    keep_in_store: bool = True
-    # Running sha256 over the chunks in file order; chunks that arrive early wait in `held`.
-    hasher: Any = field(default_factory=hashlib.sha256)
-    hashed: int = 0
-    held: Dict[int, bytes] = field(default_factory=dict)
-
-    def feed(self, index: int, payload: Optional[bytes]) -> None:
-        """Advance the running hash with chunk `index` (None: it is already on disk)."""
-        if index != self.hashed:
-            if payload is not None and len(self.held) < MAX_HELD_CHUNKS:
-                self.held[index] = payload
-            return
-        if payload is None:
-            payload = self._read(index)
-        self.hasher.update(payload)
-        self.hashed += 1
-        while self.hashed < self.cmap.count and self.cmap.has(self.hashed):
-            data = self.held.pop(self.hashed, None)
-            self.hasher.update(data if data is not None else self._read(self.hashed))
-            self.hashed += 1
-
-    def _read(self, index: int) -> bytes:
-        offset, length = self.cmap.chunk_range(index)
-        return os.pread(self.fd, length, offset)
-
-    def reset_hash(self) -> None:
-        """Start the running hash over (the file is fetched again)."""
-        self.hasher = hashlib.sha256()
-        self.hashed = 0
-        self.held.clear()
-
-
-@dataclass
-class _Req:
-    target: _Target
-    index: int
-    sent_at: float
-    attempts: int = 0
-    corr: bytes = b""
-    payload: bytes = field(default=b"", repr=False)
-
-
-class _Checkpointer:
-    """Syncs partial files and saves their chunk maps off the transfer thread, so a checkpoint (an
-    fdatasync of up to a second of received data) never stalls the pull. The map saved is a snapshot
-    taken before the sync started: it never claims a chunk whose bytes are not on disk."""
-
-    def __init__(self, store: BundleStore) -> None:
-        self.store = store
-        self._q: queue.Queue = queue.Queue()
-        self._busy: set = set()
-        self._lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
-        self.error: Optional[str] = None
-
-    def submit(self, fd: int, sha256: str, snapshot: Dict[str, Any]) -> bool:
-        """Queue a checkpoint (False: one for this file is still running; try again later)."""
-        with self._lock:
-            if sha256 in self._busy:
-                return False
-            self._busy.add(sha256)
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
-            self._thread.start()
-        self._q.put((os.dup(fd), sha256, snapshot))
-        return True
-
-    def wait(self) -> None:
-        """Until every queued checkpoint is done."""
-        self._q.join()
-
-    def _run(self) -> None:
-        while True:
-            fd, sha256, snapshot = self._q.get()
-            try:
-                getattr(os, "fdatasync", os.fsync)(fd)
-                self.store.save_chunk_map(sha256, snapshot)
-            except OSError as e:
-                self.error = "cannot save download progress: %s" % e
-                log.error("%s", self.error)
-            finally:
-                os.close(fd)
-                with self._lock:
-                    self._busy.discard(sha256)
-                self._q.task_done()
-
-
-@dataclass
 class _Run:
     bundle: BundleRef
     stats: FetchStats
-    outstanding: Dict[bytes, _Req] = field(default_factory=dict)
-    remaining: Dict[str, _Target] = field(default_factory=dict)
-    pending: List[Tuple[_Target, int]] = field(default_factory=list)
+    outstanding: Dict[bytes, PendingRequest] = field(default_factory=dict)
+    remaining: Dict[str, PartialFile] = field(default_factory=dict)
+    pending: List[Tuple[PartialFile, int]] = field(default_factory=list)
     started: float = 0.0
     #: When the last fetch-progress went out, and bytes_received then (for the rate).
     last_progress: float = 0.0
@@ -206,7 +111,7 @@ class Fetcher:
         self._token = os.urandom(8)
         self._counter = 0
         self._cancel = threading.Event()
-        self._checkpoints = _Checkpointer(store)
+        self._checkpoints = Checkpointer(store)
         self.inbox_dropped = 0
         #: Chunk answers to our requests whose metadata or length was wrong (forged or broken), ever.
         self.malformed = 0
@@ -264,20 +169,20 @@ class Fetcher:
 
     # --------------------------------------------------------------------------------- internals
 
-    def _target(self, sha256: str, size: int, label: str, keep_in_store: bool = True) -> _Target:
+    def _target(self, sha256: str, size: int, label: str, keep_in_store: bool = True) -> PartialFile:
         chunk = self.cfg.chunk_bytes
         saved = self.store.load_chunk_map(sha256)
         part = self.store.partial_path(sha256)
         cmap = ChunkMap.from_json(saved if part.exists() else None, sha256=sha256, size=size, chunk_bytes=chunk)
         if cmap.done_count == 0 and part.exists():
             part.unlink()
-        return _Target(sha256, size, label, cmap, keep_in_store=keep_in_store)
+        return PartialFile(sha256, size, label, cmap, keep_in_store=keep_in_store)
 
     def _corr(self) -> bytes:
         self._counter += 1
         return self._token + struct.pack(">Q", self._counter)
 
-    def _send(self, bundle: BundleRef, req: _Req, stats: FetchStats) -> None:
+    def _send(self, bundle: BundleRef, req: PendingRequest, stats: FetchStats) -> None:
         offset, length = req.target.cmap.chunk_range(req.index)
         if not req.payload:
             req.payload = ChunkRequest(
@@ -292,13 +197,13 @@ class Fetcher:
             self.fetch_topic, req.payload, qos=1, response_topic=self.chunks_topic, correlation_data=req.corr
         )
 
-    def _open(self, t: _Target) -> None:
+    def _open(self, t: PartialFile) -> None:
         if t.fd < 0:
             path = self.store.partial_path(t.sha256)
             t.fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o600)
             t.saved_at = time.monotonic()
 
-    def _persist(self, t: _Target, force: bool = False) -> None:
+    def _persist(self, t: PartialFile, force: bool = False) -> None:
         """Checkpoint: the data the map claims must be on disk before the map is. In the background
         during the transfer; synchronously (`force`) when the transfer stops."""
         if t.fd < 0 or (not force and t.unsaved == 0):
@@ -312,7 +217,7 @@ class Fetcher:
         t.unsaved = 0
         t.saved_at = time.monotonic()
 
-    def _close(self, t: _Target, save_map: bool = True) -> None:
+    def _close(self, t: PartialFile, save_map: bool = True) -> None:
         if t.fd >= 0:
             try:
                 if save_map:
@@ -323,7 +228,7 @@ class Fetcher:
                 os.close(t.fd)
                 t.fd = -1
 
-    def _run(self, bundle: BundleRef, targets: List[_Target], stats: FetchStats, *, progress: bool) -> None:
+    def _run(self, bundle: BundleRef, targets: List[PartialFile], stats: FetchStats, *, progress: bool) -> None:
         """Pull every missing chunk of `targets` and store each finished file; raises on cancel, an outage
         longer than the retries cover, a chunk that keeps failing, or a progress save that failed."""
         self._start_pull()
@@ -368,7 +273,7 @@ class Fetcher:
             except queue.Empty:
                 break
 
-    def _plan(self, run: _Run, targets: List[_Target]) -> None:
+    def _plan(self, run: _Run, targets: List[PartialFile]) -> None:
         """Open the partial files and queue every missing chunk, in file order."""
         for t in targets:
             self._open(t)
@@ -456,7 +361,7 @@ class Fetcher:
         run.last_progress = now
         run.bytes_at_last = stats.bytes_received
 
-    def _close_targets(self, targets: List[_Target]) -> None:
+    def _close_targets(self, targets: List[PartialFile]) -> None:
         """Close every partial file even when saving one's progress fails (a full disk): none is left
         open. The first such error is raised unless the transfer is already failing with another."""
         close_error: Optional[OSError] = None
@@ -477,7 +382,7 @@ class Fetcher:
             t, idx = pending.pop()
             if t.cmap.has(idx) or t.sha256 not in remaining:
                 continue
-            req = _Req(t, idx, time.monotonic(), corr=self._corr())
+            req = PendingRequest(t, idx, time.monotonic(), corr=self._corr())
             outstanding[req.corr] = req
             self._send(run.bundle, req, run.stats)
 
@@ -537,7 +442,7 @@ class Fetcher:
         if t.cmap.complete:
             self._finish(t, run)
 
-    def _finish(self, t: _Target, run: _Run) -> None:
+    def _finish(self, t: PartialFile, run: _Run) -> None:
         """A file has all its chunks: check its hash and move it into the store (or fetch it again)."""
         remaining, pending, stats = run.remaining, run.pending, run.stats
         if t.hashed < t.cmap.count:
