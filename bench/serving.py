@@ -6,8 +6,9 @@ Servers (each its own process, one ONNX Runtime intra-op thread per model):
 * ``agent router``: `edge_agent.runtime.http_api.ApiServer` over `InferenceService` with the sample
   bundle's confidence gate (τ = 0.9): the small model answers most items, the large one the rest;
 * ``agent large-only``: the same server with ``gate = "large-only"`` (the small model never runs);
-* ``peer``: FastAPI + uvicorn, one ``async def`` endpoint reading the ``.npy`` body and running the large
-  model's ``InferenceSession`` (the usual minimal deployment of the accurate model).
+* ``peer``: FastAPI + uvicorn (with uvloop and httptools when installed, as its ``standard`` extra
+  does), one ``async def`` endpoint reading the ``.npy`` body and running the large model's
+  ``InferenceSession`` (the usual minimal deployment of the accurate model).
 
 Clients: closed-loop threads in this process on raw sockets, 1 item per request (held-out digits as
 ``application/x-npy``), at concurrency 1 and 16, on kept-alive connections and on a new connection per
@@ -96,7 +97,19 @@ def _serve_peer(port: int) -> None:
     infer.__annotations__ = {"request": Request, "return": JSONResponse}
     app.post("/v1/infer")(infer)
     print("ready", flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, **_uvicorn_impl())
+
+
+def _uvicorn_impl() -> Dict[str, str]:
+    """uvicorn's fastest installed loop and HTTP parser (uvloop, httptools: its `standard` extra)."""
+    import importlib.util
+
+    out = {}
+    if importlib.util.find_spec("uvloop") is not None:
+        out["loop"] = "uvloop"
+    if importlib.util.find_spec("httptools") is not None:
+        out["http"] = "httptools"
+    return out
 
 
 def _free_port() -> int:
@@ -358,7 +371,7 @@ def main() -> int:
     env = environment(seconds_per_cell=seconds, rounds=rounds, load_average=os.getloadavg(),
                       onnxruntime=onnxruntime.__version__, fastapi=fastapi.__version__,
                       uvicorn=uvicorn.__version__, client="closed-loop threads on raw sockets in the bench process",
-                      tau=TAU, cpu_count=os.cpu_count())
+                      uvicorn_impl=_uvicorn_impl() or "asyncio + h11", tau=TAU, cpu_count=os.cpu_count())
     if args.json:
         write_json(args.json, figs, env)
     return 0

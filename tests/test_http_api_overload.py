@@ -183,3 +183,29 @@ def test_fortran_order_npy_is_read_correctly(service):
     item = np.asfortranarray(x[:3])
     out = read_npy(_npy(item), max_bytes=1 << 20)
     assert np.array_equal(out, x[:3])
+
+
+@pytest.mark.parametrize("arr", [
+    np.zeros((1, 8, 8), np.float32), np.arange(24, dtype=">i2").reshape(2, 3, 4), np.ones(3, np.uint8),
+    np.array(2.5, np.float64), np.zeros((0, 4), np.float32), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+    np.array([True, False]),
+])
+def test_npy_bodies_from_np_save_take_the_fast_header_path_and_match_numpy(arr):
+    from edge_agent.runtime.preprocess import _fast_npy_header, read_npy
+
+    body = _npy(arr)
+    parsed = _fast_npy_header(body)
+    assert parsed is not None  # what np.save writes never needs the slow parser
+    out = read_npy(body, max_bytes=1 << 20)
+    ref = np.load(io.BytesIO(body), allow_pickle=False)
+    assert out.dtype == ref.dtype and out.shape == ref.shape and np.array_equal(out, ref)
+
+
+def test_npy_headers_in_other_forms_are_read_by_numpys_parser():
+    from edge_agent.runtime.preprocess import _fast_npy_header, read_npy
+
+    header = b"{'shape': (2,), 'fortran_order': False, 'descr': '<f4'}"  # keys in another order
+    header += b" " * ((64 - (10 + len(header) + 1) % 64) % 64) + b"\n"
+    body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + np.float32([1, 2]).tobytes()
+    assert _fast_npy_header(body) is None
+    assert read_npy(body, max_bytes=1 << 20).tolist() == [1.0, 2.0]
