@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from fleet.registry import SCHEMA_VERSION, Registry, RegistryError
+from fleet.registry import Registry, RegistryError
+from fleet.registry_schema import SCHEMA_VERSION
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
