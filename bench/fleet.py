@@ -9,16 +9,25 @@ Everything runs on loopback against a real mosquitto (tests/mqtt_broker.py):
      this traffic on this machine);
    * the real controller, `fleet serve` in its own process (shared subscription, parse, validate,
      batched registry writes), whose counters are read over the RPC afterwards.
-   Figures: messages/s received, messages lost (sent − received, target 0), and for the controller
-   its CPU (percent of one core, from /proc) and peak resident memory.
+   Figures: messages/s received, messages lost (sent − received − shed: neither handled nor shed
+   and counted by the controller's bounded backlog; target 0), shed messages (counted), CPU (percent
+   of one core and per 1,000 messages, from /proc), peak resident memory, and the worst RPC round trip
+   while the traffic runs.
+   At fleet scale (20,000 devices; --quick: 2,000) the same traffic is taken in by one and then by two
+   `fleet serve` processes in one shared-subscription group on a PostgreSQL registry (a throw-away
+   cluster, tests/pg_server.py), against the raw subscriber's rate in the same run.
 2. **Rollout.** `fleet serve` + simulated devices (tests/sim_devices.py: one MQTT session playing every
    device; each verifies the signed command and reports the events and statuses of a healthy deploy,
    without fetching bytes) — the time from `rollout.start` (waves 10/30/100) until every device passed
    probation. Baseline: the same devices, the same signed deploy commands sent directly to all of them at
    once (no waves, no gates), until every device passed.
+3. **Failover.** Two `fleet serve` on one PostgreSQL registry, a rollout to simulated devices; the
+   rollout's owner is killed with -9 while wave 1 is in flight: the time until the other controller
+   holds the rollout's lease (bound: lease 5 s + one 0.2 s tick) and until the rollout succeeded, and
+   how many commands devices refused (a replayed or out-of-order sequence number; target 0).
 
-    python bench/fleet.py                 # 1,000 and 10,000 devices, rollout to 1,000
-    python bench/fleet.py --quick         # 200 and 2,000 devices, rollout to 200 (< 1 minute)
+    python bench/fleet.py                 # 1,000, 10,000 and 20,000 devices, rollout to 10,000
+    python bench/fleet.py --quick         # 200 and 2,000 devices, rollout to 200 (a few minutes)
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -190,16 +199,43 @@ def run_publishers(host: str, port: int, n: int, seconds: float, processes: int)
 # ------------------------------------------------------------------------------------------ controller
 
 
+def _pg_exec(url: str, sql: str, params: Tuple = ()) -> List[Tuple]:
+    """One statement on the bench's PostgreSQL (waits for the schema a starting controller creates)."""
+    import psycopg
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                cur = conn.execute(sql, params)
+                return list(cur.fetchall()) if cur.description else []
+        except psycopg.errors.UndefinedTable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _fresh_pg_db(pg) -> str:
+    """A new database in the bench's cluster, migrated (a registry opened once)."""
+    from fleet.registry import Registry
+
+    url = pg.create_db()
+    Registry(url).close()
+    return url
+
+
 class ServeProcess:
     """`fleet serve` in its own process, with a fresh state dir and key."""
 
-    def __init__(self, broker, workdir: Path, *, tick_s: float = 1.0) -> None:
+    def __init__(self, broker, workdir: Path, *, tick_s: float = 1.0, pg_url: Optional[str] = None,
+                 client_id: str = "fleet-controller", key=None, lease_s: float = 10.0) -> None:
         from edge_agent.signing import PrivateKey
 
         self.workdir = workdir
         self.host, self.port = broker.host, broker.port
+        self.pg_url, self.client_id = pg_url, client_id
         workdir.mkdir(parents=True, exist_ok=True)
-        self.key = PrivateKey.generate("controller")
+        self.key = key or PrivateKey.generate("controller")
         key_file = workdir / "controller.key"
         key_file.write_text(self.key.to_text())
         key_file.chmod(0o600)
@@ -213,9 +249,13 @@ class ServeProcess:
         self.config = workdir / "fleet.toml"
         self.config.write_text(
             '[mqtt]\nhost = "%s"\nport = %d\nprefix = "%s"\nmax_queued_messages = 100000\n'
-            '[controller]\nkey_file = "%s"\nstate_dir = "%s"\n[rollouts]\ntick_interval_s = %g\n'
-            % (broker.host, broker.port, PREFIX, key_file, self.state, tick_s)
+            '[controller]\nkey_file = "%s"\nstate_dir = "%s"\nclient_id = "%s"\n[rollouts]\ntick_interval_s = %g\n'
+            % (broker.host, broker.port, PREFIX, key_file, self.state, client_id, tick_s)
+            + ('[registry]\nurl = "%s"\nlease_s = %g\n' % (pg_url, lease_s) if pg_url else "")
         )
+        if pg_url:
+            _pg_exec(pg_url, "INSERT INTO bundle_records (name, version, manifest_sha256, manifest_size, created) "
+                     "VALUES ('digits', 2, %s, 2000, 0) ON CONFLICT DO NOTHING", ("2" * 64,))
         self.log = open(workdir / "serve.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleet.cli", "serve", "--config", str(self.config)],
@@ -240,6 +280,19 @@ class ServeProcess:
             except RpcTimeout:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("fleet serve did not answer; see %s" % (self.workdir / "serve.log"))
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Wait until this controller's heartbeat is in the shared registry (it subscribed before that)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("fleet serve exited; see %s" % (self.workdir / "serve.log"))
+            rows = _pg_exec(self.pg_url, "SELECT COUNT(*) FROM controllers WHERE client_id = %s AND heartbeat >= %s",
+                            (self.client_id, time.time() - 5))
+            if rows[0][0]:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("fleet serve %s did not start; see %s" % (self.client_id, self.workdir / "serve.log"))
 
     def status(self) -> Dict[str, Any]:
         """The controller's own counters."""
@@ -287,17 +340,26 @@ def ingest_baseline(broker, n: int, seconds: float, procs: int) -> Dict[str, flo
     }
 
 
-def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int) -> Dict[str, float]:
-    """The real controller's view of the same traffic, and how fast it answers the CLI meanwhile."""
+def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int, *, controllers: int = 1,
+                      pg_url: Optional[str] = None) -> Dict[str, float]:
+    """The real controller(s)' view of the same traffic, and how fast the CLI is answered meanwhile.
+    With `pg_url`, the controllers share a PostgreSQL registry and report their counters there."""
     import threading
 
     from fleet.rpc import RpcTimeout
 
-    serve = ServeProcess(broker, workdir)
+    serves = [ServeProcess(broker, workdir / ("c%d" % k), pg_url=pg_url, client_id="bench-ctl-%d" % k)
+              for k in range(controllers)]
     try:
-        rpc = serve.connect()
-        before = serve.status()["ingest"]["received"]["telemetry"]
-        cpu0 = _cpu_seconds(serve.proc.pid)
+        rpc = serves[0].connect()
+        for sv in serves[1:]:
+            sv.wait_ready()
+
+        def counters() -> Dict[str, Any]:
+            return _ingest_counters(serves, rpc, pg_url)
+
+        before = counters()
+        cpu0 = [_cpu_seconds(sv.proc.pid) for sv in serves]
         t0 = time.monotonic()
         rpc_ms: List[float] = []
         publishing = threading.Event()
@@ -320,34 +382,31 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int)
         publishing.clear()
         prober.join(70)
         wall_start = time.time() - (time.monotonic() - mono_start)
-        # Wait until the controller has taken in everything it is going to get.
-        samples: List[Tuple[float, int]] = []
-        last_change = time.monotonic()
-        while time.monotonic() - last_change < 2.0 and time.monotonic() - t0 < seconds + 180:
-            try:
-                got = rpc.call("controller.status", timeout_s=60)["ingest"]["received"]["telemetry"] - before
-            except RpcTimeout:
-                continue
-            if not samples or got != samples[-1][1]:
-                last_change = time.monotonic()
-            samples.append((time.monotonic(), got))
+        # Wait until the controllers have taken in everything they are going to get.
+        last, last_change = None, time.monotonic()
+        while time.monotonic() - last_change < 3.0 and time.monotonic() - t0 < seconds + 180:
+            got = counters()["received"] - before["received"]
+            if got != last:
+                last, last_change = got, time.monotonic()
             time.sleep(0.25)
-        received = samples[-1][1]
-        st = serve.status()
-        # The controller stamps the wall-clock time of the last message it handled.
-        done_at = mono_start + (st["ingest"]["last_message_at"] - wall_start)
-        cpu = _cpu_seconds(serve.proc.pid) - cpu0
+        st = counters()
+        received = st["received"] - before["received"]
+        # The controllers stamp the wall-clock time of the last message they handled.
+        done_at = mono_start + (st["last_message_at"] - wall_start)
+        cpu = sum(_cpu_seconds(sv.proc.pid) - c for sv, c in zip(serves, cpu0))
         elapsed = max(1e-9, done_at - mono_start)
-        mem = _mem_kib(serve.proc.pid)
         return {
+            "controllers": controllers,
+            "registry": "postgresql" if pg_url else "sqlite",
             "sent": sent,
             "received": received,
             "rate": received / elapsed,
             "elapsed_s": elapsed,
             "cpu_pct": 100.0 * cpu / elapsed,
-            "rss_mib": mem.get("VmHWM", 0) / 1024.0,
-            "malformed": sum(st["ingest"]["malformed"].values()),
-            "dropped_overload": st["ingest"]["dropped"]["telemetry"],
+            "cpu_ms_per_1000": 1000.0 * cpu / max(1, received) * 1000.0,
+            "rss_mib": max(_mem_kib(sv.proc.pid).get("VmHWM", 0) for sv in serves) / 1024.0,
+            "malformed": st["malformed"] - before["malformed"],
+            "dropped_overload": st["dropped"] - before["dropped"],
             "devices": st["devices"],
             "drain_s": max(0.0, done_at - (mono_start + seconds)),
             "behind_s": behind,
@@ -355,7 +414,29 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int)
             "rpc_ms_median": sorted(rpc_ms)[len(rpc_ms) // 2] if rpc_ms else None,
         }
     finally:
-        serve.stop()
+        for sv in serves:
+            sv.stop()
+
+
+def _ingest_counters(serves: List[ServeProcess], rpc, pg_url: Optional[str]) -> Dict[str, Any]:
+    """Telemetry received / malformed / shed, summed over the controllers (from the shared registry's
+    heartbeats with PostgreSQL, else from the only controller's RPC), and the latest message time."""
+    if pg_url is None:
+        st = rpc.call("controller.status", timeout_s=60)
+        ing = [st["ingest"]]
+        devices = st["devices"]
+    else:
+        since = time.time() - 30
+        rows = _pg_exec(pg_url, "SELECT stats FROM controllers WHERE heartbeat >= %s", (since,))
+        ing = [json.loads(r[0])["ingest"] for r in rows]
+        devices = int(_pg_exec(pg_url, "SELECT COUNT(*) FROM devices")[0][0])
+    return {
+        "received": sum(i["received"]["telemetry"] for i in ing),
+        "malformed": sum(sum(i["malformed"].values()) for i in ing),
+        "dropped": sum(i["dropped"]["telemetry"] for i in ing),
+        "last_message_at": max((i["last_message_at"] or 0.0) for i in ing) if ing else 0.0,
+        "devices": devices,
+    }
 
 
 def rollout_phase(broker, workdir: Path, n: int) -> Dict[str, float]:
@@ -452,6 +533,92 @@ def rollout_phase(broker, workdir: Path, n: int) -> Dict[str, float]:
         serve.stop()
 
 
+def failover_phase(broker, workdir: Path, pg_url: str, n: int, lease_s: float) -> Dict[str, float]:
+    """Two controllers on one PostgreSQL registry; a rollout to `n` simulated devices; its owner is
+    killed with -9 while wave 1 is in flight. Measured: the time from the kill until the other
+    controller holds the rollout's lease (failover), and until the rollout succeeded."""
+    import signal
+
+    from sim_devices import SimFleet
+
+    from edge_agent.config import MqttConfig
+    from edge_agent.protocol.messages import BundleRef
+
+    cfg = MqttConfig(host=broker.host, port=broker.port, prefix=PREFIX, max_queued_messages=100000)
+    a = ServeProcess(broker, workdir / "a", tick_s=0.2, pg_url=pg_url, client_id="bench-a", lease_s=lease_s)
+    b = ServeProcess(broker, workdir / "b", tick_s=0.2, pg_url=pg_url, client_id="bench-b", key=a.key,
+                     lease_s=lease_s)
+    ids = ["sim-%05d" % i for i in range(n)]
+    fleet = SimFleet(cfg, ids, trusted={a.key.keyid: a.key.public}, initial=BundleRef(name="digits", version=1),
+                     step_s=0.3, client_id="bench-sims-failover")
+    serves = {"bench-a": a, "bench-b": b}
+    try:
+        fleet.start()
+        rpc = a.connect()
+        b.wait_ready()
+        deadline = time.monotonic() + 60
+        while int(_pg_exec(pg_url, "SELECT COUNT(*) FROM devices")[0][0]) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the registry did not learn every device")
+            time.sleep(0.2)
+        r = rpc.call("rollout.start", {"bundle": {"name": "digits", "version": 2}, "waves": [10, 30, 100]},
+                     timeout_s=120)
+        rid = r["rollout_id"]
+        while not _pg_exec(pg_url, "SELECT 1 FROM rollout_devices WHERE rollout_id = %s AND state IN "
+                           "('sent', 'in-progress') LIMIT 1", (rid,)):
+            time.sleep(0.05)
+        owner = _pg_exec(pg_url, "SELECT owner FROM rollout_leases WHERE rollout_id = %s", (rid,))[0][0]
+        victim = serves[owner.split("@")[0]]
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        victim.proc.wait(10)
+        failover_s = None
+        state = None
+        while time.monotonic() - t_kill < 300:
+            now_owner = _pg_exec(pg_url, "SELECT owner FROM rollout_leases WHERE rollout_id = %s", (rid,))[0][0]
+            if failover_s is None and now_owner != owner:
+                failover_s = time.monotonic() - t_kill
+            state = _pg_exec(pg_url, "SELECT state FROM rollouts WHERE rollout_id = %s", (rid,))[0][0]
+            if state in ("succeeded", "halted", "aborted", "stalled"):
+                break
+            time.sleep(0.05)
+        finished_s = time.monotonic() - t_kill
+        refused = sum(len(d.refused) for d in fleet.devices.values())
+        wrong = sum(1 for d in fleet.devices.values() if any(c != "deploy" for c in d.commands))
+        return {"failover_s": failover_s, "finished_after_kill_s": finished_s, "state": state, "lease_s": lease_s,
+                "tick_s": 0.2, "devices": n, "refused_commands": refused, "devices_with_other_commands": wrong,
+                "succeeded": sum(1 for d in fleet.devices.values() if d.active and d.active.version == 2)}
+    finally:
+        fleet.stop()
+        for sv in (a, b):
+            if sv.proc.poll() is None:
+                sv.stop()
+            else:
+                sv.log.close()
+
+
+def _ingest_figures(n: int, label: str, base: Dict[str, float], ctl: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The ingest figures of one measurement (`label` empty for the original single-controller ones, so
+    their names stay as they were)."""
+    out = [
+        figure("ingest rate, %d devices x 1 msg/s%s" % (n, label), round(ctl["rate"], 1), "msg/s",
+               baseline=round(base["rate"], 1), target=0.95 * n),
+        figure("messages lost, %d devices%s" % (n, label), ctl["sent"] - ctl["received"] - ctl["dropped_overload"],
+               "messages", baseline=base["sent"] - base["received"], target=0, higher_is_better=False),
+        figure("controller CPU, %d devices%s" % (n, label), round(ctl["cpu_pct"], 1), "% of one core",
+               baseline=round(base["cpu_pct"], 1), higher_is_better=False),
+        figure("controller CPU per 1,000 messages, %d devices%s" % (n, label), round(ctl["cpu_ms_per_1000"], 1),
+               "ms", higher_is_better=False),
+        figure("controller peak RSS, %d devices%s" % (n, label), round(ctl["rss_mib"], 1), "MiB",
+               higher_is_better=False),
+        figure("dropped by the bounded ingest backlog, %d devices%s" % (n, label), ctl["dropped_overload"],
+               "messages", target=0, higher_is_better=False),
+        figure("RPC round trip under load (max), %d devices%s" % (n, label), ctl["rpc_ms_max"], "ms", target=1000,
+               higher_is_better=False),
+    ]
+    return out
+
+
 def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=None, help="telemetry duration per measurement")
@@ -459,69 +626,59 @@ def main() -> int:
     from mqtt_broker import Broker
 
     sizes = (200, 2000) if args.quick else (1000, 10000)
-    rollout_n = 200 if args.quick else 1000
+    scale_n = 2000 if args.quick else 20000  # one and two controllers on a shared PostgreSQL registry
+    rollout_n = 200 if args.quick else 10000
+    failover_n = 50 if args.quick else 500
     seconds = args.seconds or (5.0 if args.quick else 15.0)
     figures = []
     details: Dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
-    with Broker(work / "broker", extra_conf="max_queued_messages 100000\n") as broker:
-        for n in sizes:
-            procs = 1 if n <= 2000 else 2
-            base = ingest_baseline(broker, n, seconds, procs)
-            ctl = ingest_controller(broker, work / ("ingest-%d" % n), n, seconds, procs)
-            details["ingest_%d" % n] = {"baseline": base, "controller": ctl}
+    from pg_server import PgServer
+
+    pg = PgServer()
+    try:
+        with Broker(work / "broker", extra_conf="max_queued_messages 100000\n") as broker:
+            for n in sizes:
+                procs = 1 if n <= 2000 else 2
+                base = ingest_baseline(broker, n, seconds, procs)
+                ctl = ingest_controller(broker, work / ("ingest-%d" % n), n, seconds, procs)
+                details["ingest_%d" % n] = {"baseline": base, "controller": ctl}
+                figures += _ingest_figures(n, "", base, ctl)
+            procs = 1 if scale_n <= 2000 else 2
+            base = ingest_baseline(broker, scale_n, seconds, procs)
+            details["scale_%d" % scale_n] = {"baseline": base}
+            for k in (1, 2):
+                ctl = ingest_controller(broker, work / ("scale-%d-%d" % (scale_n, k)), scale_n, seconds, procs,
+                                        controllers=k, pg_url=_fresh_pg_db(pg))
+                details["scale_%d" % scale_n]["controllers_%d" % k] = ctl
+                label = ", %d controller%s, PostgreSQL" % (k, "s" if k > 1 else "")
+                figures += _ingest_figures(scale_n, label, base, ctl)
+            fo = failover_phase(broker, work / "failover", _fresh_pg_db(pg), failover_n, lease_s=5.0)
+            details["failover"] = fo
             figures += [
-                figure(
-                    "ingest rate, %d devices x 1 msg/s" % n,
-                    round(ctl["rate"], 1),
-                    "msg/s",
-                    baseline=round(base["rate"], 1),
-                    target=0.95 * n,
-                ),
-                figure(
-                    "messages lost, %d devices" % n,
-                    ctl["sent"] - ctl["received"],
-                    "messages",
-                    baseline=base["sent"] - base["received"],
-                    target=0,
-                    higher_is_better=False,
-                ),
-                figure(
-                    "controller CPU, %d devices" % n,
-                    round(ctl["cpu_pct"], 1),
-                    "% of one core",
-                    baseline=round(base["cpu_pct"], 1),
-                    higher_is_better=False,
-                ),
-                figure("controller peak RSS, %d devices" % n, round(ctl["rss_mib"], 1), "MiB", higher_is_better=False),
-                figure(
-                    "dropped by the bounded ingest backlog, %d devices" % n,
-                    ctl["dropped_overload"],
-                    "messages",
-                    target=0,
-                    higher_is_better=False,
-                ),
-                figure(
-                    "RPC round trip under load (max), %d devices" % n,
-                    ctl["rpc_ms_max"],
-                    "ms",
-                    target=1000,
-                    higher_is_better=False,
-                ),
+                figure("failover after kill -9 of the rollout owner (%d devices, lease 5 s, tick 0.2 s)" % failover_n,
+                       None if fo["failover_s"] is None else round(fo["failover_s"], 2), "s", target=5.2,
+                       higher_is_better=False),
+                figure("rollout finished after the owner's kill -9", round(fo["finished_after_kill_s"], 2), "s",
+                       higher_is_better=False),
+                figure("devices refusing a command during failover", fo["refused_commands"], "commands", target=0,
+                       higher_is_better=False),
             ]
-        ro = rollout_phase(broker, work / "rollout", rollout_n)
-        details["rollout"] = ro
-        figures.append(
-            figure(
-                "rollout to %d devices (waves %s), until all passed probation"
-                % (rollout_n, "/".join(str(w) for w in ro["waves"])),
-                round(ro["rollout_s"], 2),
-                "s",
-                baseline=round(ro["direct_s"], 2),
-                higher_is_better=False,
+            ro = rollout_phase(broker, work / "rollout", rollout_n)
+            details["rollout"] = ro
+            figures.append(
+                figure(
+                    "rollout to %d devices (waves %s), until all passed probation"
+                    % (rollout_n, "/".join(str(w) for w in ro["waves"])),
+                    round(ro["rollout_s"], 2),
+                    "s",
+                    baseline=round(ro["direct_s"], 2),
+                    higher_is_better=False,
+                )
             )
-        )
-        figures.append(figure("rollout devices succeeded", ro["succeeded"], "devices", target=rollout_n))
+            figures.append(figure("rollout devices succeeded", ro["succeeded"], "devices", target=rollout_n))
+    finally:
+        pg.close()
     print_table(figures, "fleet controller (%s)" % ("quick" if args.quick else "full"))
     for k, v in details.items():
         print("%s: %s" % (k, json.dumps(v, sort_keys=True)))
