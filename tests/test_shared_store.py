@@ -1,0 +1,144 @@
+"""What several controllers share through the PostgreSQL registry, without a broker: the bundle store
+(a controller that never saw the push serves the bundle's bytes), command sequence numbers and
+rollout leases. Sequence numbers and leases run on both engines."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+from bundle_helpers import FILES, body_dict, good_members, signed_bytes, write_tar
+
+from edge_agent.signing import PrivateKey
+from fleet.bundle_store import BundleRecordError
+from fleet.bundle_store_db import CHUNK_BYTES, SharedBundleStore
+from fleet.leases import LeaseLost, RolloutLeases
+from fleet.registry import Registry
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "fleet.db")
+    return request.getfixturevalue("pg_url")
+
+
+def _bundle(tmp_path, version=3, blob=b""):
+    files = dict(FILES)
+    if blob:
+        files["extra/blob.bin"] = blob
+    key = PrivateKey.generate("release")
+    raw = signed_bytes(body_dict(files, version=version), [key])
+    return write_tar(tmp_path / ("b%d.tar" % version), good_members(raw, files)), files
+
+
+def test_a_controller_that_never_saw_the_push_serves_the_bundle(tmp_path, pg_url):
+    blob = os.urandom(2 * CHUNK_BYTES + 12345)  # three database chunks
+    path, files = _bundle(tmp_path, blob=blob)
+    pusher_reg, server_reg = Registry(pg_url), Registry(pg_url)
+    pusher = SharedBundleStore(tmp_path / "a", pusher_reg)
+    _body, msha, size = pusher.add_bundle(path, max_manifest_bytes=1 << 20, max_bundle_bytes=1 << 30)
+    server = SharedBundleStore(tmp_path / "b", server_reg)  # another machine: nothing local
+    assert server.record("digits", 3)["manifest_sha256"] == msha
+    allowed = server.allowed("digits", 3)
+    assert allowed[msha] == size and len(allowed) == len(files) + 1
+    for data in files.values():
+        sha = hashlib.sha256(data).hexdigest()
+        assert server.object_path(sha).read_bytes() == data
+    assert server.materialized == len(files) + 1
+    # A different build under the same version is refused, whichever controller is asked.
+    other, _ = _bundle(tmp_path, blob=b"other")  # same name and version, different bytes
+    with pytest.raises(BundleRecordError, match="different manifest"):
+        SharedBundleStore(tmp_path / "c", server_reg).add_bundle(other, max_manifest_bytes=1 << 20,
+                                                                 max_bundle_bytes=1 << 30)
+    with pytest.raises(BundleRecordError):
+        server.record("digits", 99)
+    pusher_reg.close()
+    server_reg.close()
+
+
+def test_a_corrupted_shared_object_is_never_served(tmp_path, pg_url):
+    path, _files = _bundle(tmp_path, blob=os.urandom(1000))
+    reg = Registry(pg_url)
+    SharedBundleStore(tmp_path / "a", reg).add_bundle(path, max_manifest_bytes=1 << 20, max_bundle_bytes=1 << 30)
+    sha = reg.read("SELECT sha256 FROM bundle_objects WHERE size = 1000")[0]["sha256"]
+    reg.write(lambda tx: tx.execute("UPDATE bundle_chunks SET data = ? WHERE sha256 = ?", (b"x" * 1000, sha)))
+    server = SharedBundleStore(tmp_path / "b", reg)
+    with pytest.raises(Exception, match="does not match its hash"):
+        server.object_path(sha)
+    assert not (tmp_path / "b" / "objects" / "sha256" / sha).exists()
+    reg.close()
+
+
+def test_sequence_numbers_strictly_increase_per_device_across_controllers(target):
+    regs = [Registry(target) for _ in range(3)]
+    got = {r: [] for r in range(3)}
+
+    def allocate(k):
+        for _ in range(50):
+            got[k].append(regs[k].next_command_seq("dev-1", floor=1000))
+
+    threads = [threading.Thread(target=allocate, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = sorted(s for v in got.values() for s in v)
+    assert len(set(every)) == 150 and every == list(range(1000, 1150))
+    assert all(v == sorted(v) for v in got.values())
+    # A clock floor above the last number moves it up; a lower one never moves it back.
+    assert regs[0].next_command_seq("dev-1", floor=5000) == 5000
+    assert regs[1].next_command_seq("dev-1", floor=10) == 5001
+    for r in regs:
+        r.close()
+
+
+def _rollout_body(rid="r1"):
+    return {"rollout_id": rid, "bundle": {"name": "digits", "version": 2}, "mode": "normal", "state": "running",
+            "created": 1.0, "updated": 1.0, "reason": "", "waves": [["a"]], "devices": []}
+
+
+def test_leases_renew_expire_and_fence_the_old_owner(target):
+    reg = Registry(target)
+    now = {"t": 100.0}
+    a = RolloutLeases(reg, "ctl-a", lease_s=10, clock=lambda: now["t"])
+    b = RolloutLeases(reg, "ctl-b", lease_s=10, clock=lambda: now["t"])
+    reg.save_rollout(_rollout_body())
+    assert b.orphans(["running"]) == ["r1"]
+    assert a.acquire("r1") and not b.acquire("r1")
+    assert b.orphans(["running"]) == [] and b.holder("r1") == "ctl-a"
+    now["t"] = 105.0
+    assert a.renew(["r1"]) == {"r1"}
+    now["t"] = 114.0
+    assert not b.acquire("r1")  # renewed at 105: still a's until 115
+    now["t"] = 116.0
+    assert b.orphans(["running"]) == ["r1"] and b.acquire("r1")
+    # The old owner comes back: it cannot renew, and its saves are refused (no command follows them).
+    assert a.renew(["r1"]) == set()
+    with pytest.raises(LeaseLost):
+        reg.save_rollout(_rollout_body(), [(116.0, "x", None, "stale owner")], owner="ctl-a")
+    reg.save_rollout(_rollout_body(), [(116.0, "y", None, "new owner")], owner="ctl-b")
+    assert [h["kind"] for h in reg.rollout_history("r1")] == ["y"]
+    b.settle("r1")
+    now["t"] = 1e9
+    assert a.orphans(["running"]) == [] and a.holder("r1") is None
+    reg.close()
+
+
+def test_inbox_carries_an_operator_request_and_its_answer(target):
+    reg = Registry(target)
+    owner = RolloutLeases(reg, "ctl-a")
+    other = RolloutLeases(reg, "ctl-b")
+    item = other.post("r1", "op", {"op": "pause", "args": {}})
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(other.wait_result(item, 10)))
+    t.start()
+    [got] = owner.take(["r1"])
+    assert got["body"] == {"op": "pause", "args": {}} and owner.take(["r2"]) == []
+    owner.done(got["id"], {"result": {"state": "paused"}})
+    t.join()
+    assert answers == [{"result": {"state": "paused"}}]
+    assert owner.take(["r1"]) == [] and reg.read("SELECT COUNT(*) AS n FROM rollout_inbox")[0]["n"] == 0
+    reg.close()
