@@ -52,3 +52,16 @@ def test_wire_messages_use_the_bounded_loader():
         CommandEnvelope.from_json(b"[" * 5000)
     with pytest.raises(MessageError, match="not UTF-8"):
         CommandEnvelope.from_json(b'{"signed":"\xc3\x28"}')
+
+
+def test_http_json_request_is_bounded_before_parsing():
+    """The agent's HTTP API parses JSON bodies too: depth and integer length are checked the same way
+    (a 100,000-digit integer is quadratic to convert on Python 3.8, which has no digit limit)."""
+    from edge_agent.errors import InputError
+    from edge_agent.runtime.http_json import parse_json_request
+
+    with pytest.raises(InputError, match="nested too deeply"):
+        parse_json_request(b'{"tensor": ' + b"[" * 5000 + b"]" * 5000 + b"}", max_items=4)
+    with pytest.raises(InputError, match="digit limit"):
+        parse_json_request(b'{"tensor": [' + b"9" * 100000 + b"]}", max_items=4)
+    assert parse_json_request(b'{"tensor": [[1, 2], [3, 4]]}', max_items=4).tensor.shape == (2, 2)

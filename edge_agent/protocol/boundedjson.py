@@ -60,7 +60,8 @@ def _no_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def _bounded_int(text: str) -> int:
+def bounded_int(text: str) -> int:
+    """`parse_int` for json.loads: refuses integer literals over MAX_INT_DIGITS digits (quadratic to convert)."""
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise JSONInputError("an integer of %d digits is over the %d digit limit" % (len(text), MAX_INT_DIGITS))
     return int(text)
@@ -87,7 +88,7 @@ def loads(payload: Union[bytes, bytearray, memoryview, str], *, max_bytes: int, 
     if depth > max_depth:
         raise JSONInputError("%s nests %d levels deep, over the limit of %d" % (what, depth, max_depth))
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_int=_bounded_int,
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_int=bounded_int,
                           parse_constant=_no_constant)
     except JSONInputError as e:
         raise JSONInputError("%s is not acceptable JSON: %s" % (what, e)) from None

@@ -24,7 +24,10 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 
 from edge_agent.errors import InputError
+from edge_agent.protocol import boundedjson
 
+#: Deepest nesting of a request body (an object holding a [N, C, H, W] tensor is 5 levels).
+MAX_JSON_DEPTH = boundedjson.DEFAULT_MAX_DEPTH
 #: Keys a request object may hold.
 KEYS = ("image_base64", "tensor", "top_k")
 
@@ -48,8 +51,10 @@ def parse_json_request(body: bytes, *, max_items: int, integer_input: bool = Fal
 
     `integer_input` says the model input is an integer type (tensor values must then be whole numbers).
     """
+    if boundedjson.nesting_depth(body) > MAX_JSON_DEPTH:  # measured before the recursive parser runs
+        raise InputError("JSON body is nested too deeply (more than %d levels)" % MAX_JSON_DEPTH)
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant, parse_int=boundedjson.bounded_int)
     except UnicodeDecodeError:
         raise InputError("JSON body is not UTF-8")
     except RecursionError:
