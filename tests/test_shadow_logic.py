@@ -487,13 +487,13 @@ def test_rollout_status_shows_candidate_against_active_per_device():
 
 
 def test_ab_rollout_sends_the_split_as_a_decimal_string_and_promote_names_the_rollout():
-    from fleet.rollouts.runner import RolloutRunner
+    from fleet.rollouts.commands import command_for
 
     r = Rollout.create(rollout_id="r9", bundle=CAND, manifest_sha256="a" * 64, manifest_size=1, waves=[["a"]],
                        mode="ab", ab_split=12.5, now=0)
-    args = RolloutRunner._command_for(r, SendDeploy("a"))
+    args = command_for(r, SendDeploy("a"))
     assert args.mode == "ab" and args.ab_split == "12.5"
     r.ab_split = 30.0
-    assert RolloutRunner._command_for(r, SendDeploy("a")).ab_split == "30"
-    p = RolloutRunner._command_for(r, SendPromote("a", True, "x"))
+    assert command_for(r, SendDeploy("a")).ab_split == "30"
+    p = command_for(r, SendPromote("a", True, "x"))
     assert p.rollout_id == "r9" and p.accept

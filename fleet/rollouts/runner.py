@@ -10,10 +10,11 @@ device); a device that never answers times out.
 
 All public methods are thread-safe (the MQTT thread, the RPC handler and the ticker call them).
 
-With several controllers on one PostgreSQL registry, a runner is given `RolloutLeases`
-(fleet/leases.py): it drives only the rollouts whose lease it holds, renews them every tick, takes over
-rollouts whose owner died, forwards device events and operator requests for rollouts owned elsewhere to
-the owner's inbox, and every save checks the lease, so only the owner ever commands a rollout's devices.
+With several controllers on one PostgreSQL registry, a runner is given `RolloutLeases` and drives only
+the rollouts it owns; how is in `fleet.rollouts.sharing`. Action -> command mapping: `fleet.rollouts.commands`.
+
+This module stays over 400 lines: one class around one lock and the active rollouts, whose inputs,
+operator requests and queries each read best next to `_apply`, the one place actions are carried out.
 """
 
 from __future__ import annotations
@@ -23,31 +24,27 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.protocol.messages import (
     BundleRef,
     CommandArgs,
-    DeployArgs,
     Event,
-    PromoteArgs,
     RollbackArgs,
     Status,
 )
-from fleet.leases import SETTLED_OWNER, LeaseLost, RolloutLeases
+from fleet.leases import LeaseLost, RolloutLeases
 from fleet.registry import Registry
-from fleet.rollouts.actions import Action, Note, SendDeploy, SendPromote, SendRollback
+from fleet.rollouts.actions import Action, Note
 from fleet.rollouts.classify import classify_event, classify_status
+from fleet.rollouts.commands import command_for
 from fleet.rollouts.plan import Rollout
 from fleet.rollouts.record import RolloutParams
+from fleet.rollouts.sharing import OWNED_STATES, SharedRollouts
 from fleet.rollouts.states import (
-    ABORTED,
-    ACTIVE_STATES,
     D_ROLLBACK_SENT,
     DEFAULT_WAVES,
-    HALTED,
-    IN_FLIGHT,
     RolloutError,
 )
 from fleet.rollouts.waves import check_explicit_waves, resolve_waves
@@ -56,13 +53,6 @@ log = logging.getLogger(__name__)
 
 SendCommand = Callable[[str, CommandArgs], None]
 
-#: Rollout states that may still need an owner (halted/aborted ones while rollbacks are outstanding).
-OWNED_STATES = (*ACTIVE_STATES, HALTED, ABORTED)
-
-
-def _decimal(v: float) -> str:
-    """A percentage as the decimal string a signed command carries."""
-    return ("%.4f" % float(v)).rstrip("0").rstrip(".")
 
 
 def new_rollout_id(now: float) -> str:
@@ -70,8 +60,8 @@ def new_rollout_id(now: float) -> str:
     return "r%s-%s" % (time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)), os.urandom(2).hex())
 
 
-class RolloutRunner:
-    """Owns the active rollouts of one controller."""
+class RolloutRunner(SharedRollouts):
+    """Owns the active rollouts of one controller (with several controllers, see `SharedRollouts`)."""
 
     def __init__(
         self,
@@ -180,17 +170,6 @@ class RolloutRunner:
             self._replay_statuses(r)
         return rollout_id in self._active
 
-    def _replay_statuses(self, r: Rollout) -> None:
-        """After a takeover: what the registry knows of each in-flight device (every controller records
-        every status), so the new owner does not wait for statuses it was not listening to."""
-        waiting = {d for d, e in r.devices.items() if e.state in (*IN_FLIGHT, D_ROLLBACK_SENT)}
-        for row in self.registry.list_devices():
-            if row["device_id"] in waiting and r.rollout_id in self._active:
-                deploy = row.get("deploy") or {}
-                self._observe_status(r, row["device_id"], online=row["online"], active=row["active"],
-                                     deploy_state=deploy.get("state"), deploy_bundle=deploy.get("bundle"),
-                                     deploy_rollout_id=deploy.get("rollout_id"), detail=deploy.get("detail"))
-
     def start(
         self,
         *,
@@ -260,14 +239,6 @@ class RolloutRunner:
             self._apply(r, r.start(now))
             return r.summary()
 
-    def _busy_elsewhere(self) -> Dict[str, str]:
-        """Devices in an active rollout of any controller (the shared registry's view)."""
-        marks = ",".join("?" * len(ACTIVE_STATES))
-        rows = self.registry.read(
-            "SELECT d.device_id, d.rollout_id FROM rollout_devices d JOIN rollouts r ON r.rollout_id = d.rollout_id "
-            "WHERE r.state IN (%s)" % marks, ACTIVE_STATES)
-        return {row["device_id"]: row["rollout_id"] for row in rows}
-
     # ------------------------------------------------------------------------------------- inputs
 
     def on_status(self, status: Status) -> None:
@@ -318,22 +289,6 @@ class RolloutRunner:
             mine = [rid for rid, r in self._active.items() if event.device_id in r.devices]
         if self.leases is not None and forward:
             self._forward_event(event, set(mine))
-
-    def _forward_event(self, event: Event, mine: Set[str]) -> None:
-        """Shared subscriptions gave us an event of a device in a rollout another controller owns:
-        leave it in that rollout's inbox."""
-        assert self.leases is not None
-        marks = ",".join("?" * len(OWNED_STATES))
-        rows = self.registry.read(
-            "SELECT d.rollout_id FROM rollout_devices d JOIN rollouts r ON r.rollout_id = d.rollout_id "
-            "LEFT JOIN rollout_leases l ON l.rollout_id = d.rollout_id WHERE d.device_id = ? AND r.state IN (%s) "
-            "AND (l.owner IS NULL OR l.owner <> ?)" % marks,
-            (event.device_id, *OWNED_STATES, SETTLED_OWNER),
-        )
-        for row in rows:
-            if row["rollout_id"] not in mine:
-                self.leases.post(row["rollout_id"], "event", event.model_dump(mode="json"))
-                self.forwarded += 1
 
     def tick(self) -> None:
         """Time passes: device timeouts (and, with leases: renew ours, take over orphaned rollouts).
@@ -423,89 +378,6 @@ class RolloutRunner:
                 failed[d] = str(e)
         return {"sent": sent, "failed": failed}
 
-    def _forward_op(self, rollout_id: str, op: str, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """With leases, an operator request for a rollout another live controller owns goes to its inbox
-        and this waits for the owner's answer; None: do it here (ours, orphaned — taken now — or ended)."""
-        if self.leases is None:
-            return None
-        with self._lock:
-            if rollout_id in self._active:
-                return None
-        holder = self.leases.holder(rollout_id)
-        if holder is None or holder == self.leases.owner:
-            with self._lock:
-                if rollout_id not in self._active and self._adopt(rollout_id):
-                    self.takeovers += 1
-            return None
-        item = self.leases.post(rollout_id, "op", {"op": op, "args": args})
-        answer = self.leases.wait_result(item, self.forward_timeout_s)
-        if answer is None:
-            raise RolloutError("rollout %s is driven by controller %s, which did not answer within %.0f s; "
-                               "try again" % (rollout_id, holder, self.forward_timeout_s))
-        if answer.get("error"):
-            raise RolloutError(str(answer["error"]))
-        return answer.get("result")
-
-    def poll_inbox(self) -> int:
-        """Handle what other controllers left for our rollouts (events, operator requests); returns how
-        many. Call often (the control plane does, every quarter second)."""
-        if self.leases is None:
-            return 0
-        with self._lock:
-            ids = list(self._active)
-        items = self.leases.take(ids)
-        for item in items:
-            result: Optional[Dict[str, Any]] = None
-            try:
-                if item["kind"] == "event":
-                    self.on_event(Event.model_validate(item["body"]), forward=False)
-                else:
-                    result = {"result": self._run_op(item["rollout_id"], item["body"])}
-            except (EdgeAgentError, ValueError) as e:
-                result = {"error": str(e)} if item["kind"] != "event" else None
-                if item["kind"] == "event":
-                    log.warning("forwarded event for %s not handled: %s", item["rollout_id"], e)
-            self.leases.done(item["id"], result)
-        return len(items)
-
-    def _run_op(self, rollout_id: str, body: Dict[str, Any]) -> Dict[str, Any]:
-        op, args = body.get("op"), body.get("args") or {}
-        if op == "pause":
-            return self.pause(rollout_id)
-        if op == "resume":
-            return self.resume(rollout_id)
-        if op == "abort":
-            return self.abort(rollout_id, rollback=bool(args.get("rollback", True)))
-        if op == "promote":
-            return self.promote(rollout_id, accept=bool(args.get("accept", True)))
-        raise RolloutError("unknown forwarded operation %r" % op)
-
-    def _keep_leases(self) -> None:
-        """Renew the leases of our rollouts (dropping any another controller took), then take over the
-        rollouts whose owner's lease expired."""
-        assert self.leases is not None
-        with self._lock:
-            ids = list(self._active)
-        held = self.leases.renew(ids)
-        for rid in ids:
-            if rid not in held:
-                self._lost(rid, LeaseLost("lease not renewed in time"))
-        for rid in self.leases.orphans(OWNED_STATES):
-            with self._lock:
-                if rid in self._active:
-                    continue
-                if self._adopt(rid):
-                    self.takeovers += 1
-                    log.warning("took over rollout %s (its owner's lease expired)", rid)
-
-    def _lost(self, rollout_id: str, why: Exception) -> None:
-        with self._lock:
-            if self._active.pop(rollout_id, None) is not None:
-                log.warning("rollout %s: no longer driven here: %s", rollout_id, why)
-
-    def _owner(self) -> Optional[str]:
-        return self.leases.owner if self.leases is not None else None
-
     # ------------------------------------------------------------------------------------- queries
 
     def get(self, rollout_id: Optional[str] = None, *, history: int = 50) -> Dict[str, Any]:
@@ -536,12 +408,6 @@ class RolloutRunner:
         with self._lock:
             return [rid for rid, r in self._active.items() if not r.final]
 
-    def fleet_active_ids(self) -> List[str]:
-        """Ids of the running, paused or stalled rollouts of every controller sharing the registry."""
-        if self.leases is None:
-            return self.active_ids()
-        return sorted(r["rollout_id"] for r in self.registry.list_rollouts(states=ACTIVE_STATES, limit=1000))
-
     # ------------------------------------------------------------------------------------ internals
 
     def _apply(self, r: Rollout, acts: List[Action]) -> None:
@@ -565,7 +431,7 @@ class RolloutRunner:
         for a in acts:
             if isinstance(a, Note):
                 continue
-            item = (r.rollout_id, a.device_id, self._command_for(r, a))
+            item = (r.rollout_id, a.device_id, command_for(r, a))
             if self._sender is not None:
                 self._outbox.put(item)
             else:
@@ -581,19 +447,3 @@ class RolloutRunner:
             if self.leases is not None:
                 self.leases.settle(r.rollout_id)
 
-    @staticmethod
-    def _command_for(r: Rollout, a: Action) -> CommandArgs:
-        if isinstance(a, SendDeploy):
-            return DeployArgs(
-                bundle=BundleRef(**r.bundle),
-                manifest_sha256=r.manifest_sha256,
-                manifest_size=r.manifest_size,
-                mode=r.mode,
-                ab_split=None if r.ab_split is None else _decimal(r.ab_split),
-                rollout_id=r.rollout_id,
-            )
-        if isinstance(a, SendRollback):
-            return RollbackArgs(to=BundleRef(**a.to) if a.to else None, reason=a.reason[:200], rollout_id=r.rollout_id)
-        if isinstance(a, SendPromote):
-            return PromoteArgs(accept=a.accept, reason=a.reason[:200], rollout_id=r.rollout_id)
-        raise TypeError("not a command action: %r" % (a,))
