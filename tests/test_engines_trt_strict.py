@@ -382,6 +382,7 @@ def test_selftest_json_reports_the_driver_cuda_version_and_what_a_bug_report_nee
     assert rc == 0
     assert env["cuda"] == "12.2" and env["cuda_compiled"] == "11.4"
     assert env["trt"] == "8.5.2.2" and env["sm"] == "72" and env["platform_key"] == "trt8.5.2.2-sm72"
+    assert env["pycuda"] == "2022.2.2"
     for key in ("numpy", "pycuda", "python", "l4t", "jetson_model", "gpu", "gpu_memory_mb", "ram_total_mb"):
         assert key in env
 

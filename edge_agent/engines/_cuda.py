@@ -78,15 +78,18 @@ def acquire_context() -> CudaContext:
 
 
 def release_context() -> None:
-    """Drop one reference; the last one detaches the context."""
+    """Drop one reference; the last one destroys the context (from this thread: see `CudaContext.detach`)."""
     global _shared, _refs
     with _lock:
         if _refs <= 0:
             return
         _refs -= 1
         if _refs == 0 and _shared is not None:
-            _shared.detach()
-            _shared = None
+            ctx, _shared = _shared, None  # the next acquire makes a new context even if this detach fails
+            try:
+                ctx.detach()
+            except Exception as e:  # pycuda.driver.Error: nothing more can be done for this context
+                log.warning("could not destroy the CUDA context: %s", e)
 
 
 class DeviceBuffers:
@@ -184,6 +187,7 @@ def _pycuda_version() -> Optional[str]:
     try:
         import pycuda
 
-        return str(getattr(pycuda, "VERSION_TEXT", None) or ".".join(str(v) for v in getattr(pycuda, "VERSION", ())))
-    except Exception:
+        text = getattr(pycuda, "VERSION_TEXT", None) or ".".join(str(v) for v in getattr(pycuda, "VERSION", ()))
+    except Exception:  # pycuda's package import failing is reported by driver() already
         return None
+    return str(text) or None

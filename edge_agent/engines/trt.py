@@ -3,6 +3,10 @@
 Buffers are sized once for the optimization profile's max batch (pinned host + device), every I/O tensor's
 address is set once, and each `infer` pushes the process-wide CUDA context, sets the input shapes, copies
 only the used part on a non-default stream and pops the context again — from whatever thread calls it.
+
+Two traps of the real libraries are designed around here: TensorRT keeps one logger per process while any
+Builder or Runtime lives (so there is one, `shared_logger`, never freed, with errors kept per thread), and
+TensorRT 8.5.2's `trt.nptype` fails on numpy 1.24-1.26 (so tensor types are mapped by `numpy_dtype`).
 """
 
 from __future__ import annotations
@@ -277,7 +281,12 @@ class TrtEngine(Engine):
             if not context.execute_async_v3(buffers.stream.handle):
                 raise InferenceError("TensorRT execution failed for %s: %s"
                                      % (self.name, self._last_error("enqueue returned False")))
-            shapes = {o.name: dims_tuple(context.get_tensor_shape(o.name)) or () for o in self.outputs}
+            shapes = {}
+            for o in self.outputs:
+                shape = dims_tuple(context.get_tensor_shape(o.name))
+                if shape is None or any(d < 0 for d in shape):
+                    raise InferenceError("TensorRT reports no shape for output %s of %s" % (o.name, self.name))
+                shapes[o.name] = shape
             for oname, shape in shapes.items():
                 buffers.from_device(oname, trt.volume(shape))
             buffers.synchronize()
