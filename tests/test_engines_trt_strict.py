@@ -399,3 +399,58 @@ def test_selftest_turns_a_library_crash_into_a_failed_check(trt_double, capsys, 
     assert rc == 1
     assert checks["tensorrt inference"]["status"] == "FAIL"
     assert "no attribute 'bool'" in checks["tensorrt inference"]["detail"]
+
+
+def test_activation_prepares_a_candidate_while_the_serving_models_live_then_closes_them_elsewhere(
+    trt_double, tmp_path, caplog
+):
+    """The agent's activation: prepare the candidate's engines while the serving ones run, serve from a worker
+    thread meanwhile, then close the old ones from another thread. One logger, no leaked context."""
+    import pycuda.driver as cuda
+
+    from edge_agent.engines.prepare import prepare_engines
+    from test_engines_prepare import TRT_CFG, _budget, _build_bundle, _platform
+
+    bundle_dir, manifest = _build_bundle(tmp_path)
+    plat = _platform(trt_double.__version__, (7, 2))
+    caplog.set_level(logging.WARNING)
+
+    def prepare(cache):
+        return prepare_engines(bundle_dir=bundle_dir, manifest=manifest, cfg=TRT_CFG, cache_dir=tmp_path / cache,
+                               emit=lambda *a: None, platform=plat, budget=_budget(4096))
+
+    serving = prepare("serving")
+    x = {s.name: np.zeros(s.with_batch(2), dtype=s.dtype) for s in serving.small.inputs}
+    stop = threading.Event()
+    served, failures = [0], []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                serving.small.infer(x)
+                served[0] += 1
+            except Exception as e:  # collected and asserted below
+                failures.append(e)
+                return
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        candidate = prepare("candidate")  # built and loaded while the serving engines run
+    finally:
+        stop.set()
+        worker.join()
+    assert not failures and served[0] > 0
+    closer = threading.Thread(target=serving.close)
+    closer.start()
+    closer.join()
+    try:
+        assert candidate.large.infer({s.name: np.zeros(s.with_batch(1), dtype=s.dtype)
+                                      for s in candidate.large.inputs})
+        assert not [r for r in caplog.records if "differs from one already provided" in r.getMessage()]
+    finally:
+        closer = threading.Thread(target=candidate.close)  # the last engine, closed off the creating thread
+        closer.start()
+        closer.join()
+    state = cuda.double_state()
+    assert (state["contexts"], state["leaked_contexts"], state["allocations"]) == (0, 0, 0)
