@@ -407,9 +407,9 @@ def test_activation_prepares_a_candidate_while_the_serving_models_live_then_clos
     """The agent's activation: prepare the candidate's engines while the serving ones run, serve from a worker
     thread meanwhile, then close the old ones from another thread. One logger, no leaked context."""
     import pycuda.driver as cuda
+    from test_engines_prepare import TRT_CFG, _budget, _build_bundle, _platform
 
     from edge_agent.engines.prepare import prepare_engines
-    from test_engines_prepare import TRT_CFG, _budget, _build_bundle, _platform
 
     bundle_dir, manifest = _build_bundle(tmp_path)
     plat = _platform(trt_double.__version__, (7, 2))
