@@ -12,7 +12,8 @@ from edge_agent.config import EngineConfig
 from edge_agent.engines.budget import MIB, MemoryBudget
 from edge_agent.engines.golden import run_golden
 from edge_agent.engines.platform import PlatformInfo
-from edge_agent.engines.prepare import choose_backend, choose_precision, prepare_engines
+from edge_agent.engines.prepare import choose_backend, prepare_engines
+from edge_agent.engines.prepared import choose_precision
 from edge_agent.errors import EngineError, IntegrityError, ResourceError
 
 pytest.importorskip("onnxruntime")

@@ -312,7 +312,7 @@ def test_builder_measures_device_memory_at_two_profile_sizes(trt_double, tmp_pat
     m8, m4 = outcome.device_memory[8], outcome.device_memory[4]
     assert m8 > m4 > 0
     assert m8 < 2 * m4  # affine, not proportional: scratch does not shrink with the batch
-    from edge_agent.engines.prepare import _trt_memory_model
+    from edge_agent.engines.prepare_trt import _trt_memory_model
 
     class Eng:
         max_batch, device_memory_bytes, io_buffer_bytes, plan_bytes = 8, m8, 8 * 1000, 5000
