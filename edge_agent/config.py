@@ -116,6 +116,9 @@ class RuntimeConfig(_Section):
         2.0, ge=0, description="longest a partial batch waits for more while its engine is busy (idle: runs at once)")
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
+    inline_when_idle: bool = Field(
+        True, description="a request finding its model idle runs in the caller's thread (no hand-off); it then "
+        "waits for the engine call itself, so a hung engine is not cut at request_timeout_s for that request")
 
 
 class ApiConfig(_Section):

@@ -280,7 +280,8 @@ def test_a_request_that_outlives_its_timeout_is_504_and_the_server_recovers(mode
     svc = InferenceService(
         Models(gated, models.large, {"small": 4, "large": 4}),
         digits_manifest(tmp_path, router={"tau": "0.5"}), tmp_path,
-        RuntimeConfig(max_queue_delay_ms=0, request_timeout_s=0.2),
+        # every request through the worker: with inline_when_idle the first would run the hung engine itself
+        RuntimeConfig(max_queue_delay_ms=0, request_timeout_s=0.2, inline_when_idle=False),
     )
     api = Api(svc)
     try:
@@ -292,6 +293,35 @@ def test_a_request_that_outlives_its_timeout_is_504_and_the_server_recovers(mode
         status, _, _ = api.request("POST", "/v1/infer", _npy(x[1]), {"Content-Type": "application/x-npy"})
         assert status == 200
         assert svc.stats_snapshot()["errors"] == 1
+    finally:
+        gated.gate.set()
+        api.server.stop()
+        svc.close()
+
+
+def test_with_inline_runs_requests_behind_a_hung_engine_still_get_504(models, tmp_path, heldout):
+    """The request running inline waits for the engine; the ones behind it queue and are cut at the
+    request timeout, and the server answers /healthz meanwhile."""
+    x, _ = heldout
+    gated = GatedEngine(models.small)
+    svc = InferenceService(
+        Models(gated, models.large, {"small": 4, "large": 4}),
+        digits_manifest(tmp_path, router={"tau": "0.5"}), tmp_path,
+        RuntimeConfig(max_queue_delay_ms=0, request_timeout_s=0.2, inline_when_idle=True),
+    )
+    api = Api(svc)
+    first = []
+    hung = threading.Thread(target=lambda: first.append(
+        api.request("POST", "/v1/infer", _npy(x[0]), {"Content-Type": "application/x-npy"})))
+    try:
+        hung.start()
+        assert gated.entered.wait(5)
+        status, _, body = api.request("POST", "/v1/infer", _npy(x[1]), {"Content-Type": "application/x-npy"})
+        assert status == 504 and "within the timeout" in json.loads(body)["error"]
+        assert api.request("GET", "/healthz")[0] == 200
+        gated.gate.set()
+        hung.join(10)
+        assert first and first[0][0] == 200
     finally:
         gated.gate.set()
         api.server.stop()

@@ -78,30 +78,57 @@ def test_requests_arriving_while_a_batch_runs_form_the_next_batch(models, items)
     assert eng.batches == [1, 5] and sizes == [1, 5, 5, 5, 5, 5]
 
 
-def test_a_partial_batch_waits_the_delay_while_a_shared_engine_is_busy(models, items):
-    """Two batchers on one engine (a candidate beside the active bundle): while one runs a batch, the
-    other's partial batch collects arrivals until its queue delay (on a fake clock) has passed."""
-    eng = GatedEngine(models.small)
-    now = [0.0]
-    a = DynamicBatcher(eng, name="a", max_batch=8, max_queue_delay_ms=0, max_queue=16)
-    b = DynamicBatcher(eng, name="b", max_batch=8, max_queue_delay_ms=60_000, max_queue=16, clock=lambda: now[0])
+def test_inline_a_lone_request_runs_in_the_callers_thread():
+    """With inline_when_idle a request on an idle engine runs in the submitting thread (no hand-off)."""
+    import threading
+
+    from tests._runtime_helpers import digits_models
+
+    m = digits_models(max_batch=8)
+    seen = []
+
+    class Recording:
+        inputs, outputs, max_batch = m.small.inputs, m.small.outputs, m.small.max_batch
+
+        def infer(self, feed):
+            seen.append(threading.current_thread())
+            return m.small.infer(feed)
+
+    x, _ = load_split("heldout")
+    b = DynamicBatcher(Recording(), name="small", max_batch=8, max_queue_delay_ms=60_000, max_queue=8,
+                       clock=lambda: 1000.0, inline_when_idle=True)
     try:
-        held = a.submit(items[0])
-        assert eng.entered.wait(5)  # a's batch holds the shared engine
-        first = b.submit(items[1])
-        _wait(lambda: b._sleeping and b.queue_depth() == 0)  # taken, waiting for more
-        second = b.submit(items[2])
-        _wait(lambda: b._sleeping and b.queue_depth() == 0)
-        now[0] = 100.0  # past the delay: the next wake-up closes the batch
-        third = b.submit(items[3])
-        _wait(lambda: len(eng.batches) == 0 and b.queue_depth() == 0 and not b._sleeping)
-        eng.gate.set()
-        sizes = [f.result(10).batch_size for f in (first, second, third)]
-        held.result(10)
+        t = b.submit({"image": x[0]})
+        assert t.done() and t.result(0).batch_size == 1
+        assert seen == [threading.current_thread()]
     finally:
-        a.close()
         b.close()
-    assert sizes == [3, 3, 3]
+        m.close()
+
+
+def test_while_an_inline_request_runs_the_next_ones_wait_and_run_as_one_batch(models, items):
+    """The engine runs one batch at a time: requests arriving while a lone request runs inline are held
+    by the worker (still counted in the queue bound) and run together once the engine is free."""
+    import threading
+
+    eng = GatedEngine(models.small)
+    b = DynamicBatcher(eng, name="small", max_batch=8, max_queue_delay_ms=60_000, max_queue=16,
+                       clock=lambda: 1000.0, inline_when_idle=True)
+    first = []
+    caller = threading.Thread(target=lambda: first.append(b.submit(items[0])))
+    try:
+        caller.start()
+        assert eng.entered.wait(5)  # running inline in the caller's thread, holding the engine
+        second, third = b.submit(items[1]), b.submit(items[2])
+        assert not second.done()
+        _wait(lambda: b._sleeping and not b._queue and b.queue_depth() == 2)  # held, counted
+        eng.gate.set()
+        caller.join(10)
+        sizes = [first[0].result(10).batch_size, second.result(10).batch_size, third.result(10).batch_size]
+    finally:
+        eng.gate.set()
+        b.close()
+    assert sizes == [1, 2, 2] and eng.batches == [1, 2]
 
 
 def test_a_full_batch_does_not_wait_for_the_queue_delay(models, items):

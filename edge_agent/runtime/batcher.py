@@ -2,9 +2,10 @@
 
 Batches form while the engine is busy: when the worker comes back for work it takes everything queued
 (up to the tuned batch size) and runs it at once if the engine is idle, so a lone request pays no
-batching delay. Only while the engine is already running a batch (an engine shared by several
-batchers, such as a candidate beside the active bundle on the same model) does a partial batch wait,
-until it is full or its first request has waited `max_queue_delay_ms`, whichever comes first. A full
+batching delay. With `inline_when_idle` (the service's setting) a request that finds the queue empty
+and the engine idle runs in its caller's thread, sparing two thread hand-offs. Only while the engine is
+running a batch (such an inline one) does a partial batch wait for more, until it is full or its first
+request has waited `max_queue_delay_ms`, whichever comes first. One `infer` runs at a time per batcher. A full
 queue refuses at once with `OverloadedError` (counted); nothing builds an unbounded backlog. Latency
 is measured from arrival to answer.
 
@@ -35,33 +36,6 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.5
 # Ticket states.
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
-
-
-class _InFlight:
-    """Batches running per engine (by identity), shared by every batcher of the process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count: Dict[int, int] = {}
-
-    def busy(self, engine: object) -> bool:
-        """Whether a batch runs on `engine` now."""
-        return self._count.get(id(engine), 0) > 0
-
-    def enter(self, engine: object) -> None:
-        with self._lock:
-            self._count[id(engine)] = self._count.get(id(engine), 0) + 1
-
-    def leave(self, engine: object) -> None:
-        with self._lock:
-            n = self._count.get(id(engine), 0) - 1
-            if n > 0:
-                self._count[id(engine)] = n
-            else:
-                self._count.pop(id(engine), None)
-
-
-_IN_FLIGHT = _InFlight()
 
 
 class BatchItemResult:
@@ -146,7 +120,7 @@ class DynamicBatcher:
     """
 
     def __init__(self, engine: Engine, *, name: str, max_batch: int, max_queue_delay_ms: float, max_queue: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, inline_when_idle: bool = False) -> None:
         if max_batch < 1 or max_queue < 1 or max_queue_delay_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_queue_delay_ms >= 0")
         self.engine = engine
@@ -155,6 +129,12 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue = int(max_queue)
         self._clock = clock
+        # A lone item on an idle engine runs in the submitting thread (no hand-off to the worker and back:
+        # two thread switches less per request); `submit` then returns an answered ticket.
+        self.inline_when_idle = bool(inline_when_idle)
+        # Held while a batch runs (the worker's, or one run inline): one `infer` at a time per engine, as
+        # engines such as TensorRT's (one execution context, fixed buffers) require.
+        self._engine_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the queue, its item count, the counters, ticket states
         self._queue: Deque[Ticket] = collections.deque()
         self._depth = 0  # items in `_queue` (bounded by max_queue)
@@ -177,8 +157,30 @@ class DynamicBatcher:
     def submit(self, item: Dict[str, np.ndarray]) -> Ticket:
         """Queue one item (arrays without the batch axis). Raises OverloadedError when the queue is full."""
         t = Ticket(item, self._clock(), 1, True, self._lock)
+        if self.inline_when_idle and self._run_inline(t):
+            return t
         self._admit([t], 1)
         return t
+
+    def _run_inline(self, t: Ticket) -> bool:
+        """Run `t` alone in this thread when the queue is empty and nothing runs on the engine; False
+        (nothing done) otherwise."""
+        with self._lock:
+            if self._closed or not self._accepting:
+                raise ServiceClosedError("the %s model is not serving any more" % self.name)
+            # `_depth` counts queued entries and those the worker holds for its next batch
+            if self._depth or not self._engine_lock.acquire(blocking=False):
+                return False
+            t._state = _RUNNING
+        try:
+            self._run_batch([t])
+        finally:
+            self._engine_lock.release()
+            with self._lock:  # what queued meanwhile waited for the engine: the worker runs it now
+                if self._depth and self._sleeping:
+                    self._sleeping = False
+                    self._wake.release()
+        return True
 
     def submit_chunk(self, items: Dict[str, np.ndarray]) -> List[Ticket]:
         """Queue several items at once (arrays with a batch axis), split into pieces of at most the max
@@ -257,33 +259,41 @@ class DynamicBatcher:
             with self._lock:
                 while q and size + q[0].n <= max_batch:
                     t = q.popleft()
-                    self._depth -= t.n
                     batch.append(t)
                     size += t.n
                 stop = size >= max_batch or bool(q) or self._closed
             if not batch:
                 return None
-            if stop or not _IN_FLIGHT.busy(self.engine):
+            if stop or not self._engine_lock.locked():
                 break
             if deadline is None:
                 deadline = batch[0].arrival + self.max_queue_delay_s
             remaining = deadline - self._clock()
             if remaining <= 0 or not self._wait(remaining):
                 break
-        with self._lock:  # entries cancelled while they waited are dropped; the rest cannot be any more
-            live = [t for t in batch if t._state == _PENDING]
-            for t in live:
-                t._state = _RUNNING
-        return live
+        return batch
 
     def _run(self) -> None:
         while not self._closed:
             batch = self._collect()
             if batch:
-                self._run_batch(batch)
+                self._start(batch)
         self._fail_waiting()
 
+    def _start(self, batch: List[Ticket]) -> None:
+        """Run a collected batch once the engine is free. Its entries count against max_queue until then;
+        entries cancelled while they waited are dropped, the rest cannot be cancelled any more."""
+        with self._engine_lock:
+            with self._lock:
+                self._depth -= sum(t.n for t in batch)
+                live = [t for t in batch if t._state == _PENDING]
+                for t in live:
+                    t._state = _RUNNING
+            if live:
+                self._run_batch(live)
+
     def _run_batch(self, batch: List[Ticket]) -> None:
+        """Run one batch and answer its tickets (the caller holds the engine lock)."""
         n = sum(t.n for t in batch)
         t0 = self._clock()
         try:
@@ -297,11 +307,7 @@ class DynamicBatcher:
                     k: np.concatenate([t.item[k][None] if t.single else t.item[k] for t in batch])
                     for k in batch[0].item
                 }
-            _IN_FLIGHT.enter(self.engine)
-            try:
-                out = self.engine.infer(feed)
-            finally:
-                _IN_FLIGHT.leave(self.engine)
+            out = self.engine.infer(feed)
         except Exception as e:  # one bad batch must not stop the worker
             err = e if isinstance(e, EdgeAgentError) else InferenceError("%s model failed: %s" % (self.name, e))
             if not isinstance(e, EdgeAgentError):

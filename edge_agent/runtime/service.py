@@ -99,7 +99,7 @@ class InferenceService:
         self._batchers = {
             r: DynamicBatcher(
                 e, name=r, max_batch=int(batch.get(r, e.max_batch)), max_queue_delay_ms=cfg.max_queue_delay_ms,
-                max_queue=cfg.max_queue,
+                max_queue=cfg.max_queue, inline_when_idle=cfg.inline_when_idle,
             )
             for r, e in self._engines.items()
         }
