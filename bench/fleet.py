@@ -472,7 +472,8 @@ def rollout_phase(broker, workdir: Path, n: int) -> Dict[str, float]:
         )
         waves = []
         while True:
-            s = rpc.call("rollout.status", {"rollout_id": r["rollout_id"], "history": 0}, timeout_s=60)
+            s = rpc.call("rollout.status", {"rollout_id": r["rollout_id"], "history": 0, "devices": False},
+                         timeout_s=60)
             waves = [w["devices"] for w in s["wave_progress"]]
             if s["state"] in ("succeeded", "halted", "aborted", "stalled"):
                 break
@@ -597,6 +598,11 @@ def failover_phase(broker, workdir: Path, pg_url: str, n: int, lease_s: float) -
                 sv.log.close()
 
 
+def _progress(name: str, detail: Dict[str, Any]) -> None:
+    """Each phase's raw numbers as soon as it ends (a later phase failing does not lose them)."""
+    print("%s: %s" % (name, json.dumps(detail, sort_keys=True)), file=sys.stderr, flush=True)
+
+
 def _ingest_figures(n: int, label: str, base: Dict[str, float], ctl: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The ingest figures of one measurement (`label` empty for the original single-controller ones, so
     their names stay as they were)."""
@@ -643,6 +649,7 @@ def main() -> int:
                 base = ingest_baseline(broker, n, seconds, procs)
                 ctl = ingest_controller(broker, work / ("ingest-%d" % n), n, seconds, procs)
                 details["ingest_%d" % n] = {"baseline": base, "controller": ctl}
+                _progress("ingest_%d" % n, details["ingest_%d" % n])
                 figures += _ingest_figures(n, "", base, ctl)
             procs = 1 if scale_n <= 2000 else 2
             base = ingest_baseline(broker, scale_n, seconds, procs)
@@ -651,10 +658,12 @@ def main() -> int:
                 ctl = ingest_controller(broker, work / ("scale-%d-%d" % (scale_n, k)), scale_n, seconds, procs,
                                         controllers=k, pg_url=_fresh_pg_db(pg))
                 details["scale_%d" % scale_n]["controllers_%d" % k] = ctl
+                _progress("scale_%d_controllers_%d" % (scale_n, k), {"baseline": base, "controller": ctl})
                 label = ", %d controller%s, PostgreSQL" % (k, "s" if k > 1 else "")
                 figures += _ingest_figures(scale_n, label, base, ctl)
             fo = failover_phase(broker, work / "failover", _fresh_pg_db(pg), failover_n, lease_s=5.0)
             details["failover"] = fo
+            _progress("failover", fo)
             figures += [
                 figure("failover after kill -9 of the rollout owner (%d devices, lease 5 s, tick 0.2 s)" % failover_n,
                        None if fo["failover_s"] is None else round(fo["failover_s"], 2), "s", target=5.2,

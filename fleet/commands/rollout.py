@@ -196,7 +196,7 @@ def _watch(args: argparse.Namespace, rollout_id: str) -> int:
     last = None
     deadline = time.monotonic() + args.watch_timeout if args.watch_timeout else None
     while True:
-        r = rpc_call(args, "rollout.status", {"rollout_id": rollout_id, "history": 8})
+        r = rpc_call(args, "rollout.status", {"rollout_id": rollout_id, "history": 8, "devices": _want_devices(args)})
         key = json.dumps([r["state"], r["wave_progress"], r.get("reason")], sort_keys=True)
         if key != last:
             if tty:
@@ -247,11 +247,19 @@ def _start(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     if args.watch:
-        rid = args.id or rpc_call(args, "rollout.status", {"history": 0})["rollout_id"]
+        rid = args.id or rpc_call(args, "rollout.status", {"history": 0, "devices": False})["rollout_id"]
         return _watch(args, rid)
-    r = rpc_call(args, "rollout.status", {"rollout_id": args.id} if args.id else {})
+    params: Dict[str, Any] = {"devices": _want_devices(args)}
+    if args.id:
+        params["rollout_id"] = args.id
+    r = rpc_call(args, "rollout.status", params)
     _show(args, r)
     return 0
+
+
+def _want_devices(args: argparse.Namespace) -> bool:
+    """The per-device list is fetched only when it is shown (--devices) or printed (--json)."""
+    return bool(getattr(args, "show_devices", False) or getattr(args, "json", False))
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -380,8 +380,9 @@ class RolloutRunner(SharedRollouts):
 
     # ------------------------------------------------------------------------------------- queries
 
-    def get(self, rollout_id: Optional[str] = None, *, history: int = 50) -> Dict[str, Any]:
-        """A rollout's summary, devices and recent history (the newest rollout when no id is given)."""
+    def get(self, rollout_id: Optional[str] = None, *, history: int = 50, devices: bool = True) -> Dict[str, Any]:
+        """A rollout's summary, devices (unless `devices` is False: a 10,000-device list is over a
+        megabyte) and recent history (the newest rollout when no id is given)."""
         with self._lock:
             if rollout_id is None:
                 rows = self.registry.list_rollouts(limit=1)
@@ -395,7 +396,8 @@ class RolloutRunner(SharedRollouts):
                     raise RolloutError("no rollout %s" % rollout_id)
                 r = Rollout.from_dict(body)
             out = r.summary()
-            out["devices"] = [e.to_dict() for e in r.devices.values()]
+            if devices:
+                out["devices"] = [e.to_dict() for e in r.devices.values()]
             out["history"] = self.registry.rollout_history(rollout_id, limit=history)
             return out
 
