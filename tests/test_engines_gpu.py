@@ -23,7 +23,8 @@ _MB = 1 << 20
 
 
 def _build(tmp_path, max_batch=8):
-    from edge_agent.engines.trt_build import BuildRequest, run_build
+    from edge_agent.engines.trt_build import run_build
+    from edge_agent.engines.trt_plan import BuildRequest
 
     events = []
     outcome = run_build(

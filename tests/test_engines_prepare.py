@@ -257,7 +257,7 @@ def test_profile_too_big_for_budget_is_rebuilt_smaller(trt_double, bundle, tmp_p
 
 
 def test_prebuilt_engine_for_our_platform_is_verified_and_loaded(trt_double, tmp_path):
-    from edge_agent.engines.trt_build import BuildRequest, build_plan
+    from edge_agent.engines.trt_plan import BuildRequest, build_plan
 
     samples = SPEC.parent
     plans = {}

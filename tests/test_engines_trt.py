@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from edge_agent.engines.ort import OrtEngine
-from edge_agent.engines.trt_build import BuildRequest, build_plan, run_build
+from edge_agent.engines.trt_build import run_build
+from edge_agent.engines.trt_plan import BuildRequest, build_plan
 from edge_agent.errors import BuildError, InputError
 from edge_agent.selftest import tiny_model_path
 
@@ -282,7 +283,8 @@ def test_builder_child_dies_with_a_killed_agent(trt_double, tmp_path, monkeypatc
     monkeypatch.setenv("TRT_DOUBLE_BUILD_SECONDS", "60")
     script = textwrap.dedent("""
         import sys
-        from edge_agent.engines.trt_build import BuildRequest, run_build
+        from edge_agent.engines.trt_build import run_build
+        from edge_agent.engines.trt_plan import BuildRequest
         from edge_agent.selftest import tiny_model_path
         def emit(kind, msg, data):
             if kind == "engine-build-started":

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edge_agent.engines.ort import OrtEngine
-from edge_agent.engines.trt_build import BuildRequest, build_plan
+from edge_agent.engines.trt_plan import BuildRequest, build_plan
 from edge_agent.errors import EngineError
 from edge_agent.selftest import tiny_model_path
 
@@ -282,7 +282,7 @@ def test_timing_cache_from_another_device_is_discarded_and_rebuilt_cold(trt_doub
     cache = tmp_path / "timing.cache"
     assert b'"sm": "72"' in cache.read_bytes()
     monkeypatch.setenv("TRT_DOUBLE_SM", "87")
-    caplog.set_level(logging.WARNING, logger="edge_agent.engines.trt_build")
+    caplog.set_level(logging.WARNING, logger="edge_agent.engines.trt_plan")
     outcome = build_plan(_req(tmp_path, plan_path=str(tmp_path / "orin.plan")))
     assert "stale timing cache discarded: built cold" in outcome.notes
     assert any("does not match" in r.getMessage() for r in caplog.records)

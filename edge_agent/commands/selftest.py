@@ -134,7 +134,8 @@ def _check_tensorrt(
 ) -> None:
     from edge_agent.engines.budget import MIB
     from edge_agent.engines.trt import TrtEngine
-    from edge_agent.engines.trt_build import BuildRequest, run_build
+    from edge_agent.engines.trt_build import run_build
+    from edge_agent.engines.trt_plan import BuildRequest
     from edge_agent.errors import EdgeAgentError
     from edge_agent.selftest import tiny_model_path
 

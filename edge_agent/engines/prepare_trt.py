@@ -107,7 +107,8 @@ def _load_prebuilt(m: _TrtModel, bundle_dir: Path, manifest: ManifestBody, platf
 def _load_or_build(m: _TrtModel, bundle_dir: Path, manifest: ManifestBody, *, cfg: EngineConfig, cache: EngineCache,
                    platform: PlatformInfo, max_batch: int, workspace: int, emit: Emit) -> Engine:
     from edge_agent.engines.trt import PlanRejectedError, TrtEngine
-    from edge_agent.engines.trt_build import BuildRequest, run_build
+    from edge_agent.engines.trt_build import run_build
+    from edge_agent.engines.trt_plan import BuildRequest
 
     assert platform.key is not None
     opt = max(1, max_batch // 2)
