@@ -35,7 +35,8 @@ from edge_agent.protocol import topics  # noqa: E402
 from edge_agent.telemetry.builder import TelemetryBuilder  # noqa: E402
 from edge_agent.telemetry.prometheus import render_prometheus  # noqa: E402
 from edge_agent.telemetry.publisher import TelemetryPublisher  # noqa: E402
-from edge_agent.telemetry.spool import Spool, _encode  # noqa: E402
+from edge_agent.telemetry.spool import Spool  # noqa: E402
+from edge_agent.telemetry.spool_format import encode_record  # noqa: E402
 from edge_agent.telemetry.system_collector import SystemCollector  # noqa: E402
 
 TOPIC = topics.telemetry("edge/v1", "bench-1")
@@ -55,7 +56,7 @@ def bench_append(n: int, workdir: Path, payload: bytes) -> List[Dict]:
     rounds = 10
     per = max(1, n // rounds)
     spool = Spool(workdir / "spool", n + 10)
-    record = _encode(0, TOPIC, payload, 0)
+    record = encode_record(0, TOPIC, payload, 0)
     spool_rates, raw_rates = [], []
     with open(workdir / "raw.log", "ab") as f:
         for _ in range(rounds):

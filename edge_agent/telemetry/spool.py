@@ -5,8 +5,8 @@ Layout of the spool directory::
     seg-<first seq, 20 digits>.log   append-only segments of records
     head.json                        {"head": first unacknowledged seq, "dropped": messages dropped so far}
 
-A record is a 24-byte header (magic, body length, seq, CRC-32 of seq+body) followed by the body
-(QoS byte, topic length, topic, payload). Appends are fsynced, so after a crash (kill -9, power loss)
+A record (`spool_format`) is a 24-byte header (magic, body length, seq, CRC-32 of seq+body) followed by
+the body (QoS byte, topic length, topic, payload). Appends are fsynced, so after a crash (kill -9, power loss)
 at most the last record is torn; a torn or corrupt record ends the reading of its segment and is
 never fatal. `head.json` is replaced atomically (temp file, fsync, rename, fsync dir).
 
@@ -26,25 +26,25 @@ import logging
 import os
 import struct
 import threading
-import zlib
 from collections import deque
 from pathlib import Path
 from typing import Deque, Iterator, List, NamedTuple, Optional, Tuple
 
 from edge_agent.errors import ResourceError
 from edge_agent.fsutil import fsync_dir
+from edge_agent.telemetry.spool_format import (
+    HEAD_FILE,
+    HEADER,
+    MAX_RECORD_BYTES,
+    SEGMENT_PREFIX,
+    SEGMENT_SUFFIX,
+    check_record,
+    decode_body,
+    encode_record,
+    segment_name,
+)
 
 logger = logging.getLogger(__name__)
-
-_MAGIC = b"ESP1"
-_HEADER = struct.Struct(">4sIQI")  # magic, body length, seq, crc32(seq bytes + body)
-_BODY = struct.Struct(">BH")  # qos, topic length
-_SEQ = struct.Struct(">Q")
-HEAD_FILE = "head.json"
-SEGMENT_PREFIX = "seg-"
-SEGMENT_SUFFIX = ".log"
-MAX_RECORD_BYTES = 16 * 1024 * 1024
-
 
 class SpooledMessage(NamedTuple):
     """One message waiting in the spool, in append order."""
@@ -60,24 +60,6 @@ class _Entry(NamedTuple):
     segment: int  # first seq of the segment file
     offset: int
     size: int  # whole record, header included
-
-
-def _segment_name(first_seq: int) -> str:
-    return "%s%020d%s" % (SEGMENT_PREFIX, first_seq, SEGMENT_SUFFIX)
-
-
-def _encode(seq: int, topic: str, payload: bytes, qos: int) -> bytes:
-    t = topic.encode("utf-8")
-    body = _BODY.pack(qos, len(t)) + t + payload
-    crc = zlib.crc32(_SEQ.pack(seq) + body) & 0xFFFFFFFF
-    return _HEADER.pack(_MAGIC, len(body), seq, crc) + body
-
-
-def _decode_body(body: bytes) -> Tuple[int, str, bytes]:
-    qos, tlen = _BODY.unpack_from(body)
-    start = _BODY.size
-    topic = body[start:start + tlen].decode("utf-8")
-    return qos, topic, body[start + tlen:]
 
 
 class Spool:
@@ -173,26 +155,13 @@ class Spool:
 
     def _scan_segment(self, first: int, *, truncate_tail: bool) -> int:
         """Index the valid records of one segment; returns the offset where valid data ends."""
-        path = self.dir / _segment_name(first)
+        path = self.dir / segment_name(first)
         with open(path, "rb") as f:
             data = f.read()
         off = 0
         last_seq = -1
         while off < len(data):
-            bad = None
-            if len(data) - off < _HEADER.size:
-                bad = "torn header"
-            else:
-                magic, blen, seq, crc = _HEADER.unpack_from(data, off)
-                end = off + _HEADER.size + blen
-                if magic != _MAGIC or blen > MAX_RECORD_BYTES:
-                    bad = "bad header"
-                elif end > len(data):
-                    bad = "torn record"
-                elif zlib.crc32(_SEQ.pack(seq) + data[off + _HEADER.size:end]) & 0xFFFFFFFF != crc:
-                    bad = "checksum mismatch"
-                elif seq <= last_seq:
-                    bad = "sequence out of order"
+            bad, seq, blen = check_record(data, off, last_seq)
             if bad is not None:
                 lost = len(data) - off
                 self.corrupt += 1
@@ -204,7 +173,7 @@ class Spool:
                         if self._fsync:
                             os.fsync(f.fileno())
                 break
-            size = _HEADER.size + blen
+            size = HEADER.size + blen
             self._next_seq = max(self._next_seq, seq + 1)
             last_seq = seq
             if seq >= self._head:
@@ -252,7 +221,7 @@ class Spool:
         for first in self._segments():
             if first not in live and first != self._tail_seg:
                 try:
-                    (self.dir / _segment_name(first)).unlink()
+                    (self.dir / segment_name(first)).unlink()
                 except OSError as e:
                     logger.warning("cannot remove spool segment %s: %s", first, e)
 
@@ -280,7 +249,7 @@ class Spool:
             raise ValueError("this spool was opened read-only")
         with self._lock:
             seq = self._next_seq
-            record = _encode(seq, topic, bytes(payload), qos)
+            record = encode_record(seq, topic, bytes(payload), qos)
             if len(record) > min(self.max_bytes, MAX_RECORD_BYTES):
                 self.dropped += 1
                 self._write_head()
@@ -326,7 +295,7 @@ class Spool:
         except OSError:
             pass
         try:
-            with open(self.dir / _segment_name(self._tail_seg), "r+b") as g:
+            with open(self.dir / segment_name(self._tail_seg), "r+b") as g:
                 g.truncate(self._tail_size)
         except OSError as e:
             logger.warning("telemetry spool: cannot trim a partial record: %s", e)
@@ -347,7 +316,7 @@ class Spool:
             self._tail_file = None
         if self._tail_seg is not None and self._tail_size < self._segment_bytes:
             # Reopen the existing tail after a restart instead of starting a new file.
-            self._tail_file = open(self.dir / _segment_name(self._tail_seg), "ab")
+            self._tail_file = open(self.dir / segment_name(self._tail_seg), "ab")
             if self._tail_file.tell() == self._tail_size:
                 self._sync_segment_entry()  # when an earlier sync of this new segment failed
                 return
@@ -355,7 +324,7 @@ class Spool:
             self._tail_file = None
         self._tail_seg = first_seq
         self._tail_size = 0
-        self._tail_file = open(self.dir / _segment_name(first_seq), "ab")
+        self._tail_file = open(self.dir / segment_name(first_seq), "ab")
         self._segment_entry_synced = False
         self._sync_segment_entry()
         self._remove_dead_segments()
@@ -390,11 +359,11 @@ class Spool:
             for e in entries:
                 f = files.get(e.segment)
                 if f is None:
-                    f = files[e.segment] = open(self.dir / _segment_name(e.segment), "rb")
+                    f = files[e.segment] = open(self.dir / segment_name(e.segment), "rb")
                 f.seek(e.offset)
                 raw = f.read(e.size)
                 try:
-                    qos, topic, payload = _decode_body(raw[_HEADER.size:])
+                    qos, topic, payload = decode_body(raw[HEADER.size:])
                 except (struct.error, UnicodeDecodeError) as err:
                     logger.warning("telemetry spool: record %d unreadable (%s); skipped", e.seq, err)
                     continue
