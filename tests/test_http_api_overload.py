@@ -209,3 +209,37 @@ def test_npy_headers_in_other_forms_are_read_by_numpys_parser():
     body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + np.float32([1, 2]).tobytes()
     assert _fast_npy_header(body) is None
     assert read_npy(body, max_bytes=1 << 20).tolist() == [1.0, 2.0]
+
+
+def test_connection_threads_are_reused_not_started_per_connection(service):
+    """Ten connections one after another are served by one pool thread (starting a thread per
+    connection cost more than answering it), and stopping the server ends the pool."""
+    import threading as th
+
+    from edge_agent.runtime.http_api import _Handler
+
+    x, _ = load_split("heldout")
+    api = _server(service)
+    name = "http-api-conn-%d" % api.port
+    seen = []
+    orig = _Handler.setup
+
+    def setup(self):
+        seen.append(th.current_thread().ident)
+        orig(self)
+
+    _Handler.setup = setup
+    try:
+        for i in range(10):
+            assert _post(api.port, _npy(x[i]))[0] == 200
+            deadline = time.monotonic() + 5  # the thread goes back to the pool once the server sees the close
+            while api._server._idle < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+    finally:
+        _Handler.setup = orig
+        api.stop()
+    assert len(seen) == 10 and len(set(seen)) == 1
+    deadline = time.monotonic() + 5
+    while any(t.name == name for t in th.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == name for t in th.enumerate())

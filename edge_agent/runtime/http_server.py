@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import socket
 import threading
 import time
-from http.server import ThreadingHTTPServer
+from http.server import HTTPServer
 from typing import Any, Deque
 
 log = logging.getLogger(__name__)
@@ -26,17 +27,22 @@ _BUSY_ANSWER = (
 )
 
 
-class CappedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection up to `max_connections`; connections beyond it are answered 503 by a
-    small fixed pool (reading their request first, so closing never resets them)."""
+class CappedHTTPServer(HTTPServer):
+    """A thread per connection up to `max_connections`, taken from a pool that keeps finished threads
+    for the next connection (starting a thread per connection costs more than the request); connections
+    beyond the cap are answered 503 by a small fixed pool (reading their request first, so closing never
+    resets them)."""
 
-    daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, addr: Any, handler: Any, api: Any) -> None:
         self.api = api
         self.request_queue_size = api.cfg.listen_backlog  # read by server_activate's listen()
-        self._slots = threading.BoundedSemaphore(api.cfg.max_connections)
+        self._cap = api.cfg.max_connections
+        self._pool_lock = threading.Lock()
+        self._busy = 0  # connections being served
+        self._idle = 0  # pool threads waiting for a connection
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._rejects: Deque[Any] = collections.deque()
         self._reject_cv = threading.Condition()
         self.busy_refused = 0
@@ -49,13 +55,20 @@ class CappedHTTPServer(ThreadingHTTPServer):
         log.warning("HTTP connection from %s failed", client_address, exc_info=True)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve the connection in its own thread while a slot is free, else queue it for a 503."""
-        if self._slots.acquire(blocking=False):
-            try:
-                super().process_request(request, client_address)
-            except Exception:
-                self._slots.release()
-                raise
+        """Hand the connection to a pool thread while under the cap (starting one when none is idle),
+        else queue it for a 503."""
+        with self._pool_lock:
+            admitted = self._busy < self._cap
+            spawn = admitted and self._idle == 0
+            if admitted:
+                self._busy += 1
+                if not spawn:
+                    self._idle -= 1
+        if admitted:
+            self._jobs.put((request, client_address))
+            if spawn:
+                threading.Thread(target=self._serve_loop, name="http-api-conn-%d" % self.server_address[1],
+                                 daemon=True).start()
             return
         self.busy_refused += 1
         with self._reject_cv:
@@ -65,15 +78,30 @@ class CappedHTTPServer(ThreadingHTTPServer):
                 return
         self.shutdown_request(request)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def _serve_loop(self) -> None:
+        """A pool thread: serve connections one after another until the server closes."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            request, client_address = job
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                with self._pool_lock:
+                    self._busy -= 1
+                    self._idle += 1
 
     def server_close(self) -> None:
         """Close the socket and stop the 503 threads (connections still waiting for them are closed)."""
         super().server_close()
+        with self._pool_lock:
+            threads = self._busy + self._idle
+        for _ in range(threads):
+            self._jobs.put(None)
         with self._reject_cv:
             self._closing = True
             self._reject_cv.notify_all()
