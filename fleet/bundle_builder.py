@@ -7,7 +7,8 @@ set. Paths in the SPEC are relative to the SPEC file. Decimal settings may be wr
 
 The build refuses, with a one-line `SpecError`, a model whose inputs or outputs differ from the
 declaration (names, dtypes, fixed dims) or whose batch axis is not dynamic, golden inputs that do not
-match the model inputs, and any SPEC field it does not know.
+match the model inputs, and any SPEC field it does not know. The SPEC's own model and its parsing are
+in `fleet.bundle_spec`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,22 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from edge_agent._toml import TOMLDecodeError, load_toml
 from edge_agent.bundle.archive import pack_bundle, read_bundle
-from edge_agent.bundle.manifest import PLATFORM_KEY_PATTERN, ManifestBody
+from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.bundle.verify import verify_manifest
 from edge_agent.config import format_validation_error
-from edge_agent.errors import BundleError, EdgeAgentError
+from edge_agent.errors import BundleError
 from edge_agent.signing import PrivateKey, canonical_json, sign_document
+from fleet.bundle_spec import (
+    BundleSpec,
+    ModelSpecDecl,
+    SpecError,
+    TensorSpecDecl,
+    decimals_as_strings,
+    load_spec,
+)
 from fleet.spec_checks import postprocessing_problem
 
 log = logging.getLogger(__name__)
@@ -47,105 +55,6 @@ ORT_DTYPES = {
     "tensor(int64)": "int64",
     "tensor(bool)": "bool",
 }
-
-
-class SpecError(EdgeAgentError):
-    """The bundle SPEC, or a model or file it names, is not acceptable."""
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TensorSpecDecl(_Spec):
-    """A declared model input or output (batch axis -1)."""
-
-    name: str
-    dtype: str
-    shape: List[int]
-
-
-class ModelSpecDecl(_Spec):
-    """One model in the SPEC."""
-
-    onnx: str
-    inputs: Optional[List[TensorSpecDecl]] = None
-    outputs: Optional[List[TensorSpecDecl]] = None
-    precisions: List[str] = Field(default_factory=lambda: ["fp32", "fp16"])
-    features_output: Optional[str] = None
-    calibration_cache: Optional[str] = None
-
-
-class GoldenDecl(_Spec):
-    """The golden input set (npz, one array per model input) and tolerances per precision."""
-
-    inputs: str
-    tolerances: Optional[Dict[str, Dict[str, Any]]] = None
-
-
-class BundleSpec(_Spec):
-    """The whole SPEC file."""
-
-    name: str
-    version: int = Field(ge=1)
-    description: str = ""
-    min_agent_version: str = "0.1.0"
-    expires_in_days: Optional[float] = Field(None, gt=0)
-    expires: Optional[int] = Field(None, ge=1)
-    models: Dict[str, ModelSpecDecl]
-    preprocessing: Dict[str, Any] = Field(default_factory=dict)
-    postprocessing: Dict[str, Any] = Field(default_factory=dict)
-    router: Dict[str, Any] = Field(default_factory=dict)
-    health: Dict[str, Any] = Field(default_factory=dict)
-    golden: GoldenDecl
-
-
-def _decimals(value: Any) -> Any:
-    """TOML floats -> decimal strings (shortest round-trip form), recursively."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: _decimals(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decimals(v) for v in value]
-    return value
-
-
-def load_spec(spec_path: Path) -> BundleSpec:
-    """Parse and validate a SPEC file."""
-    spec_path = Path(spec_path)
-    try:
-        raw = load_toml(spec_path)
-    except OSError as e:
-        raise SpecError("cannot read SPEC %s: %s" % (spec_path, e.strerror or e))
-    except TOMLDecodeError as e:
-        raise SpecError("SPEC %s is not valid TOML: %s" % (spec_path, e))
-    try:
-        spec = BundleSpec.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError("SPEC %s: %s" % (spec_path, format_validation_error(e)))
-    if set(spec.models) != {"small", "large"}:
-        raise SpecError("SPEC %s: [models] must define exactly 'small' and 'large'" % spec_path)
-    if (spec.expires is None) == (spec.expires_in_days is None):
-        raise SpecError("SPEC %s: give exactly one of expires_in_days or expires" % spec_path)
-    return spec
-
-
-def parse_engine_option(text: str) -> Tuple[str, str, Path]:
-    """``PLATFORM_KEY=MODEL:PLAN`` -> (platform key, model name, plan path)."""
-    import re
-
-    key, sep, rest = text.partition("=")
-    model, sep2, plan = rest.partition(":")
-    if not sep or not sep2 or not plan:
-        raise SpecError("--engine %r is not of the form PLATFORM_KEY=MODEL:PLAN" % text)
-    if not re.match(PLATFORM_KEY_PATTERN, key):
-        raise SpecError("--engine platform key %r is not of the form trt<version>-sm<major><minor>" % key)
-    if model not in ("small", "large"):
-        raise SpecError("--engine model %r must be 'small' or 'large'" % model)
-    return key, model, Path(plan)
 
 
 # ------------------------------------------------------------------------------------- model checks
@@ -365,7 +274,7 @@ def _add_engines(engines: Sequence[Tuple[str, str, Path]], files: Dict[str, Path
 
 def _router_section(spec: BundleSpec, base: Path, files: Dict[str, Path]) -> Dict[str, Any]:
     """The router policy with decimals as strings; a linear head file is carried as router/linear_head.npz."""
-    router = _decimals(dict(spec.router))
+    router = decimals_as_strings(dict(spec.router))
     if router.get("linear_head"):
         files["router/linear_head.npz"] = _existing(base, router["linear_head"], "router linear head")
         router["linear_head"] = "router/linear_head.npz"
@@ -391,7 +300,7 @@ def _golden_section(spec: BundleSpec, sessions: Dict[str, Any], golden_inputs: D
         "large_outputs": "golden/large_outputs.npz",
     }
     if spec.golden.tolerances is not None:
-        golden["tolerances"] = _decimals(spec.golden.tolerances)
+        golden["tolerances"] = decimals_as_strings(spec.golden.tolerances)
     return golden
 
 
@@ -410,11 +319,11 @@ def _manifest_body(spec: BundleSpec, spec_path: Path, *, created: int, files: Di
         "description": spec.description,
         "files": {p: _file_entry(src) for p, src in sorted(files.items())},
         "models": models,
-        "preprocessing": _decimals(spec.preprocessing),
-        "postprocessing": _decimals(spec.postprocessing),
+        "preprocessing": decimals_as_strings(spec.preprocessing),
+        "postprocessing": decimals_as_strings(spec.postprocessing),
         "router": router,
         "golden": golden,
-        "health": _decimals(spec.health),
+        "health": decimals_as_strings(spec.health),
     }
     try:
         return ManifestBody.model_validate(signed)

@@ -14,7 +14,8 @@ from edge_agent.bundle.archive import read_bundle, unpack_bundle
 from edge_agent.bundle.verify import verify_manifest
 from edge_agent.errors import SignatureError
 from edge_agent.signing import PrivateKey
-from fleet.bundle_builder import SpecError, build_bundle, parse_engine_option
+from fleet.bundle_builder import build_bundle
+from fleet.bundle_spec import SpecError, parse_engine_option
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "digits"
 KEY = PrivateKey.generate("build")

@@ -21,7 +21,8 @@ def _fmt_time(t: int) -> str:
 
 def _build(args: argparse.Namespace) -> int:
     """Build and sign a bundle from a SPEC."""
-    from fleet.bundle_builder import build_bundle, parse_engine_option
+    from fleet.bundle_builder import build_bundle
+    from fleet.bundle_spec import parse_engine_option
 
     try:
         keys = [PrivateKey.load(Path(k)) for k in args.key]
