@@ -17,9 +17,9 @@ import numpy as np
 
 from edge_agent.errors import EdgeAgentError, InputError
 from edge_agent.lifecycle.shadow import Split
+from edge_agent.runtime.answer import InferResult
 from edge_agent.runtime.errors import OverloadedError
 from edge_agent.runtime.mirror import _Delegating
-from edge_agent.runtime.service import InferResult
 from edge_agent.runtime.stats import LatencyRecorder, merge_histograms, percentiles
 
 log = logging.getLogger(__name__)

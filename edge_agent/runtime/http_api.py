@@ -31,6 +31,7 @@ import numpy as np
 
 from edge_agent.config import ApiConfig
 from edge_agent.errors import EdgeAgentError, InputError
+from edge_agent.runtime.answer import InferResult
 from edge_agent.runtime.errors import OverloadedError, RequestTimeoutError, ServiceClosedError
 from edge_agent.runtime.http_auth import ApiAccess, api_access
 from edge_agent.runtime.http_json import JsonRequest, check_top_k, parse_json_request, query_top_k
@@ -38,7 +39,6 @@ from edge_agent.runtime.http_server import CappedHTTPServer
 from edge_agent.runtime.openapi import openapi_json_bytes
 from edge_agent.runtime.postprocess import scale_boxes, shorten
 from edge_agent.runtime.preprocess import read_npy
-from edge_agent.runtime.service import InferResult
 
 log = logging.getLogger(__name__)
 

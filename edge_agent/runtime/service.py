@@ -9,16 +9,17 @@ With the ``confidence`` gate or a ``linear`` head over the small model's feature
 first and its outputs decide; a ``linear`` head over input statistics decides before any model runs.
 When the large model's queue refuses an escalated request, the small model's answer is returned
 (counted as shed) rather than failing the request.
+
+A request of many items (a batch .npy) takes the same path per chunk: `service_batch`. The answer type
+is `answer.InferResult`; the checks on model outputs are `output_checks`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -27,19 +28,20 @@ import numpy as np
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.config import RuntimeConfig
 from edge_agent.errors import EdgeAgentError, InferenceError
+from edge_agent.runtime.answer import InferResult
 from edge_agent.runtime.batcher import BatchItemResult, DynamicBatcher
 from edge_agent.runtime.errors import OverloadedError, RequestTimeoutError, RouterPolicyError
-from edge_agent.runtime.postprocess import Postprocessor, decode_yolo, nms_per_class
+from edge_agent.runtime.output_checks import check_finite, detection_gate_score
+from edge_agent.runtime.postprocess import Postprocessor
 from edge_agent.runtime.preprocess import Preprocessor
 from edge_agent.runtime.router import (
-    DETECTION_FLOOR_RATIO,
     LinearHead,
     TauController,
     confidence_scores,
-    detection_certainty,
     input_stats,
     top_probability,
 )
+from edge_agent.runtime.service_batch import BatchServing
 from edge_agent.runtime.stats import LatencyRecorder, percentiles
 
 log = logging.getLogger(__name__)
@@ -49,16 +51,6 @@ _P99_REFRESH_S = 0.05
 ROUTES = ("small", "large")
 
 
-@dataclass(frozen=True)
-class InferResult:
-    """The answer to one request."""
-
-    route: str
-    output: Dict[str, Any]
-    latency_ms: float
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-
 class _RouteCounters:
     def __init__(self) -> None:
         self.requests = 0
@@ -66,7 +58,7 @@ class _RouteCounters:
         self.latency = LatencyRecorder()
 
 
-class InferenceService:
+class InferenceService(BatchServing):
     """Serves one activated bundle: `infer_tensor`, `infer_image`, `stats_snapshot`, `set_router`.
 
     `models` is anything with `.small` and `.large` Engines and a `.batch` dict (the tuned batch size per
@@ -273,7 +265,7 @@ class InferenceService:
                 res = self._run("small", item, deadline)
                 if gate != "small-only" and self._decide(self._score(gate, head, res)):
                     route, res = self._escalate(item, deadline, res)
-            _check_finite(route, res.outputs, self._answer_outputs[route])
+            check_finite(route, res.outputs, self._answer_outputs[route])
         except OverloadedError:
             with self._lock:
                 self._refused += 1
@@ -292,119 +284,6 @@ class InferenceService:
         self._latency.add(latency_ms, done)
         return InferResult(route=route, output=output, latency_ms=round(latency_ms, 3),
                            extra={"batch": res.batch_size})
-
-    def _serve_many(self, items: np.ndarray, t0: float, timeout_s: float) -> List[InferResult]:
-        n = len(items)
-        deadline = t0 + timeout_s
-        with self._lock:
-            self._requests += n
-        to_large = np.zeros(n, dtype=bool)
-        small_out: Optional[Dict[str, np.ndarray]] = None
-        large_out: Optional[Dict[str, np.ndarray]] = None
-        gate = self.router.gate
-        head = self.head
-        try:
-            if gate == "large-only":
-                to_large[:] = True
-            elif gate == "linear" and head is not None and head.source == "input_stats":
-                to_large = self._decide_many(head.scores(input_stats(items)))
-            else:
-                small_out = self._run_chunk("small", items, deadline)
-                if gate != "small-only":
-                    to_large = self._decide_many(self._scores_many(gate, head, small_out, n))
-            idx_large = np.nonzero(to_large)[0]
-            if idx_large.size:
-                try:
-                    large_out = self._run_chunk("large", items[idx_large], deadline)
-                except OverloadedError:  # shed: these items get the small model's answers
-                    with self._lock:
-                        self._shed += int(idx_large.size)
-                    to_large[:] = False
-                    idx_large = idx_large[:0]
-            if small_out is None and idx_large.size < n:
-                idx_small = np.nonzero(~to_large)[0]
-                part = self._run_chunk("small", items[idx_small], deadline)
-                small_out = {k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in part.items()}
-                for k, v in part.items():
-                    small_out[k][idx_small] = v
-        except OverloadedError:
-            with self._lock:
-                self._refused += n
-            raise
-        except EdgeAgentError:
-            with self._lock:
-                self._errors += n
-                self._routes["small"].errors += n
-            raise
-        bad = _non_finite_rows(to_large, small_out, large_out, self._answer_outputs)
-        if bad:
-            # The request is answered with an error; every item of it counts as failed, on its route.
-            n_large = int(np.count_nonzero(to_large))
-            with self._lock:
-                self._errors += n
-                self._routes["large"].errors += n_large
-                self._routes["small"].errors += n - n_large
-            raise InferenceError("the %s model returned a non-finite value (NaN or Inf) for %d of %d items"
-                                 % (bad[0], bad[1], n))
-        idx_large = np.nonzero(to_large)[0]
-        idx_small = np.nonzero(~to_large)[0]
-        answers: List[Any] = [None] * n
-        for route, idx, outs in (("large", idx_large, large_out), ("small", idx_small, small_out)):
-            if idx.size == 0:
-                continue
-            assert outs is not None
-            if route == "small" and idx.size < n:
-                outs = {k: v[idx] for k, v in outs.items()}
-            for i, o in zip(idx.tolist(), self._post[route].many(outs, int(idx.size), input_hw=self.pre.size_hw)):
-                answers[i] = (route, o)
-        done = time.monotonic()
-        latency_ms = (done - t0) * 1000.0
-        with self._lock:
-            self._routes["large"].requests += int(idx_large.size)
-            self._routes["small"].requests += int(idx_small.size)
-        for route, idx in (("large", idx_large), ("small", idx_small)):
-            if idx.size:
-                self._routes[route].latency.add_many(latency_ms, int(idx.size), done)
-        self._latency.add_many(latency_ms, n, done)
-        lat = round(latency_ms, 3)
-        return [InferResult(route=r, output=o, latency_ms=lat) for r, o in answers]
-
-    def _run_chunk(self, route: str, items: np.ndarray, deadline: float) -> Dict[str, np.ndarray]:
-        futs = self._batchers[route].submit_chunk({self._input_names[route]: items})
-        parts = []
-        try:
-            for f in futs:
-                parts.append(f.result(timeout=max(0.0, deadline - time.monotonic())).outputs)
-        except concurrent.futures.TimeoutError:
-            for f in futs:
-                f.cancel()
-            raise RequestTimeoutError("no answer from the %s model within the timeout" % route)
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def _scores_many(self, gate: str, head: Optional[LinearHead], out: Dict[str, np.ndarray], n: int) -> np.ndarray:
-        if gate == "linear" and head is not None:
-            assert self._features_output is not None
-            return head.scores(out[self._features_output])
-        post = self._post["small"]
-        o = out[post.output_name]
-        if post.post.kind == "detection":
-            return np.array([_detection_gate_score(post, o[i]) for i in range(n)])
-        if post.post.kind == "classification" and not post.post.apply_softmax:
-            return np.asarray(o, dtype=np.float64).reshape(n, -1).max(axis=1)
-        return confidence_scores(np.asarray(o).reshape(n, -1))
-
-    def _decide_many(self, scores: np.ndarray) -> np.ndarray:
-        now = time.monotonic()
-        large = self._batchers["large"]
-        t_p99, p99 = self._p99_cache
-        if now - t_p99 > _P99_REFRESH_S:
-            p99 = large.latency.recent_p99(now)
-            self._p99_cache = (now, p99)
-        with self._router_lock:
-            self.router.update_load(now, large.queue_depth(), p99)
-            return np.array([self.router.decide(float(s)) for s in scores], dtype=bool)
 
     def _run(self, route: str, item: np.ndarray, deadline: float) -> BatchItemResult:
         fut = self._batchers[route].submit({self._input_names[route]: item})
@@ -434,7 +313,7 @@ class InferenceService:
         post = self._post["small"]
         out = res.outputs[post.output_name]
         if post.post.kind == "detection":
-            return _detection_gate_score(post, out)
+            return detection_gate_score(post, out)
         if post.post.kind == "classification" and not post.post.apply_softmax:
             return float(np.max(out))
         if out.size <= 64:
@@ -443,57 +322,18 @@ class InferenceService:
 
     def _decide(self, score: float) -> bool:
         now = time.monotonic()
-        large = self._batchers["large"]
-        t_p99, p99 = self._p99_cache
-        if now - t_p99 > _P99_REFRESH_S:
-            p99 = large.latency.recent_p99(now)
-            self._p99_cache = (now, p99)
+        p99 = self._large_p99(now)
         with self._router_lock:
-            self.router.update_load(now, large.queue_depth(), p99)
+            self.router.update_load(now, self._batchers["large"].queue_depth(), p99)
             return self.router.decide(score)
 
-
-def _detection_gate_score(post: Postprocessor, out: np.ndarray) -> float:
-    """The confidence gate's score for one frame of the small detector: `detection_certainty` of its
-    candidate boxes after NMS at a floor under the score threshold."""
-    boxes, scores, cls = decode_yolo(out)
-    floor = post.score_threshold * DETECTION_FLOOR_RATIO
-    keep = nms_per_class(boxes, scores, cls, score_threshold=floor, iou_threshold=post.iou_threshold,
-                         max_detections=post.post.max_detections)
-    return detection_certainty(scores[keep], post.score_threshold)
-
-
-def _check_finite(route: str, outputs: Dict[str, np.ndarray], names: Tuple[str, ...]) -> None:
-    """A NaN or Inf in the outputs an answer is made of is an inference error, not an answer."""
-    for name in names:
-        v = outputs[name]
-        if v.dtype.kind != "f":
-            continue
-        # Small outputs (one item's logits): a Python sum in double precision is finite exactly when every
-        # value is (float32/16 values cannot overflow it) and costs a tenth of np.isfinite(v).all().
-        finite = math.isfinite(sum(v.ravel().tolist())) if v.size <= 256 else bool(np.isfinite(v).all())
-        if not finite:
-            raise InferenceError("the %s model returned a non-finite value (NaN or Inf) in output %r" % (route, name))
-
-
-def _non_finite_rows(to_large: np.ndarray, small_out: Optional[Dict[str, np.ndarray]],
-                     large_out: Optional[Dict[str, np.ndarray]],
-                     names: Dict[str, Tuple[str, ...]]) -> Optional[Tuple[str, int]]:
-    """(route, number of items) of the first route whose answering rows hold a NaN/Inf in the outputs
-    answers are made of, else None (one vectorised check per chunk)."""
-    for route, outs, rows in (("large", large_out, None), ("small", small_out, ~to_large)):
-        if outs is None:
-            continue
-        for name in names[route]:
-            v = outs[name]
-            if v.dtype.kind != "f":
-                continue
-            ok = np.isfinite(v.reshape(len(v), -1)).all(axis=1)
-            if rows is not None:
-                ok = ok | ~rows  # rows answered by the large model do not count against the small one
-            if not ok.all():
-                return route, int(np.count_nonzero(~ok))
-    return None
+    def _large_p99(self, now: float) -> float:
+        """The large model's recent p99 latency, recomputed at most every _P99_REFRESH_S."""
+        t_p99, p99 = self._p99_cache
+        if now - t_p99 > _P99_REFRESH_S:
+            p99 = self._batchers["large"].latency.recent_p99(now)
+            self._p99_cache = (now, p99)
+        return p99
 
 
 def _round(v: Optional[float]) -> Optional[float]:
