@@ -1,27 +1,39 @@
 """The chunk server: answers devices' fetch requests with raw bytes from the controller's bundle store.
 
 A device's `ChunkRequest` on ``{p}/bundles/fetch`` names a bundle, a hash (the manifest's or one of its
-files') and a range. The server answers only for bundles it stores and hashes that bundle names, only on
-the requesting device's own chunks topic, and never more than `max_chunk_bytes` at a time. The answer is
-the raw bytes with ``sha256``/``offset``/``length``/``total`` user properties; a refusal carries an
-``error`` property and no bytes.
+files') and a range. The server answers only for bundles it stores and hashes that bundle names, only for
+a bundle a deploy command was sent to that device for (`fleet/entitlements.py`), only on the requesting
+device's own chunks topic, and never more than `max_chunk_bytes` at a time. The answer is the raw bytes
+with ``sha256``/``offset``/``length``/``total`` user properties; a refusal carries an ``error`` property
+and no bytes.
+
+Bounded against a flood from one device: requests over `max_request_bytes` are dropped before parsing;
+each device (named by the response topic, which must be its own chunks topic) has a request rate
+(`device_requests_per_s`) and its own share of the queue (`device_queue`), served in turn with the other
+devices' (`FairQueue`); and at most `max_inflight_bytes` of chunks wait for the broker's acknowledgement
+(back-pressure: the worker waits, then drops the request; the device asks again).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import threading
-from typing import Dict, Optional
+import time
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 from edge_agent.errors import BundleError
-from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.packets import Delivery, Inbound
 from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import ChunkRequest, MessageError
 from fleet.bundle_store import ControllerStore
-from fleet.ratelimit import RateLimit
+from fleet.fairqueue import FairQueue
+from fleet.ratelimit import KeyedRate, RateLimit
+
+#: (device id, bundle name, version) -> may this device fetch this bundle?
+Entitled = Callable[[str, str, int], bool]
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +42,43 @@ class ChunkServer:
     """Answers fetch requests from the store. Requests are queued by the network thread and served by
     one worker thread (file reads never block the MQTT loop)."""
 
-    def __init__(self, session: MqttSession, store: ControllerStore, *, prefix: str, cfg) -> None:
+    def __init__(self, session: MqttSession, store: ControllerStore, *, prefix: str, cfg, entitled: Entitled) -> None:
         self.session = session
         self.store = store
         self.prefix = prefix
         self.cfg = cfg
-        self._q: queue.Queue = queue.Queue(maxsize=cfg.queue)
+        self.entitled = entitled
+        self._q = FairQueue(per_key=cfg.device_queue, total=cfg.queue)
+        self._device_rate = KeyedRate(cfg.device_requests_per_s, cfg.device_request_burst)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._rate = RateLimit(cfg.max_bytes_per_s)
         self._fds: Dict[str, int] = {}
-        self.stats: Dict[str, int] = {"requests": 0, "served_bytes": 0, "refused": 0, "dropped": 0, "malformed": 0}
+        self._inflight: Deque[Tuple[Delivery, int]] = collections.deque()
+        self._inflight_bytes = 0
+        self.stats: Dict[str, int] = {
+            "requests": 0, "served_bytes": 0, "refused": 0, "dropped": 0, "malformed": 0, "oversize": 0,
+            "rate_limited": 0, "not_entitled": 0, "busy_dropped": 0,
+        }
 
     def set_rate(self, bytes_per_s: Optional[int]) -> None:
         """Change the serving rate cap (None: unlimited)."""
         self._rate = RateLimit(bytes_per_s)
 
     def on_request(self, msg: Inbound) -> None:
-        """Network-thread handler for ``{p}/bundles/fetch``."""
-        try:
-            self._q.put_nowait(msg)
-        except queue.Full:
+        """Network-thread handler for ``{p}/bundles/fetch``: size, rate and queue share are checked here,
+        before anything is parsed."""
+        if len(msg.payload) > self.cfg.max_request_bytes:
+            self.stats["oversize"] += 1
+            return
+        key = msg.response_topic or ""
+        if not key:
+            self.stats["malformed"] += 1
+            return
+        if not self._device_rate.allow(key):
+            self.stats["rate_limited"] += 1
+            return
+        if not self._q.put(key, msg):
             self.stats["dropped"] += 1  # the device times out and asks again
 
     def start(self) -> None:
@@ -69,9 +97,8 @@ class ChunkServer:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                msg = self._q.get(timeout=0.2)
-            except queue.Empty:
+            msg = self._q.get(timeout_s=0.2)
+            if msg is None:
                 continue
             try:
                 self.serve(msg)
@@ -98,7 +125,11 @@ class ChunkServer:
         total = 0
         try:
             allowed = self.store.allowed(req.bundle.name, req.bundle.version)
-            if req.sha256 not in allowed:
+            if not self.entitled(req.device_id, req.bundle.name, req.bundle.version):
+                # The same answer as for a bundle the controller does not hold: nothing learnt by asking.
+                self.stats["not_entitled"] += 1
+                error = "bundle %s v%d is not available to %s" % (req.bundle.name, req.bundle.version, req.device_id)
+            elif req.sha256 not in allowed:
                 error = "bundle %s v%d has no file %s" % (req.bundle.name, req.bundle.version, req.sha256[:12])
             else:
                 total = allowed[req.sha256]
@@ -115,14 +146,33 @@ class ChunkServer:
                 expected_topic, b"", qos=1, user_properties=props, correlation_data=msg.correlation_data
             )
             return
+        if not self._make_room(req.length):
+            self.stats["busy_dropped"] += 1  # the device times out and asks again
+            return
         self._rate.take(req.length, self._stop)
         data = os.pread(self._fd(req.sha256), req.length, req.offset)
         props["total"] = str(total)
         props["length"] = str(len(data))
-        self.session.publish(
+        d = self.session.publish(
             expected_topic, data, qos=1, user_properties=props, correlation_data=msg.correlation_data, block_s=5.0
         )
+        self._inflight.append((d, len(data)))
+        self._inflight_bytes += len(data)
         self.stats["served_bytes"] += len(data)
+
+    def _make_room(self, n: int) -> bool:
+        """Wait (at most `send_timeout_s`) until `n` more bytes fit under `max_inflight_bytes` of chunks not
+        yet acknowledged by the broker; False when they do not."""
+        deadline = time.monotonic() + self.cfg.send_timeout_s
+        while True:
+            while self._inflight and self._inflight[0][0].done:
+                self._inflight_bytes -= self._inflight.popleft()[1]
+            if not self._inflight or self._inflight_bytes + n <= self.cfg.max_inflight_bytes:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.is_set():
+                return False
+            self._inflight[0][0].wait(min(left, 0.2))
 
     def _fd(self, sha256: str) -> int:
         fd = self._fds.get(sha256)

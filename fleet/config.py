@@ -32,7 +32,13 @@ class ChunkServerSection(_Section):
 
     max_chunk_bytes: int = Field(1 * MIB, ge=4 * KIB, le=1 * MIB)
     max_bytes_per_s: Optional[int] = Field(None, ge=1 * KIB, description="total serving rate cap; none = unlimited")
-    queue: int = Field(4096, ge=16)
+    queue: int = Field(4096, ge=16, description="fetch requests waiting, all devices together")
+    device_queue: int = Field(64, ge=1, description="fetch requests waiting per device (served in turn)")
+    max_request_bytes: int = Field(4 * KIB, ge=256, description="larger fetch requests are dropped unparsed")
+    device_requests_per_s: float = Field(400.0, gt=0, description="fetch requests per second per device")
+    device_request_burst: int = Field(400, ge=1, description="fetch requests a device may send at once")
+    max_inflight_bytes: int = Field(32 * MIB, ge=1 * MIB, description="chunk bytes awaiting the broker's ack")
+    send_timeout_s: float = Field(5.0, gt=0, description="wait for room under max_inflight_bytes, then drop")
 
 
 class BundleTrustSection(_Section):
@@ -71,6 +77,24 @@ class RegistrySection(_Section):
     history_retention_s: float = Field(7 * 86400.0, ge=0, description="telemetry history kept; 0 = none kept")
 
 
+class IngestSection(_Section):
+    """Bounds on device reports (status, telemetry, events) before the controller parses them."""
+
+    max_report_bytes: int = Field(128 * KIB, ge=4 * KIB, le=2 * MIB, description="larger reports dropped unparsed")
+    device_reports_per_s: float = Field(20.0, gt=0, description="reports per second per device, all channels")
+    device_report_burst: int = Field(200, ge=1, description="reports a device may send at once")
+    backlog_bytes: int = Field(32 * MIB, ge=1 * MIB, description="bytes of reports waiting to be parsed")
+
+
+class RpcSection(_Section):
+    """Bounds on operator CLI requests (``{p}/fleet/rpc``)."""
+
+    requests_per_s: float = Field(20.0, gt=0, description="requests per second per operator (reply-topic name)")
+    request_burst: int = Field(40, ge=1, description="requests an operator may send at once")
+    max_age_s: float = Field(120.0, gt=0, description="older requests (issued_at, allowing clock skew) refused")
+    backlog: int = Field(64, ge=1, description="requests waiting for the worker; more are answered 'busy'")
+
+
 class FleetConfig(_Section):
     """The whole controller configuration (`fleet.toml`)."""
 
@@ -80,6 +104,8 @@ class FleetConfig(_Section):
     trust: BundleTrustSection = BundleTrustSection()
     rollouts: RolloutSection = RolloutSection()
     registry: RegistrySection = RegistrySection()
+    ingest: IngestSection = IngestSection()
+    rpc: RpcSection = RpcSection()
 
 
 def load_fleet_config(path: Path) -> FleetConfig:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from edge_agent.mqtt.packets import Inbound
 from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol.messages import BundleRef
+from fleet.config import IngestSection, RpcSection
 from fleet.ingest import HealthPolicy, Ingest
 from fleet.leases import RolloutLeases
 from fleet.registry import Registry
@@ -55,8 +56,15 @@ class ControlPlane:
         share_group: Optional[str] = "fleet",
         leases: Optional[RolloutLeases] = None,
         inbox_poll_s: float = 0.25,
+        ingest_limits: Optional[IngestSection] = None,
+        rpc_limits: Optional[RpcSection] = None,
+        ingest_session: Optional[MqttSession] = None,
     ) -> None:
+        il = ingest_limits or IngestSection()
         self.session = session
+        # Device reports may arrive on their own connection: a device flooding its report topics then
+        # congests only that one, not the CLI requests, fetch requests and commands on `session`.
+        self.ingest_session = ingest_session or session
         self.prefix = prefix
         self.registry = registry
         self.resolve_bundle = resolve_bundle
@@ -72,8 +80,12 @@ class ControlPlane:
             max_backlog=ingest_backlog,
             history_interval_s=history_interval_s,
             history_retention_s=history_retention_s,
+            max_payload_bytes=il.max_report_bytes,
+            max_backlog_bytes=il.backlog_bytes,
+            device_rate_per_s=il.device_reports_per_s,
+            device_burst=il.device_report_burst,
         )
-        self.rpc = RpcServer(session, prefix=prefix, share=share_group is not None)
+        self.rpc = RpcServer(session, prefix=prefix, share=share_group is not None, limits=rpc_limits or RpcSection())
         self.tick_interval_s = tick_interval_s
         self.telemetry_flush_s = telemetry_flush_s
         self.share_group = share_group
@@ -91,7 +103,7 @@ class ControlPlane:
         self.runner.resume_from_registry()
         self.ingest.start()
         for f in self.ingest.subscriptions(self.share_group):
-            self.session.subscribe(f, self._on_device_message, qos=1)
+            self.ingest_session.subscribe(f, self._on_device_message, qos=1)
         self.rpc.start()
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick_loop, name="fleet-ticker", daemon=True)

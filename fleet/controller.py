@@ -18,12 +18,20 @@ from edge_agent.errors import ResourceError
 from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.commands import sign_command
-from edge_agent.protocol.messages import BundleRef, CommandArgs
+from edge_agent.protocol.messages import BundleRef, CommandArgs, DeployArgs
 from edge_agent.signing import PrivateKey, load_public_keys
 from fleet.bundle_store import ControllerStore
 from fleet.chunk_server import ChunkServer
 from fleet.command_seq import SeqCounter
 from fleet.config import FleetConfig
+from fleet.entitlements import Entitlements, RegistryEntitlements
+
+
+def max_inbound_bytes(cfg: FleetConfig) -> int:
+    """The largest message the controller takes: a report, a fetch request or a CLI request."""
+    from fleet.rpc import MAX_RPC_BYTES
+
+    return max(cfg.ingest.max_report_bytes, cfg.chunks.max_request_bytes, MAX_RPC_BYTES)
 
 
 class Controller:
@@ -51,9 +59,17 @@ class Controller:
             self.store = ControllerStore(state / "store")
             self.seq = SeqCounter(state / "command-seq.json")
         self.key = key
-        self.session = MqttSession(cfg.mqtt, client_id=client_id or cfg.controller.client_id, outgoing_queue=8192,
-                                   name="controller")
-        self.chunks = ChunkServer(self.session, self.store, prefix=self.prefix, cfg=cfg.chunks)
+        # Nothing a device or an operator sends the controller is large (reports, fetch and CLI requests):
+        # anything bigger is dropped before a handler sees it.
+        self.client_id = client_id or cfg.controller.client_id
+        self.session = MqttSession(cfg.mqtt, client_id=self.client_id, outgoing_queue=8192,
+                                   name="controller", max_inbound_bytes=max_inbound_bytes(cfg))
+        self.ingest_session: Optional[MqttSession] = None
+        # Who may fetch what: in the shared registry when there is one, else next to the store.
+        self.entitlements: Any = (RegistryEntitlements(self.registry) if self.registry is not None
+                                  else Entitlements(state / "entitlements.sqlite"))
+        self.chunks = ChunkServer(self.session, self.store, prefix=self.prefix, cfg=cfg.chunks,
+                                  entitled=self.entitlements.allows)
         self.serve_chunks = serve_chunks
         if serve_chunks:
             fetch = topics.bundles_fetch(self.prefix)
@@ -73,6 +89,9 @@ class Controller:
         from fleet.rollouts.record import RolloutParams
 
         r = cfg.rollouts
+        # Device reports on a connection of their own (see ControlPlane).
+        # (Ingest drops reports over ingest.max_report_bytes itself, and counts them.)
+        self.ingest_session = MqttSession(cfg.mqtt, client_id=self.client_id[:56] + "-ingest", name="controller-ingest")
         if self.registry is None:
             self.registry = Registry(r.registry_file or cfg.controller.state_dir / "registry.sqlite")
         self.control = ControlPlane(
@@ -82,6 +101,7 @@ class Controller:
             health=HealthPolicy(max_error_rate=r.unhealthy_error_rate), tick_interval_s=r.tick_interval_s,
             telemetry_flush_s=r.telemetry_flush_s, ingest_backlog=r.ingest_backlog, leases=self._leases(cfg),
             history_interval_s=cfg.registry.history_interval_s, history_retention_s=cfg.registry.history_retention_s,
+            ingest_limits=cfg.ingest, rpc_limits=cfg.rpc, ingest_session=self.ingest_session,
         )
 
     def _leases(self, cfg: FleetConfig):
@@ -137,15 +157,16 @@ class Controller:
         )
 
     def send_command(self, device_id: str, args: CommandArgs):
-        """Sign and publish a command to one device (QoS 1); returns the `Delivery`."""
+        """Sign and publish a command to one device (QoS 1); returns the `Delivery`. A deploy entitles
+        the device to fetch that bundle from the chunk server (before the device can ask)."""
+        if isinstance(args, DeployArgs):
+            self.entitlements.grant(device_id, args.bundle.name, args.bundle.version)
         return self.session.publish(
             topics.commands(self.prefix, device_id), self.sign(device_id, args), qos=1, block_s=5.0
         )
 
     def deploy_args(self, name: str, version: int, rollout_id: Optional[str] = None):
         """DeployArgs for a stored bundle."""
-        from edge_agent.protocol.messages import DeployArgs
-
         rec = self.store.record(name, version)
         return DeployArgs(
             bundle=BundleRef(name=name, version=version), manifest_sha256=str(rec["manifest_sha256"]),
@@ -159,6 +180,8 @@ class Controller:
         if self.control is not None:
             self.control.start()
         self.session.start()
+        if self.ingest_session is not None:
+            self.ingest_session.start()
 
     def stop(self) -> None:
         """Stop serving and disconnect."""
@@ -166,5 +189,8 @@ class Controller:
             self.control.stop()
         self.chunks.stop()
         self.session.stop()
+        if self.ingest_session is not None:
+            self.ingest_session.stop()
+        self.entitlements.close()
         if self.registry is not None:
             self.registry.close()

@@ -12,7 +12,10 @@ when the worker sleeps): parsing runs on the ingest worker thread, in batches, s
 keeps reading (RPC requests stay answerable) however busy ingest is. The hand-over is bounded: status
 and events (which drive rollouts) have their own queue and are taken first; when the telemetry queue is
 full, new telemetry is shed and counted (`dropped`, in `controller.status`), never buffered without
-limit and never lost without a count.
+limit and never lost without a count. Before that, per message and before anything is parsed: a
+message over `max_payload_bytes` is dropped (`oversize`), each device has a message rate over all its
+channels (`device_rate_per_s`, burst `device_burst`; over it: `rate_limited`), and the queues together
+hold at most `max_backlog_bytes`.
 
 Telemetry, the bulk of the traffic, is validated by pydantic's JSON validator (`parse_telemetry`:
 one pass in pydantic-core, about five times cheaper than decoding to Python objects and validating
@@ -39,6 +42,7 @@ from pydantic import ValidationError
 
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import Event, MessageError, Status, Telemetry
+from fleet.ratelimit import KeyedRate
 from fleet.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -161,6 +165,9 @@ class Ingest:
         max_payload_bytes: int = 1 << 20,
         max_telemetry_bytes: int = 64 << 10,
         max_backlog: int = 20000,
+        max_backlog_bytes: int = 32 << 20,
+        device_rate_per_s: float = 20.0,
+        device_burst: int = 200,
         history_interval_s: float = 60.0,
         history_retention_s: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
@@ -189,6 +196,14 @@ class Ingest:
         self.max_backlog = max_backlog
         self._cv = threading.Condition()
         self._q_control: collections.deque = collections.deque()
+        self.oversize = 0
+        self.rate_limited = 0
+        self.max_backlog_bytes = max_backlog_bytes
+        # Queued bytes = _bytes_in - _bytes_out; each counter is written by one thread only (network thread,
+        # worker), so the lock-free hand-over stays race-free.
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._rate = KeyedRate(device_rate_per_s, device_burst)
         self._q_telemetry: collections.deque = collections.deque()
         self.dropped: Dict[str, int] = {c: 0 for c in CHANNELS}
         self._stop = threading.Event()
@@ -222,8 +237,21 @@ class Ingest:
 
         deque appends are atomic, so the network thread takes no lock per message; it wakes the worker
         only when the worker is idle (the worker sets `_idle` under the condition before it re-checks
-        the queues and waits, so no wake-up is lost)."""
-        if topic.endswith("/telemetry"):
+        the queues and waits, so no wake-up is lost). Size, the sending device's rate and the byte bound
+        are checked first, before anything is parsed."""
+        if len(payload) > self.max_payload_bytes:
+            self.oversize += 1
+            return
+        # One budget per device for all its channels (the topic names the device; the broker lets a
+        # device publish only under its own id).
+        if not self._rate.allow(topic.rsplit("/", 1)[0]):
+            self.rate_limited += 1
+            return
+        channel = "telemetry" if topic.endswith("/telemetry") else "events" if topic.endswith("/events") else "status"
+        if self._bytes_in - self._bytes_out + len(payload) > self.max_backlog_bytes:
+            self.dropped[channel] += 1
+            return
+        if channel == "telemetry":
             if len(self._q_telemetry) >= self.max_backlog:
                 self.dropped["telemetry"] += 1
                 return
@@ -231,9 +259,10 @@ class Ingest:
         else:
             # Status and events drive rollouts: a much larger bound, and taken first.
             if len(self._q_control) >= 10 * self.max_backlog:
-                self.dropped["events" if topic.endswith("/events") else "status"] += 1
+                self.dropped[channel] += 1
                 return
             self._q_control.append((topic, payload))
+        self._bytes_in += len(payload)
         if self._idle:
             with self._cv:
                 self._cv.notify()
@@ -274,6 +303,7 @@ class Ingest:
                 items.append(q.popleft())
             except IndexError:
                 break
+        self._bytes_out += sum(len(p) for _, p in items)
         if q is self._q_control:
             for item in items:
                 self.handle(*item)
@@ -424,6 +454,9 @@ class Ingest:
             "pending_telemetry": len(self._pending),
             "queued": len(self._q_control) + len(self._q_telemetry),
             "dropped": dict(self.dropped),
+            "oversize": self.oversize,
+            "rate_limited": self.rate_limited,
+            "queued_bytes": self._bytes_in - self._bytes_out,
             "last_message_at": self.last_message_at,
             "last_error": self.last_error,
         }

@@ -179,6 +179,19 @@ class Registry:
 
         return int(self._write(write))
 
+    # ------------------------------------------------------------------------------------- fetch rights
+
+    def grant_fetch(self, device_id: str, name: str, version: int, *, now: float) -> None:
+        """Let `device_id` fetch bundle `name` v`version` (a deploy command for it is being sent)."""
+        self._write(lambda tx: tx.execute(
+            "INSERT INTO fetch_entitlements (device_id, name, version, granted_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device_id, name, version) DO NOTHING", (device_id, name, int(version), now)))
+
+    def fetch_allowed(self, device_id: str, name: str, version: int) -> bool:
+        """True when some controller sharing this registry sent `device_id` a deploy of this bundle."""
+        return bool(self._read("SELECT 1 FROM fetch_entitlements WHERE device_id = ? AND name = ? AND version = ?",
+                               (device_id, name, int(version))))
+
     # ------------------------------------------------------------------------------------- devices
 
     def record_status(self, status: Dict[str, Any], *, now: float) -> None:

@@ -12,6 +12,7 @@ Tables:
   requests for it), ``telemetry_history`` (downsampled), ``bundle_records`` / ``bundle_objects`` /
   ``bundle_chunks`` (the shared bundle store).
 * (3) ``controllers``: the controllers sharing the registry, their last heartbeat and counters.
+* (4) ``fetch_entitlements``: which device may fetch which bundle (a deploy command was sent to it).
 
 The registry itself (`fleet.registry`) applies the missing migrations when it opens a database.
 """
@@ -139,6 +140,17 @@ MIGRATIONS: Tuple[str, ...] = (
         started    {float} NOT NULL,
         heartbeat  {float} NOT NULL,
         stats      TEXT NOT NULL
+    );
+    """,
+    # 4: which device may fetch which bundle: granted when a deploy command for it is sent, read by
+    # whichever controller answers the device's fetch requests (fleet/entitlements.py).
+    """
+    CREATE TABLE fetch_entitlements (
+        device_id  TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        granted_at {float} NOT NULL,
+        PRIMARY KEY (device_id, name, version)
     );
     """,
 )

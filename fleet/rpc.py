@@ -7,7 +7,14 @@ through the shared subscription ``$share/fleet-rpc/{p}/fleet/rpc``, so with seve
 clustered broker exactly one of them answers each request.
 
 `RpcServer` runs handlers on its own worker thread (never in the MQTT network thread), with a bounded
-queue: a flood of requests is refused with an error answer, not buffered without limit.
+queue: a flood of requests is refused with an error answer, not buffered without limit, and each operator
+(the name in its reply topic) has a request rate; requests over it are dropped unanswered.
+
+Requests never replay. A *retained* request (which the broker would hand to every controller that
+subscribes, after every restart) is ignored and cleared (an empty retained message on the topic). Every
+request carries `issued_at`; the server refuses one without it or older than `max_age_s` (also when it
+is that far in the future: a clock that wrong needs fixing), and the client also sets the MQTT 5 message
+expiry to its own timeout, so the broker drops a request no controller took in time.
 `RpcClient.call` waits at most `timeout_s` and then says plainly that no controller answered.
 """
 
@@ -25,6 +32,8 @@ from edge_agent.mqtt.packets import Inbound
 from edge_agent.mqtt.session import MqttSession, require_connected
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import MessageError, RpcRequest, RpcResponse
+from fleet.config import RpcSection
+from fleet.ratelimit import KeyedRate
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +95,21 @@ def rpc_username(cfg: Any) -> Optional[str]:
 class RpcServer:
     """Answers `RpcRequest`s with registered handlers, one worker thread, bounded backlog."""
 
-    def __init__(self, session: MqttSession, *, prefix: str, max_backlog: int = 64, share: bool = True) -> None:
+    def __init__(self, session: MqttSession, *, prefix: str, share: bool = True,
+                 limits: Optional[RpcSection] = None, clock: Callable[[], float] = time.time) -> None:
+        limits = limits or RpcSection()
         self.session = session
         self.prefix = prefix
         self.share = share
+        self.limits = limits
+        self.clock = clock
         self._handlers: Dict[str, Handler] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=max_backlog)
+        self._queue: queue.Queue = queue.Queue(maxsize=limits.backlog)
+        self._rate = KeyedRate(limits.requests_per_s, limits.request_burst)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.stats = {"requests": 0, "malformed": 0, "refused_busy": 0, "errors": 0}
+        self.stats = {"requests": 0, "malformed": 0, "refused_busy": 0, "errors": 0, "retained_cleared": 0,
+                      "rate_limited": 0, "expired": 0}
 
     def register(self, method: str, handler: Handler) -> None:
         """Answer `method` with `handler(params) -> JSON-ready result` (EdgeAgentError → error answer)."""
@@ -117,7 +132,8 @@ class RpcServer:
         self._stop.clear()
         self._thread = threading.Thread(target=self._work, name="fleet-rpc", daemon=True)
         self._thread.start()
-        self.session.subscribe(self.subscription(), self._on_request, qos=1)
+        # Retain-as-published: a request published retained shows its retain flag also when delivered live.
+        self.session.subscribe(self.subscription(), self._on_request, qos=1, retain_as_published=True)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the worker (requests still queued are dropped; their clients time out)."""
@@ -128,6 +144,13 @@ class RpcServer:
 
     # The network thread only parses and queues.
     def _on_request(self, msg: Inbound) -> None:
+        if msg.retain:
+            # A retained request would run again on every controller start: never run it, and remove it.
+            self.stats["retained_cleared"] += 1
+            log.warning("retained RPC request on %s ignored and cleared", msg.topic)
+            if msg.payload:
+                self.session.publish(msg.topic, b"", qos=1, retain=True)
+            return
         if not msg.response_topic:
             self.stats["malformed"] += 1
             log.warning("RPC request without a response topic ignored")
@@ -136,11 +159,20 @@ class RpcServer:
             self.stats["malformed"] += 1
             log.warning("RPC request with a foreign response topic %r ignored", msg.response_topic)
             return
+        sender = msg.response_topic[len(self.prefix + "/fleet/rpc-reply/"):].split("/", 1)[0]
+        if not self._rate.allow(sender):
+            self.stats["rate_limited"] += 1
+            return
         try:
             req = RpcRequest.from_json(msg.payload, max_bytes=MAX_RPC_BYTES)
         except MessageError as e:
             self.stats["malformed"] += 1
             self._answer(msg, RpcResponse(ok=False, error="malformed request: %s" % e))
+            return
+        stale = self._staleness(req)
+        if stale is not None:
+            self.stats["expired"] += 1
+            self._answer(msg, RpcResponse(ok=False, error=stale))
             return
         try:
             self._queue.put_nowait((req, msg))
@@ -149,6 +181,16 @@ class RpcServer:
             self._answer(
                 msg, RpcResponse(ok=False, error="controller busy (%d requests queued); retry" % self._queue.maxsize)
             )
+
+    def _staleness(self, req: RpcRequest) -> Optional[str]:
+        """Why a request is too old (or dated too far ahead) to run; None when it is fresh."""
+        if req.issued_at is None:
+            return "request carries no issued_at; use a fleet CLI of this version"
+        age = self.clock() - req.issued_at
+        if abs(age) > self.limits.max_age_s:
+            return "request issued %.0f s %s; refused (rpc.max_age_s = %.0f; check the clocks)" % (
+                abs(age), "ago" if age > 0 else "in the future", self.limits.max_age_s)
+        return None
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -236,7 +278,7 @@ class RpcClient:
 
     def call(self, method: str, params: Optional[Dict[str, Any]] = None, *, timeout_s: float = 10.0) -> Any:
         """Send one request and wait for the answer; its result, or RpcError / RpcTimeout."""
-        req = RpcRequest(method=method, params=params or {})
+        req = RpcRequest(method=method, params=params or {}, issued_at=int(time.time()))
         corr = os.urandom(16)
         done = threading.Event()
         box: List[RpcResponse] = []
@@ -250,6 +292,7 @@ class RpcClient:
                 qos=1,
                 response_topic=self.reply_topic,
                 correlation_data=corr,
+                expiry_s=max(1, int(timeout_s + 0.999)),
             )
             if not delivery.wait(max(0.1, deadline - time.monotonic())):
                 raise RpcTimeout(

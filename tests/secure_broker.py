@@ -56,12 +56,12 @@ def find_dynsec_plugin() -> str:
 
 
 def identities_of(names) -> Dict[str, List[str]]:
-    """Split identity names as the tests use them: the controller and operator names, the rest devices."""
+    """Split identity names as the tests use them: the controller, operators (`fleet-operator*`), devices."""
     names = sorted(set(names))
     return {
         "controllers": [n for n in names if n == CONTROLLER],
-        "operators": [n for n in names if n == OPERATOR],
-        "devices": [n for n in names if n not in (CONTROLLER, OPERATOR)],
+        "operators": [n for n in names if n.startswith(OPERATOR)],
+        "devices": [n for n in names if n != CONTROLLER and not n.startswith(OPERATOR)],
     }
 
 

@@ -37,6 +37,7 @@ from edge_agent.protocol.messages import (
     Status,
     Telemetry,
 )
+from fleet.config import RpcSection
 
 FUZZ = settings(max_examples=int(os.environ.get("EDGE_AGENT_FUZZ_EXAMPLES", "200")), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -73,7 +74,11 @@ class ChunkRig:
                                                                  max_bundle_bytes=1 << 30)
         self.session = MqttSession(MqttConfig(), client_id="controller", outgoing_queue=1 << 20)
         self.cfg = ChunkServerSection(max_chunk_bytes=64 * 1024)
-        self.server = ChunkServer(self.session, self.store, prefix=P, cfg=self.cfg)
+        from fleet.entitlements import Entitlements
+
+        self.entitlements = Entitlements(tmp / "entitlements.sqlite")
+        self.entitlements.grant("dev1", "digits", 1)
+        self.server = ChunkServer(self.session, self.store, prefix=P, cfg=self.cfg, entitled=self.entitlements.allows)
         self.allowed = self.store.allowed("digits", 1)
         _name, entry = sorted(self.body.files.items())[0]
         self.valid = ChunkRequest(device_id="dev1", bundle={"name": "digits", "version": 1}, sha256=entry.sha256,
@@ -189,8 +194,10 @@ class ControlRig:
 
             raise BundleRecordError("the controller does not store bundle %s v%s" % (name, version))
 
+        # Thousands of requests from one operator name: the rate limit has its own test (test_rpc.py).
         self.cp = ControlPlane(self.session, prefix=P, registry=self.registry,
-                               send_command=lambda d, a: self.sent.append((d, a)), resolve_bundle=resolve)
+                               send_command=lambda d, a: self.sent.append((d, a)), resolve_bundle=resolve,
+                               rpc_limits=RpcSection(requests_per_s=1e9, request_burst=10 ** 9))
         # Known devices, so handlers that read the registry have rows to read.
         for dev in ("devA", "devB"):
             self.cp.ingest.handle(topics.status(P, dev), _enc(_status(dev)))
@@ -225,7 +232,7 @@ def rpc_requests(draw, methods: List[str]):
         payload = draw(payloads)
     else:
         method = draw(st.one_of(st.sampled_from(methods), st.text(max_size=20)))
-        base = {"schema": "edge-agent/rpc-request/1", "method": method,
+        base = {"schema": "edge-agent/rpc-request/1", "method": method, "issued_at": int(time.time()),
                 "params": draw(st.dictionaries(st.sampled_from(
                     ["rollout_id", "device_id", "devices", "bundle", "history", "limit", "online", "to", "reason",
                      "waves", "rollback", "accept", "mode", "x"]), st.one_of(hostile_values, json_values),

@@ -73,6 +73,8 @@ class Rig:
 
     def add(self, bundle: Path):
         body, msha, size = self.ctl.add_bundle(bundle)
+        # What a deploy command does: the device may now fetch this bundle (fleet/entitlements.py).
+        self.ctl.entitlements.grant(self.device, body.name, body.version)
         return body, msha, size
 
     def close(self):

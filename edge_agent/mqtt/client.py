@@ -66,14 +66,16 @@ def make_client(cfg: MqttConfig, *, client_id: str, will: Optional[Will]) -> Tup
 
 
 def publish_properties(item: Outgoing) -> Any:
-    """The PUBLISH properties of a queued publish (user properties, response topic, correlation data), or
-    None when it has none."""
-    if not (item.user_properties or item.response_topic or item.correlation_data is not None):
+    """The PUBLISH properties of a queued publish (user properties, response topic, correlation data,
+    message expiry), or None when it has none."""
+    if not (item.user_properties or item.response_topic or item.correlation_data is not None or item.expiry_s):
         return None
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     props = Properties(PacketTypes.PUBLISH)
+    if item.expiry_s:
+        props.MessageExpiryInterval = int(item.expiry_s)
     if item.user_properties:
         props.UserProperty = [(k, str(v)) for k, v in item.user_properties.items()]
     if item.response_topic:

@@ -73,3 +73,4 @@ class Outgoing:
     response_topic: Optional[str]
     correlation_data: Optional[bytes]
     delivery: Delivery
+    expiry_s: Optional[int] = None  # MQTT 5 message expiry interval (seconds); None: never expires

@@ -45,14 +45,20 @@ class MqttSession:
         outgoing_queue: int = 1000,
         clean_start: bool = True,
         name: str = "mqtt",
+        max_inbound_bytes: Optional[int] = None,
     ) -> None:
         self.cfg = cfg
+        # The largest payload handed to a handler (default: mqtt.max_payload_bytes); bigger ones are
+        # dropped before any handler sees them. Not announced to the broker: mosquitto 2.0.11 drops a QoS 1
+        # message over the client's maximum packet size without returning its send-quota slot
+        # (src/database.c, db__message_write_inflight_out_single), so 64 such drops stall the connection.
+        self.max_inbound_bytes = min(max_inbound_bytes or cfg.max_payload_bytes, cfg.max_payload_bytes)
         self.client_id = client_id
         self.will = will
         self.clean_start = clean_start
         self.name = name
         self._out: queue.Queue = queue.Queue(maxsize=max(1, outgoing_queue))
-        self._subs: List[Tuple[str, int, Handler]] = []
+        self._subs: List[Tuple[str, Tuple[int, bool], Handler]] = []
         self._subs_lock = threading.Lock()
         self._router = TopicRouter()
         self._on_connect_hooks: List[Callable[[], None]] = []
@@ -76,13 +82,17 @@ class MqttSession:
 
     # ------------------------------------------------------------------------------------ public API
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Register a handler; the subscription is (re)made on every connect."""
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, *,
+                  retain_as_published: bool = False) -> None:
+        """Register a handler; the subscription is (re)made on every connect. With `retain_as_published`
+        (MQTT 5) a message published retained keeps its retain flag also when delivered live, so the
+        handler can tell it apart."""
+        how = (qos, retain_as_published)
         with self._subs_lock:
-            self._subs.append((topic_filter, qos, handler))
+            self._subs.append((topic_filter, how, handler))
             self._router.add(topic_filter, handler)
         if self.connected.is_set():
-            self._call_in_loop(lambda: self._client.subscribe(topic_filter, qos))
+            self._call_in_loop(lambda: _subscribe(self._client, topic_filter, how))
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run `hook` in the network thread after every successful connect (e.g. publish status)."""
@@ -99,14 +109,17 @@ class MqttSession:
         response_topic: Optional[str] = None,
         correlation_data: Optional[bytes] = None,
         block_s: float = 0.0,
+        expiry_s: Optional[int] = None,
     ) -> Delivery:
         """Queue one message for the network thread. A full queue fails the delivery at once
-        (``block_s=0``) or after waiting `block_s` seconds for room."""
+        (``block_s=0``) or after waiting `block_s` seconds for room. `expiry_s` sets the MQTT 5 message
+        expiry: the broker discards the message when it could not deliver it within that time."""
         d = Delivery()
         if len(payload) > self.cfg.max_payload_bytes:
             d._finish(False, "payload of %d bytes is over mqtt.max_payload_bytes" % len(payload))
             return d
-        item = Outgoing(topic, bytes(payload), qos, retain, user_properties, response_topic, correlation_data, d)
+        item = Outgoing(topic, bytes(payload), qos, retain, user_properties, response_topic, correlation_data, d,
+                        expiry_s)
         try:
             if block_s > 0:
                 self._out.put(item, timeout=block_s)
@@ -335,8 +348,8 @@ class MqttSession:
         self.last_error = None
         with self._subs_lock:
             subs = list(self._subs)
-        for topic_filter, qos, _ in subs:
-            client.subscribe(topic_filter, qos)
+        for topic_filter, how, _ in subs:
+            _subscribe(client, topic_filter, how)
         self.connected.set()
         log.info("%s connected to %s:%d as %s", self.name, self.cfg.host, self.cfg.port, self.client_id)
         for hook in self._on_connect_hooks:
@@ -366,9 +379,10 @@ class MqttSession:
     def _on_message(self, client, userdata, msg) -> None:
         self.stats["received"] += 1
         payload = msg.payload
-        if len(payload) > self.cfg.max_payload_bytes:
+        if len(payload) > self.max_inbound_bytes:
             self.stats["oversize_dropped"] += 1
-            log.warning("dropped %d-byte message on %s (over max_payload_bytes)", len(payload), msg.topic)
+            log.warning("dropped %d-byte message on %s (over %d bytes)", len(payload), msg.topic,
+                        self.max_inbound_bytes)
             return
         inbound = inbound_from(msg)
         for topic_filter, handler in self._router.routes(msg.topic):
@@ -377,6 +391,16 @@ class MqttSession:
             except Exception:  # a bad message must never crash the network thread
                 self.stats["handler_errors"] += 1
                 log.exception("%s: handler for %s failed", self.name, topic_filter)
+
+
+def _subscribe(client, topic_filter: str, how: Tuple[int, bool]) -> None:
+    qos, retain_as_published = how
+    if retain_as_published:
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
+        client.subscribe(topic_filter, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+    else:
+        client.subscribe(topic_filter, qos)
 
 
 def _set_nodelay(sock) -> None:

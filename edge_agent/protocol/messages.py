@@ -415,6 +415,9 @@ class RpcRequest(Message):
     schema_: Literal["edge-agent/rpc-request/1"] = Field("edge-agent/rpc-request/1", alias="schema")
     method: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")
     params: Dict[str, Any] = Field(default_factory=dict)
+    issued_at: Optional[int] = Field(
+        None, ge=0, le=2**40, description="Unix seconds when the CLI sent it; the controller refuses requests "
+        "without it or older than its rpc.max_age_s")
 
 
 class RpcResponse(Message):
