@@ -15,7 +15,8 @@ from agent_helpers import build_sample_bundle, write_key
 from test_ingest import status, telemetry
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt.session import Inbound, MqttSession
+from edge_agent.mqtt.packets import Inbound
+from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import ChunkRequest, DeployArgs, RollbackArgs, RpcRequest, RpcResponse
 from fleet.bundle_store import ControllerStore
