@@ -27,7 +27,8 @@ from typing import Any, Dict, Optional
 from edge_agent import __version__
 from edge_agent.agent_commands import COMMAND_QUEUE, AgentCommands, check_key_separation
 from edge_agent.agent_serving import AgentServing
-from edge_agent.bundle.store import BundleRecord, BundleStore
+from edge_agent.bundle.store import BundleStore
+from edge_agent.bundle.store_state import BundleRecord
 from edge_agent.config import AgentConfig
 from edge_agent.errors import ResourceError
 from edge_agent.lifecycle.deploy import Deployer, Hooks

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_agent.bundle.manifest import ManifestBody
-from edge_agent.bundle.store import BundleRecord
+from edge_agent.bundle.store_state import BundleRecord
 from edge_agent.errors import CommandError, EdgeAgentError, EngineError, TransportError
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import DeployState, Result

@@ -147,7 +147,7 @@ class Campaign:
     def check_store(self, when: str) -> dict:
         """The crash-consistency invariants; returns the parsed state."""
         from edge_agent.bundle.manifest import SignedManifest
-        from edge_agent.bundle.store import StoreState
+        from edge_agent.bundle.store_state import StoreState
 
         raw = (self.state_dir / "state.json").read_bytes()
         st = StoreState.model_validate(json.loads(raw))  # parses, and is a valid state

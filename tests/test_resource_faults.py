@@ -86,7 +86,7 @@ class SpaceRig:
             return json.loads(r.read())
 
     def state(self) -> dict:
-        from edge_agent.bundle.store import StoreState
+        from edge_agent.bundle.store_state import StoreState
 
         raw = (self.state_dir / "state.json").read_bytes()
         StoreState.model_validate(json.loads(raw))

@@ -13,7 +13,8 @@ import pytest
 from bundle_helpers import FILES, body_dict, signed_bytes
 
 from edge_agent.bundle.manifest import ManifestBody
-from edge_agent.bundle.store import BundleRecord, BundleStore
+from edge_agent.bundle.store import BundleStore
+from edge_agent.bundle.store_state import BundleRecord
 from edge_agent.errors import IntegrityError, ResourceError
 from edge_agent.signing import PrivateKey
 

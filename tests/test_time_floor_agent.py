@@ -12,7 +12,7 @@ import time
 import pytest
 from agent_helpers import REPO, FleetRig, build_sample_bundle, stop_process
 
-from edge_agent.bundle.store import StoreState
+from edge_agent.bundle.store_state import StoreState
 
 pytestmark = pytest.mark.mqtt
 

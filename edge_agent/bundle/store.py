@@ -12,6 +12,7 @@ Layout under the state directory::
 `state.json` is replaced atomically (temp file, fsync, rename, fsync dir), so after ``kill -9`` or a
 power cut it is either the old or the new state, never a mix. Objects only enter `objects/` after their
 hash matched, and the active bundle's objects are never removed, so the active model stays complete.
+What `state.json` holds is modelled in `store_state`.
 """
 
 from __future__ import annotations
@@ -26,69 +27,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from edge_agent.bundle.manifest import ManifestBody, SignedManifest
+from edge_agent.bundle.store_state import STATE_FORMAT, BundleRecord, StoreSnapshot, StoreState
 from edge_agent.errors import IntegrityError, ManifestError, ResourceError
 from edge_agent.fsutil import fsync_dir, sha256_file, write_atomic
-from edge_agent.protocol.messages import SHA256_PATTERN, BundleRef, DeployArgs, DeployState
+from edge_agent.protocol.messages import DeployState
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
 HASH_BLOCK = 1 << 20
-
-
-class BundleRecord(BaseModel):
-    """A bundle the store holds completely: its name, version and manifest object."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    version: int
-    manifest_sha256: str = Field(pattern=SHA256_PATTERN)
-    installed_at: float = 0.0
-
-    @property
-    def ref(self) -> BundleRef:
-        """As a wire `BundleRef`."""
-        return BundleRef(name=self.name, version=self.version)
-
-
-class PendingDeploy(BaseModel):
-    """A deployment accepted but not finished; a restarted agent resumes it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    args: DeployArgs
-    command_seq: Optional[int] = None
-    source: str = "mqtt"
-
-
-class StoreState(BaseModel):
-    """Everything in `state.json`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: int = STATE_FORMAT
-    active: Optional[BundleRecord] = None
-    previous: Optional[BundleRecord] = None
-    highest_versions: Dict[str, int] = Field(default_factory=dict)
-    time_floor: int = 0
-    #: newest signed time accepted per signer ("bundle", "command"): protocol/trusted_time.py rule 3
-    signed_time_seen: Dict[str, int] = Field(default_factory=dict)
-    last_command_seq: int = 0
-    last_command_sha256: Optional[str] = None
-    deploy: DeployState = DeployState()
-    pending: Optional[PendingDeploy] = None
-
-
-class StoreSnapshot(BaseModel):
-    """`state.json` and the names in the store at one moment (BundleStore.snapshot / restore)."""
-
-    state: StoreState
-    state_bytes: Optional[bytes] = None
-    entries: Set[str] = Field(default_factory=set)
 
 
 class BundleStore:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from edge_agent.bundle.manifest import ManifestBody
-from edge_agent.bundle.store import BundleRecord
+from edge_agent.bundle.store_state import BundleRecord
 from edge_agent.errors import CommandError, EngineError, ResourceError
 from edge_agent.lifecycle.deploy import CandidateRefusedError
 from edge_agent.lifecycle.shadow import ShadowGates, ShadowJudge, ShadowVerdict

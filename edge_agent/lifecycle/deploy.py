@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from edge_agent.bundle.manifest import ManifestBody
-from edge_agent.bundle.store import BundleRecord, BundleStore, PendingDeploy
+from edge_agent.bundle.store import BundleStore
+from edge_agent.bundle.store_state import BundleRecord, PendingDeploy
 from edge_agent.bundle.verify import manifest_digest, verify_manifest
 from edge_agent.config import LimitsConfig
 from edge_agent.errors import (
