@@ -10,6 +10,9 @@ succeeded, so a failure at any step leaves the running model serving and the sta
 Probation (issue: device-side health gates) plugs in through `Hooks.probation`: it is called after
 activation and returns None (committed) or a reason string, on which the deployer rolls back to the
 previous bundle by itself.
+
+This module stays over 400 lines: it is one state machine (deploy, install, probation, rollback,
+side-load) whose steps share the Deployer's state reporting and failure handling, read best in order.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ refuses a message whose schema it does not know. ``docs/schemas/*.json`` is gene
 
 Chunk *responses* are not JSON: the payload is the raw bytes, the metadata travels in MQTT 5 user
 properties (see ``CHUNK_PROPERTIES``).
+
+This module stays over 400 lines: it is the whole wire contract in one place, one short model per
+message, in sections, and the JSON Schemas in docs/schemas are generated from it.
 """
 
 from __future__ import annotations

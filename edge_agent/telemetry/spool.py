@@ -17,6 +17,9 @@ nothing, since a stale head only means resending messages already delivered.
 
 Bounds: `max_messages` and `max_bytes`. When a new message does not fit, the oldest are dropped
 first and counted in `dropped` (persisted, so the count survives a restart).
+
+This module is a little over 400 lines: one class around one lock; its record format is apart
+(`spool_format`).
 """
 
 from __future__ import annotations
