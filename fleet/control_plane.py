@@ -195,6 +195,8 @@ class ControlPlane:
             "registry": self.registry.engine,
             "takeovers": self.runner.takeovers,
             "ingest": self.ingest.stats(),
+            # Telemetry that reached no controller (gaps in the devices' sequence numbers, all controllers).
+            "telemetry_upstream": self.registry.telemetry_loss(),
             "rpc": dict(self.rpc.stats),
             "command_send_failures": self.runner.send_failures,
             "registry_schema": self.registry.schema_version(),

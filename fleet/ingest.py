@@ -36,14 +36,14 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pydantic import ValidationError
 
 from edge_agent.protocol import topics
 from edge_agent.protocol.messages import Event, MessageError, Status, Telemetry
 from fleet.ratelimit import KeyedRate
-from fleet.registry import Registry
+from fleet.registry import BOOT_SLACK_S, Registry
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,18 @@ def parse_telemetry(payload: bytes, *, max_bytes: int) -> Telemetry:
         raise MessageError("Telemetry: %s: %s" % (loc, first["msg"]))
 
 
+def _merge_run(acct: Dict[str, List[Any]], device_id: str, run: List[Any]) -> None:
+    """Fold one device's [boot, seq min, seq max, count] into `acct`: a later run replaces an earlier
+    one, an earlier run's late messages are ignored, the same run is combined."""
+    a = acct.get(device_id)
+    if a is None or run[0] > a[0] + BOOT_SLACK_S:
+        acct[device_id] = list(run)
+    elif run[0] >= a[0] - BOOT_SLACK_S:
+        a[1] = min(a[1], run[1])
+        a[2] = max(a[2], run[2])
+        a[3] += run[3]
+
+
 def health_of(t: Telemetry, policy: HealthPolicy) -> str:
     """``ok``, ``degraded`` (throttling) or ``unhealthy`` (error rate or p99 over the policy)."""
     rate = t.error_rate
@@ -187,6 +199,10 @@ class Ingest:
         self._lock = threading.Lock()
         # Newest validated telemetry per device since the last flush; summarised only when written.
         self._pending: Dict[str, Telemetry] = {}
+        # Per device since the last flush: [boot time, lowest seq, highest seq, messages] of its current
+        # run (the registry sums these over controllers to count telemetry that reached none).
+        self._acct: Dict[str, List[Any]] = {}
+        self._batch_acct: Dict[str, List[Any]] = {}
         self.received: Dict[str, int] = {c: 0 for c in CHANNELS}
         self.malformed: Dict[str, int] = {c: 0 for c in (*CHANNELS, "topic")}
         self.listener_errors = 0
@@ -312,8 +328,11 @@ class Ingest:
         for topic, payload in items:
             self.handle(topic, payload, into=latest)
         if latest:
+            acct, self._batch_acct = self._batch_acct, {}
             with self._lock:
                 self._pending.update(latest)
+                for d, a in acct.items():
+                    _merge_run(self._acct, d, a)
 
     # ---------------------------------------------------------------------------------- handling
 
@@ -369,11 +388,14 @@ class Ingest:
     def _telemetry(self, device_id: str, payload: bytes, into: Optional[Dict[str, Telemetry]] = None) -> None:
         t = parse_telemetry(payload, max_bytes=self.max_telemetry_bytes)
         self._check_sender(device_id, t.device_id, "telemetry")
+        run = [t.ts - t.uptime_s, t.seq, t.seq, 1]
         if into is not None:
             into[device_id] = t
+            _merge_run(self._batch_acct, device_id, run)
             return
         with self._lock:
             self._pending[device_id] = t
+            _merge_run(self._acct, device_id, run)
 
     def _status(self, device_id: str, payload: bytes) -> None:
         s = Status.from_json(payload, max_bytes=self.max_payload_bytes)
@@ -407,16 +429,19 @@ class Ingest:
         """Write the telemetry summaries gathered since the last flush; returns how many devices."""
         with self._lock:
             batch, self._pending = self._pending, {}
+            acct, self._acct = self._acct, {}
         if not batch:
             return 0
         try:
-            rows = [(d, t.ts, telemetry_summary(t), health_of(t, self.health)) for d, t in batch.items()]
+            rows = [(d, t.ts, telemetry_summary(t), health_of(t, self.health), acct.get(d)) for d, t in batch.items()]
             n = self.registry.record_telemetry(rows, now=self.clock())
         except Exception as e:
-            # Keep the newest summaries for the next try rather than lose them.
+            # Keep the newest summaries (and the counts) for the next try rather than lose them.
             with self._lock:
                 for k, v in batch.items():
                     self._pending.setdefault(k, v)
+                for k, a in acct.items():
+                    _merge_run(self._acct, k, a)
             self.last_error = "telemetry flush failed: %s" % e
             log.error("telemetry flush failed: %s", e)
             return 0
@@ -429,7 +454,7 @@ class Ingest:
             return
         step = self.history_interval_s
         points = []
-        for d, ts, summary, health in rows:
+        for d, ts, summary, health, _acct in rows:
             bucket = int((ts or 0.0) // step)
             if self._history_bucket.get(d) != bucket:
                 points.append((d, bucket, ts, dict(summary, health=health)))

@@ -198,38 +198,49 @@ class Registry:
         """Store a device's status (a `Status.to_dict()`); creates the device on first sight."""
         self._write(_upsert_status, status, now)
 
-    def record_telemetry(self, items: Iterable[Tuple[str, float, Dict[str, Any], str]], *, now: float) -> int:
+    def record_telemetry(self, items: Iterable[Sequence[Any]], *, now: float) -> int:
         """Store the latest telemetry summary of many devices in one transaction.
 
-        `items`: (device_id, telemetry ts, summary dict, health). Returns the number of rows written.
+        `items`: (device_id, telemetry ts, summary dict, health[, accounting]); `accounting` is
+        (boot time, lowest seq, highest seq, messages) of what this controller received from the device
+        since its last flush (see `telemetry_loss`). A summary older than the stored one (another
+        controller flushed a newer one first) does not replace it. Returns the number of rows written.
         """
-        rows = [(d, now, now, ts, _dumps(summary), health) for d, ts, summary, health in items]
+        rows = []
+        for item in items:
+            acct = tuple(item[4]) if len(item) > 4 and item[4] is not None else (None, None, None, None)
+            rows.append((item[0], now, now, item[1], _dumps(item[2]), item[3], *acct))
         if not rows:
             return 0
-        upsert = (
-            "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
-            "telemetry_ts=excluded.telemetry_ts, telemetry=excluded.telemetry, health=excluded.health"
-        )
 
         def write(db: Tx) -> int:
+            cols = "(device_id, first_seen, last_seen, telemetry_ts, telemetry, health, tel_boot, tel_seq_min, " \
+                   "tel_seq_max, tel_received, online)"
             if db.dialect.name == "postgresql":
                 # One statement for the whole batch (arrays unnested server-side), not one per row.
-                cols = list(zip(*rows))
                 db.execute(
-                    "INSERT INTO devices (device_id, first_seen, last_seen, telemetry_ts, telemetry, health, online) "
-                    "SELECT d, f, l, t, s, h, 1 FROM unnest(?::text[], ?::float8[], ?::float8[], ?::float8[], "
-                    "?::text[], ?::text[]) AS u(d, f, l, t, s, h) " + upsert,
-                    [list(c) for c in cols],
+                    "INSERT INTO devices " + cols + " SELECT *, 1 FROM unnest(?::text[], ?::float8[], ?::float8[], "
+                    "?::float8[], ?::text[], ?::text[], ?::float8[], ?::int8[], ?::int8[], ?::int8[]) "
+                    + _TELEMETRY_UPSERT,
+                    [list(c) for c in zip(*rows)],
                 )
                 return len(rows)
-            db.executemany(
-                "INSERT INTO devices (device_id, first_seen, last_seen, telemetry_ts, telemetry, health, online) "
-                "VALUES (?, ?, ?, ?, ?, ?, 1) " + upsert,
-                rows,
-            )
+            db.executemany("INSERT INTO devices " + cols + " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                           + _TELEMETRY_UPSERT, rows)
             return len(rows)
 
         return int(self._write(write))
+
+    def telemetry_loss(self) -> Dict[str, int]:
+        """Telemetry the devices sent that reached no controller (device spool, network, broker), from
+        the gaps in each device's sequence numbers within each run of its agent, summed over the
+        controllers: {"received", "lost"}. Messages lost after the newest one received are counted once
+        a later one arrives."""
+        rows = self._read(
+            "SELECT SUM(tel_received) AS received, SUM(tel_lost_prior + GREATEST(0, tel_seq_max - tel_seq_min + 1 "
+            "- tel_received)) AS lost FROM devices WHERE tel_boot IS NOT NULL"
+        )
+        return {"received": int(rows[0]["received"] or 0), "lost": int(rows[0]["lost"] or 0)}
 
     def record_history(self, points: Sequence[Tuple[str, int, float, Dict[str, Any]]]) -> int:
         """Keep telemetry history points (device, interval number, ts, summary); the first point of an
@@ -430,6 +441,29 @@ class Registry:
             (device_id, int(limit)),
         )
         return [dict(r) for r in rows]
+
+
+#: A device run is told apart by its boot time (telemetry ts - uptime); runs closer than this are one.
+BOOT_SLACK_S = 5.0
+_NEW_RUN = "(devices.tel_boot IS NULL OR excluded.tel_boot > devices.tel_boot + %g)" % BOOT_SLACK_S
+_STALE = "(excluded.tel_boot IS NULL OR excluded.tel_boot < devices.tel_boot - %g)" % BOOT_SLACK_S
+_NEWER = "(devices.telemetry_ts IS NULL OR excluded.telemetry_ts >= devices.telemetry_ts)"
+_TELEMETRY_UPSERT = (
+    "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
+    "telemetry_ts=CASE WHEN {new} THEN excluded.telemetry_ts ELSE devices.telemetry_ts END, "
+    "telemetry=CASE WHEN {new} THEN excluded.telemetry ELSE devices.telemetry END, "
+    "health=CASE WHEN {new} THEN excluded.health ELSE devices.health END, "
+    "tel_lost_prior=CASE WHEN devices.tel_boot IS NOT NULL AND excluded.tel_boot > devices.tel_boot + {slack} "
+    "THEN devices.tel_lost_prior + GREATEST(0, devices.tel_seq_max - devices.tel_seq_min + 1 - devices.tel_received) "
+    "ELSE devices.tel_lost_prior END, "
+    "tel_seq_min=CASE WHEN {stale} THEN devices.tel_seq_min WHEN {run} THEN excluded.tel_seq_min "
+    "ELSE LEAST(devices.tel_seq_min, excluded.tel_seq_min) END, "
+    "tel_seq_max=CASE WHEN {stale} THEN devices.tel_seq_max WHEN {run} THEN excluded.tel_seq_max "
+    "ELSE GREATEST(devices.tel_seq_max, excluded.tel_seq_max) END, "
+    "tel_received=CASE WHEN {stale} THEN devices.tel_received WHEN {run} THEN excluded.tel_received "
+    "ELSE devices.tel_received + excluded.tel_received END, "
+    "tel_boot=CASE WHEN {stale} THEN devices.tel_boot WHEN {run} THEN excluded.tel_boot ELSE devices.tel_boot END"
+).format(new=_NEWER, stale=_STALE, run=_NEW_RUN, slack="%g" % BOOT_SLACK_S)
 
 
 def _check_lease(db: Tx, rollout_id: str, owner: str) -> None:

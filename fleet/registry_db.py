@@ -2,9 +2,10 @@
 embedded default) and PostgreSQL (psycopg 3 with a psycopg_pool connection pool, shared by several
 controllers).
 
-Registry code writes its SQL once, in the subset both engines accept, with ``?`` placeholders and
-``GREATEST(a, b)``; `Dialect.sql` turns it into each engine's spelling (``%s`` placeholders for
-psycopg, ``MAX(a, b)`` for SQLite). Schema text uses ``{float}``, ``{bigint}``, ``{blob}`` and
+Registry code writes its SQL once, in the subset both engines accept, with ``?`` placeholders,
+``GREATEST(a, b)`` and ``LEAST(a, b)``; `Dialect.sql` turns it into each engine's spelling (``%s``
+placeholders for psycopg, ``MAX(a, b)`` / ``MIN(a, b)`` for SQLite; give them no NULL argument: SQLite's
+answer is then NULL, PostgreSQL's the other value). Schema text uses ``{float}``, ``{bigint}``, ``{blob}`` and
 ``{autoid}`` for the few types the engines name differently (PostgreSQL's ``REAL`` is 4 bytes, so
 floats are ``DOUBLE PRECISION`` there).
 
@@ -46,18 +47,19 @@ def redact_url(url: str) -> str:
 class Dialect:
     """How one engine spells the few things that differ."""
 
-    def __init__(self, name: str, types: Dict[str, str], placeholder: str, greatest: str) -> None:
+    def __init__(self, name: str, types: Dict[str, str], placeholder: str, greatest: str, least: str) -> None:
         self.name = name
         self.types = types
         self.placeholder = placeholder
         self.greatest = greatest
+        self.least = least
         self._cache: Dict[str, str] = {}
 
     def sql(self, text: str) -> str:
         """Engine spelling of a statement written with ``?`` and ``GREATEST(``."""
         out = self._cache.get(text)
         if out is None:
-            out = text.replace("GREATEST(", self.greatest + "(")
+            out = text.replace("GREATEST(", self.greatest + "(").replace("LEAST(", self.least + "(")
             if self.placeholder != "?":
                 out = out.replace("?", self.placeholder)
             self._cache[text] = out
@@ -73,12 +75,14 @@ SQLITE = Dialect(
     {"float": "REAL", "bigint": "INTEGER", "blob": "BLOB", "autoid": "INTEGER PRIMARY KEY AUTOINCREMENT"},
     "?",
     "MAX",
+    "MIN",
 )
 POSTGRES = Dialect(
     "postgresql",
     {"float": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA", "autoid": "BIGSERIAL PRIMARY KEY"},
     "%s",
     "GREATEST",
+    "LEAST",
 )
 
 
@@ -148,7 +152,7 @@ class SqliteDb:
         """Rows of one query."""
         with self._lock:
             try:
-                return self._db.execute(sql, tuple(params)).fetchall()
+                return self._db.execute(SQLITE.sql(sql), tuple(params)).fetchall()
             except sqlite3.DatabaseError as e:
                 raise RegistryError("registry %s: read failed: %s" % (self.name, e))
 

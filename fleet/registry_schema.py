@@ -153,6 +153,15 @@ MIGRATIONS: Tuple[str, ...] = (
         PRIMARY KEY (device_id, name, version)
     );
     """,
+    # 5: telemetry accounting per device run (boot time = ts - uptime): the lowest and highest sequence
+    # number seen and how many messages arrived (summed over controllers), and what earlier runs lost.
+    """
+    ALTER TABLE devices ADD COLUMN tel_boot {float};
+    ALTER TABLE devices ADD COLUMN tel_seq_min {bigint};
+    ALTER TABLE devices ADD COLUMN tel_seq_max {bigint};
+    ALTER TABLE devices ADD COLUMN tel_received {bigint};
+    ALTER TABLE devices ADD COLUMN tel_lost_prior {bigint} NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

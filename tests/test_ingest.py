@@ -17,7 +17,7 @@ def telemetry(dev, seq=1, errors=0, requests=100):
         ts=10.0 + seq,
         seq=seq,
         period_s=1.0,
-        uptime_s=5.0,
+        uptime_s=5.0 + seq,  # one run of the agent: ts - uptime stays the same
         requests=requests,
         errors=errors,
         latency_ms={"p99": 9.5},
@@ -94,8 +94,8 @@ def test_telemetry_refusals_of_the_one_pass_validator_are_counted(tmp_path):
     reg = Registry(tmp_path / "r.sqlite")
     ing = Ingest(reg, prefix=P, max_telemetry_bytes=4096)
     good = telemetry("a")
-    ing.handle(P + "/devices/a/telemetry", good.replace(b'"uptime_s":5.0', b'"uptime_s":NaN'))
-    ing.handle(P + "/devices/a/telemetry", good.replace(b'"uptime_s":5.0', b'"uptime_s":Infinity'))
+    ing.handle(P + "/devices/a/telemetry", good.replace(b'"period_s":1.0', b'"period_s":NaN'))
+    ing.handle(P + "/devices/a/telemetry", good.replace(b'"period_s":1.0', b'"period_s":Infinity'))
     ing.handle(P + "/devices/a/telemetry", good[:-1] + b',"engine":' + b"[" * 1000 + b"]" * 1000 + b"}")
     ing.handle(P + "/devices/a/telemetry", good.replace(b'"seq":1', b'"seq":' + b"9" * 3000))
     ing.handle(P + "/devices/a/telemetry", good[:-1] + b',"source":"' + b"x" * 5000 + b'"}')  # over 4096
@@ -139,3 +139,15 @@ def test_history_keeps_one_point_per_device_per_interval_and_prunes_by_retention
     ing.flush()
     # Retention 25 s at t=1000: only the interval of the new point is left.
     assert [p["ts"] for p in reg.telemetry_history("a")] == [1000.0]
+
+
+def test_telemetry_that_reached_no_controller_is_counted_from_sequence_gaps(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    ing = Ingest(reg, prefix=P)
+    for seq in (1, 2, 4, 5, 9):  # 3, 6, 7 and 8 never arrived
+        ing.handle(P + "/devices/a/telemetry", telemetry("a", seq=seq))
+    ing.flush()
+    assert reg.telemetry_loss() == {"received": 5, "lost": 4}
+    ing.handle(P + "/devices/a/telemetry", telemetry("a", seq=10))
+    ing.flush()
+    assert reg.telemetry_loss() == {"received": 6, "lost": 4}

@@ -252,3 +252,23 @@ def test_unreachable_postgresql_is_a_clear_registry_error():
 
     with pytest.raises(RegistryError, match="cannot open registry postgresql://fleet:\\*\\*\\*@"):
         Registry("postgresql://fleet:secret@127.0.0.1:%d/fleet" % free_port(), busy_timeout_s=1)
+
+
+def test_telemetry_accounting_sums_controllers_and_counts_gaps_per_device_run(target):
+    reg = Registry(target)
+    # Two controllers each received part of dev-1's run booted at t=1000: seqs 1,3,5 and 2,6 (4 is lost).
+    reg.record_telemetry([("dev-1", 1005.0, {"seq": 5}, "ok", (1000.0, 1, 5, 3))], now=1.0)
+    reg.record_telemetry([("dev-1", 1006.0, {"seq": 6}, "ok", (1000.4, 2, 6, 2))], now=2.0)
+    assert reg.telemetry_loss() == {"received": 5, "lost": 1}
+    # A controller flushing late an older summary does not replace the newer one.
+    reg.record_telemetry([("dev-1", 1004.0, {"seq": 4}, "ok", None)], now=3.0)
+    assert reg.get_device("dev-1")["telemetry"] == {"seq": 6}
+    # The agent restarted (boot 2000): seq starts again; the first run's loss is kept.
+    reg.record_telemetry([("dev-1", 2003.0, {"seq": 3}, "ok", (2000.0, 0, 3, 4))], now=4.0)
+    assert reg.telemetry_loss() == {"received": 4, "lost": 1}
+    # A late flush from the old run is ignored for the accounting.
+    reg.record_telemetry([("dev-1", 1007.0, {"seq": 7}, "ok", (1000.0, 7, 7, 1))], now=5.0)
+    assert reg.telemetry_loss() == {"received": 4, "lost": 1}
+    reg.record_telemetry([("dev-2", 10.0, {}, "ok", (0.0, 0, 9, 7))], now=6.0)
+    assert reg.telemetry_loss() == {"received": 11, "lost": 4}
+    reg.close()
