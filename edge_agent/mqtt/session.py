@@ -231,14 +231,19 @@ class MqttSession:
                 self._drain_outgoing(client)
             self._drain_calls()
             wlist = [sock] if client.want_write() else []
+            # TLS: bytes already decrypted into the SSL object's buffer do not make the socket readable.
+            # loop_read stops after 100 packets; waiting in select then would stall the broker, which sends
+            # nothing more until we acknowledge what is sitting in that buffer (a one-second stall per turn
+            # under a flood of small messages).
+            buffered = _tls_pending(sock)
             try:
-                r, w, _ = select.select([sock, self._wake_r], wlist, [], 1.0)
+                r, w, _ = select.select([sock, self._wake_r], wlist, [], 0.0 if buffered else 1.0)
             except (OSError, ValueError):
                 r, w = [], []
             if self._wake_r in r:
                 self._drain_wake()
             rc = mqtt.MQTT_ERR_SUCCESS
-            if sock in r:
+            if sock in r or buffered:
                 rc = client.loop_read(100)
             if rc == mqtt.MQTT_ERR_SUCCESS and client.socket() is not None and (sock in w or client.want_write()):
                 rc = client.loop_write()
@@ -394,6 +399,15 @@ class MqttSession:
             except Exception:  # a bad message must never crash the network thread
                 self.stats["handler_errors"] += 1
                 log.exception("%s: handler for %s failed", self.name, topic_filter)
+
+
+def _tls_pending(sock) -> int:
+    """Decrypted bytes waiting in an SSL socket's buffer (0 for a plain socket)."""
+    pending = getattr(sock, "pending", None)
+    try:
+        return pending() if pending is not None else 0
+    except (OSError, ValueError):
+        return 0
 
 
 def _subscribe(client, topic_filter: str, how: Tuple[int, bool]) -> None:
