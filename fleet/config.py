@@ -73,7 +73,7 @@ class RegistrySection(_Section):
     pool_max: int = Field(8, ge=1, le=100, description="PostgreSQL connections per controller")
     reconnect_s: float = Field(30.0, ge=0, le=3600, description="how long a lost database is retried per call")
     lease_s: float = Field(10.0, ge=1, le=600, description="rollout lease; a dead owner's rollouts move after it")
-    history_interval_s: float = Field(60.0, ge=1, le=86400, description="telemetry history: one point per device per")
+    history_interval_s: float = Field(300.0, ge=1, le=86400, description="seconds between history points")
     history_retention_s: float = Field(7 * 86400.0, ge=0, description="telemetry history kept; 0 = none kept")
 
 

@@ -51,7 +51,7 @@ class ControlPlane:
         tick_interval_s: float = 1.0,
         telemetry_flush_s: float = 5.0,
         ingest_backlog: int = 20000,
-        history_interval_s: float = 60.0,
+        history_interval_s: float = 300.0,
         history_retention_s: float = 7 * 86400.0,
         share_group: Optional[str] = "fleet",
         leases: Optional[RolloutLeases] = None,

@@ -180,7 +180,7 @@ class Ingest:
         max_backlog_bytes: int = 32 << 20,
         device_rate_per_s: float = 20.0,
         device_burst: int = 200,
-        history_interval_s: float = 60.0,
+        history_interval_s: float = 300.0,
         history_retention_s: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
