@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "fleet.commands.telemetry",
     "fleet.commands.router",
     "fleet.commands.broker",
+    "fleet.commands.token",
 ]
 
 

@@ -95,6 +95,27 @@ class RpcSection(_Section):
     backlog: int = Field(64, ge=1, description="requests waiting for the worker; more are answered 'busy'")
 
 
+class ConsoleSection(_Section):
+    """The operator console and REST API in `fleet serve` (docs/console.md)."""
+
+    enabled: bool = Field(False, description="serve the console, the REST API and /metrics")
+    host: str = Field("127.0.0.1", description="listen address; loopback unless TLS or a reverse proxy is in front")
+    port: int = Field(8780, ge=0, le=65535, description="listen port (0: any free port)")
+    tokens_file: Optional[Path] = Field(None, description="hashed API tokens; default <state_dir>/console-tokens")
+    tls_cert_file: Optional[Path] = Field(None, description="PEM certificate chain; with tls_key_file: HTTPS")
+    tls_key_file: Optional[Path] = None
+    max_connections: int = Field(64, ge=1, le=4096, description="connections served at once; more wait in backlog")
+    max_body_bytes: int = Field(1 * MIB, ge=1 * KIB, le=64 * MIB, description="largest JSON request body")
+    max_upload_bytes: int = Field(512 * MIB, ge=1 * KIB, description="largest bundle upload")
+    max_page_size: int = Field(500, ge=1, le=10000, description="devices per page at most")
+    max_streams: int = Field(16, ge=1, le=1024, description="live update streams (server-sent events) at once")
+    stream_interval_s: float = Field(1.0, gt=0, le=60, description="how often a live stream checks for changes")
+    stream_max_s: float = Field(3600.0, gt=0, description="a live stream is closed after this long (reconnects)")
+    requests_per_s: float = Field(50.0, gt=0, description="API requests per second per token")
+    request_burst: int = Field(100, ge=1, description="API requests a token may send at once")
+    metrics_public: bool = Field(False, description="serve /metrics without a token (loopback scrapers)")
+
+
 class FleetConfig(_Section):
     """The whole controller configuration (`fleet.toml`)."""
 
@@ -106,6 +127,7 @@ class FleetConfig(_Section):
     registry: RegistrySection = RegistrySection()
     ingest: IngestSection = IngestSection()
     rpc: RpcSection = RpcSection()
+    console: ConsoleSection = ConsoleSection()
 
 
 def load_fleet_config(path: Path) -> FleetConfig:

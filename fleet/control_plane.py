@@ -21,6 +21,7 @@ from edge_agent.mqtt.packets import Inbound
 from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol.messages import BundleRef
 from fleet.config import IngestSection, RpcSection
+from fleet.device_query import fleet_summary, page_devices
 from fleet.ingest import HealthPolicy, Ingest
 from fleet.leases import RolloutLeases
 from fleet.registry import Registry
@@ -87,6 +88,8 @@ class ControlPlane:
         )
         self.rpc = RpcServer(session, prefix=prefix, share=share_group is not None, limits=rpc_limits or RpcSection())
         self.tick_interval_s = tick_interval_s
+        #: Largest page `devices.list` answers (the console's [console] max_page_size).
+        self.max_page_size = 500
         self.telemetry_flush_s = telemetry_flush_s
         self.share_group = share_group
         self.started_at = time.time()
@@ -176,6 +179,8 @@ class ControlPlane:
         r("router.set", self._router_set)
         r("telemetry.latest", self._telemetry_latest)
         r("telemetry.history", self._telemetry_history)
+        r("devices.events", self._devices_events)
+        r("fleet.summary", lambda p: fleet_summary(self.registry))
 
     def _controller_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
         out = self._own_status()
@@ -202,7 +207,13 @@ class ControlPlane:
             "registry_schema": self.registry.schema_version(),
         }
 
-    def _devices_list(self, params: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def _devices_list(self, params: Dict[str, Any]) -> Any:
+        page = params.get("page")
+        if page is not None:
+            # One sorted, filtered page (the console); without `page` every device (the CLI).
+            if not isinstance(page, dict):
+                raise RolloutError("page must be an object")
+            return page_devices(self.registry, page, max_limit=self.max_page_size)
         online = params.get("online")
         rows = self.registry.list_devices(online=None if online is None else bool(online))
         wanted = params.get("devices")
@@ -314,6 +325,18 @@ class ControlPlane:
         device_id = str(_need(params, "device_id"))
         limit = int(min(max(_float(params, "limit", 1000), 1), 10000))
         return self.registry.telemetry_history(device_id, since=_float(params, "since", 0.0), limit=limit)
+
+    def _devices_events(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """A device's event timeline: its last event and its lines in rollout histories, newest first."""
+        device_id = str(_need(params, "device_id"))
+        limit = int(min(max(_float(params, "limit", 200), 1), 1000))
+        d = self.registry.get_device(device_id)
+        if d is None:
+            raise RolloutError("no device %s in the registry" % device_id)
+        rows = self.registry.read(
+            "SELECT rollout_id, ts, kind, message FROM rollout_history WHERE device_id = ? ORDER BY id DESC LIMIT ?",
+            (device_id, limit))
+        return {"device_id": device_id, "last_event": d.get("last_event"), "history": [dict(r) for r in rows]}
 
     def _telemetry_latest(self, params: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows = self.registry.list_devices()

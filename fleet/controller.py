@@ -103,6 +103,17 @@ class Controller:
             history_interval_s=cfg.registry.history_interval_s, history_retention_s=cfg.registry.history_retention_s,
             ingest_limits=cfg.ingest, rpc_limits=cfg.rpc, ingest_session=self.ingest_session,
         )
+        self.control.max_page_size = cfg.console.max_page_size
+        self._register_bundle_methods()
+
+    def _register_bundle_methods(self) -> None:
+        """`bundles.list` and `bundles.show`: what this controller's store holds (CLI and console)."""
+        from fleet.bundle_catalog import list_bundles, show_bundle
+
+        rpc = self.control.rpc
+        rpc.register("bundles.list", lambda p: list_bundles(self.store, limit=int(p.get("limit", 200))))
+        rpc.register("bundles.show", lambda p: show_bundle(
+            self.store, str(p["name"]), int(p["version"]), max_manifest_bytes=self.cfg.trust.max_manifest_bytes))
 
     def _leases(self, cfg: FleetConfig):
         """Rollout leases when the registry is shared with other controllers (None: we own them all)."""

@@ -28,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     ctl.start()
+    console = None
     try:
         try:
             require_connected(ctl.session, args.connect_timeout)
@@ -35,11 +36,29 @@ def _run(args: argparse.Namespace) -> int:
             raise CliError(str(e))
         print("fleet controller serving on %s:%d (prefix %s, store %s)" % (
             cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.prefix, ctl.store.root), flush=True)
+        if cfg.console.enabled:
+            console = _start_console(cfg, ctl)
         while not stop.wait(1.0):
             pass
     finally:
+        if console is not None:
+            console.stop()
         ctl.stop()
     return 0
+
+
+def _start_console(cfg, ctl):
+    """Start the console ([console] enabled) and print its URL."""
+    from fleet.commands.token import tokens_path
+    from fleet.console.server import ConsoleServer
+
+    try:
+        console = ConsoleServer(cfg.console, ctl, tokens_file=tokens_path(cfg))
+    except OSError as e:
+        raise CliError("console cannot listen on %s:%d: %s" % (cfg.console.host, cfg.console.port, e.strerror))
+    console.start()
+    print("fleet console on %s" % console.url, flush=True)
+    return console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
