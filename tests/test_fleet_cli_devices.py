@@ -134,6 +134,15 @@ def test_telemetry_snapshot_and_follow(rig, broker, capsys):
     assert "dev-04" in out and "10.0%" in out
     rc, out, _ = rig.cli(capsys, "devices")
     assert "5 devices, 5 online, 1 unhealthy" in out
+    # The downsampled history (one point per device per history interval) reads back.
+    rc, out, err = rig.cli(capsys, "telemetry", "--device", "dev-04", "--history", "1", "--json")
+    assert rc == 0, err
+    points = [json.loads(x) for x in out.splitlines()]
+    assert len(points) == 1 and points[0]["health"] == "unhealthy" and points[0]["error_rate"] == 0.1
+    rc, out, _ = rig.cli(capsys, "telemetry", "--device", "dev-04", "--history", "1")
+    assert rc == 0 and "TIME" in out and "10.0%" in out
+    rc, _out, err = rig.cli(capsys, "telemetry", "--history", "1")
+    assert rc != 0 and "--device" in err
 
 
 def test_malformed_and_spoofed_device_messages_are_counted_not_fatal(rig, broker, capsys):
