@@ -128,6 +128,19 @@ def build_document(*, prefix: str = topics.DEFAULT_PREFIX, devices: Sequence[str
     return {"defaultACLAccess": dict(DEFAULT_ACL_ACCESS), "clients": clients, "groups": [], "roles": roles}
 
 
+def device_ctrl_commands(prefix: str, device_id: str) -> List[List[str]]:
+    """The `mosquitto_ctrl dynsec ...` arguments that add one device to a running broker (the same role the
+    file would hold), for an identity with the admin role."""
+    _check_names([device_id], [], [])
+    role = device_role(prefix, device_id)
+    out = [["dynsec", "createRole", role["rolename"]]]
+    for a in role["acls"]:
+        out.append(["dynsec", "addRoleACL", role["rolename"], a["acltype"], a["topic"], "allow"])
+    out.append(["dynsec", "createClient", device_id])
+    out.append(["dynsec", "addClientRole", device_id, role["rolename"]])
+    return out
+
+
 def render(doc: Dict[str, Any]) -> str:
     """The document as the file the plugin reads (``plugin_opt_config_file``)."""
     return json.dumps(doc, indent=2, sort_keys=False) + "\n"

@@ -41,6 +41,7 @@ INSTALL_DIR = "/etc/mosquitto/edge-agent/"
 SHIPPED_PORT = 8883
 CONTROLLER = "fleet-controller"
 OPERATOR = "fleet-operator"
+ADMIN = "dynsec-admin"
 SHIPPED_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 
 
@@ -56,12 +57,14 @@ def find_dynsec_plugin() -> str:
 
 
 def identities_of(names) -> Dict[str, List[str]]:
-    """Split identity names as the tests use them: the controller, operators (`fleet-operator*`), devices."""
+    """Split identity names as the tests use them: the controller, operators (`fleet-operator*`), rule
+    admins (`dynsec-admin*`), devices."""
     names = sorted(set(names))
     return {
         "controllers": [n for n in names if n == CONTROLLER],
         "operators": [n for n in names if n.startswith(OPERATOR)],
-        "devices": [n for n in names if n != CONTROLLER and not n.startswith(OPERATOR)],
+        "admins": [n for n in names if n.startswith(ADMIN)],
+        "devices": [n for n in names if n != CONTROLLER and not n.startswith((OPERATOR, ADMIN))],
     }
 
 

@@ -28,6 +28,9 @@ CONTROLLER = "fleet-controller"
 OPERATOR = "fleet-operator"
 # A valid certificate whose name the dynamic-security file does not list.
 UNLISTED = "dev-unlisted"
+# A device added at run time with mosquitto_ctrl, by an identity with the rules' admin role.
+LATE = "dev-late"
+ADMIN = "dynsec-admin"
 PASSWORDS = {"dev-a": "pw-a", "dev-b": "pw-b", CONTROLLER: "pw-ctl", OPERATOR: "pw-op"}
 # After the observer has received a positive control, how long a forbidden message gets to show up.
 GRACE_S = 0.3
@@ -45,6 +48,7 @@ def pki(tmp_path_factory) -> Path:
     _make_pki(
         out,
         "--device", "dev-a", "--device", "dev-b", "--device", "dev-stolen", "--device", UNLISTED,
+        "--device", LATE, "--device", ADMIN,
         "--controller", CONTROLLER, "--operator", OPERATOR, "--revoke", "dev-stolen",
     )  # fmt: skip
     return out
@@ -345,6 +349,54 @@ def test_dynsec_generator_refuses_a_name_with_two_roles_or_not_an_id(tmp_path):
                        check=False, capture_output=True, timeout=60, cwd=str(REPO))
     assert r.returncode == 0, r.stderr
     assert "device-cam-1" in out.read_text()
+
+
+def test_device_added_at_run_time_with_mosquitto_ctrl_gets_only_its_own_rights(pki):
+    """The provisioning path the docs give: `fleet broker add-device` prints mosquitto_ctrl commands; run as
+    the admin identity against a running broker, they give the new device exactly its role."""
+    import shutil
+
+    ctrl = shutil.which("mosquitto_ctrl")
+    assert ctrl, "mosquitto_ctrl is missing (Debian: package mosquitto)"
+    b = start_secure_broker("tls", pki, identities=[CONTROLLER, ADMIN, "dev-a"])
+    probes = []
+
+    def probe(identity: str) -> MqttProbe:
+        p = MqttProbe("%s-%d" % (identity, len(probes)))
+        p.tls(pki / "ca.crt", pki / ("%s.crt" % identity), pki / ("%s.key" % identity))
+        probes.append(p)
+        return p.connect(b.host, b.port)
+
+    try:
+        assert probe(LATE).subscribe(_dev(LATE, "commands")) == NOT_AUTHORIZED  # not provisioned yet
+        conn = ["-h", b.host, "-p", str(b.port), "--cafile", str(pki / "ca.crt"), "--cert",
+                str(pki / ("%s.crt" % ADMIN)), "--key", str(pki / ("%s.key" % ADMIN))]
+        out = subprocess.run([sys.executable, "-m", "fleet.cli", "broker", "add-device", LATE], check=True,
+                             capture_output=True, text=True, timeout=60, cwd=str(REPO)).stdout
+        import shlex
+
+        for line in out.splitlines():
+            argv = shlex.split(line)
+            assert argv[0] == "mosquitto_ctrl"
+            r = subprocess.run([ctrl, *conn, *argv[1:]], check=False, capture_output=True, text=True, timeout=30,
+                               input="\n\n")  # createClient asks for a password: none (certificates)
+            assert r.returncode == 0 and "rror" not in r.stdout + r.stderr, (line, r.stdout, r.stderr)
+        late, ctl = probe(LATE), probe(CONTROLLER)
+        assert late.subscribe(_dev(LATE, "commands")) == 1
+        for flt in ("$share/fleet/%s/bundles/fetch" % P, _dev("dev-a", "commands"), "#"):
+            assert late.subscribe(flt) == NOT_AUTHORIZED, flt
+        assert late.publish(_dev("dev-a", "status"), b"forged") == NOT_AUTHORIZED
+        assert ctl.publish(_dev(LATE, "commands"), b"cmd-late") in ACCEPTED
+        late.wait_for(_dev(LATE, "commands"), b"cmd-late")
+        # Without the admin role the same command is refused.
+        r = subprocess.run([ctrl, "-h", b.host, "-p", str(b.port), "--cafile", str(pki / "ca.crt"), "--cert",
+                            str(pki / "dev-a.crt"), "--key", str(pki / "dev-a.key"), "dynsec", "createClient", "x"],
+                           check=False, capture_output=True, text=True, timeout=30)
+        assert "Not authorized" in r.stdout + r.stderr, (r.stdout, r.stderr)
+    finally:
+        for p in probes:
+            p.close()
+        b.close()
 
 
 # --- who may connect ------------------------------------------------------------------------------------

@@ -56,6 +56,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_ctrl(args: argparse.Namespace) -> int:
+    import shlex
+
+    from fleet.dynsec import DynsecError, device_ctrl_commands
+
+    try:
+        cmds = device_ctrl_commands(args.prefix, args.device_id)
+    except DynsecError as e:
+        raise CliError(str(e))
+    for c in cmds:
+        print(" ".join(shlex.quote(x) for x in ["mosquitto_ctrl", *args.ctrl_option, *c]))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `broker` command group."""
     p = sub.add_parser("broker", help="broker configuration helpers", description=__doc__)
@@ -72,3 +86,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="identity that may change the rules at run time with mosquitto_ctrl (default: none)")
     d.add_argument("--prefix", default=topics.DEFAULT_PREFIX, help="mqtt.prefix (default: %(default)s)")
     d.set_defaults(func=_run)
+    c = bsub.add_parser("add-device", help="print the mosquitto_ctrl commands that add a device at run time",
+                        description="Print the `mosquitto_ctrl dynsec` commands that give a new device its role on a "
+                                    "running broker (mosquitto does not re-read the file on reload). Run them as an "
+                                    "identity with the admin role (`fleet broker dynsec --admin NAME`).")
+    c.add_argument("device_id")
+    c.add_argument("--ctrl-option", action="append", default=[],
+                   help="connection option for mosquitto_ctrl, repeat per word (e.g. --ctrl-option=--cafile ...)")
+    c.add_argument("--prefix", default=topics.DEFAULT_PREFIX, help="mqtt.prefix (default: %(default)s)")
+    c.set_defaults(func=_run_ctrl)
