@@ -7,18 +7,28 @@ are short transactions. The schema is the same for both and versioned in ``schem
 opening an older database applies the missing migrations in order (on PostgreSQL under an advisory
 lock, so controllers starting together migrate once), opening a newer one is refused (it belongs to
 a newer controller).
-The tables and their migrations are in `fleet.registry_schema`.
+The tables and their migrations are in `fleet.registry_schema`; the rollout tables' reads and writes
+in `fleet.registry_rollouts`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from fleet.registry_db import PostgresDb, RegistryError, SqliteDb, Tx, is_postgres_url, redact_url
+from fleet.registry_db import (
+    PostgresDb,
+    RegistryError,
+    SqliteDb,
+    Tx,
+    dumps_json,
+    is_postgres_url,
+    loads_json,
+    redact_url,
+)
+from fleet.registry_rollouts import RolloutTables
 from fleet.registry_schema import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -46,20 +56,7 @@ _DEVICE_COLUMNS = (
 _JSON_COLUMNS = ("platform", "previous", "deploy", "telemetry", "last_event", "prior")
 
 
-def _dumps(value: Any) -> Optional[str]:
-    return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def _loads(text: Optional[str]) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-class Registry:
+class Registry(RolloutTables):
     """Devices, rollouts and rollout history in one database.
 
     `target`: a SQLite file path (``":memory:"`` for tests) or a ``postgresql://`` URL."""
@@ -151,14 +148,14 @@ class Registry:
         self._write(lambda db: db.execute(
             "INSERT INTO controllers (owner, client_id, started, heartbeat, stats) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(owner) DO UPDATE SET heartbeat = excluded.heartbeat, stats = excluded.stats",
-            (owner, client_id, started, now, _dumps(stats))))
+            (owner, client_id, started, now, dumps_json(stats))))
 
     def list_controllers(self, *, since: float) -> List[Dict[str, Any]]:
         """Controllers whose last heartbeat is at or after `since`, with their counters."""
         rows = self._read("SELECT owner, client_id, started, heartbeat, stats FROM controllers WHERE heartbeat >= ? "
                           "ORDER BY owner", (since,))
         return [{"owner": r["owner"], "client_id": r["client_id"], "started": r["started"],
-                 "heartbeat": r["heartbeat"], "stats": _loads(r["stats"])} for r in rows]
+                 "heartbeat": r["heartbeat"], "stats": loads_json(r["stats"])} for r in rows]
 
     # --------------------------------------------------------------------------- command sequence
 
@@ -209,7 +206,7 @@ class Registry:
         rows = []
         for item in items:
             acct = tuple(item[4]) if len(item) > 4 and item[4] is not None else (None, None, None, None)
-            rows.append((item[0], now, now, item[1], _dumps(item[2]), item[3], *acct))
+            rows.append((item[0], now, now, item[1], dumps_json(item[2]), item[3], *acct))
         if not rows:
             return 0
 
@@ -247,7 +244,7 @@ class Registry:
         interval stays, later ones for the same interval are ignored."""
         if not points:
             return 0
-        rows = [(d, int(b), ts, _dumps(summary)) for d, b, ts, summary in points]
+        rows = [(d, int(b), ts, dumps_json(summary)) for d, b, ts, summary in points]
 
         def write(db: Tx) -> int:
             sql = "INSERT INTO telemetry_history (device_id, bucket, ts, summary) "
@@ -272,7 +269,7 @@ class Registry:
             "SELECT ts, summary FROM telemetry_history WHERE device_id = ? AND ts >= ? ORDER BY bucket DESC LIMIT ?",
             (device_id, float(since), int(limit)),
         )
-        return [{"ts": r["ts"], **(_loads(r["summary"]) or {})} for r in reversed(rows)]
+        return [{"ts": r["ts"], **(loads_json(r["summary"]) or {})} for r in reversed(rows)]
 
     def record_event(self, device_id: str, event: Dict[str, Any], *, now: float) -> None:
         """Remember a device's last event and that it was seen."""
@@ -282,7 +279,7 @@ class Registry:
                 "INSERT INTO devices (device_id, first_seen, last_seen, last_event) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(device_id) DO UPDATE SET last_seen=GREATEST(devices.last_seen, excluded.last_seen), "
                 "last_event=excluded.last_event",
-                (device_id, now, now, _dumps(event)),
+                (device_id, now, now, dumps_json(event)),
             )
 
         self._write(write)
@@ -313,134 +310,6 @@ class Registry:
 
         return bool(self._write(write))
 
-    # ------------------------------------------------------------------------------------ rollouts
-
-    def save_rollout(
-        self,
-        rollout: Dict[str, Any],
-        history: Sequence[Tuple[float, str, Optional[str], str]] = (),
-        devices: Optional[Sequence[Dict[str, Any]]] = None,
-        *,
-        owner: Optional[str] = None,
-    ) -> None:
-        """Store a rollout (a `Rollout.to_dict()`) and append `history` (ts, kind, device, message) atomically.
-
-        `devices`: only these device entries are written (the ones that changed); default: the rollout's
-        own ``devices`` list. `owner`: with several controllers, the lease holder this save is made for;
-        when another controller holds the lease now, nothing is written and `LeaseLost` is raised."""
-        entries = rollout.get("devices", []) if devices is None else devices
-
-        def write(db: Tx) -> None:
-            if owner is not None:
-                _check_lease(db, rollout["rollout_id"], owner)
-            body = {k: v for k, v in rollout.items() if k != "devices"}
-            db.execute(
-                "INSERT INTO rollouts (rollout_id, bundle_name, bundle_version, mode, state, created, updated, reason, "
-                "body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(rollout_id) DO UPDATE SET state=excluded.state, "
-                "updated=excluded.updated, reason=excluded.reason, body=excluded.body",
-                (
-                    rollout["rollout_id"],
-                    rollout["bundle"]["name"],
-                    int(rollout["bundle"]["version"]),
-                    rollout["mode"],
-                    rollout["state"],
-                    rollout["created"],
-                    rollout["updated"],
-                    rollout["reason"],
-                    _dumps(body),
-                ),
-            )
-            db.executemany(
-                "INSERT INTO rollout_devices (rollout_id, device_id, wave, state, prior, sent_at, updated, detail, "
-                "rollback_attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(rollout_id, device_id) DO UPDATE "
-                "SET state=excluded.state, prior=excluded.prior, sent_at=excluded.sent_at, updated=excluded.updated, "
-                "detail=excluded.detail, rollback_attempts=excluded.rollback_attempts",
-                [
-                    (
-                        rollout["rollout_id"],
-                        e["device_id"],
-                        e["wave"],
-                        e["state"],
-                        _dumps(e.get("prior")),
-                        e.get("sent_at"),
-                        e["updated"],
-                        e.get("detail") or "",
-                        e.get("rollback_attempts") or 0,
-                    )
-                    for e in entries
-                ],
-            )
-            db.executemany(
-                "INSERT INTO rollout_history (rollout_id, ts, kind, device_id, message) VALUES (?, ?, ?, ?, ?)",
-                [(rollout["rollout_id"], ts, kind, dev, msg) for ts, kind, dev, msg in history],
-            )
-
-        self._write(write)
-
-    def load_rollout(self, rollout_id: str) -> Optional[Dict[str, Any]]:
-        """A rollout as saved (the `Rollout.to_dict()` form), or None."""
-        rows = self._read("SELECT body FROM rollouts WHERE rollout_id = ?", (rollout_id,))
-        if not rows:
-            return None
-        body = _loads(rows[0]["body"]) or {}
-        devs = self._read("SELECT * FROM rollout_devices WHERE rollout_id = ?", (rollout_id,))
-        # In wave order, each wave in the order the rollout lists its devices.
-        pos = {d: i for w in body.get("waves") or [] for i, d in enumerate(w)}
-        devs = sorted(devs, key=lambda r: (r["wave"], pos.get(r["device_id"], len(pos)), r["device_id"]))
-        body["devices"] = [
-            {
-                "device_id": r["device_id"],
-                "wave": r["wave"],
-                "state": r["state"],
-                "prior": _loads(r["prior"]),
-                "sent_at": r["sent_at"],
-                "updated": r["updated"],
-                "detail": r["detail"],
-                "rollback_attempts": r["rollback_attempts"],
-            }
-            for r in devs
-        ]
-        return body
-
-    def list_rollouts(self, *, states: Optional[Sequence[str]] = None, limit: int = 50) -> List[Dict[str, Any]]:
-        """Rollouts, newest first: id, bundle, mode, state, reason, created, updated."""
-        sql = "SELECT rollout_id, bundle_name, bundle_version, mode, state, created, updated, reason FROM rollouts"
-        params: List[Any] = []
-        if states:
-            sql += " WHERE state IN (%s)" % ",".join("?" * len(states))
-            params.extend(states)
-        sql += " ORDER BY created DESC, rollout_id DESC LIMIT ?"
-        params.append(int(limit))
-        return [
-            {
-                "rollout_id": r["rollout_id"],
-                "bundle": {"name": r["bundle_name"], "version": r["bundle_version"]},
-                "mode": r["mode"],
-                "state": r["state"],
-                "created": r["created"],
-                "updated": r["updated"],
-                "reason": r["reason"],
-            }
-            for r in self._read(sql, params)
-        ]
-
-    def rollout_history(self, rollout_id: str, *, limit: int = 200) -> List[Dict[str, Any]]:
-        """The newest `limit` history lines of a rollout, oldest first."""
-        rows = self._read(
-            "SELECT ts, kind, device_id, message FROM rollout_history WHERE rollout_id = ? ORDER BY id DESC LIMIT ?",
-            (rollout_id, int(limit)),
-        )
-        return [dict(r) for r in reversed(rows)]
-
-    def device_rollouts(self, device_id: str, *, limit: int = 20) -> List[Dict[str, Any]]:
-        """A device's part in recent rollouts (its rollout history), newest first."""
-        rows = self._read(
-            "SELECT d.rollout_id, d.wave, d.state, d.detail, d.updated, r.bundle_name, r.bundle_version "
-            "FROM rollout_devices d JOIN rollouts r ON r.rollout_id = d.rollout_id "
-            "WHERE d.device_id = ? ORDER BY r.created DESC LIMIT ?",
-            (device_id, int(limit)),
-        )
-        return [dict(r) for r in rows]
 
 
 #: A device run is told apart by its boot time (telemetry ts - uptime); runs closer than this are one.
@@ -464,15 +333,6 @@ _TELEMETRY_UPSERT = (
     "ELSE devices.tel_received + excluded.tel_received END, "
     "tel_boot=CASE WHEN {stale} THEN devices.tel_boot WHEN {run} THEN excluded.tel_boot ELSE devices.tel_boot END"
 ).format(new=_NEWER, stale=_STALE, run=_NEW_RUN, slack="%g" % BOOT_SLACK_S)
-
-
-def _check_lease(db: Tx, rollout_id: str, owner: str) -> None:
-    from fleet.leases import LeaseLost
-
-    lock = " FOR UPDATE" if db.dialect.name == "postgresql" else ""
-    rows = db.fetchall("SELECT owner FROM rollout_leases WHERE rollout_id = ?" + lock, (rollout_id,))
-    if not rows or rows[0]["owner"] != owner:
-        raise LeaseLost("rollout %s is owned by %s now" % (rollout_id, rows[0]["owner"] if rows else "nobody"))
 
 
 def _upsert_status(db: Tx, s: Dict[str, Any], now: float) -> None:
@@ -505,12 +365,12 @@ def _upsert_status(db: Tx, s: Dict[str, Any], now: float) -> None:
             1 if s.get("online") else 0,
             s.get("ts"),
             s.get("agent_version"),
-            _dumps(s.get("platform")),
+            dumps_json(s.get("platform")),
             active.get("name"),
             active.get("version"),
-            _dumps(s.get("previous")),
+            dumps_json(s.get("previous")),
             (deploy or {}).get("state"),
-            _dumps(deploy),
+            dumps_json(deploy),
             1 if s.get("ready") else 0,
         ),
     )
@@ -520,7 +380,7 @@ def _device_row(r: Any) -> Dict[str, Any]:
     d = {k: r[k] for k in _DEVICE_COLUMNS}
     for k in _JSON_COLUMNS:
         if k in d:
-            d[k] = _loads(d[k])
+            d[k] = loads_json(d[k])
     d["online"] = bool(d["online"])
     d["ready"] = bool(d["ready"])
     name, version = d.pop("active_name"), d.pop("active_version")

@@ -17,13 +17,14 @@ call raises `RegistryError` (the caller's policy decides what is kept for the ne
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from edge_agent.errors import ResourceError
 
@@ -247,3 +248,18 @@ def _pool_timeout() -> type:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def dumps_json(value: Any) -> Optional[str]:
+    """A JSON column's text (compact, keys sorted), None for None."""
+    return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def loads_json(text: Optional[str]) -> Any:
+    """A JSON column's value; None for NULL or text that does not parse."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
