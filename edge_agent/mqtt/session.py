@@ -11,7 +11,7 @@ Handlers registered with `subscribe` run in the network thread: they must be qui
 (hand real work to another thread). They may call `publish`. A message finds its handlers through a
 `TopicRouter` (exact filters hashed, wildcard filters compiled once, the result cached per topic).
 
-This module is a little over 400 lines: one class owning one thread and its loop; the paho client and
+This module stays over 400 lines: one class owning one thread and its loop; the paho client and
 property conversions (`client`), the values it passes (`packets`) and back-off (`backoff`) are apart.
 """
 
