@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,10 @@ def test_unit_execstart_is_a_valid_edge_agent_command_line(unit):
     assert args.config == "/etc/edge-agent/agent.toml"
 
 
-@pytest.mark.parametrize("script", ["postinst", "prerm", "postrm"])
+SCRIPTS = ["postinst", "prerm", "postrm", "fleet/postinst", "fleet/prerm", "fleet/postrm"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_maintainer_script_is_valid_posix_sh(script):
     path = DEBIAN / script
     text = path.read_text(encoding="utf-8")
@@ -88,28 +92,102 @@ def test_maintainer_script_is_valid_posix_sh(script):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_only_purge_removes_state_and_user():
-    postrm = (DEBIAN / "postrm").read_text(encoding="utf-8")
+@pytest.mark.parametrize("package", ["", "fleet/"])
+def test_purge_removes_state_but_never_the_user(package):
+    postrm = (DEBIAN / (package + "postrm")).read_text(encoding="utf-8")
     purge = postrm.split("    purge)", 1)[1].split(";;", 1)[0]
     remove = postrm.split("    remove)", 1)[1].split(";;", 1)[0]
-    assert "userdel" in purge and "rm -rf \"$ROOT/var/lib/edge-agent\"" in purge
-    assert "userdel" not in remove and "rm -rf" not in remove
-    assert "userdel" not in (DEBIAN / "prerm").read_text(encoding="utf-8")
+    assert "rm -rf /var/lib/" in purge and "rm -rf" not in remove
+    # Debian policy: the system user stays on purge (files it owned may remain; a reinstall reuses it).
+    for script in ("postinst", "prerm", "postrm"):
+        text = (DEBIAN / (package + script)).read_text(encoding="utf-8")
+        assert not re.search(r"\b(userdel|deluser|groupdel|delgroup|useradd|groupadd)\b", text), script
 
 
-def test_packaged_conffile_parses_with_the_agent_config_model(tmp_path):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_use_debian_helpers_not_the_user_database_or_bare_systemctl(script):
+    text = (DEBIAN / script).read_text(encoding="utf-8")
+    assert "/etc/passwd" not in text and "/etc/group" not in text
+    assert "DPKG_ROOT" not in text
+    for line in text.splitlines():
+        # Enabling goes through deb-systemd-helper (keeps an administrator's disable/mask); starting
+        # asks policy-rc.d first; stopping goes through deb-systemd-invoke, which asks it itself.
+        assert not re.search(r"systemctl (--root\S* )?(enable|disable|stop)\b", line), line
+        if re.search(r"systemctl --no-block", line):
+            assert "policy_allows" in text.split(line, 1)[0].rsplit("\n", 3)[-2], line
+    if script.endswith("postinst"):
+        assert "adduser --system" in text and "deb-systemd-helper" in text
+    if script.endswith("prerm"):
+        assert "deb-systemd-invoke stop" in text
+
+
+def test_postinst_asks_policy_rc_d_before_starting(tmp_path):
+    """policy_allows() as written in postinst: 101 from policy-rc.d forbids, anything else allows."""
+    text = (DEBIAN / "postinst").read_text(encoding="utf-8")
+    func = text[text.index("policy_allows() {"):text.index("}\n", text.index("policy_allows() {")) + 2]
+    for rc, allowed in ((101, False), (0, True), (104, True)):
+        policy = tmp_path / "policy-rc.d"
+        policy.write_text("#!/bin/sh\nexit %d\n" % rc)
+        policy.chmod(0o755)
+        script = func.replace("/usr/sbin/policy-rc.d", str(policy)) + 'UNIT=x\npolicy_allows start\n'
+        proc = subprocess.run([shutil.which("dash") or "/bin/sh", "-c", script], check=False)
+        assert (proc.returncode == 0) is allowed, rc
+
+
+def test_packaged_conffile_holds_only_site_settings_and_parses(tmp_path):
     conffile = tmp_path / "agent.toml"
-    text = (DEBIAN / "agent.toml.head").read_text(encoding="utf-8")
-    assert all(line.startswith("#") for line in text.splitlines())  # the header adds no settings
-    conffile.write_text(text + (REPO / "configs" / "agent.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    text = (DEBIAN / "agent.toml").read_text(encoding="utf-8")
+    active = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert active == ["[mqtt]", 'host = "127.0.0.1"', "port = 1883"]
+    conffile.write_text(text, encoding="utf-8")
     cfg = load_agent_config(conffile)
-    assert cfg.state_dir == Path("/var/lib/edge-agent")
+    assert cfg.state_dir == Path("/var/lib/edge-agent")  # from the code's defaults
     assert cfg.trust.bundle_keys_dir == Path("/etc/edge-agent/keys")
     assert all(str(p).startswith("/etc/edge-agent/command-keys/") for p in cfg.trust.command_keys)
 
 
 def test_conffiles_list_the_agent_config_only():
     assert (DEBIAN / "conffiles").read_text(encoding="utf-8").split() == ["/etc/edge-agent/agent.toml"]
+
+
+def test_fleet_conffile_parses_with_the_controller_config_model():
+    from fleet.config import load_fleet_config
+
+    cfg = load_fleet_config(DEBIAN / "fleet" / "fleet.toml")
+    assert str(cfg.controller.key_file) == "/etc/fleet/keys/controller.key"
+    assert str(cfg.controller.state_dir) == "/var/lib/fleet"
+
+
+def test_fleet_unit_runs_the_serve_command_as_its_user():
+    from fleet.cli import COMMAND_MODULES as FLEET_MODULES
+
+    d = unit_directives((DEBIAN / "fleet" / "fleet.service").read_text(encoding="utf-8"))
+    argv = d["ExecStart"][0].split()
+    assert argv[0] == "/usr/bin/fleet" and d["User"] == ["edge-fleet"] and d["StateDirectory"] == ["fleet"]
+    args = build_parser("fleet", "", FLEET_MODULES, "0").parse_args(argv[1:])
+    assert args.command == "serve" and args.config == "/etc/fleet/fleet.toml"
+
+
+@pytest.mark.parametrize("target", sorted(build_deb.TARGETS))
+def test_lock_pins_every_wheel_with_a_hash(target):
+    lock = DEBIAN / "locks" / ("%s.txt" % target)
+    lines = [ln for ln in lock.read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
+    assert lines
+    for line in lines:
+        assert re.match(r"^[a-z0-9-]+==[^\s=]+ --hash=sha256:[0-9a-f]{64}$", line), line
+    pins = dict(ln.split(" ")[0].split("==") for ln in lines)
+    for name in ("numpy", "onnxruntime", "pydantic", "paho-mqtt", "cryptography", "psutil"):
+        assert name in pins, name
+    assert pins["numpy"].startswith("1.")
+    assert ("tomli" in pins) is (build_deb.TARGETS[target].python != "3.11")
+    assert not set(pins) & build_deb.EXCLUDED
+
+
+def test_jetpack_targets_differ_in_version_suffix_and_python():
+    t5, t6 = build_deb.TARGETS["jetpack5"], build_deb.TARGETS["jetpack6"]
+    assert t5.arch == t6.arch == "arm64"
+    assert (t5.python, t5.glibc, t5.suite, t5.tag) == ("3.8", "2.31", "jetpack5", "jp5")
+    assert (t6.python, t6.glibc, t6.suite, t6.tag) == ("3.10", "2.35", "jetpack6", "jp6")
 
 
 def test_platform_tags_for_jetpack5_cover_glibc_2_31_down_to_manylinux2014():
@@ -162,11 +240,12 @@ def test_lintian_overrides_each_have_a_reason():
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        ("deb-jetpack5", "--arch arm64 --python 3.8 --glibc 2.31"),
-        ("deb-jetpack6", "--arch arm64 --python 3.10 --glibc 2.35"),
+        ("deb-jetpack5", "--target jetpack5"),
+        ("deb-jetpack6", "--target jetpack6"),
+        ("deb-bookworm", "--target bookworm"),
     ],
 )
-def test_make_targets_pass_the_jetpack_platform_to_the_builder(target, expected):
+def test_make_targets_pass_the_target_to_the_builder(target, expected):
     proc = subprocess.run(["make", "-n", "-s", "-C", str(REPO), target], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "packaging/debian/build_deb.py" in proc.stdout
