@@ -40,6 +40,8 @@ BUILDER = REPO / "packaging" / "debian" / "build_deb.py"
 MAKE_REPO = REPO / "packaging" / "apt" / "make_repo.py"
 SYSTEM_PYTHON = "3.11"  # Debian 12's, the bookworm target's
 UPSTREAM = "0.1.0"
+#: Every build of this module uses the same timestamp, so a commit landing mid-run cannot change the bytes.
+SOURCE_DATE_EPOCH = "1767225600"
 
 pytestmark = [
     pytest.mark.deb,
@@ -64,7 +66,7 @@ def _build(target: str, out: Path, work: Path, *, source: Path = REPO, version: 
            "--work", str(work), "--source", str(source)]
     if version:
         cmd += ["--version", version]
-    proc = run(cmd, check=False, timeout=1200)
+    proc = run(cmd, check=False, timeout=1200, env={"SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
     assert proc.returncode == 0, "build of %s failed:\n%s" % (target, proc.stderr[-4000:])
     return [Path(p) for p in proc.stdout.split()]
 
@@ -160,9 +162,9 @@ def _add_repo(root: Root, repo: Path, url: str, suite: str, extra: str = "") -> 
     shutil.copy2(str(repo / "edge-agent-archive-keyring.gpg"), str(keyrings / "edge-agent.gpg"))
     os.chmod(str(keyrings / "edge-agent.gpg"), 0o644)
     # Only this repository: the install must not need Debian's archive (an offline device's situation).
-    for old in (root.path / "etc" / "apt" / "sources.list",):
-        if old.exists():
-            old.unlink()
+    debian = root.path / "etc" / "apt" / "sources.list"
+    if debian.exists():
+        os.replace(str(debian), str(debian) + ".off")
     (root.path / "etc" / "apt" / "sources.list.d" / "edge-agent.list").write_text(
         "deb [%ssigned-by=/etc/apt/keyrings/edge-agent.gpg] %s %s main\n" % (extra, url, suite))
 
@@ -311,8 +313,12 @@ def _run_agent_as_service(root: Root, broker: Broker) -> None:
         notify_path.unlink()
 
 
-def _run_controller_as_service(root: Root) -> None:
+def _run_controller_as_service(root: Root, broker: Broker) -> None:
     """fleet.service's ExecStart as edge-fleet with a key made as README.Debian says: it connects and serves."""
+    conf = root.path / "etc" / "fleet" / "fleet.toml"
+    text = conf.read_text()
+    assert 'host = "127.0.0.1"\nport = 1883' in text
+    conf.write_text(text.replace("port = 1883", "port = %d" % broker.port))
     root.run(["fleet", "keygen", "--out", "/etc/fleet/keys", "--name", "controller"])
     root.run(["chgrp", "edge-fleet", "/etc/fleet/keys/controller.key"])
     root.run(["chmod", "0640", "/etc/fleet/keys/controller.key"])
@@ -321,7 +327,9 @@ def _run_controller_as_service(root: Root) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("fleet controller serving on"), (line, proc.poll())
+        if not line.startswith("fleet controller serving on"):
+            proc.kill()
+            raise AssertionError("fleet serve: %r\n%s" % (line, proc.communicate()[1][-3000:]))
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
@@ -338,7 +346,17 @@ def test_install_run_upgrade_remove_purge_from_the_repository(built, repo, root,
         _add_repo(root, repo, server.url, "bookworm")
         root.apt("update")
         before_opt = (root.path / "opt").is_dir()
-        root.apt("install", "edge-agent", "edge-agent-fleet", "edge-agent-broker")
+        root.apt("install", "edge-agent", "edge-agent-fleet")
+        # The broker host's package needs mosquitto, which comes from Debian's archive. No service may
+        # start in the chroot (mosquitto's init script would): policy-rc.d says so, as in any chroot.
+        policy = root.path / "usr" / "sbin" / "policy-rc.d"
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        sources = root.path / "etc" / "apt" / "sources.list"
+        os.replace(str(sources) + ".off", str(sources))
+        root.apt("update")
+        root.apt("install", "edge-agent-broker")
+        os.replace(str(sources), str(sources) + ".off")
         status = root.run(["dpkg-query", "-W", "-f", "${Package} ${Version} ${Status}\n", "edge-agent*"]).stdout
         for pkg in ("edge-agent", "edge-agent-fleet", "edge-agent-broker"):
             assert "%s %s+deb12 install ok installed" % (pkg, UPSTREAM) in status, status
@@ -365,7 +383,7 @@ def test_install_run_upgrade_remove_purge_from_the_repository(built, repo, root,
         conf.write_text(edited)
         (conf.parent / "agent.toml.d" / "50-site.toml").write_text("[api]\nport = 0\n")
         _run_agent_as_service(root, broker)
-        _run_controller_as_service(root)
+        _run_controller_as_service(root, broker)
         effective = json.loads(root.run(["edge-agent", "config", "--json"]).stdout)["config"]
         assert effective["telemetry"]["period_s"] == 10.0 and effective["api"]["port"] == 0
 

@@ -157,6 +157,12 @@ def clean_site(site: Path) -> None:
     shutil.rmtree(site / "bin", ignore_errors=True)
     for direct_url in site.glob("*.dist-info/direct_url.json"):
         direct_url.unlink()  # holds the build machine's path to the project wheel
+        record = direct_url.parent / "RECORD"
+        if record.exists():  # and RECORD held the hash of that path: drop the line with the file
+            lines = record.read_text(encoding="utf-8").splitlines(keepends=True)
+            record.write_text("".join(ln for ln in lines if not ln.startswith(direct_url.parent.name
+                                                                              + "/direct_url.json,")),
+                              encoding="utf-8")
     # Some wheels carry bytecode of the interpreter that built them; postinst compiles for the target.
     for cache_dir in sorted(site.rglob("__pycache__"), reverse=True):
         shutil.rmtree(cache_dir)

@@ -55,6 +55,7 @@ def tar_bytes(root: Path, names: Iterable[str], mtime: int) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         top = tarfile.TarInfo("./")
         top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o755, mtime
+        top.uname = top.gname = "root"
         tar.addfile(top)
         for name in names:
             full = root / name
