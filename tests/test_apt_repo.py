@@ -421,9 +421,11 @@ def test_install_run_upgrade_remove_purge_from_the_repository(built, repo, root,
         root.apt("purge", "edge-agent-fleet", "edge-agent", "edge-agent-broker")
         left = root.run(["dpkg-query", "-W", "-f", "${Package}\n", "edge-agent*"], check=False).stdout.split()
         assert left == []
-        for gone in ("etc/edge-agent", "var/lib/edge-agent", "etc/fleet", "var/lib/fleet", "usr/bin/edge-agent",
-                     "etc/systemd/system/multi-user.target.wants/edge-agent.service"):
+        for gone in ("etc/edge-agent", "var/lib/edge-agent", "etc/fleet/fleet.toml", "var/lib/fleet",
+                     "usr/bin/edge-agent", "etc/systemd/system/multi-user.target.wants/edge-agent.service"):
             assert not (root.path / gone).exists() and not (root.path / gone).is_symlink(), gone
+        # The controller key the administrator made is theirs: purge leaves it (and so its folder).
+        assert (root.path / "etc" / "fleet" / "keys" / "controller.key").exists()
         assert root.passwd("edge-agent") is not None and root.passwd("edge-fleet") is not None
         assert (root.path / "opt").is_dir()
     finally:
