@@ -11,9 +11,9 @@ source scripts/_env.sh
 export EDGE_AGENT_TEST_SCRIPT=1  # tests needing a tool this script installs fail, not skip, without it
 # What the tests use beyond the demo: the Debian package build and checks (dpkg-dev, lintian,
 # systemd-analyze, make), the system python3 the package targets, the apt repository test (apt-utils's
-# apt-ftparchive, gnupg to sign, debootstrap for a clean Debian root), prometheus (promtool) and
-# postgresql (the registry tests' server).
-ensure_apt lintian python3 systemd dpkg-dev make apt-utils gnupg debootstrap prometheus postgresql
+# apt-ftparchive, gnupg to sign, debootstrap for a clean Debian root), prometheus (promtool),
+# postgresql (the registry tests' server) and chromium with its driver (the console's browser tests).
+ensure_apt lintian python3 systemd dpkg-dev make apt-utils gnupg debootstrap prometheus postgresql chromium chromium-driver
 
 make_venv .venv python3
 echo "== ruff"

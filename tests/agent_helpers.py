@@ -115,13 +115,14 @@ def agent_toml(path: Path, *, device_id: str, state_dir: Path, port: int, bundle
     return path
 
 
-def fleet_toml(path: Path, *, state_dir: Path, port: int, key_file: Path, extra_chunks: str = "") -> Path:
-    """Write a fleet.toml for a test controller."""
+def fleet_toml(path: Path, *, state_dir: Path, port: int, key_file: Path, extra_chunks: str = "",
+               extra_toml: str = "") -> Path:
+    """Write a fleet.toml for a test controller (`extra_toml`: more sections, e.g. [console])."""
     path.write_text(
         "\n".join([
             "[mqtt]", 'host = "127.0.0.1"', "port = %d" % port, "reconnect_min_s = 0.2", "reconnect_max_s = 1.0",
             "[controller]", 'key_file = "%s"' % key_file, 'state_dir = "%s"' % state_dir,
-            "[chunks]", extra_chunks,
+            "[chunks]", extra_chunks, extra_toml,
         ]) + "\n",
         encoding="utf-8",
     )
@@ -208,7 +209,8 @@ def stop_process(p: subprocess.Popen, timeout_s: float = 15.0) -> int:
 class FleetRig:
     """A broker, `fleet serve` as a real process, keys, a watcher, and agents as real processes."""
 
-    def __init__(self, broker, tmp: Path, *, max_bytes_per_s: Optional[int] = None, probation_s: float = 0) -> None:
+    def __init__(self, broker, tmp: Path, *, max_bytes_per_s: Optional[int] = None, probation_s: float = 0,
+                 extra_toml: str = "") -> None:
         self.broker = broker
         self.probation_s = probation_s
         self.tmp = Path(tmp)
@@ -217,7 +219,7 @@ class FleetRig:
         self.fleet_toml = fleet_toml(
             self.tmp / "fleet.toml", state_dir=self.tmp / "controller", port=broker.port,
             key_file=self.tmp / "controller-keys" / "controller.key",
-            extra_chunks=("max_bytes_per_s = %d" % max_bytes_per_s) if max_bytes_per_s else "",
+            extra_chunks=("max_bytes_per_s = %d" % max_bytes_per_s) if max_bytes_per_s else "", extra_toml=extra_toml,
         )
         self.watcher = Watcher(broker.host, broker.port)
         self.serve = subprocess.Popen(

@@ -25,7 +25,7 @@ DEVICE_GAUGES: Tuple[Tuple[str, str, str, float], ...] = (
     ("fleet_device_memory_used_bytes", "Memory in use.", "mem_used_mb", 1024.0 * 1024.0),
     ("fleet_device_queue_depth", "Requests waiting on the device.", "queue_depth", 1.0),
 )
-HEALTH = ("healthy", "unhealthy", "degraded", "unknown")
+
 
 
 def _esc(v: str) -> str:

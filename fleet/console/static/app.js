@@ -29,7 +29,10 @@
   function num(v, d) { return v === null || v === undefined ? "—" : Number(v).toFixed(d === undefined ? 1 : d); }
   function token() { return sessionStorage.getItem("fleet-token") || ""; }
 
+  var gen = 0;             // bumped on every navigation: answers for an older page are dropped
+
   function api(method, path, body, raw) {
+    var mine = gen;
     var opt = {method: method, headers: {"Authorization": "Bearer " + token()}};
     if (body !== undefined) {
       opt.body = raw ? body : JSON.stringify(body);
@@ -39,6 +42,7 @@
       return r.json().catch(function () { return {}; }).then(function (doc) {
         if (r.status === 401 && method === "GET") { login("Your token was not accepted."); throw new Error("401"); }
         if (!r.ok) { var e = new Error(doc.error || ("HTTP " + r.status)); e.status = r.status; throw e; }
+        if (mine !== gen) return new Promise(function () {});  // the user went elsewhere meanwhile
         return doc;
       });
     });
@@ -78,6 +82,9 @@
     app.appendChild(h("h1", {text: title}));
     return app;
   }
+
+  // The page for the current address is on screen (tests and screenshots wait for this).
+  function rendered() { document.body.setAttribute("data-rendered", location.hash || "#/"); }
 
   // ------------------------------------------------------------------------------------- login
   function login(msg) {
@@ -166,7 +173,7 @@
       };
       app.appendChild(h("form", {"class": "filters", on: {submit: function (e) { e.preventDefault(); go({q: search.value, offset: 0}); }}},
         search, h("button", {type: "submit"}, "Filter"),
-        sel("filter-health", st.health, [["", "any health"], ["healthy", "healthy"], ["unhealthy", "unhealthy"], ["unknown", "unknown"]]),
+        sel("filter-health", st.health, [["", "any health"], ["ok", "ok"], ["degraded", "degraded"], ["unhealthy", "unhealthy"], ["unknown", "unknown"]]),
         sel("filter-online", st.online, [["", "online or not"], ["true", "online"], ["false", "offline"]]),
         h("span", {"class": "muted", id: "devices-total", text: r.total + " devices"})));
       var head = h("tr", {}, COLS.map(function (c) {
@@ -282,7 +289,7 @@
     app.appendChild(h("dl", {"class": "kv"}, h("dt", {text: "bundle"}), h("dd", {text: bundle(r.bundle)}),
       h("dt", {text: "state"}), h("dd", {}, h("span", {id: "rollout-state"}, pill(r.state))),
       h("dt", {text: "mode"}), h("dd", {text: r.mode || "normal"}),
-      h("dt", {text: "wave"}), h("dd", {id: "rollout-wave", text: (r.current_wave + 1) + " of " + (r.wave_progress || []).length}),
+      h("dt", {text: "wave"}), h("dd", {id: "rollout-wave", text: Math.min(r.current_wave + 1, (r.wave_progress || []).length) + " of " + (r.wave_progress || []).length}),
       h("dt", {text: "reason"}), h("dd", {text: r.reason || "—"})));
     var id = r.rollout_id, post = function (a, body) { return api("POST", "/api/v1/rollouts/" + id + "/" + a, body || {}); };
     app.appendChild(h("div", {"class": "actions"},
@@ -313,6 +320,7 @@
     app.appendChild(h("ul", {"class": "timeline"}, (r.history || []).slice().reverse().map(function (e) {
       return h("li", {}, h("span", {"class": "muted", text: when(e.ts) + " "}), e.kind + (e.device_id ? " " + e.device_id : "") + " " + (e.message || ""));
     })));
+    rendered();
   }
 
   function rollout(id) {
@@ -385,6 +393,7 @@
   // ------------------------------------------------------------------------------------- router
   function route() {
     if (!me) return start();
+    gen++;
     if (stream) { stream.abort(); stream = null; }
     var hash = location.hash.slice(1) || "/", qi = hash.indexOf("?"), path = qi < 0 ? hash : hash.slice(0, qi), q = {};
     (qi < 0 ? "" : hash.slice(qi + 1)).split("&").forEach(function (kv) {
@@ -399,7 +408,8 @@
       : seg[0] === "rollouts" ? rollouts() : seg[0] === "rollout" ? rollout(seg[1])
       : seg[0] === "bundles" ? bundles() : seg[0] === "bundle" ? bundleView(seg[1], seg[2])
       : Promise.reject(new Error("no such page"));
-    return p.then(function () { document.body.setAttribute("data-page", nav); }, fail);
+    document.body.setAttribute("data-page", nav);
+    return p.then(rendered, function (e) { fail(e); rendered(); });
   }
 
   document.getElementById("logout").addEventListener("click", function () { login(); });
