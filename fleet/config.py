@@ -73,6 +73,8 @@ class RegistrySection(_Section):
     pool_max: int = Field(8, ge=1, le=100, description="PostgreSQL connections per controller")
     reconnect_s: float = Field(30.0, ge=0, le=3600, description="how long a lost database is retried per call")
     lease_s: float = Field(10.0, ge=1, le=600, description="rollout lease; a dead owner's rollouts move after it")
+    inbox_poll_s: float = Field(0.25, gt=0, le=10, description="how often an owner takes forwarded requests")
+    forward_timeout_s: float = Field(5.0, gt=0, le=60, description="wait for the owner's answer to a forward")
     history_interval_s: float = Field(300.0, ge=1, le=86400, description="seconds between history points")
     history_retention_s: float = Field(7 * 86400.0, ge=0, description="telemetry history kept; 0 = none kept")
 

@@ -57,6 +57,7 @@ class ControlPlane:
         share_group: Optional[str] = "fleet",
         leases: Optional[RolloutLeases] = None,
         inbox_poll_s: float = 0.25,
+        forward_timeout_s: float = 5.0,
         ingest_limits: Optional[IngestSection] = None,
         rpc_limits: Optional[RpcSection] = None,
         ingest_session: Optional[MqttSession] = None,
@@ -70,7 +71,7 @@ class ControlPlane:
         self.registry = registry
         self.resolve_bundle = resolve_bundle
         self.runner = RolloutRunner(registry, send_command, defaults=defaults, default_waves=default_waves,
-                                    leases=leases)
+                                    leases=leases, forward_timeout_s=forward_timeout_s)
         self.inbox_poll_s = inbox_poll_s
         self.ingest = Ingest(
             registry,

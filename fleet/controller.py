@@ -102,6 +102,7 @@ class Controller:
             telemetry_flush_s=r.telemetry_flush_s, ingest_backlog=r.ingest_backlog, leases=self._leases(cfg),
             history_interval_s=cfg.registry.history_interval_s, history_retention_s=cfg.registry.history_retention_s,
             ingest_limits=cfg.ingest, rpc_limits=cfg.rpc, ingest_session=self.ingest_session,
+            inbox_poll_s=cfg.registry.inbox_poll_s, forward_timeout_s=cfg.registry.forward_timeout_s,
         )
         self.control.max_page_size = cfg.console.max_page_size
         self._register_bundle_methods()
