@@ -261,7 +261,7 @@ class ControlPlane:
 
     def _rollout_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
         out = self.runner.get(params.get("rollout_id"), history=int(params.get("history", 50)),
-                              devices=params.get("devices", True) is not False)
+                              devices=params.get("devices", True))
         if out.get("mode") in ("shadow", "ab") and "devices" in out:
             # Candidate vs active per device, from each device's latest telemetry about this candidate.
             rows = {d["device_id"]: d for d in self.registry.list_devices()}

@@ -257,9 +257,11 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _want_devices(args: argparse.Namespace) -> bool:
-    """The per-device list is fetched only when it is shown (--devices) or printed (--json)."""
-    return bool(getattr(args, "show_devices", False) or getattr(args, "json", False))
+def _want_devices(args: argparse.Namespace) -> Any:
+    """The whole per-device list when it is shown (--devices) or printed (--json); otherwise "auto": the
+    controller includes it for rollouts small enough to answer in one message (the shadow/A-B candidate
+    table is built from it)."""
+    return True if getattr(args, "show_devices", False) or getattr(args, "json", False) else "auto"
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -51,6 +51,9 @@ from fleet.rollouts.waves import check_explicit_waves, resolve_waves
 
 log = logging.getLogger(__name__)
 
+#: Most devices a rollout.status answer lists when the caller leaves the choice to the controller.
+AUTO_DEVICE_LIST = 500
+
 SendCommand = Callable[[str, CommandArgs], None]
 
 
@@ -380,9 +383,11 @@ class RolloutRunner(SharedRollouts):
 
     # ------------------------------------------------------------------------------------- queries
 
-    def get(self, rollout_id: Optional[str] = None, *, history: int = 50, devices: bool = True) -> Dict[str, Any]:
-        """A rollout's summary, devices (unless `devices` is False: a 10,000-device list is over a
-        megabyte) and recent history (the newest rollout when no id is given)."""
+    def get(self, rollout_id: Optional[str] = None, *, history: int = 50, devices: Any = True) -> Dict[str, Any]:
+        """A rollout's summary, devices and recent history (the newest rollout when no id is given).
+
+        `devices`: True lists every device, False none (a 10,000-device list is over a megabyte), "auto"
+        lists them when there are at most AUTO_DEVICE_LIST of them."""
         with self._lock:
             if rollout_id is None:
                 rows = self.registry.list_rollouts(limit=1)
@@ -396,7 +401,7 @@ class RolloutRunner(SharedRollouts):
                     raise RolloutError("no rollout %s" % rollout_id)
                 r = Rollout.from_dict(body)
             out = r.summary()
-            if devices:
+            if devices is True or (devices == "auto" and len(r.devices) <= AUTO_DEVICE_LIST):
                 out["devices"] = [e.to_dict() for e in r.devices.values()]
             out["history"] = self.registry.rollout_history(rollout_id, limit=history)
             return out
