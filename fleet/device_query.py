@@ -76,11 +76,18 @@ def page_devices(registry: Any, params: Dict[str, Any], *, max_limit: int = 500)
     total = int(registry.read("SELECT COUNT(*) AS n FROM devices" + where, args)[0]["n"])
     col = SORTS[sort]
     nulls = "CASE WHEN %s IS NULL THEN 1 ELSE 0 END" % col
-    sql = "SELECT %s FROM devices%s ORDER BY %s, %s %s, device_id %s LIMIT ? OFFSET ?" % (
-        ", ".join(_DEVICE_COLUMNS), where, nulls, col, order.upper(), order.upper())
-    rows = registry.read(sql, [*args, limit, offset])
+    # Sort on the narrow columns first, then read the page's full rows (their JSON) by id: sorting whole
+    # rows would carry every device's telemetry through the sort.
+    sql = "SELECT device_id FROM devices%s ORDER BY %s, %s %s, device_id %s LIMIT ? OFFSET ?" % (
+        where, nulls, col, order.upper(), order.upper())
+    ids = [r["device_id"] for r in registry.read(sql, [*args, limit, offset])]
+    rows = {}
+    if ids:
+        full = registry.read("SELECT %s FROM devices WHERE device_id IN (%s)" % (
+            ", ".join(_DEVICE_COLUMNS), ",".join("?" * len(ids))), ids)
+        rows = {r["device_id"]: r for r in full}
     return {"total": total, "offset": offset, "limit": limit, "sort": sort, "order": order,
-            "devices": [_device_row(r) for r in rows]}
+            "devices": [_device_row(rows[i]) for i in ids if i in rows]}
 
 
 def fleet_summary(registry: Any) -> Dict[str, Any]:

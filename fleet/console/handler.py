@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import socket
 import time
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Dict, Optional, Tuple
@@ -42,6 +43,14 @@ class ConsoleHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fleet-console"
     timeout = SOCKET_TIMEOUT_S
+
+    def setup(self) -> None:
+        """Answers go out at once (no Nagle delay between the head and the body of a kept-alive answer)."""
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
     @property
     def console(self) -> Any:
