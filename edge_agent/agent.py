@@ -138,6 +138,8 @@ class Agent(AgentCommands, AgentServing):
             engine=lambda: self._models.describe() if self._models is not None and hasattr(
                 self._models, "describe") else None,
             malformed=lambda: self.malformed + (self.fetcher.malformed if self.fetcher is not None else 0),
+            handler_errors=lambda: self.session.stats["handler_errors"] if self.session is not None else 0,
+            worker_errors=lambda: self.worker_errors,
         )
         self.session.on_connect(self.publisher.notify_connected)
 

@@ -52,7 +52,8 @@ def test_builder_turns_period_counts_into_rates_and_carries_every_field():
     b = TelemetryBuilder("jetson-01", system=_system, clock=clock, wall_clock=lambda: 1.7e9,
                          bundle=lambda: BundleRef(name="digits", version=3),
                          engine=lambda: {"backend": "tensorrt", "precision": "fp16", "batch_small": 16, "x": [1]},
-                         spool_dropped=lambda: 7, malformed=lambda: 2, started_at=90.0)
+                         spool_dropped=lambda: 7, malformed=lambda: 2, handler_errors=lambda: 4,
+                         worker_errors=lambda: 1, started_at=90.0)
     clock.t = 110.0  # 20 s since start
     t = b.build(_stats())
     assert t.seq == 0 and t.period_s == 20.0 and t.uptime_s == 20.0 and t.ts == 1.7e9
@@ -66,6 +67,7 @@ def test_builder_turns_period_counts_into_rates_and_carries_every_field():
     assert t.bundle == BundleRef(name="digits", version=3)
     assert t.engine == {"backend": "tensorrt", "precision": "fp16", "batch_small": 16, "x": "[1]"}
     assert t.spool_dropped == 7 and t.malformed_messages == 2
+    assert t.handler_errors == 4 and t.worker_errors == 1
     doc = _validate(t)
     assert doc["schema"] == "edge-agent/telemetry/1"
 

@@ -59,7 +59,7 @@ def _telemetry(**kw) -> Telemetry:
         gpu_util=37.0, cpu_percent=9.0, mem_used_mb=3000.0, mem_available_mb=4000.0,
         temperatures_c={"CPU": 37.5, 'we"ird\\sen\nsor': 40.0}, power_mw=4567.0, throttled=False,
         bundle=BundleRef(name="digits", version=3), engine={"backend": "tensorrt", "precision": "fp16", "bad key": 1},
-        spool_dropped=7, malformed_messages=2, source="jtop+proc",
+        spool_dropped=7, malformed_messages=2, handler_errors=3, worker_errors=1, source="jtop+proc",
     )
     base.update(kw)
     return Telemetry(**base)
@@ -121,6 +121,8 @@ def test_values_are_in_base_units():
     assert {s[0]["route"]: s[1] for s in fams["edge_agent_route_requests_total"]["samples"]} == {
         "small": 10000, "large": 2270}
     assert fams["edge_agent_spool_dropped_total"]["samples"][0][1] == 7
+    assert fams["edge_agent_handler_errors_total"]["samples"][0][1] == 3
+    assert fams["edge_agent_worker_errors_total"]["samples"][0][1] == 1
 
 
 def test_label_values_are_escaped_and_round_trip():

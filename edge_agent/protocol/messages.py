@@ -223,6 +223,10 @@ class Telemetry(Message):
     engine: Optional[Dict[str, Union[str, int, float, None]]] = None
     spool_dropped: int = 0
     malformed_messages: int = 0
+    handler_errors: int = Field(0, description="received MQTT messages whose handler failed (logged; the "
+                                "session goes on), since the agent started")
+    worker_errors: int = Field(0, description="agent work items (commands, hand-overs) that failed on an "
+                               "unexpected error (logged, reported as an error event), since the agent started")
     shadow: Optional[ShadowStats] = None
     source: Optional[str] = None
 

@@ -48,6 +48,8 @@ class TelemetryBuilder:
         engine: Callable[[], Optional[Dict[str, Any]]] = lambda: None,
         spool_dropped: Callable[[], int] = lambda: 0,
         malformed: Callable[[], int] = lambda: 0,
+        handler_errors: Callable[[], int] = lambda: 0,
+        worker_errors: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         started_at: Optional[float] = None,
@@ -58,6 +60,8 @@ class TelemetryBuilder:
         self._engine = engine
         self._spool_dropped = spool_dropped
         self._malformed = malformed
+        self._handler_errors = handler_errors
+        self._worker_errors = worker_errors
         self._clock = clock
         self._wall = wall_clock
         self._started = clock() if started_at is None else started_at
@@ -181,7 +185,9 @@ class TelemetryBuilder:
 
     def _agent_fields(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
-        for key, fn in (("spool_dropped", self._spool_dropped), ("malformed_messages", self._malformed)):
+        counters = (("spool_dropped", self._spool_dropped), ("malformed_messages", self._malformed),
+                    ("handler_errors", self._handler_errors), ("worker_errors", self._worker_errors))
+        for key, fn in counters:
             try:
                 out[key] = _count(fn())
             except Exception as e:

@@ -142,6 +142,10 @@ def render_prometheus(t: Telemetry, *, totals: Optional[Mapping[str, Any]] = Non
              [({}, t.spool_dropped)])
     w.family("malformed_messages_total", "counter", "Received MQTT payloads that were malformed and ignored.",
              [({}, t.malformed_messages)])
+    w.family("handler_errors_total", "counter", "Received MQTT messages whose handler failed (logged, session kept).",
+             [({}, t.handler_errors)])
+    w.family("worker_errors_total", "counter", "Agent work items (commands) that failed on an unexpected error.",
+             [({}, t.worker_errors)])
 
     w.gauge("period_requests", "Requests received in the last telemetry period.", t.requests)
     w.gauge("period_errors", "Requests failed in the last telemetry period.", t.errors)

@@ -275,6 +275,8 @@ def create_publisher(
     bundle: Callable[[], Any] = lambda: None,
     engine: Callable[[], Optional[Dict[str, Any]]] = lambda: None,
     malformed: Callable[[], int] = lambda: 0,
+    handler_errors: Callable[[], int] = lambda: 0,
+    worker_errors: Callable[[], int] = lambda: 0,
     started_at: Optional[float] = None,
 ) -> TelemetryPublisher:
     """Wire collector, builder, spool and publisher from the `[telemetry]` config section.
@@ -287,6 +289,7 @@ def create_publisher(
     holder: List[TelemetryPublisher] = []
     builder = TelemetryBuilder(
         device_id, system=collector.collect, bundle=bundle, engine=engine, malformed=malformed,
+        handler_errors=handler_errors, worker_errors=worker_errors,
         spool_dropped=lambda: holder[0].dropped() if holder else spool.dropped, started_at=started_at,
     )
     pub = TelemetryPublisher(
