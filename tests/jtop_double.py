@@ -13,6 +13,7 @@ CPU/GPU/SOC/tj/CV thermal zones: jetson_stats 4.2.12 jtop/core/temperature.py re
 from __future__ import annotations
 
 import copy
+import re
 import types
 from typing import Any, Dict, Optional, Set
 
@@ -145,11 +146,26 @@ class _Interface:
         return key in self._data
 
 
+#: Names jtop gives the Jetson thermal zones (zone type up to its first '-' or '_'); jetson_stats 4.2.12
+#: jtop/core/temperature.py get_virtual_thermal_temperature reads only their `temp`, never a limit.
+_THERMAL_ZONE_NAME = re.compile(r"^(AO|AUX|CPU|GPU|CV\d*|SOC\d*|tj|thermal|Tdiode|Tboard|PLL|MCPU|BCPU|Tj)$")
+
+
+def _check_temperature_shape(temps: Dict[str, Any]) -> None:
+    """Refuse a board jtop could not report: `max`/`crit` on a thermal zone (only hwmon sensors have them)."""
+    for name, sensor in temps.items():
+        extra = set(sensor) - {"online", "temp"}
+        if extra and _THERMAL_ZONE_NAME.match(name):
+            raise ValueError("jtop reports no %s for thermal zone %r (only hwmon sensors have limits)"
+                             % (sorted(extra), name))
+
+
 class JtopDouble:
     """Controls what the fake `jtop` class does; one per test."""
 
     def __init__(self, board: Optional[Dict[str, Any]], *, service_active: bool = True) -> None:
         self.board = copy.deepcopy(board) if board is not None else None
+        _check_temperature_shape((self.board or {}).get("temperature") or {})
         self.service_active = service_active
         self.failing: Set[str] = set()  # property names that raise on access
         self.started = 0

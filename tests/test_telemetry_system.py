@@ -64,12 +64,68 @@ def test_orin_jtop_fields_are_read(tmp_path, monkeypatch):
     assert out["throttled"] is False  # 'tot' has crit 0 (no limit) and is not counted as throttling
 
 
-def test_jtop_temperature_at_its_limit_reports_throttling(tmp_path, monkeypatch):
+def test_jtop_hwmon_sensor_at_its_max_reports_throttling(tmp_path, monkeypatch):
     board = dict(XAVIER_NX, temperature=dict(XAVIER_NX["temperature"]))
-    board["temperature"]["CPU"] = {"online": True, "temp": 99.7, "max": 99.5, "crit": 103.5}
+    # a hwmon sensor (temp<N>_label): the only kind jtop reports with `max`/`crit`
+    board["temperature"]["hwmon-sensor"] = {"online": True, "temp": 99.7, "max": 99.5, "crit": 103.5}
     JtopDouble(board).install(monkeypatch)
     out = _collector(tmp_path, proc_root=_fake_proc(tmp_path / "proc")).collect()
     assert out["throttled"] is True
+
+
+def test_jtop_double_refuses_limits_on_a_thermal_zone():
+    board = dict(XAVIER_NX, temperature=dict(XAVIER_NX["temperature"]))
+    board["temperature"]["CPU"] = {"online": True, "temp": 99.7, "max": 99.5}
+    with pytest.raises(ValueError, match="thermal zone 'CPU'"):
+        JtopDouble(board)
+
+
+def _orin_zones(root, temps_mc, *, cpu_trip_mc=99000):
+    """/sys/class/thermal of an Orin (L4T zone types `CPU-therm`...; the CPU zone's trips as tegra234's
+    device tree has them: `cpu-sw-throttle` passive, `cpu-sw-shutdown` critical; tj: fan `active` trips)."""
+    trips = {"CPU-therm": [("critical", 104500), ("passive", cpu_trip_mc)],
+             "tj-therm": [("active", 85000), ("active", 105000)]}
+    for i, (typ, mc) in enumerate(temps_mc.items()):
+        z = root / ("thermal_zone%d" % i)
+        z.mkdir(parents=True, exist_ok=True)
+        (z / "type").write_text(typ + "\n")
+        (z / "temp").write_text("%d\n" % mc)
+        for n, (kind, trip) in enumerate(trips.get(typ, [])):
+            (z / ("trip_point_%d_type" % n)).write_text(kind + "\n")
+            (z / ("trip_point_%d_temp" % n)).write_text("%d\n" % trip)
+
+
+def test_orin_with_jtop_reports_throttling_from_the_zone_trip_points(tmp_path, monkeypatch):
+    # jtop (strict double: no limits on thermal zones) alone cannot tell; the kernel's trip points can.
+    JtopDouble(ORIN).install(monkeypatch)
+    root = tmp_path / "thermal"
+    _orin_zones(root, {"CPU-therm": 48200, "GPU-therm": 50300, "tj-therm": 90000})
+    c = _collector(tmp_path, proc_root=_fake_proc(tmp_path / "proc"), thermal_root=root)
+    out = c.collect()
+    assert out["source"] == "jtop+proc+sysfs"
+    assert out["throttled"] is False  # tj past a fan (active) trip is not throttling
+    # one name per sensor: the zones jtop already reported are not added again under their type
+    assert sorted(out["temperatures_c"]) == sorted(ORIN["temperature"])
+    _orin_zones(root, {"CPU-therm": 99000, "GPU-therm": 50300, "tj-therm": 99000})
+    out = c.collect()
+    assert out["throttled"] is True  # CPU at its passive (sw-throttle) trip
+    assert out["temperatures_c"]["CPU"] == 48.2  # temperatures stay jtop's
+
+
+def test_hot_trip_counts_as_throttling_and_critical_does_not(tmp_path, monkeypatch):
+    hide_jtop(monkeypatch)
+    root = tmp_path / "thermal"
+    z = root / "thermal_zone0"
+    z.mkdir(parents=True)
+    (z / "type").write_text("CPU-therm\n")
+    (z / "temp").write_text("96000\n")
+    (z / "trip_point_0_type").write_text("critical\n")
+    (z / "trip_point_0_temp").write_text("95000\n")
+    c = _collector(tmp_path, proc_root=_fake_proc(tmp_path / "proc"), thermal_root=root)
+    assert c.collect()["throttled"] is None  # a shutdown trip is no throttling limit
+    (z / "trip_point_1_type").write_text("hot\n")
+    (z / "trip_point_1_temp").write_text("95500\n")
+    assert c.collect()["throttled"] is True
 
 
 def test_jtop_without_memory_uses_proc_for_both_memory_fields(tmp_path, monkeypatch):

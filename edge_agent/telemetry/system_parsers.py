@@ -248,6 +248,17 @@ def fill_missing(out: Dict[str, Any], data: Dict[str, Any]) -> None:
             out[k] = v
 
 
+#: Trip point types at which the kernel or the hardware throttles (not `active`: a fan; not `critical`:
+#: shutdown). Linux Documentation/devicetree/bindings/thermal/thermal-zones.yaml.
+THROTTLE_TRIP_TYPES = ("passive", "hot")
+
+
+def jtop_sensor_name(zone_type: str) -> str:
+    """The name jtop gives a thermal zone: its type up to the first `-` (else `_`), as in jetson-stats
+    jtop/core/temperature.py `get_virtual_thermal_temperature` (`CPU-therm` -> `CPU`)."""
+    return zone_type.split("-", maxsplit=1)[0] if "-" in zone_type else zone_type.split("_", maxsplit=1)[0]
+
+
 def thermal_zone_index(name: str) -> int:
     """N of a `thermal_zoneN` directory name (names that do not end in a number sort last)."""
     digits = name[len("thermal_zone"):]
