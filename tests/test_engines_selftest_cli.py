@@ -65,6 +65,38 @@ def test_wrong_onnxruntime_answer_fails_the_selftest(capsys, monkeypatch, tmp_pa
     assert "onnxruntime inference" in err
 
 
+@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", b"", None])
+def test_unreadable_reference_file_is_a_failed_check_not_a_traceback(capsys, monkeypatch, tmp_path, content):
+    from edge_agent import selftest
+
+    bad = tmp_path / "ref.npz"
+    if content is None:  # a valid npz without the inputs
+        ref = dict(np.load(str(selftest.tiny_reference_path())))
+        del ref["image"]
+        np.savez(str(bad), **ref)
+    else:
+        bad.write_bytes(content)
+    monkeypatch.setattr(selftest, "tiny_reference_path", lambda: bad)
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
+    rc, out, err = _run(capsys, "--json")
+    assert rc == 1
+    check = _checks(out)["reference data"]
+    assert check["status"] == "FAIL" and "reinstall" in check["detail"] and "\n" not in check["detail"]
+    assert "Traceback" not in err and "reference data" in err
+
+
+def test_reference_file_is_read_through_the_bounded_loader(capsys, monkeypatch):
+    import edge_agent.npz
+
+    calls = []
+    real = edge_agent.npz.load_npz
+    monkeypatch.setattr(edge_agent.npz, "load_npz", lambda p, **kw: calls.append(p) or real(p, **kw))
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
+    rc, out, _ = _run(capsys, "--json")
+    assert rc == 0 and _checks(out)["onnxruntime inference"]["status"] == "ok"
+    assert len(calls) == 1 and calls[0].name == "tiny_reference.npz"
+
+
 def test_tensorrt_path_builds_runs_and_matches_onnxruntime(capsys, trt_double):
     rc, out, _ = _run(capsys, "--require-tensorrt", "--json")
     checks = _checks(out)

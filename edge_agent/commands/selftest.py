@@ -65,6 +65,7 @@ def run_selftest(args: argparse.Namespace) -> _Report:
     from edge_agent.engines.platform import detect_platform
     from edge_agent.engines.prepare import available_backends, choose_backend, current_budget
     from edge_agent.errors import EdgeAgentError
+    from edge_agent.npz import NpzError, load_npz
     from edge_agent.selftest import tiny_model_path, tiny_reference_path
 
     rep = _Report()
@@ -104,8 +105,13 @@ def run_selftest(args: argparse.Namespace) -> _Report:
     except EdgeAgentError as e:
         rep.add("memory budget", FAIL, str(e))
 
-    ref = dict(np.load(str(tiny_reference_path())))
-    x = ref.pop("image")
+    try:
+        ref = load_npz(tiny_reference_path())
+        x = ref.pop("image")
+    except (NpzError, KeyError) as e:
+        rep.add("reference data", FAIL, "the packaged tiny model's reference is unusable (%s); reinstall "
+                "edge-agent" % (e if isinstance(e, NpzError) else "no 'image' array"))
+        return rep
     ort_out: Optional[Dict[str, np.ndarray]] = None
     if "onnxruntime" in have:
         from edge_agent.engines.ort import OrtEngine
