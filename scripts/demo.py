@@ -5,7 +5,9 @@ telemetry, and then a bundle that breaks its health gate: its rollout halts in t
 device that took it rolls itself back, and later waves never receive it.
 
 Run it through `scripts/demo.sh` (which installs what it needs). Everything lives in a temporary folder
-that is removed at the end (`--keep` keeps it, with every process's log).
+that is removed at the end (`--keep` keeps it, with every process's log, and keeps everything running
+with the web console up, traffic flowing, until Ctrl-C). The console's URL and an operator token are
+printed when the controller starts.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class Demo:
         self.api_ports: Dict[str, int] = {}
         self.port = free_port()
         self.fleet_toml = tmp / "fleet.toml"
+        self.console_port = free_port()
+        self.console_token = ""
 
     # ------------------------------------------------------------------------------------------ processes
 
@@ -118,9 +122,15 @@ class Demo:
             "[mqtt]\nhost = \"127.0.0.1\"\nport = %d\n"
             "[controller]\nkey_file = \"%s\"\nstate_dir = \"%s\"\n"
             "[rollouts]\ntelemetry_flush_s = 1.0\ndevice_timeout_s = 120.0\n"
-            % (self.port, self.tmp / "keys" / "controller.key", self.tmp / "controller")
+            "[registry]\nhistory_interval_s = 2.0\n"
+            "[console]\nenabled = true\nport = %d\n"
+            % (self.port, self.tmp / "keys" / "controller.key", self.tmp / "controller", self.console_port)
         )
+        self.console_token = self.cli("token", "add", "--role", "operator", "--name", "demo", "--config",
+                                      str(self.fleet_toml), show=False).stdout.splitlines()[0]
         self.spawn("fleet-serve", [PY, "-m", "fleet.cli", "serve", "--config", str(self.fleet_toml)])
+        print("web console: http://127.0.0.1:%d/  (operator token: %s)" % (self.console_port, self.console_token),
+              flush=True)
 
     def start_agents(self) -> None:
         """One `edge-agent run` per device, CPU backend, a short probation window for the demo."""
@@ -331,6 +341,12 @@ def main() -> int:
         served = sum(v for k, v in traffic.stats.items() if k.endswith(":ok"))
         print("\nbackground traffic during the failed rollout: %d answered, %d failed" % (served, failed))
         ok = True
+        if args.keep:
+            say("7. everything keeps running: web console http://127.0.0.1:%d/ (operator token: %s); Ctrl-C stops"
+                % (demo.console_port, demo.console_token))
+            traffic.start()
+            while True:
+                time.sleep(1)
     except KeyboardInterrupt:
         print("interrupted")
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ def test_demo_rolls_out_serves_and_halts_the_broken_bundle():
     assert "SUCCEEDED" in out and "all 3 waves passed" in out
     assert "HALTED" in out and "probation-failed" in out
     assert "demo finished" in out
+    assert re.search(r"web console: http://127\.0\.0\.1:\d+/  \(operator token: \S{40,}\)", out)
     # every device ends on v1: the one that took v2 rolled back, the others never received it
     tail = out.split("digits v2 declares")[1]
     assert tail.count("digits v1") >= 3 and "digits v2  active" not in tail
