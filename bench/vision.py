@@ -1,0 +1,321 @@
+"""Benchmark on the vision-sized samples: samples/digits96 (96x96 classifiers) and samples/shapes (128x128
+detectors), each built into a signed bundle and unpacked as a device does, served by `InferenceService`
+on ONNX Runtime (CPU, one intra-op thread per model, engine batch 16).
+
+1. Model cost: ms per item of each model alone at batch 1 and batch 16 (what one CPU core pays).
+2. Router vs large-only over the HTTP API (`ApiServer`, loopback, one `.npy` item per POST, keep-alive
+   connections) at concurrency C: τ is calibrated on the calib split (point estimate within 0.5 points
+   of large-only), the held-out split is served once per round with the router and once with every
+   request sent to the large model. Figures: throughput ratio (target >= 2.5x) and the accuracy
+   difference on held-out data in points (target <= 0.5).
+3. Dynamic batching: the large model (all requests routed to it) at concurrency 16 through
+   `infer_tensor`, batched (engine batch 16, max queue delay 2 ms) against one request at a time (engine
+   batch 1, no queue delay). The figure is that serving gain as a share of the large engine's own gain
+   from batch 16 over batch 1 (the engine alone, measured in the same rounds): target >= 0.9.
+4. Detector through a source: the shapes held-out folder read by `SourceRunner` (OpenCV decode), served
+   by the router, by the small model only and by the large model only; frames/s and matched-box F1
+   against the scene ground truth (IoU >= 0.5, same class).
+
+Rounds interleave the configurations and each figure is the median over rounds, so the slow spells of a
+shared machine fall on both sides of a ratio.
+
+Usage: python bench/vision.py [--quick] [--json PATH] [--concurrency N]
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "samples"))
+
+import harness  # noqa: E402  (samples/harness.py)
+
+from bench._common import environment, figure, parser, print_table, write_json  # noqa: E402
+
+MAX_DROP_PTS = 0.5
+ENGINE_BATCH = 16
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x[None], np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def model_costs(models: Any, x: np.ndarray, *, iterations: int) -> Dict[str, float]:
+    """Per item of each engine alone at batch 1 and ENGINE_BATCH: CPU ms of the calling thread (with one
+    intra-op thread ONNX Runtime computes in the caller's thread: what one core pays, whatever else the
+    machine runs) and wall ms (which a busy machine inflates)."""
+    out: Dict[str, float] = {}
+    for name in ("small", "large"):
+        engine = getattr(models, name)
+        feed_name = engine.inputs[0].name
+        for batch in (1, ENGINE_BATCH):
+            feed = {feed_name: np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), np.float32)}
+            for _ in range(3):  # warm-up (the first runs of a session cost far more)
+                engine.infer(feed)
+            c0, t0 = time.thread_time(), time.perf_counter()
+            for _ in range(iterations):
+                engine.infer(feed)
+            out["%s_b%d_cpu_ms" % (name, batch)] = (time.thread_time() - c0) * 1000.0 / iterations / batch
+            out["%s_b%d_ms" % (name, batch)] = (time.perf_counter() - t0) * 1000.0 / iterations / batch
+    return out
+
+
+def calibrate_tau(models: Any, xc: np.ndarray, yc: np.ndarray) -> Tuple[float, Dict[str, float]]:
+    """The confidence τ with the fewest large calls whose calib accuracy (point estimate) is within
+    MAX_DROP_PTS of large-only."""
+    from edge_agent.runtime import calibration
+
+    data = calibration.collect(models.small, models.large, xc, yc, gate="confidence", batch=ENGINE_BATCH)
+    rows = calibration.sweep(data, calibration.candidate_taus(data.scores, 0.5, 0.999))
+    best = calibration.recommend(rows, max_drop_pts=MAX_DROP_PTS, key="drop_pts")
+    return (best["tau"], best) if best else (0.999, rows[-1])
+
+
+def http_drive(port: int, bodies: List[bytes], labels: np.ndarray, *, concurrency: int) -> Dict[str, float]:
+    """Closed-loop HTTP clients (one keep-alive connection each) POSTing every body once."""
+    import json
+
+    shares = [list(range(k, len(bodies), concurrency)) for k in range(concurrency)]
+    correct = [0] * concurrency
+    large = [0] * concurrency
+    failed = [0] * concurrency
+    start = threading.Barrier(concurrency + 1)
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        start.wait()
+        for i in shares[k]:
+            conn.request("POST", "/v1/infer", body=bodies[i], headers={"Content-Type": "application/x-npy"})
+            r = conn.getresponse()
+            data = r.read()
+            if r.status != 200:
+                failed[k] += 1
+                continue
+            ans = json.loads(data)
+            correct[k] += int(ans["output"]["top"][0]["index"] == labels[i])
+            large[k] += int(ans["route"] == "large")
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    n = len(bodies)
+    return {"rps": n / wall, "accuracy": sum(correct) / n, "large_fraction": sum(large) / n,
+            "failed": float(sum(failed))}
+
+
+def inproc_drive(svc: Any, x: np.ndarray, *, concurrency: int) -> float:
+    """Items/s of closed-loop `infer_tensor` clients serving every item of x once."""
+    start = threading.Barrier(concurrency + 1)
+
+    def client(k: int) -> None:
+        start.wait()
+        for i in range(k, len(x), concurrency):
+            svc.infer_tensor(x[i], timeout_s=60)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return len(x) / (time.perf_counter() - t0)
+
+
+def engine_gain(engine: Any, *, iterations: int) -> float:
+    """Items/s of the engine alone at ENGINE_BATCH over batch 1."""
+    from edge_agent.engines.tuner import measure_batches
+
+    by = {m.batch: m.items_per_s for m in measure_batches(engine, [1, ENGINE_BATCH], iterations=iterations)}
+    return by[ENGINE_BATCH] / by[1]
+
+
+def source_run(svc: Any, folder: Path, truth: Dict[str, Any]) -> Dict[str, float]:
+    """Play the folder once through a SourceRunner; frames/s, F1 and the share routed to large."""
+    from edge_agent.config import SourceConfig
+    from edge_agent.runtime.sources import SourceRunner
+
+    got: List[Any] = []
+    runner = SourceRunner(SourceConfig(name="bench", uri=str(folder)), get_service=lambda: svc,
+                          publish=got.append, device_id="bench-device")
+    t0 = time.perf_counter()
+    runner.start()
+    if not runner.done.wait(300):
+        runner.stop()
+        raise RuntimeError("the source did not finish within 300 s")
+    wall = time.perf_counter() - t0
+    tp, fp, fn = harness.detection_counts(((r.output["file"], r.output) for r in got), truth)
+    return {"fps": len(got) / wall, "f1": harness.synth.f1_score(tp, fp, fn), "frames": float(len(got)),
+            "large_fraction": sum(r.route == "large" for r in got) / max(1, len(got))}
+
+
+def _median(rows: List[Dict[str, float]]) -> Dict[str, float]:
+    return {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+
+
+def _ratio(a: List[Dict[str, float]], b: List[Dict[str, float]], key: str) -> float:
+    return float(np.median([x[key] / y[key] for x, y in zip(a, b)]))
+
+
+def classifier_part(work: Path, args: Any, rounds: int) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Parts 1-3 on digits96."""
+    from edge_agent.config import ApiConfig, RuntimeConfig
+    from edge_agent.runtime.http_api import ApiServer
+    from edge_agent.runtime.service import InferenceService
+
+    bdir, manifest = harness.build_unpacked(harness.DIGITS96, work)
+    xc, yc = harness.load_split("calib")
+    xh, yh = harness.load_split("heldout")
+    models = harness.ort_models(bdir, manifest, batch=ENGINE_BATCH)
+    one = harness.ort_models(bdir, manifest, batch=1)
+    iters = 5 if args.quick else 30
+    costs = model_costs(models, xc, iterations=iters)
+    tau, cal = calibrate_tau(models, xc, yc)
+    print("digits96: tau %.4f from %d calib items (calib large fraction %.3f, drop %.2f points); CPU ms per item "
+          "on one core: small %.3f (batch 1) / %.3f (batch 16), large %.3f / %.3f"
+          % (tau, len(yc), cal["large_fraction"], cal["drop_pts"], costs["small_b1_cpu_ms"],
+             costs["small_b16_cpu_ms"], costs["large_b1_cpu_ms"], costs["large_b16_cpu_ms"]), flush=True)
+    cfg = RuntimeConfig(max_queue_delay_ms=2.0, max_queue=256)
+    svc = InferenceService(models, manifest, bdir, cfg)
+    svc_one = InferenceService(one, manifest, bdir, RuntimeConfig(max_queue_delay_ms=0.0, max_queue=256))
+    svc.set_router(gate="confidence", tau=tau)
+    api = ApiServer(ApiConfig(host="127.0.0.1", port=0), get_service=lambda: svc, is_ready=lambda: True,
+                    metrics_text=lambda: "")
+    api.start()
+    n = 64 if args.quick else len(yh)
+    bodies = [_npy(x) for x in xh[:n]]
+    per: Dict[str, List[Dict[str, float]]] = {"router": [], "large": [], "batched": [], "single": [], "engine": []}
+    try:
+        svc.set_router(gate="large-only")
+        http_drive(api.port, bodies[:32], yh, concurrency=args.concurrency)  # warm-up
+        for rnd in range(rounds):
+            for gate in (("confidence", "large-only") if rnd % 2 == 0 else ("large-only", "confidence")):
+                svc.set_router(gate=gate)
+                per["router" if gate == "confidence" else "large"].append(
+                    http_drive(api.port, bodies, yh[:n], concurrency=args.concurrency))
+            svc.set_router(gate="large-only")
+            svc_one.set_router(gate="large-only")
+            pair = (("batched", svc), ("single", svc_one)) if rnd % 2 == 0 else (("single", svc_one), ("batched", svc))
+            for key, s in pair:
+                per[key].append({"rps": inproc_drive(s, xh[:n], concurrency=16)})
+            per["engine"].append({"gain": engine_gain(models.large, iterations=iters)})
+    finally:
+        api.stop()
+        svc.close()
+        svc_one.close()
+        models.close()
+        one.close()
+    r, lo = _median(per["router"]), _median(per["large"])
+    served_gain = _ratio(per["batched"], per["single"], "rps")
+    model_gain = float(np.median([g["gain"] for g in per["engine"]]))
+    c = args.concurrency
+    figures = [
+        figure("digits96 small: CPU ms per item, batch 1, one core", costs["small_b1_cpu_ms"], "ms",
+               higher_is_better=False),
+        figure("digits96 large: CPU ms per item, batch 1, one core", costs["large_b1_cpu_ms"], "ms",
+               higher_is_better=False),
+        figure("digits96 large: CPU ms per item, batch 16, one core", costs["large_b16_cpu_ms"], "ms",
+               baseline=costs["large_b1_cpu_ms"], higher_is_better=False),
+        figure("router/large-only throughput over HTTP, c=%d" % c, _ratio(per["router"], per["large"], "rps"), "x",
+               baseline=1.0, target=2.5),
+        figure("router accuracy loss vs large-only over HTTP (heldout)", (lo["accuracy"] - r["accuracy"]) * 100,
+               "points", baseline=0.0, target=MAX_DROP_PTS, higher_is_better=False),
+        figure("router large fraction (heldout)", r["large_fraction"], "fraction", baseline=1.0,
+               higher_is_better=False),
+        figure("router throughput over HTTP, c=%d" % c, r["rps"], "items/s", baseline=lo["rps"]),
+        figure("batching gain served (c=16, batched / one-at-a-time)", served_gain, "x", baseline=1.0),
+        figure("large engine alone: batch 16 / batch 1 items/s", model_gain, "x", baseline=1.0),
+        figure("served batching gain / engine batching gain", served_gain / model_gain, "x", baseline=1.0,
+               target=0.9),
+    ]
+    env = {"digits96_tau": tau, "digits96_costs_ms": costs, "digits96_calib": cal, "http_runs": {"router": r,
+           "large": lo}, "batching_runs": {k: _median(per[k]) for k in ("batched", "single")},
+           "heldout_items": n, "failed_requests": r["failed"] + lo["failed"]}
+    return figures, env
+
+
+def detector_part(work: Path, args: Any, rounds: int) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Part 4 on shapes: the held-out scenes through a folder source."""
+    from edge_agent.config import RuntimeConfig
+    from edge_agent.runtime.service import InferenceService
+
+    bdir, manifest = harness.build_unpacked(harness.SHAPES, work)
+    truth = harness.scene_truth("heldout")
+    models = harness.ort_models(bdir, manifest, batch=ENGINE_BATCH)
+    costs = model_costs(models, np.zeros((1, 3, 128, 128), np.float32), iterations=5 if args.quick else 15)
+    svc = InferenceService(models, manifest, bdir, RuntimeConfig(max_queue_delay_ms=0.0))
+    per: Dict[str, List[Dict[str, float]]] = {"router": [], "small-only": [], "large-only": []}
+    try:
+        for _ in range(rounds):
+            for gate, rows in per.items():
+                svc.set_router(gate="confidence" if gate == "router" else gate)
+                rows.append(source_run(svc, harness.SHAPES / "heldout", truth))
+    finally:
+        svc.close()
+        models.close()
+    runs = {k: _median(v) for k, v in per.items()}
+    tau = manifest.router.tau
+    figures = [
+        figure("shapes small: CPU ms per frame, batch 1, one core", costs["small_b1_cpu_ms"], "ms",
+               higher_is_better=False),
+        figure("shapes large: CPU ms per frame, batch 1, one core", costs["large_b1_cpu_ms"], "ms",
+               higher_is_better=False),
+        figure("detector frames/s through a folder source, router", runs["router"]["fps"], "frames/s",
+               baseline=runs["large-only"]["fps"]),
+        figure("detector F1 through a folder source, router (heldout)", runs["router"]["f1"], "F1",
+               baseline=runs["large-only"]["f1"]),
+        figure("detector F1, small only (heldout)", runs["small-only"]["f1"], "F1"),
+        figure("detector F1, large only (heldout)", runs["large-only"]["f1"], "F1"),
+        figure("detector router large fraction (heldout)", runs["router"]["large_fraction"], "fraction",
+               baseline=1.0, higher_is_better=False),
+    ]
+    return figures, {"shapes_tau": tau, "shapes_costs_ms": costs, "source_runs": runs}
+
+
+def main(argv=None) -> int:
+    """Run every part and print/write the figures."""
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, default=16, help="HTTP client threads (default 16)")
+    args = ap.parse_args(argv)
+    rounds = 2 if args.quick else 5
+    with tempfile.TemporaryDirectory(prefix="bench-vision-") as tmp:
+        f1, env1 = classifier_part(Path(tmp), args, rounds)
+        f2, env2 = detector_part(Path(tmp), args, 1 if args.quick else 3)
+    figures = f1 + f2
+    print()
+    print_table(figures, "vision benchmark: %d interleaved rounds (medians), ONNX Runtime CPU, 1 intra-op thread "
+                "per model, engine batch %d" % (rounds, ENGINE_BATCH))
+    env = environment(onnxruntime=_ort_version(), concurrency=args.concurrency, rounds=rounds, quick=args.quick,
+                      cpu_count=os.cpu_count(), **env1, **env2)
+    write_json(args.json, figures, env)
+    return 0
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
