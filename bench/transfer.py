@@ -142,7 +142,7 @@ class AgentRun:
         fc = FleetConfig.model_validate({"mqtt": mq.model_dump(), "controller": {"state_dir": str(tmp / "ctl")}})
         self.ctl = Controller(fc, key=self.ckey)
         self.ctl.start()
-        assert self.ctl.session.wait_connected(10)
+        assert self.ctl.wait_connected(10)
         self.watcher = Watcher(broker.host, broker.port)
         self._agent_toml = agent_toml
         self._n = 0

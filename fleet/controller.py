@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from edge_agent.bundle.manifest import ManifestBody
 from edge_agent.errors import ResourceError
@@ -68,14 +68,20 @@ class Controller:
         # Who may fetch what: in the shared registry when there is one, else next to the store.
         self.entitlements: Any = (RegistryEntitlements(self.registry) if self.registry is not None
                                   else Entitlements(state / "entitlements.sqlite"))
-        self.chunks = ChunkServer(self.session, self.store, prefix=self.prefix, cfg=cfg.chunks,
+        # Fetch requests and chunks on a connection of their own: a flood of CLI requests on the main
+        # connection (or of fetch requests on this one) does not queue in front of the other's messages.
+        self.fetch_session: Optional[MqttSession] = None
+        if serve_chunks:
+            self.fetch_session = MqttSession(cfg.mqtt, client_id=self.client_id[:57] + "-fetch", outgoing_queue=8192,
+                                             name="controller-fetch")
+        self.chunks = ChunkServer(self.fetch_session or self.session, self.store, prefix=self.prefix, cfg=cfg.chunks,
                                   entitled=self.entitlements.allows)
         self.serve_chunks = serve_chunks
-        if serve_chunks:
+        if self.fetch_session is not None:
             fetch = topics.bundles_fetch(self.prefix)
             if cfg.controller.shared_group:
                 fetch = "$share/%s/%s" % (cfg.controller.shared_group, fetch)
-            self.session.subscribe(fetch, self.chunks.on_request, qos=1)
+            self.fetch_session.subscribe(fetch, self.chunks.on_request, qos=1)
         # Registry, ingest, rollouts and the operator RPC (fleet/control_plane.py): only in the serving
         # controller, not in a one-shot `fleet push` (it would join the shared subscriptions).
         self.control = None
@@ -191,18 +197,25 @@ class Controller:
             self.chunks.start()
         if self.control is not None:
             self.control.start()
-        self.session.start()
-        if self.ingest_session is not None:
-            self.ingest_session.start()
+        for s in self.sessions():
+            s.start()
+
+    def sessions(self) -> List[MqttSession]:
+        """Every MQTT connection of this controller (main, then fetch and reports when it has them)."""
+        return [s for s in (self.session, self.fetch_session, self.ingest_session) if s is not None]
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once every connection is up (within `timeout_s` in all)."""
+        deadline = time.monotonic() + timeout_s
+        return all(s.wait_connected(max(0.0, deadline - time.monotonic())) for s in self.sessions())
 
     def stop(self) -> None:
         """Stop serving and disconnect."""
         if self.control is not None:
             self.control.stop()
         self.chunks.stop()
-        self.session.stop()
-        if self.ingest_session is not None:
-            self.ingest_session.stop()
+        for s in self.sessions():
+            s.stop()
         self.entitlements.close()
         if self.registry is not None:
             self.registry.close()

@@ -11,7 +11,6 @@ from typing import Callable, List, Optional
 from sim_devices import Behaviour, SimFleet, always
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt.session import require_connected
 from edge_agent.protocol.messages import BundleRef
 from edge_agent.signing import PrivateKey
 from fleet.config import ControllerSection, FleetConfig, RolloutSection
@@ -76,7 +75,7 @@ class FleetRig:
                 )
             )
         ctl.start()
-        require_connected(ctl.session, 10)
+        assert ctl.wait_connected(10), ctl.session.last_error
         self.controller = ctl
         return ctl
 

@@ -89,7 +89,7 @@ def test_deploy_command_and_bundle_transfer_over_tls(broker, pki, tmp_path):
     try:
         ctl.start()
         dev.start()
-        assert ctl.session.wait_connected(10), ctl.session.last_error
+        assert ctl.wait_connected(10), ctl.session.last_error
         assert dev.wait_connected(10), dev.last_error
         time.sleep(0.2)  # subscriptions are made in the network thread right after CONNACK
 
@@ -241,7 +241,7 @@ def test_agent_process_deploys_a_bundle_over_tls(broker, pki, tmp_path):
     agent = start_agent(conf, log_path)
     try:
         ctl.start()
-        assert ctl.session.wait_connected(10), ctl.session.last_error
+        assert ctl.wait_connected(10), ctl.session.last_error
         # The agent is online (its retained status arrived) before the command is sent.
         deadline = time.monotonic() + 60
         while not any(m.topic == topics.status(P, DEVICE) for m in observer.messages):

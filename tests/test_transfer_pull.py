@@ -68,7 +68,7 @@ class Rig:
     def start(self):
         self.ctl.start()
         self.session.start()
-        assert self.session.wait_connected(10) and self.ctl.session.wait_connected(10)
+        assert self.session.wait_connected(10) and self.ctl.wait_connected(10)
         time.sleep(0.2)  # subscriptions settle
 
     def add(self, bundle: Path):

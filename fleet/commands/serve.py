@@ -31,7 +31,8 @@ def _run(args: argparse.Namespace) -> int:
     console = None
     try:
         try:
-            require_connected(ctl.session, args.connect_timeout)
+            for session in ctl.sessions():  # main, fetch and reports connections
+                require_connected(session, args.connect_timeout)
         except Exception as e:
             raise CliError(str(e))
         print("fleet controller serving on %s:%d (prefix %s, store %s)" % (
