@@ -12,7 +12,6 @@ from typing import List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge_agent._toml import TOMLDecodeError, load_toml
 from edge_agent.errors import ConfigError
 
 KIB = 1024
@@ -223,15 +222,10 @@ def format_validation_error(e: ValidationError) -> str:
 
 def load_model_from_toml(model: type, path: Path) -> BaseModel:
     """Load and validate a TOML file into `model`; every problem becomes a one-line ConfigError."""
+    from edge_agent.configdir import read_toml  # the one size-checked TOML reader
+
     path = Path(path)
-    try:
-        raw = load_toml(path)
-    except FileNotFoundError:
-        raise ConfigError("config file %s does not exist" % path)
-    except OSError as e:
-        raise ConfigError("cannot read config file %s: %s" % (path, e.strerror))
-    except TOMLDecodeError as e:
-        raise ConfigError("config file %s is not valid TOML: %s" % (path, e))
+    raw = read_toml(path)
     try:
         cfg = model.model_validate(raw)
     except ValidationError as e:

@@ -66,3 +66,11 @@ def test_command_keys_folder_without_a_key_refuses_to_start(tmp_path):
     from edge_agent.config import load_agent_config
 
     check_key_separation(load_agent_config(Path(cfg)).trust)
+
+
+def test_oversized_fleet_config_is_a_one_line_config_error(tmp_path):
+    from edge_agent.configdir import MAX_FILE_BYTES
+
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_bytes(b"# padding\n" * (MAX_FILE_BYTES // 10 + 1))
+    _one_line_config_error(_cli("fleet.cli", "serve", "--config", str(cfg)), str(cfg), "at most %d" % MAX_FILE_BYTES)
