@@ -344,6 +344,7 @@ def main() -> int:
         if args.keep:
             say("7. everything keeps running: web console http://127.0.0.1:%d/ (operator token: %s); Ctrl-C stops"
                 % (demo.console_port, demo.console_token))
+            traffic = Traffic(demo.api_ports, rate_per_device=25.0)
             traffic.start()
             while True:
                 time.sleep(1)

@@ -225,3 +225,54 @@ def test_token_cli_adds_and_lists(tmp_path, capsys):
     capsys.readouterr()
     assert main(["token", "list", "--config", str(toml)]) == 0
     assert "operator  ops1" in capsys.readouterr()[0]
+
+
+def _self_signed(tmp: Path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet-console-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return tmp / "c.pem", tmp / "k.pem"
+
+
+def test_tls_listener(rig, tmp_path):
+    import ssl
+    import urllib.request
+
+    from fleet.config import ConsoleSection
+    from fleet.console.server import ConsoleServer
+
+    cert, key = _self_signed(tmp_path)
+    tls = ConsoleServer(ConsoleSection(enabled=True, port=0, tls_cert_file=cert, tls_key_file=key),
+                        rig.controller, tokens_file=tmp_path / "console-tokens")
+    tls.start()
+    try:
+        assert tls.url.startswith("https://127.0.0.1:")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        req = urllib.request.Request(tls.url + "api/v1/whoami", headers={"Authorization": "Bearer "
+                                                                         + rig.tokens["operator"]})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            assert json.loads(r.read()) == {"name": "olga", "role": "operator"}
+        # Plain HTTP to the TLS port gets no answer from the API.
+        plain = socket.create_connection(("127.0.0.1", tls.httpd.server_address[1]), timeout=10)
+        plain.sendall(b"GET /api/v1/whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert not plain.recv(4096).startswith(b"HTTP/1.1 200")
+        plain.close()
+    finally:
+        tls.stop()
