@@ -13,13 +13,12 @@ serves P % of requests with it until `fleet rollout promote` (or a drop / rollba
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Optional
 
 from edge_agent.clikit import CliError
-from edge_agent.protocol import boundedjson
+from fleet.commands._follow import EventFollower, send_and_follow
 
 DEVICE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 FINAL = {"activated": "activated", "bundle-refused": "refused", "fetch-failed": "fetch failed",
@@ -40,7 +39,6 @@ def _devices(text: str):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge_agent.mqtt.session import require_connected
     from edge_agent.protocol import topics
     from fleet.config import load_fleet_config
     from fleet.controller import Controller
@@ -63,56 +61,31 @@ def _run(args: argparse.Namespace) -> int:
     body, msha, _ = ctl.add_bundle(bundle)
     print("stored %s v%d (%d files, %d bytes, manifest %s…)" % (
         body.name, body.version, len(body.files), body.total_size(), msha[:12]))
-    outcome: Dict[str, str] = {}
-    done = threading.Event()
 
-    def _on_event(msg) -> None:
-        try:
-            ev = boundedjson.loads(msg.payload, max_bytes=cfg.mqtt.max_payload_bytes, what="event")
-        except boundedjson.JSONInputError:
-            return
-        if not isinstance(ev, dict):
-            return
-        dev = ev.get("device_id")
+    def _final(ev) -> Optional[str]:
         b = ev.get("bundle") or {}
-        if dev in devices and ev.get("kind") in final and dev not in outcome and (
-                ev.get("kind") == "command-refused" or (b.get("name"), b.get("version")) == (body.name, body.version)):
-            outcome[dev] = "%s: %s" % (final[ev["kind"]], ev.get("message", ""))
-            print("  %-20s %s" % (dev, outcome[dev]), flush=True)
-            if len(outcome) == len(devices):
-                done.set()
-        elif dev in devices and ev.get("kind") == "fetch-progress" and args.wait:
+        if ev.get("kind") in final and (ev.get("kind") == "command-refused"
+                                        or (b.get("name"), b.get("version")) == (body.name, body.version)):
+            return "%s: %s" % (final[ev["kind"]], ev.get("message", ""))
+        return None
+
+    def _progress(dev: str, ev) -> None:
+        if ev.get("kind") == "fetch-progress":
             d = ev.get("data") or {}
             print("  %-20s fetching %5.1f%%  %.1f MB/s" % (dev, d.get("percent", 0), d.get("bytes_per_s", 0) / 1e6),
                   flush=True)
 
-    if args.wait:
-        ctl.session.subscribe(topics.all_devices(cfg.mqtt.prefix, "events"), _on_event)
-    ctl.session.start()
-    try:
-        try:
-            require_connected(ctl.session, args.timeout)
-        except Exception as e:
-            raise CliError(str(e))
-        deliveries = []
-        for dev in devices:
-            dargs = ctl.deploy_args(body.name, body.version).model_copy(
-                update={"mode": args.mode, "ab_split": None if args.split is None else (
-                    "%.4f" % args.split).rstrip("0").rstrip(".")})
-            deliveries.append((dev, ctl.send_command(dev, dargs)))
-        failed = [dev for dev, d in deliveries if not d.wait(args.timeout)]
-        if failed:
-            raise CliError("the broker did not acknowledge the deploy command for: %s" % ", ".join(failed))
-        print("deploy command sent to %d device(s): %s" % (len(devices), ", ".join(devices)))
-        if args.wait:
-            if not done.wait(args.wait):
-                missing = [d for d in devices if d not in outcome]
-                raise CliError("no final answer within %.0f s from: %s" % (args.wait, ", ".join(missing)))
-            ok = final[SUCCESS[args.mode]]
-            if any(not v.startswith(ok) for v in outcome.values()):
-                return 1
-    finally:
-        ctl.session.stop()
+    def _deploy_args(dev: str):
+        return ctl.deploy_args(body.name, body.version).model_copy(
+            update={"mode": args.mode, "ab_split": None if args.split is None else (
+                "%.4f" % args.split).rstrip("0").rstrip(".")})
+
+    follower = EventFollower(devices, max_bytes=cfg.mqtt.max_payload_bytes, final=_final, progress=_progress)
+    outcome = send_and_follow(ctl, follower, _deploy_args, what="deploy command", timeout_s=args.timeout,
+                              wait_s=args.wait, events_topic=topics.all_devices(cfg.mqtt.prefix, "events"))
+    ok = final[SUCCESS[args.mode]]
+    if any(not v.startswith(ok) for v in outcome.values()):
+        return 1
     return 0
 
 

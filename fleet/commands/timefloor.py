@@ -11,19 +11,16 @@ event. `--wait S` follows the devices' events until each has answered. See docs/
 from __future__ import annotations
 
 import argparse
-import threading
 from pathlib import Path
-from typing import Dict
+from typing import Optional
 
-from edge_agent.clikit import CliError
-from edge_agent.protocol import boundedjson
+from fleet.commands._follow import EventFollower, send_and_follow
 from fleet.commands.push import _devices
 
 FINAL = {"time-floor-reset": "floor reset", "command-refused": "refused"}
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge_agent.mqtt.session import require_connected
     from edge_agent.protocol import topics
     from edge_agent.protocol.messages import ResetTimeFloorArgs
     from fleet.config import load_fleet_config
@@ -32,42 +29,18 @@ def _run(args: argparse.Namespace) -> int:
     devices = _devices(args.devices)
     cfg = load_fleet_config(Path(args.config))
     ctl = Controller(cfg, key=Controller.load_key(cfg), client_id="fleet-time-floor", serve_chunks=False)
-    outcome: Dict[str, str] = {}
-    done = threading.Event()
 
-    def _on_event(msg) -> None:
-        try:
-            ev = boundedjson.loads(msg.payload, max_bytes=cfg.mqtt.max_payload_bytes, what="event")
-        except boundedjson.JSONInputError:
-            return
-        dev = ev.get("device_id") if isinstance(ev, dict) else None
-        if dev in devices and dev not in outcome and ev.get("kind") in FINAL:
-            outcome[dev] = "%s: %s" % (FINAL[ev["kind"]], ev.get("message", ""))
-            print("  %-20s %s" % (dev, outcome[dev]), flush=True)
-            if len(outcome) == len(devices):
-                done.set()
+    def _final(ev) -> Optional[str]:
+        if ev.get("kind") in FINAL:
+            return "%s: %s" % (FINAL[ev["kind"]], ev.get("message", ""))
+        return None
 
-    if args.wait:
-        ctl.session.subscribe(topics.all_devices(cfg.mqtt.prefix, "events"), _on_event)
-    ctl.session.start()
-    try:
-        try:
-            require_connected(ctl.session, args.timeout)
-        except Exception as e:
-            raise CliError(str(e))
-        sent = [(dev, ctl.send_command(dev, ResetTimeFloorArgs(reason=args.reason))) for dev in devices]
-        failed = [dev for dev, d in sent if not d.wait(args.timeout)]
-        if failed:
-            raise CliError("the broker did not acknowledge the command for: %s" % ", ".join(failed))
-        print("reset-time-floor sent to %d device(s): %s" % (len(devices), ", ".join(devices)))
-        if args.wait:
-            if not done.wait(args.wait):
-                missing = [d for d in devices if d not in outcome]
-                raise CliError("no answer within %.0f s from: %s" % (args.wait, ", ".join(missing)))
-            if any(not v.startswith(FINAL["time-floor-reset"]) for v in outcome.values()):
-                return 1
-    finally:
-        ctl.session.stop()
+    follower = EventFollower(devices, max_bytes=cfg.mqtt.max_payload_bytes, final=_final)
+    outcome = send_and_follow(ctl, follower, lambda dev: ResetTimeFloorArgs(reason=args.reason),
+                              what="reset-time-floor command", timeout_s=args.timeout, wait_s=args.wait,
+                              events_topic=topics.all_devices(cfg.mqtt.prefix, "events"))
+    if any(not v.startswith(FINAL["time-floor-reset"]) for v in outcome.values()):
+        return 1
     return 0
 
 
