@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "samples" / "digits"
+SAMPLES = REPO / "samples" / "digits96"
 PY = sys.executable
 
 
@@ -192,7 +192,7 @@ class Demo:
         spec += "\n" + health_extra + "\n"
         spec_path = self.tmp / ("spec-v%d.toml" % version)
         spec_path.write_text(spec)
-        out = self.tmp / "bundles" / ("digits-%d.bundle" % version)
+        out = self.tmp / "bundles" / ("digits96-%d.bundle" % version)
         out.parent.mkdir(exist_ok=True)
         self.cli("bundle", "build", str(spec_path), "--key", str(self.tmp / "keys" / "release.key"),
                  "--out", str(out))
@@ -210,7 +210,7 @@ class Traffic:
         self.labels = [int(y) for y in data["y"]]
         self.images = []
         for x in data["x"]:
-            ok, png = cv2.imencode(".png", (x[0] * 255.0).round().astype(np.uint8))
+            ok, png = cv2.imencode(".png", np.asarray(x[0], np.uint8))  # 96x96 gray camera crops
             assert ok
             self.images.append(png.tobytes())
         self.ports = ports
@@ -277,7 +277,7 @@ class Traffic:
         print("  requests        %d (failed %d)" % (n, routes["failed"]))
         print("  routed small    %d  (%.1f%%)" % (routes["small"], 100.0 * routes["small"] / answered))
         print("  routed large    %d  (%.1f%%)" % (routes["large"], 100.0 * routes["large"] / answered))
-        print("  top-1 accuracy  %.2f%% on held-out digits the models never saw" % (100.0 * correct / answered))
+        print("  top-1 accuracy  %.2f%% on held-out 96x96 digits the models never saw" % (100.0 * correct / answered))
         if lat:
             print("  latency (ms)    p50 %.2f  p99 %.2f (server-side, arrival to answer)"
                   % (lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]))
@@ -303,18 +303,19 @@ def main() -> int:
         demo.wait_devices_online()
         demo.cli("devices", "--config", str(demo.fleet_toml))
 
-        say("2. build and sign the sample bundle (small MLP + large CNN, golden outputs recorded)")
+        say("2. build and sign the sample bundle (96x96 digits: small 4-conv CNN + large ResNet-like CNN, "
+            "golden outputs recorded)")
         v1 = demo.build_bundle(1)
         demo.cli("bundle", "inspect", str(v1))
 
-        say("3. staged rollout of digits v1: waves 20%, 60%, 100%; each device self-tests and passes probation")
+        say("3. staged rollout of digits96 v1: waves 20%, 60%, 100%; each device self-tests and passes probation")
         demo.cli("rollout", "start", str(v1), "--waves", "20,60,100", "--watch", "--interval", "1",
                  "--watch-timeout", "180", "--config", str(demo.fleet_toml))
         demo.cli("devices", "--config", str(demo.fleet_toml))
 
         say("4. inference through the DynamicRouter on %s's local API" % demo.device_ids[0])
         traffic = Traffic(demo.api_ports, rate_per_device=25.0)
-        traffic.evaluate(demo.api_ports[demo.device_ids[0]], 360)
+        traffic.evaluate(demo.api_ports[demo.device_ids[0]], len(traffic.images))
         print("\n  /metrics (excerpt):")
         with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % demo.api_ports[demo.device_ids[0]]) as r:
             for line in r.read().decode().splitlines():
@@ -327,7 +328,7 @@ def main() -> int:
         time.sleep(3)
         demo.cli("telemetry", "--follow", "--duration", "4", "--interval", "2", "--config", str(demo.fleet_toml))
 
-        say("6. digits v2 declares a p99 latency SLO of 0.05 ms that these devices cannot meet")
+        say("6. digits96 v2 declares a p99 latency SLO of 0.05 ms that these devices cannot meet")
         v2 = demo.build_bundle(2, health_extra="p99_latency_slo_ms = 0.05")
         r = demo.cli("rollout", "start", str(v2), "--waves", "20,60,100", "--watch", "--interval", "1",
                      "--watch-timeout", "180", "--config", str(demo.fleet_toml), check=False)

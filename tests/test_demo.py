@@ -26,5 +26,5 @@ def test_demo_rolls_out_serves_and_halts_the_broken_bundle():
     assert "demo finished" in out
     assert re.search(r"web console: http://127\.0\.0\.1:\d+/  \(operator token: \S{40,}\)", out)
     # every device ends on v1: the one that took v2 rolled back, the others never received it
-    tail = out.split("digits v2 declares")[1]
-    assert tail.count("digits v1") >= 3 and "digits v2  active" not in tail
+    tail = out.split("digits96 v2 declares")[1]
+    assert tail.count("digits96 v1") >= 3 and "digits96 v2  active" not in tail
