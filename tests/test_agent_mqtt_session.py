@@ -31,6 +31,16 @@ def test_backoff_grows_and_stays_bounded():
     assert b.next_delay() <= 0.5
 
 
+def _wait_until(pred, timeout_s: float) -> bool:
+    """Poll `pred` until it is true or `timeout_s` passed; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @pytest.mark.mqtt
 def test_last_will_published_when_the_client_dies_and_not_on_clean_stop(broker):
     got = []
@@ -69,15 +79,17 @@ def test_reconnects_and_resubscribes_after_broker_restart(broker):
     try:
         assert sub.wait_connected(10) and pub.wait_connected(10)
         broker.stop()
-        time.sleep(0.5)
-        assert not sub.connected.is_set()
+        assert _wait_until(lambda: not sub.connected.is_set(), 10), "the session did not notice the broker stop"
         broker.start()
         assert sub.wait_connected(10) and pub.wait_connected(10)
-        time.sleep(0.3)
-        d = pub.publish("t/x", b"after", qos=1, user_properties={"k": "v"}, correlation_data=b"c1",
-                        response_topic="t/reply")
-        assert d.wait(10)
-        assert ev.wait(10)
+        # the subscription is made again in the connect callback: publish until it is in place
+        deadline = time.monotonic() + 10
+        while not ev.is_set() and time.monotonic() < deadline:
+            d = pub.publish("t/x", b"after", qos=1, user_properties={"k": "v"}, correlation_data=b"c1",
+                            response_topic="t/reply")
+            assert d.wait(10)
+            ev.wait(0.1)
+        assert ev.is_set()
         m = got[-1]
         assert (m.payload, m.user_properties, m.correlation_data, m.response_topic) == (
             b"after", {"k": "v"}, b"c1", "t/reply")
@@ -99,13 +111,13 @@ def test_oversize_message_never_reaches_the_client(broker):
     pub.start()
     try:
         assert small.wait_connected(10) and pub.wait_connected(10)
-        time.sleep(0.3)
+        # the subscription is made in the connect callback: publish a probe until it is in place
+        assert _wait_until(lambda: pub.publish("t/big", b"probe", qos=1).wait(10) and _wait_until(
+            lambda: bool(got), 0.1), 10), "the subscription was never made"
         assert pub.publish("t/big", b"x" * (200 * 1024), qos=1).wait(10)
         assert pub.publish("t/big", b"ok", qos=1).wait(10)
-        deadline = time.time() + 5
-        while not got and time.time() < deadline:
-            time.sleep(0.05)
-        assert [m.payload for m in got] == [b"ok"]
+        assert _wait_until(lambda: any(m.payload == b"ok" for m in got), 5)
+        assert [m.payload for m in got if m.payload != b"probe"] == [b"ok"]  # probes may still be arriving
         assert small.connected.is_set() and small.stats["disconnects"] == 0
         # And the session refuses to send one over its own limit, without touching the network.
         d = small.publish("t/out", b"y" * (65 * 1024), qos=1)
