@@ -29,11 +29,12 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterator, Optional, Tuple
 
 from edge_agent.clikit import CliError
+
+if TYPE_CHECKING:  # numpy is imported where the data is read: every fleet command imports this module
+    import numpy as np
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_BUNDLE_BYTES = 8 << 30
@@ -77,6 +78,8 @@ def open_bundle(path: Path) -> Iterator[Tuple[object, Path]]:
 
 def load_labelled(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     """(x, y) from an npz with keys `x` and `y`."""
+    import numpy as np
+
     from edge_agent.npz import NpzError, load_npz
 
     try:
@@ -107,6 +110,8 @@ def _engines(manifest, folder: Path, batch: int):
 
 
 def _cast_input(x: np.ndarray, engine) -> np.ndarray:
+    import numpy as np
+
     want = tuple(engine.inputs[0].shape[1:])
     if tuple(x.shape[1:]) != want:
         raise CliError("data items have shape %s, the model input wants %s" % (tuple(x.shape[1:]), want))
@@ -225,6 +230,8 @@ def _report(args: argparse.Namespace, data, gate: str, tau_min: float, tau_max: 
 
 
 def _print_table(rows, best, data, max_rows: int) -> None:
+    import numpy as np
+
     show = rows
     if len(rows) > max_rows:
         idx = set(np.linspace(0, len(rows) - 1, max_rows).round().astype(int).tolist())
@@ -269,6 +276,8 @@ def _plot(out: Path, rows, best, data) -> None:
 
 
 def _fit_head(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from edge_agent.runtime.router import fit_linear_head, input_stats
 
     if args.batch < 1:
