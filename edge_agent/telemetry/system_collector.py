@@ -27,18 +27,16 @@ from edge_agent.sysinfo.meminfo import available_bytes, read_meminfo_bytes
 from edge_agent.telemetry.system_parsers import (
     MIB,
     NVIDIA_SMI_QUERY,
-    THROTTLE_TRIP_TYPES,
     as_number,
     as_temperature,
     empty_system,
     fill_missing,
-    jtop_sensor_name,
     parse_jtop,
     parse_nvidia_smi,
     parse_proc_stat_cpu,
     parse_tegrastats,
-    thermal_zone_index,
 )
+from edge_agent.telemetry.thermal_zones import read_zones
 
 logger = logging.getLogger(__name__)
 
@@ -228,35 +226,9 @@ class SystemCollector:
             return None
 
     def _read_thermal(self, out: Dict[str, Any]) -> bool:
-        """Temperatures and throttling from /sys/class/thermal.
-
-        This is also where a Jetson's throttling shows: jtop reports the CPU/GPU/SOC/tj zones without
-        any limit (jetson-stats jtop/core/temperature.py reads only their `temp`), while the kernel
-        exposes each zone's trip points. A zone already reported by jtop (same name up to its first
-        `-` or `_`, as jtop names them) is not reported twice.
-        """
-        try:
-            zones = sorted(self._thermal.glob("thermal_zone*"), key=lambda p: thermal_zone_index(p.name))
-        except OSError:
-            return False
-        temps: Dict[str, float] = {}
-        throttled: Optional[bool] = None
+        """Temperatures of the zones jtop did not report, and throttling from their trip points."""
         reported = {k.lower() for k in out["temperatures_c"]}
-        for zone in zones:
-            try:
-                name = (zone / "type").read_text().strip() or zone.name
-                t = as_temperature(int((zone / "temp").read_text().strip()) / 1000.0)
-            except (OSError, ValueError) as e:
-                self._warn_once("thermal:" + zone.name, "cannot read %s: %s", zone, e)
-                continue
-            if t is None:
-                continue
-            if jtop_sensor_name(name).lower() not in reported:
-                key = name if name not in temps else "%s_%d" % (name, thermal_zone_index(zone.name))
-                temps[key] = t
-            zone_throttled = _zone_throttled(zone, t)
-            if zone_throttled is not None:
-                throttled = bool(throttled) or zone_throttled
+        temps, throttled = read_zones(self._thermal, reported=reported, warn=self._warn_once)
         if not temps and throttled is None:
             return False
         for k, v in temps.items():
@@ -379,26 +351,6 @@ class SystemCollector:
         else:
             self._warned.add(key)
             logger.warning(msg, *args)
-
-
-def _zone_throttled(zone: Path, temp_c: float) -> Optional[bool]:
-    """Whether a thermal zone is at or past one of its throttling trip points; None without any.
-
-    Throttling trips are `passive` (the kernel caps clocks: tegra234 `cpu-sw-throttle`) and `hot`
-    (hardware throttling, e.g. Tegra SOCTHERM's throttle trips); `active` trips start a fan and
-    `critical` ones shut the board down, neither is throttling.
-    """
-    result: Optional[bool] = None
-    for trip_type in zone.glob("trip_point_*_type"):
-        try:
-            if trip_type.read_text().strip() not in THROTTLE_TRIP_TYPES:
-                continue
-            trip = int((zone / trip_type.name.replace("_type", "_temp")).read_text().strip()) / 1000.0
-        except (OSError, ValueError):
-            continue
-        if trip > 0:
-            result = bool(result) or temp_c >= trip
-    return result
 
 
 def _close_quietly(j: Any) -> None:
