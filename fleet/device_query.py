@@ -45,7 +45,7 @@ def _where(params: Dict[str, Any]) -> Tuple[str, List[Any]]:
         elif not isinstance(v, str) or len(v) > MAX_QUERY_CHARS:
             raise RolloutError("filter %s must be a string of at most %d characters" % (key, MAX_QUERY_CHARS))
         if key == "health" and v == "unknown":
-            clauses.append("health IS NULL")
+            clauses.append("(health = 'unknown' OR health IS NULL)")
             continue
         clauses.append("%s = ?" % col)
         args.append(v)

@@ -173,7 +173,7 @@
       };
       app.appendChild(h("form", {"class": "filters", on: {submit: function (e) { e.preventDefault(); go({q: search.value, offset: 0}); }}},
         search, h("button", {type: "submit"}, "Filter"),
-        sel("filter-health", st.health, [["", "any health"], ["ok", "ok"], ["degraded", "degraded"], ["unhealthy", "unhealthy"], ["unknown", "unknown"]]),
+        sel("filter-health", st.health, [["", "any health"], ["ok", "ok"], ["degraded", "degraded"], ["unhealthy", "unhealthy"], ["offline", "offline"], ["unknown", "unknown"]]),
         sel("filter-online", st.online, [["", "online or not"], ["true", "online"], ["false", "offline"]]),
         h("span", {"class": "muted", id: "devices-total", text: r.total + " devices"})));
       var head = h("tr", {}, COLS.map(function (c) {
@@ -391,6 +391,19 @@
   }
 
   // ------------------------------------------------------------------------------------- router
+  var REFRESH_MS = 5000;   // the overview and the devices table re-read the fleet this often
+  var refresh = null;
+
+  function schedule(hash, g) {
+    clearTimeout(refresh);
+    refresh = setTimeout(function () {
+      if (location.hash !== hash || g !== gen) return;
+      var el = document.activeElement;
+      var busy = (el && /^(INPUT|SELECT)$/.test(el.tagName)) || document.getElementById("confirm").open;
+      if (busy || document.hidden) schedule(hash, g); else route();
+    }, REFRESH_MS);
+  }
+
   function route() {
     if (!me) return start();
     gen++;
@@ -409,7 +422,11 @@
       : seg[0] === "bundles" ? bundles() : seg[0] === "bundle" ? bundleView(seg[1], seg[2])
       : Promise.reject(new Error("no such page"));
     document.body.setAttribute("data-page", nav);
-    return p.then(rendered, function (e) { fail(e); rendered(); });
+    var here = location.hash, mine = gen;
+    return p.then(function () {
+      rendered();
+      if (!seg.length || seg[0] === "devices") schedule(here, mine);
+    }, function (e) { fail(e); rendered(); });
   }
 
   document.getElementById("logout").addEventListener("click", function () { login(); });
