@@ -6,7 +6,6 @@ permuted. Shadow windows are short (the bundles' own `health.shadow_*` gates).""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from _runtime_helpers import load_split
 from agent_helpers import FleetRig, build_sample_bundle
+from mqtt_broker import free_port
 from shadow_helpers import DIGITS, build_bundle, permuted_model
 
 from edge_agent.protocol.messages import PromoteArgs
@@ -27,14 +27,6 @@ pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 FAST_GATES = {"shadow_window_s": 2, "shadow_min_inputs": 40, "shadow_min_agreement": 0.98,
               "shadow_max_latency_ratio": 3.0}
 X, _ = load_split("heldout")
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _npy(x: np.ndarray) -> bytes:
@@ -99,7 +91,7 @@ def rig(broker, tmp_path):
 
 def start_agent(rig: FleetRig, device_id: str, shadow: str = "") -> int:
     """An agent with its HTTP API on a free port and a [shadow] section; returns the port."""
-    port = _free_port()
+    port = free_port()
     cfg = rig.agent_config(device_id, "[shadow]\n" + shadow)
     text = cfg.read_text().replace("[api]\nenabled = false", "[api]\nenabled = true\nport = %d" % port)
     cfg.write_text(text)
