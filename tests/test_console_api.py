@@ -276,3 +276,64 @@ def test_tls_listener(rig, tmp_path):
         plain.close()
     finally:
         tls.stop()
+
+
+def test_hostile_queries_and_bodies_never_500(rig):
+    """Random query strings and JSON bodies on every route: 4xx or 2xx, never a 5xx, and the server lives."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from fleet.config import ConsoleSection
+    from fleet.console.routes import ROUTES
+    from fleet.console.server import ConsoleServer
+
+    # A console without the per-token rate, so every example reaches the routes (not a 429).
+    fast = ConsoleServer(ConsoleSection(enabled=True, port=0, requests_per_s=1e6, request_burst=10 ** 6),
+                         rig.controller, tokens_file=rig.tmp / "console-tokens")
+    fast.start()
+    op = Client(fast.url, rig.tokens["operator"])
+    seen = set()
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
+                               st.text(max_size=20), lambda c: st.lists(c, max_size=4) |
+                               st.dictionaries(st.text(max_size=10), c, max_size=4), max_leaves=12)
+    paths = [r.path.replace("{device_id}", "dev-01").replace("{rollout_id}", "r-x").replace("{name}", "digits")
+             .replace("{version}", "2") for r in ROUTES if not r.path.endswith("/stream")
+             and r.path != "/api/v1/bundles"]
+    key = st.sampled_from(["sort", "order", "offset", "limit", "q", "health", "online", "version", "window_s",
+                           "history", "devices", "x"])
+    val = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=12)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(path=st.sampled_from(paths), query=st.dictionaries(key, val, max_size=4), body=json_values)
+    def probe(path, query, body):
+        from urllib.parse import urlencode
+
+        s, doc, _ = op.get(path + "?" + urlencode(query))
+        seen.add(s)
+        assert s < 500, (path, query, doc)
+        if path.startswith("/api/v1/rollouts/") or path == "/api/v1/rollback":
+            s, doc, _ = op.post(path, body)
+            seen.add(s)
+            assert s < 500, (path, body, doc)
+
+    try:
+        probe()
+        assert 429 not in seen and {200, 400} <= seen, seen
+        assert op.get("/api/v1/devices/dev-01")[0] == 200
+    finally:
+        fast.stop()
+
+
+def test_rate_per_token(rig, tmp_path):
+    from fleet.config import ConsoleSection
+    from fleet.console.server import ConsoleServer
+
+    slow = ConsoleServer(ConsoleSection(enabled=True, port=0, requests_per_s=0.1, request_burst=3),
+                         rig.controller, tokens_file=tmp_path / "console-tokens")
+    slow.start()
+    try:
+        op, viewer = Client(slow.url, rig.tokens["operator"]), Client(slow.url, rig.tokens["viewer"])
+        assert [op.get("/api/v1/whoami")[0] for _ in range(4)] == [200, 200, 200, 429]
+        assert viewer.get("/api/v1/whoami")[0] == 200  # another token has its own rate
+    finally:
+        slow.stop()
