@@ -94,6 +94,25 @@ def write_key(dir_: Path, name: str) -> PrivateKey:
     return k
 
 
+def inprocess_agent(tmp_path: Path, device_id: str, *, broker=None, notifier=None, **sections):
+    """An `Agent` built in this process: a fresh release key, ONNX Runtime, no HTTP API, no command keys;
+    connected to `broker` (MQTT, telemetry) when given, else built without MQTT. `sections` override
+    config sections (`telemetry={"period_s": 0.2}`)."""
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig
+
+    write_key(tmp_path / "bundle-keys", "release")
+    raw = {
+        "device_id": device_id, "state_dir": str(tmp_path / "state"),
+        "trust": {"bundle_keys_dir": str(tmp_path / "bundle-keys"), "command_keys": []},
+        "engine": {"backend": "onnxruntime"}, "api": {"enabled": False},
+    }
+    if broker is not None:
+        raw["mqtt"] = {"host": broker.host, "port": broker.port}
+    raw.update(sections)
+    return Agent(AgentConfig.model_validate(raw), notifier=notifier).build(with_mqtt=broker is not None)
+
+
 def agent_toml(path: Path, *, device_id: str, state_dir: Path, port: int, bundle_keys: Path, command_key: Path,
                extra: str = "", probation_s: float = 0) -> Path:
     """Write an agent.toml for a test agent (CPU backend, no HTTP API, fast tuning)."""

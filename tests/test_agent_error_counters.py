@@ -10,25 +10,16 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
-from agent_helpers import write_key
+from agent_helpers import inprocess_agent
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig
 
 pytestmark = pytest.mark.mqtt
 
 
 def _agent(tmp_path, broker) -> Agent:
-    write_key(tmp_path / "bundle-keys", "release")
-    cfg = AgentConfig.model_validate({
-        "device_id": "err1", "state_dir": str(tmp_path / "state"),
-        "mqtt": {"host": broker.host, "port": broker.port},
-        "trust": {"bundle_keys_dir": str(tmp_path / "bundle-keys"), "command_keys": []},
-        "engine": {"backend": "onnxruntime"}, "api": {"enabled": False},
-        "telemetry": {"period_s": 0.2, "use_jtop": False},
-    })
-    return Agent(cfg).build()
+    return inprocess_agent(tmp_path, "err1", broker=broker, telemetry={"period_s": 0.2, "use_jtop": False})
 
 
 def _wait(pred, timeout_s: float, what: str):

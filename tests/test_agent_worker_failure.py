@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import threading
 
-from agent_helpers import write_key
+from agent_helpers import inprocess_agent
 
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig
 
 
 def _agent(tmp_path) -> Agent:
-    write_key(tmp_path / "bundle-keys", "release")
-    cfg = AgentConfig.model_validate({
-        "device_id": "dev1", "state_dir": str(tmp_path / "state"),
-        "trust": {"bundle_keys_dir": str(tmp_path / "bundle-keys"), "command_keys": []},
-        "engine": {"backend": "onnxruntime"}, "api": {"enabled": False},
-    })
-    return Agent(cfg).build(with_mqtt=False)
+    return inprocess_agent(tmp_path, "dev1")
 
 
 def test_worker_dying_on_a_bug_makes_run_exit_non_zero(tmp_path, monkeypatch):

@@ -10,10 +10,9 @@ import time
 from typing import List, Tuple
 
 import pytest
-from agent_helpers import write_key
+from agent_helpers import inprocess_agent
 
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig
 from edge_agent.sdnotify import Notifier
 from edge_agent.watchdog import Heartbeat, ServiceNotifier, status_line
 
@@ -68,15 +67,8 @@ def listener(tmp_path):
 
 
 def _agent(tmp_path, broker, notify_path: str) -> Agent:
-    write_key(tmp_path / "bundle-keys", "release")
-    cfg = AgentConfig.model_validate({
-        "device_id": "wd1", "state_dir": str(tmp_path / "state"),
-        "mqtt": {"host": broker.host, "port": broker.port},
-        "trust": {"bundle_keys_dir": str(tmp_path / "bundle-keys"), "command_keys": []},
-        "engine": {"backend": "onnxruntime"}, "api": {"enabled": False},
-    })
     notifier = Notifier.from_env({"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1e6))})
-    return Agent(cfg, notifier=notifier).build()
+    return inprocess_agent(tmp_path, "wd1", broker=broker, notifier=notifier)
 
 
 @pytest.mark.mqtt
