@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "fleet.commands.router",
     "fleet.commands.broker",
     "fleet.commands.token",
+    "fleet.commands.stored",
 ]
 
 

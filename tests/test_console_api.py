@@ -161,7 +161,7 @@ def test_rollout_stream_sends_changes_until_the_end(rig):
     assert b"event: end" in body
 
 
-def test_bundle_upload_inspect_and_refusal(rig, tmp_path):
+def test_bundle_upload_inspect_and_refusal(rig, tmp_path, capsys):
     from agent_helpers import build_sample_bundle, write_key
 
     key = write_key(tmp_path / "keys", "release")
@@ -173,6 +173,11 @@ def test_bundle_upload_inspect_and_refusal(rig, tmp_path):
     assert s == 200 and set(b["models"]) == {"small", "large"}
     assert [sig["keyid"] for sig in b["signatures"]] == [key.keyid]
     assert b["record"]["manifest_sha256"] == rec["manifest_sha256"]
+    # `fleet bundles` runs the same RPC methods over MQTT.
+    rc, out, err = rig.cli(capsys, "bundles", "digits@7", "--json")
+    assert rc == 0 and json.loads(out) == b, err
+    rc, out, err = rig.cli(capsys, "bundles", "--json")
+    assert rc == 0 and json.loads(out) == rig.viewer.get("/api/v1/bundles")[1], err
     s, doc, _ = rig.op.request("POST", "/api/v1/bundles", raw=b"\0" * 2048, ctype="application/octet-stream")
     assert s == 422 and "refused" in doc["error"]
     # Over max_upload_bytes: refused from the headers alone, before a byte of the body is read.
