@@ -216,7 +216,7 @@ def control(tmp_path_factory):
 # ------------------------------------------------------------------------------------------ RPC
 
 READ_ONLY = {"controller.status", "devices.list", "devices.show", "rollout.status", "rollout.list",
-             "telemetry.latest"}
+             "telemetry.latest", "telemetry.history", "devices.events", "fleet.summary"}
 reply_topics = st.one_of(st.none(), st.sampled_from([P + "/fleet/rpc-reply/op/cli-1", P + "/devices/devA/commands",
                                                      "other/fleet/rpc-reply/x", ""]), st.text(max_size=30))
 
