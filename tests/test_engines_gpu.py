@@ -102,8 +102,7 @@ def test_prepare_tune_golden_and_memory_estimate_on_the_sample_bundle(tmp_path):
     from edge_agent.engines.golden import run_golden
     from edge_agent.engines.prepare import prepare_engines
 
-    if not SPEC.exists():
-        pytest.skip("sample bundle spec missing")
+    assert SPEC.exists(), "sample bundle spec %s missing (moved?)" % SPEC
     bundle_dir, manifest = _build_bundle(tmp_path)
     cfg = EngineConfig(backend="tensorrt", precision="fp16", max_batch_limit=16, tune_iterations=5,
                        latency_slo_ms=1000.0)

@@ -49,8 +49,7 @@ def _build_bundle(tmp: Path, engines=None):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    if not SPEC.exists():
-        pytest.skip("sample bundle spec missing")
+    assert SPEC.exists(), "sample bundle spec %s missing (moved?)" % SPEC
     return _build_bundle(tmp_path_factory.mktemp("bundle"))
 
 
