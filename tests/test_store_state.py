@@ -60,9 +60,9 @@ def test_state_json_valid_after_kill_9_during_writes(tmp_path):
     )
     p = subprocess.Popen([sys.executable, "-c", code, str(root)])
     deadline = time.time() + 10
-    while time.time() < deadline and not (root / "state.json").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)
+    while time.time() < deadline and _seq_on_disk(root) < 100:  # kill it mid-stream of writes
+        time.sleep(0.02)
+    assert _seq_on_disk(root) >= 100, "the writer never got going"
     p.kill()
     p.wait()
     st = BundleStore(root).open().state
@@ -155,3 +155,11 @@ def test_materialized_tree_matches_manifest(store):
     d = store.materialize(body)
     for path, entry in body.files.items():
         assert _sha((d / path).read_bytes()) == entry.sha256
+
+
+def _seq_on_disk(root) -> int:
+    """last_command_seq in state.json (0 before the first write); the file is replaced atomically."""
+    try:
+        return int(json.loads((root / "state.json").read_bytes()).get("last_command_seq") or 0)
+    except FileNotFoundError:
+        return 0

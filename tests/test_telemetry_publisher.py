@@ -189,7 +189,9 @@ def test_loop_thread_publishes_every_period_and_stops(tmp_path):
     ev_thread = threading.Thread(target=lambda: [pub.submit(EVENTS, b'{"n": %d}' % i, 1) for i in range(20)])
     ev_thread.start()
     ev_thread.join()
-    time.sleep(0.4)
+    deadline = time.monotonic() + 10  # wait for the events and four telemetry periods, not a fixed time
+    while time.monotonic() < deadline and (len(link.seqs()) < 4 or sum(t == EVENTS for t, _, _ in link.sent) < 20):
+        time.sleep(0.02)
     pub.stop()
     seqs = link.seqs()
     assert len(seqs) >= 4 and seqs == list(range(len(seqs)))
