@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from agent_helpers import REPO
 
 HEAVY = ("numpy", "onnxruntime", "cv2", "psycopg", "psycopg_pool", "jtop", "tensorrt", "pycuda", "selenium")
@@ -28,12 +29,13 @@ def test_building_both_command_lines_imports_no_heavy_library():
     assert json.loads(out.stdout) == []
 
 
-def test_edge_agent_config_command_runs_without_numpy(tmp_path):
+@pytest.mark.parametrize("command", [["config"], ["telemetry", "--json"]])
+def test_edge_agent_diagnostic_commands_run_without_heavy_libraries(tmp_path, command):
     cfg = tmp_path / "agent.toml"
-    cfg.write_text('device_id = "dev1"\n', encoding="utf-8")
-    probe = ("import sys\nfrom edge_agent.cli import main\nrc = main(['config', '--config', %r])\n"
+    cfg.write_text('device_id = "dev1"\nstate_dir = %r\n' % str(tmp_path / "state"), encoding="utf-8")
+    probe = ("import sys\nfrom edge_agent.cli import main\nrc = main(%r + ['--config', %r])\n"
              "sys.stdout.write('\\nHEAVY=%%s\\n' %% [m for m in %r if m in sys.modules])\nsys.exit(rc)\n"
-             % (str(cfg), HEAVY))
+             % (command, str(cfg), HEAVY))
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False,
                          cwd=str(REPO), timeout=60)
     assert out.returncode == 0, out.stderr
