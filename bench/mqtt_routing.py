@@ -35,7 +35,7 @@ def controller_filters() -> List[str]:
     fleet/rpc.py)."""
     from edge_agent.protocol import topics
 
-    out = ["$share/fleet/%s" % topics.bundles_fetch(PREFIX), topics.all_devices(PREFIX, "status")]
+    out = ["$share/fleet/%s" % topics.all_devices(PREFIX, "fetch"), topics.all_devices(PREFIX, "status")]
     out += ["$share/fleet/%s" % topics.all_devices(PREFIX, c) for c in ("telemetry", "events")]
     out.append("$share/fleet-rpc/%s" % topics.fleet_rpc(PREFIX))
     return out

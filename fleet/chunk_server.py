@@ -1,14 +1,17 @@
 """The chunk server: answers devices' fetch requests with raw bytes from the controller's bundle store.
 
-A device's `ChunkRequest` on ``{p}/bundles/fetch`` names a bundle, a hash (the manifest's or one of its
-files') and a range. The server answers only for bundles it stores and hashes that bundle names, only for
-a bundle a deploy command was sent to that device for (`fleet/entitlements.py`), only on the requesting
-device's own chunks topic, and never more than `max_chunk_bytes` at a time. The answer is the raw bytes
+A device's `ChunkRequest` on its own ``{p}/devices/{id}/fetch`` names a bundle, a hash (the manifest's or
+one of its files') and a range. The broker lets only device `{id}` publish on that topic, so the requester
+is the topic's id: a request whose payload names another device is refused (`impersonation`, logged once
+per sender every `IMPERSONATION_LOG_INTERVAL_S`). The server answers only for bundles it stores and hashes
+that bundle names, only for a bundle a deploy command was sent to that device for
+(`fleet/entitlements.py`), only on the requesting device's own chunks topic, and never more than
+`max_chunk_bytes` at a time. The answer is the raw bytes
 with ``sha256``/``offset``/``length``/``total`` user properties; a refusal carries an ``error`` property
 and no bytes.
 
 Bounded against a flood from one device: requests over `max_request_bytes` are dropped before parsing;
-each device (named by the response topic, which must be its own chunks topic) has a request rate
+each device (named by the topic it published on) has a request rate
 (`device_requests_per_s`) and its own share of the queue (`device_queue`), served in turn with the other
 devices' (`FairQueue`); and at most `max_inflight_bytes` of chunks wait for the broker's acknowledgement
 (back-pressure: the worker waits, then drops the request; the device asks again).
@@ -35,6 +38,11 @@ from fleet.ratelimit import KeyedRate, RateLimit
 #: (device id, bundle name, version) -> may this device fetch this bundle?
 Entitled = Callable[[str, str, int], bool]
 
+#: Seconds between two log lines about one device naming another in its fetch requests (each is counted).
+IMPERSONATION_LOG_INTERVAL_S = 60.0
+#: At most this many senders remembered for that log throttle (the oldest is forgotten first).
+IMPERSONATION_LOG_DEVICES = 4096
+
 log = logging.getLogger(__name__)
 
 
@@ -58,28 +66,50 @@ class ChunkServer:
         self._inflight_bytes = 0
         self.stats: Dict[str, int] = {
             "requests": 0, "served_bytes": 0, "refused": 0, "dropped": 0, "malformed": 0, "oversize": 0,
-            "rate_limited": 0, "not_entitled": 0, "busy_dropped": 0,
+            "rate_limited": 0, "not_entitled": 0, "busy_dropped": 0, "impersonation": 0,
         }
+        self._impersonation_logged: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def set_rate(self, bytes_per_s: Optional[int]) -> None:
         """Change the serving rate cap (None: unlimited)."""
         self._rate = RateLimit(bytes_per_s)
 
     def on_request(self, msg: Inbound) -> None:
-        """Network-thread handler for ``{p}/bundles/fetch``: size, rate and queue share are checked here,
-        before anything is parsed."""
+        """Network-thread handler for ``{p}/devices/+/fetch``: size, rate and queue share (of the device the
+        topic names: the broker lets only that device publish there) are checked here, before parsing."""
         if len(msg.payload) > self.cfg.max_request_bytes:
             self.stats["oversize"] += 1
             return
-        key = msg.response_topic or ""
-        if not key:
+        sender = self.sender(msg.topic)
+        if sender is None or not msg.response_topic:
             self.stats["malformed"] += 1
             return
-        if not self._device_rate.allow(key):
+        if not self._device_rate.allow(sender):
             self.stats["rate_limited"] += 1
             return
-        if not self._q.put(key, msg):
+        if not self._q.put(sender, msg):
             self.stats["dropped"] += 1  # the device times out and asks again
+
+    def sender(self, topic: str) -> Optional[str]:
+        """The device id of a ``{p}/devices/{id}/fetch`` topic (None for any other topic)."""
+        parsed = topics.parse_device_topic(self.prefix, topic)
+        if parsed is None or parsed[1] != "fetch":
+            return None
+        return parsed[0]
+
+    def _impersonation(self, sender: str, named: str) -> None:
+        """Count a request from `sender` naming `named`; log it at most once per sender per interval."""
+        self.stats["impersonation"] += 1
+        now = time.monotonic()
+        last = self._impersonation_logged.get(sender)
+        if last is not None and now - last < IMPERSONATION_LOG_INTERVAL_S:
+            return
+        self._impersonation_logged[sender] = now
+        self._impersonation_logged.move_to_end(sender)
+        while len(self._impersonation_logged) > IMPERSONATION_LOG_DEVICES:
+            self._impersonation_logged.popitem(last=False)
+        log.warning("device %s sent fetch requests naming device %s; refused (%d such requests so far)",
+                    sender, named, self.stats["impersonation"])
 
     def start(self) -> None:
         """Start the worker."""
@@ -114,11 +144,19 @@ class ChunkServer:
             self.stats["malformed"] += 1
             log.warning("malformed chunk request: %s", e)
             return
-        expected_topic = topics.chunks(self.prefix, req.device_id)
+        sender = self.sender(msg.topic)
+        if sender is None:
+            self.stats["malformed"] += 1
+            return
+        if req.device_id != sender:
+            # The payload names another device: its entitlements and rate share are not the sender's to use.
+            self._impersonation(sender, req.device_id)
+            return
+        expected_topic = topics.chunks(self.prefix, sender)
         if msg.response_topic != expected_topic:
             # Never send bundle bytes anywhere but the requesting device's own chunks topic.
             self.stats["refused"] += 1
-            log.warning("chunk request from %s with response topic %r refused", req.device_id, msg.response_topic)
+            log.warning("chunk request from %s with response topic %r refused", sender, msg.response_topic)
             return
         props = {"sha256": req.sha256, "offset": str(req.offset), "length": str(req.length)}
         error = None

@@ -78,7 +78,7 @@ class Controller:
                                   entitled=self.entitlements.allows)
         self.serve_chunks = serve_chunks
         if self.fetch_session is not None:
-            fetch = topics.bundles_fetch(self.prefix)
+            fetch = topics.all_devices(self.prefix, "fetch")
             if cfg.controller.shared_group:
                 fetch = "$share/%s/%s" % (cfg.controller.shared_group, fetch)
             self.fetch_session.subscribe(fetch, self.chunks.on_request, qos=1)

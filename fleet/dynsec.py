@@ -2,7 +2,7 @@
 
 mosquitto 2.0's plain ``acl_file`` accepts every SUBSCRIBE, ``$share/<group>/...`` included, and checks
 ``read`` only when a message is delivered. A device that joins the controller's shared subscription
-(``$share/fleet/{p}/bundles/fetch``, ``.../events``, ``.../telemetry``, ``$share/fleet-rpc/{p}/fleet/rpc``)
+(``$share/fleet/{p}/devices/+/fetch``, ``.../events``, ``.../telemetry``, ``$share/fleet-rpc/{p}/fleet/rpc``)
 therefore takes a round-robin turn, and the broker then drops that message at the ACL instead of giving it
 to a controller. The dynamic-security plugin (``mosquitto_dynamic_security.so``, shipped with Debian's and
 Ubuntu's mosquitto 2.0) checks SUBSCRIBE against ``subscribeLiteral`` / ``subscribePattern`` rules, with
@@ -26,7 +26,9 @@ from edge_agent.protocol import topics
 #: Rules for anything no role names: publish, receive and subscribe are refused; unsubscribing is harmless.
 DEFAULT_ACL_ACCESS = {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
                       "unsubscribe": True}
-DEVICE_REPORTS = ("status", "telemetry", "events", "results")
+#: What a device publishes on its own topics (``fetch``: its chunk requests; only it may publish there, so the
+#: controller knows who asked).
+DEVICE_REPORTS = ("status", "telemetry", "events", "results", "fetch")
 DEVICE_INBOX = ("commands", "chunks")
 
 
@@ -51,9 +53,9 @@ def _receive_and_subscribe(filters: Iterable[str], *, shared: bool = False) -> L
 
 
 def device_role(prefix: str, device_id: str) -> Dict[str, Any]:
-    """A device publishes its own reports and fetch requests, and reads its own commands and chunks."""
+    """A device publishes its own reports and fetch requests (all on its own topics), and reads its own commands
+    and chunks."""
     acls = [_acl("publishClientSend", topics.device_topic(prefix, device_id, c)) for c in DEVICE_REPORTS]
-    acls.append(_acl("publishClientSend", topics.bundles_fetch(prefix)))
     for c in DEVICE_INBOX:
         t = topics.device_topic(prefix, device_id, c)
         acls += [_acl("publishClientReceive", t), _acl("subscribeLiteral", t)]
@@ -65,7 +67,7 @@ def controller_role(prefix: str) -> Dict[str, Any]:
     shared-subscription group), sends commands, chunks and CLI replies, and may clear a retained CLI
     request (an empty retained publish on ``{p}/fleet/rpc``)."""
     reads = [topics.all_devices(prefix, c) for c in DEVICE_REPORTS]
-    reads += [topics.bundles_fetch(prefix), topics.fleet_rpc(prefix)]
+    reads.append(topics.fleet_rpc(prefix))
     acls = _receive_and_subscribe(reads, shared=True)
     sends = [topics.all_devices(prefix, c) for c in DEVICE_INBOX]
     sends += [prefix + "/fleet/rpc-reply/#", topics.fleet_rpc(prefix)]

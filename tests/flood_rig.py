@@ -266,8 +266,8 @@ class FloodRig:
         def make(i: int):
             off = (i * length) % max(1, entry.size - length)
             req = ChunkRequest(device_id=who, bundle=ref, sha256=sha, offset=off, length=min(length, entry.size))
-            return P + "/bundles/fetch", req.to_json(), {"ResponseTopic": topics.chunks(P, who),
-                                                         "CorrelationData": b"%08d" % i}
+            return topics.fetch(P, who), req.to_json(), {"ResponseTopic": topics.chunks(P, who),
+                                                        "CorrelationData": b"%08d" % i}
 
         return Flood(self.probe(who), make)
 

@@ -139,7 +139,7 @@ def test_unsigned_and_replayed_commands_refused_and_nothing_changes(rig, bundles
 def test_manifest_over_size_limit_refused_before_download(rig, bundles):
     rig.start_agent("dev1", extra="[limits]\nmax_manifest_bytes = 1024")
     requests = []
-    rig.watcher.session.subscribe("edge/v1/bundles/fetch", requests.append)
+    rig.watcher.session.subscribe("edge/v1/devices/+/fetch", requests.append)
     time.sleep(0.3)
     res = rig.push(bundles["v1"], ["dev1"], wait=TIMEOUT)
     assert res.returncode == 1

@@ -147,7 +147,7 @@ def test_rogue_chunk_during_agent_pull_is_caught_and_bundle_installs_verified(ri
                       user_properties={"sha256": req.sha256, "offset": str(req.offset), "length": str(req.length),
                                        "total": str(BLOB_BYTES)})
 
-    rogue.subscribe("edge/v1/bundles/fetch", on_request)
+    rogue.subscribe("edge/v1/devices/dev1/fetch", on_request)
     rogue.start()
     try:
         assert rogue.wait_connected(10)

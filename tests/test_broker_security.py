@@ -152,7 +152,7 @@ def test_device_cannot_publish_commands_chunks_or_rpc(clients):
     b.subscribe(_dev("dev-b", "chunks"))
     ctl = clients(CONTROLLER)
     ctl.subscribe(P + "/fleet/rpc")
-    ctl.subscribe(P + "/bundles/fetch")
+    ctl.subscribe(P + "/devices/+/fetch")
     op = clients(OPERATOR)
     op.subscribe(P + "/fleet/rpc-reply/%s/#" % OPERATOR)
     a = clients("dev-a")
@@ -161,30 +161,32 @@ def test_device_cannot_publish_commands_chunks_or_rpc(clients):
         _dev("dev-a", "commands"),  # not even to itself: commands come from the controller only
         _dev("dev-b", "chunks"),
         _dev("dev-a", "chunks"),
+        _dev("dev-b", "fetch"),  # fetch requests in another device's name (its rate share, its entitlements)
         P + "/fleet/rpc",
         P + "/fleet/rpc-reply/%s/x" % OPERATOR,
+        P + "/bundles/fetch",  # the shared fetch topic of earlier versions: gone
     ]
     for topic in forbidden:
         assert a.publish(topic, b"forged") == NOT_AUTHORIZED, topic
-    assert a.publish(P + "/bundles/fetch", b"fetch-a") in ACCEPTED
-    ctl.wait_for(P + "/bundles/fetch", b"fetch-a")
-    assert ctl.topics_seen() == [P + "/bundles/fetch"]
+    assert a.publish(_dev("dev-a", "fetch"), b"fetch-a") in ACCEPTED
+    ctl.wait_for(_dev("dev-a", "fetch"), b"fetch-a")
+    assert ctl.topics_seen() == [_dev("dev-a", "fetch")]
     _nothing_more(b, [])
     _nothing_more(op, [])
 
 
 def test_device_cannot_read_other_devices_reports_or_fetch_requests(clients):
     a = clients("dev-a")
-    for flt in (P + "/devices/+/status", P + "/devices/+/telemetry", P + "/bundles/fetch", P + "/fleet/rpc",
-                _dev("dev-a", "telemetry")):
+    for flt in (P + "/devices/+/status", P + "/devices/+/telemetry", P + "/devices/+/fetch", P + "/fleet/rpc",
+                _dev("dev-a", "telemetry"), _dev("dev-b", "fetch"), _dev("dev-a", "fetch")):
         assert a.subscribe(flt) == NOT_AUTHORIZED, flt
     ctl = clients(CONTROLLER)
     ctl.subscribe(P + "/devices/+/telemetry")
-    ctl.subscribe(P + "/bundles/fetch")
+    ctl.subscribe(P + "/devices/+/fetch")
     b = clients("dev-b")
     assert b.publish(_dev("dev-b", "telemetry"), b"tel-b") in ACCEPTED
-    assert b.publish(P + "/bundles/fetch", b"fetch-b") in ACCEPTED
-    ctl.wait_for(P + "/bundles/fetch", b"fetch-b")
+    assert b.publish(_dev("dev-b", "fetch"), b"fetch-b") in ACCEPTED
+    ctl.wait_for(_dev("dev-b", "fetch"), b"fetch-b")
     ctl.wait_for(_dev("dev-b", "telemetry"), b"tel-b")
     # Nor its own reports: nothing a device publishes is readable by devices.
     assert a.publish(_dev("dev-a", "telemetry"), b"tel-a") in ACCEPTED
@@ -257,7 +259,7 @@ def test_username_in_connect_is_ignored_with_certificates(clients, tls_broker):
 # --- shared subscriptions and identities (dynamic security) ---------------------------------------------
 
 CONTROLLER_GROUPS = [
-    "$share/fleet/%s/bundles/fetch" % P,
+    "$share/fleet/%s/devices/+/fetch" % P,
     "$share/fleet/%s/devices/+/events" % P,
     "$share/fleet/%s/devices/+/telemetry" % P,
     "$share/fleet-rpc/%s/fleet/rpc" % P,
@@ -272,17 +274,18 @@ def test_device_cannot_steal_the_controllers_shared_subscription_turns(clients):
         assert ctl.subscribe(flt) == 1, flt
     thieves = [clients("dev-a", client_id="thief-%d" % i) for i in range(10)]
     for t in thieves:
-        for flt in [*CONTROLLER_GROUPS, "$share/fleet/%s/devices/+/status" % P, "$share/fleet/#"]:
+        for flt in [*CONTROLLER_GROUPS, "$share/fleet/%s/devices/+/status" % P, "$share/fleet/#",
+                    "$share/fleet/" + _dev("dev-a", "fetch"), "$share/x/" + _dev("dev-b", "fetch")]:
             assert t.subscribe(flt) == NOT_AUTHORIZED, flt
     b = clients("dev-b")
     op = clients(OPERATOR)
     n = 20
     for i in range(n):
-        assert b.publish(P + "/bundles/fetch", b"f%d" % i) in ACCEPTED
+        assert b.publish(_dev("dev-b", "fetch"), b"f%d" % i) in ACCEPTED
         assert b.publish(_dev("dev-b", "events"), b"e%d" % i) in ACCEPTED
         assert b.publish(_dev("dev-b", "telemetry"), b"t%d" % i) in ACCEPTED
         assert op.publish(P + "/fleet/rpc", b"r%d" % i) in ACCEPTED
-    expected = {(P + "/bundles/fetch", b"f%d" % i) for i in range(n)}
+    expected = {(_dev("dev-b", "fetch"), b"f%d" % i) for i in range(n)}
     expected |= {(_dev("dev-b", "events"), b"e%d" % i) for i in range(n)}
     expected |= {(_dev("dev-b", "telemetry"), b"t%d" % i) for i in range(n)}
     expected |= {(P + "/fleet/rpc", b"r%d" % i) for i in range(n)}
@@ -309,13 +312,13 @@ def test_operator_and_controller_names_get_no_device_rights(clients):
     op, ctl = clients(OPERATOR), clients(CONTROLLER)
     watch = clients(CONTROLLER)
     assert watch.subscribe(P + "/devices/+/status") == 1
-    assert watch.subscribe(P + "/bundles/fetch") == 1
+    assert watch.subscribe(P + "/devices/+/fetch") == 1
     for who, name in ((op, OPERATOR), (ctl, CONTROLLER)):
-        for channel in ("status", "telemetry", "events", "results"):
+        for channel in ("status", "telemetry", "events", "results", "fetch"):
             assert who.publish(_dev(name, channel), b"fake-device", retain=(channel == "status")) == NOT_AUTHORIZED
         assert who.subscribe(_dev(name, "chunks")) == NOT_AUTHORIZED
     assert op.subscribe(_dev(OPERATOR, "commands")) == NOT_AUTHORIZED
-    assert op.publish(P + "/bundles/fetch", b"op-fetch") == NOT_AUTHORIZED
+    assert op.publish(_dev("dev-a", "fetch"), b"op-fetch") == NOT_AUTHORIZED
     assert ctl.publish(_dev(OPERATOR, "commands"), b"cmd") in ACCEPTED
     a = clients("dev-a")
     assert a.publish(_dev("dev-a", "status"), b"genuine") in ACCEPTED  # positive control
@@ -329,13 +332,14 @@ def test_certificate_not_named_in_the_rules_gets_no_rights(clients):
     lets it connect, but it may publish, subscribe to and receive nothing."""
     ghost = clients(UNLISTED)
     ctl = clients(CONTROLLER)
-    assert ctl.subscribe(P + "/bundles/fetch") == 1
+    assert ctl.subscribe(P + "/devices/+/fetch") == 1
     assert ghost.subscribe(_dev(UNLISTED, "commands")) == NOT_AUTHORIZED
     assert ghost.publish(_dev(UNLISTED, "status"), b"hello") == NOT_AUTHORIZED
-    assert ghost.publish(P + "/bundles/fetch", b"ghost-fetch") == NOT_AUTHORIZED
-    assert clients("dev-a").publish(P + "/bundles/fetch", b"real-fetch") in ACCEPTED
-    ctl.wait_for(P + "/bundles/fetch", b"real-fetch")
-    _nothing_more(ctl, [P + "/bundles/fetch"])
+    assert ghost.publish(_dev(UNLISTED, "fetch"), b"ghost-fetch") == NOT_AUTHORIZED
+    assert ghost.publish(_dev("dev-a", "fetch"), b"ghost-fetch") == NOT_AUTHORIZED
+    assert clients("dev-a").publish(_dev("dev-a", "fetch"), b"real-fetch") in ACCEPTED
+    ctl.wait_for(_dev("dev-a", "fetch"), b"real-fetch")
+    _nothing_more(ctl, [_dev("dev-a", "fetch")])
 
 
 def test_dynsec_generator_refuses_a_name_with_two_roles_or_not_an_id(tmp_path):
@@ -383,9 +387,13 @@ def test_device_added_at_run_time_with_mosquitto_ctrl_gets_only_its_own_rights(p
             assert r.returncode == 0 and "rror" not in r.stdout + r.stderr, (line, r.stdout, r.stderr)
         late, ctl = probe(LATE), probe(CONTROLLER)
         assert late.subscribe(_dev(LATE, "commands")) == 1
-        for flt in ("$share/fleet/%s/bundles/fetch" % P, _dev("dev-a", "commands"), "#"):
+        for flt in ("$share/fleet/%s/devices/+/fetch" % P, _dev("dev-a", "commands"), "#"):
             assert late.subscribe(flt) == NOT_AUTHORIZED, flt
         assert late.publish(_dev("dev-a", "status"), b"forged") == NOT_AUTHORIZED
+        assert late.publish(_dev("dev-a", "fetch"), b"forged") == NOT_AUTHORIZED
+        assert ctl.subscribe(_dev(LATE, "fetch")) == 1
+        assert late.publish(_dev(LATE, "fetch"), b"fetch-late") in ACCEPTED
+        ctl.wait_for(_dev(LATE, "fetch"), b"fetch-late")
         assert ctl.publish(_dev(LATE, "commands"), b"cmd-late") in ACCEPTED
         late.wait_for(_dev(LATE, "commands"), b"cmd-late")
         # Without the admin role the same command is refused.
@@ -505,7 +513,8 @@ def test_operator_rpc_round_trip_and_replies_are_private(clients):
 
 def test_operator_reads_telemetry_and_status_but_not_commands_chunks_or_events(clients):
     op = clients(OPERATOR)
-    for flt in ("#", P + "/devices/+/commands", P + "/devices/+/chunks", P + "/devices/+/events", P + "/bundles/fetch"):
+    for flt in ("#", P + "/devices/+/commands", P + "/devices/+/chunks", P + "/devices/+/events",
+                P + "/devices/+/fetch"):
         assert op.subscribe(flt) == NOT_AUTHORIZED, flt
     assert op.subscribe(P + "/devices/+/telemetry") == 1
     assert op.subscribe(P + "/devices/+/status") == 1

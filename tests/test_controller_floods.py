@@ -182,8 +182,8 @@ def test_hostile_payloads_on_every_controller_topic_do_not_end_the_controller(ri
         for channel in ("telemetry", "events", "status"):
             topic = topics.device_topic(P, ATTACKER, channel)
             assert dev.publish(topic, payload, retain=channel == "status") in (0, 16)
-        assert dev.publish(P + "/bundles/fetch", payload, ResponseTopic=topics.chunks(P, ATTACKER)) in (0, 16)
-        assert dev.publish(P + "/bundles/fetch", payload) in (0, 16)
+        assert dev.publish(topics.fetch(P, ATTACKER), payload, ResponseTopic=topics.chunks(P, ATTACKER)) in (0, 16)
+        assert dev.publish(topics.fetch(P, ATTACKER), payload) in (0, 16)
         assert op.publish(P + "/fleet/rpc", payload, ResponseTopic=reply, CorrelationData=b"h") in (0, 16)
         assert op.publish(P + "/fleet/rpc", payload, retain=True, ResponseTopic=reply) in (0, 16)
     # The handlers are still there: every channel still works after all of it.

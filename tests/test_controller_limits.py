@@ -52,10 +52,12 @@ class Chunks:
                                   entitled=self.entitlements.allows)
         self.sha, self.entry = max(((e.sha256, e) for e in self.body.files.values()), key=lambda t: t[1].size)
 
-    def request(self, device: str, length: int = 4096, offset: int = 0) -> Inbound:
+    def request(self, device: str, length: int = 4096, offset: int = 0, *, sender: str = "") -> Inbound:
+        """`device`'s request for a range, published on `sender`'s fetch topic (default: its own)."""
         req = ChunkRequest(device_id=device, bundle={"name": "digits", "version": 1}, sha256=self.sha,
                            offset=offset, length=min(length, self.entry.size - offset))
-        return Inbound(P + "/bundles/fetch", req.to_json(), 1, False, {}, topics.chunks(P, device), b"c")
+        return Inbound(topics.fetch(P, sender or device), req.to_json(), 1, False, {}, topics.chunks(P, device),
+                       b"c")
 
 
 def test_fetch_of_a_bundle_never_deployed_to_the_device_is_refused(tmp_path):
@@ -97,7 +99,7 @@ def test_deploy_command_grants_the_fetch_entitlement_and_rollback_does_not(tmp_p
 
 def test_oversize_fetch_request_is_dropped_before_parsing(tmp_path):
     c = Chunks(tmp_path)
-    c.server.on_request(Inbound(P + "/bundles/fetch", b"[" * 5000, 1, False, {}, topics.chunks(P, "dev-a"), b"c"))
+    c.server.on_request(Inbound(topics.fetch(P, "dev-a"), b"[" * 5000, 1, False, {}, topics.chunks(P, "dev-a"), b"c"))
     assert c.server.stats["oversize"] == 1 and len(c.server._q) == 0
 
 
@@ -112,6 +114,44 @@ def test_fetch_flood_from_one_device_is_rate_limited_and_others_are_served_in_tu
     order = [c.server._q.get(0.1).response_topic for _ in range(8)]
     a, b = topics.chunks(P, "dev-a"), topics.chunks(P, "dev-b")
     assert order == [a, b, a, b, a, b, a, a]
+
+
+def test_device_naming_another_device_in_a_fetch_cannot_spend_its_share(tmp_path, caplog):
+    """The attack: dev-a publishes fetch requests naming dev-b (dev-b's bundle, dev-b's chunks topic) to use
+    up dev-b's request rate and queue share. The broker lets dev-a publish only on its own fetch topic, so
+    the requests count against dev-a's share; served, each is refused (counted, logged once) and nothing is
+    sent; dev-b's own requests still pass its full burst and are answered."""
+    c = Chunks(tmp_path, device_requests_per_s=1.0, device_request_burst=10, device_queue=5)
+    c.entitlements.grant("dev-b", "digits", 1)
+    for _ in range(50):
+        c.server.on_request(c.request("dev-b", sender="dev-a"))
+    # dev-a's own share took them: 10 passed its rate, 5 fit its queue share.
+    assert c.server.stats["rate_limited"] == 40 and c.server.stats["dropped"] == 5
+    for _ in range(10):  # dev-b's whole burst is still its own
+        c.server.on_request(c.request("dev-b"))
+    assert c.server.stats["rate_limited"] == 40 and c.server.stats["dropped"] == 5 + 5
+    with caplog.at_level("WARNING", logger="fleet.chunk_server"):
+        while True:
+            msg = c.server._q.get(0.01)
+            if msg is None:
+                break
+            c.server.serve(msg)
+    assert c.server.stats["impersonation"] == 5
+    assert [r.getMessage() for r in caplog.records if "naming device" in r.getMessage()] == [
+        "device dev-a sent fetch requests naming device dev-b; refused (1 such requests so far)"]
+    sent = _drain(c.session)
+    assert len(sent) == 5 and all(d.topic == topics.chunks(P, "dev-b") and len(d.payload) == 4096 for d in sent)
+
+
+def test_fetch_request_on_a_topic_that_is_not_a_devices_fetch_topic_is_dropped(tmp_path):
+    c = Chunks(tmp_path)
+    c.entitlements.grant("dev-a", "digits", 1)
+    good = c.request("dev-a")
+    for topic in (P + "/bundles/fetch", topics.events(P, "dev-a"), P + "/devices/a/b/fetch"):
+        c.server.on_request(Inbound(topic, good.payload, 1, False, {}, good.response_topic, b"c"))
+    assert c.server.stats["malformed"] == 3 and len(c.server._q) == 0
+    c.server.on_request(good)  # positive control
+    assert len(c.server._q) == 1
 
 
 def test_fair_queue_bounds_per_key_and_in_total():

@@ -95,6 +95,9 @@ def chunks(tmp_path_factory):
 response_topics = st.one_of(st.none(), st.sampled_from([topics.chunks(P, "dev1"), topics.chunks(P, "dev2"),
                                                          topics.commands(P, "dev1"), P + "/devices/+/chunks",
                                                          P + "/fleet/rpc", ""]), st.text(max_size=30))
+#: The topic a request arrives on: the broker lets only device `{id}` publish on `{p}/devices/{id}/fetch`.
+fetch_topics = st.sampled_from([topics.fetch(P, "dev1"), topics.fetch(P, "dev2"), P + "/bundles/fetch",
+                                topics.events(P, "dev1")])
 
 
 @st.composite
@@ -112,7 +115,7 @@ def chunk_requests(draw, rig: ChunkRig):
         doc["bundle"] = draw(st.sampled_from([{"name": "digits", "version": 1}, {"name": "digits", "version": 2},
                                               {"name": "other", "version": 1}]))
         payload = _enc(doc)
-    return Inbound(P + "/bundles/fetch", payload, 1, False, {}, draw(response_topics),
+    return Inbound(draw(fetch_topics), payload, 1, False, {}, draw(response_topics),
                    draw(st.one_of(st.none(), st.binary(max_size=16))))
 
 
@@ -130,8 +133,12 @@ def test_chunk_server_hostile_requests_never_crash_never_leak_bytes(chunks, data
     rig.server.serve(msg)  # must not raise
     sent = _published(rig.session)
     assert _tree(rig.root) == before, "a fetch request changed the controller's store"
-    if req is None:
+    sender = topics.parse_device_topic(P, msg.topic)
+    if req is None or sender is None or sender[1] != "fetch":
         assert rig.server.stats["malformed"] == stats["malformed"] + 1 and not sent
+        return
+    if req.device_id != sender[0]:  # names another device than the one that published it
+        assert not sent and rig.server.stats["impersonation"] == stats["impersonation"] + 1
         return
     own = topics.chunks(P, req.device_id)
     if msg.response_topic != own:

@@ -227,7 +227,7 @@ def test_rogue_chunk_on_device_topic_detected_and_file_refetched(broker, rig_fac
         rogue.publish(msg.response_topic, b"junk", qos=1, correlation_data=b"not-a-request",
                       user_properties={"sha256": req.sha256, "offset": "0", "length": "4", "total": "4"})
 
-    rogue.subscribe(topics.bundles_fetch(P), on_request)
+    rogue.subscribe(topics.all_devices(P, "fetch"), on_request)
     rogue.start()
     try:
         assert rogue.wait_connected(10)
@@ -254,13 +254,20 @@ def test_controller_answers_only_on_the_requesting_devices_topic(rig_factory, tm
     try:
         assert spy.wait_connected(10)
         time.sleep(0.2)
-        spy.publish(topics.bundles_fetch(P), req, qos=1, response_topic=topics.chunks(P, "spy"),
+        # On dev1's fetch topic (this test broker has no rules), answer to the spy: refused.
+        spy.publish(topics.fetch(P, "dev1"), req, qos=1, response_topic=topics.chunks(P, "spy"),
                     correlation_data=b"x").wait(5)
-        time.sleep(0.5)
+        # On its own fetch topic, naming dev1 and dev1's chunks topic: refused as well.
+        spy.publish(topics.fetch(P, "spy"), req, qos=1, response_topic=topics.chunks(P, "dev1"),
+                    correlation_data=b"y").wait(5)
+        stats = rig.ctl.chunks.stats
+        deadline = time.monotonic() + 10
+        while (stats["refused"] < 1 or stats["impersonation"] < 1) and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         spy.stop()
     assert got == []
-    assert rig.ctl.chunks.stats["refused"] == 1 and rig.ctl.chunks.stats["served_bytes"] == 0
+    assert stats["refused"] == 1 and stats["impersonation"] == 1 and stats["served_bytes"] == 0
 
 
 def test_file_not_in_bundle_is_refused_by_the_controller(rig_factory, tmp_path):

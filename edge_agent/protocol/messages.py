@@ -396,9 +396,10 @@ class CommandEnvelope(Message):
 
 
 class ChunkRequest(Message):
-    """`{p}/bundles/fetch`: a device asks for one range of one file (or of the manifest).
+    """`{p}/devices/{id}/fetch`: a device asks for one range of one file (or of the manifest).
 
-    The MQTT 5 response topic must be the device's own chunks topic; the correlation data is echoed.
+    `device_id` must be the topic's id; the MQTT 5 response topic must be the device's own chunks topic; the
+    correlation data is echoed.
     """
 
     schema_: Literal["edge-agent/chunk-request/1"] = Field("edge-agent/chunk-request/1", alias="schema")

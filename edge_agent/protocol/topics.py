@@ -8,7 +8,7 @@ from typing import Optional
 DEFAULT_PREFIX = "edge/v1"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-DEVICE_CHANNELS = ("status", "telemetry", "events", "results", "commands", "chunks")
+DEVICE_CHANNELS = ("status", "telemetry", "events", "results", "fetch", "commands", "chunks")
 
 
 def _check_id(device_id: str) -> str:
@@ -54,9 +54,10 @@ def chunks(prefix: str, device_id: str) -> str:
     return device_topic(prefix, device_id, "chunks")
 
 
-def bundles_fetch(prefix: str) -> str:
-    """Chunk requests from devices to the controller."""
-    return "%s/bundles/fetch" % prefix
+def fetch(prefix: str, device_id: str) -> str:
+    """This device's chunk requests to the controller. The broker lets only this device publish here, so the
+    controller takes the requester's id from the topic, not from the payload."""
+    return device_topic(prefix, device_id, "fetch")
 
 
 def fleet_rpc(prefix: str) -> str:

@@ -1,7 +1,7 @@
 """Windowed, resumable pull of bundle files over MQTT 5.
 
-The device publishes `ChunkRequest`s to ``{p}/bundles/fetch`` with the MQTT 5 response topic set to its
-own ``{p}/devices/{id}/chunks`` and a fresh correlation id per request. The controller answers with the
+The device publishes `ChunkRequest`s to its own ``{p}/devices/{id}/fetch`` with the MQTT 5 response topic
+set to its own ``{p}/devices/{id}/chunks`` and a fresh correlation id per request. The controller answers with the
 raw bytes; ``sha256``, ``offset``, ``length`` and ``total`` travel as user properties. At most
 ``transfer.window`` requests are outstanding. Every answer is checked against its request (hash, offset,
 length, total); a bad one is re-requested, an unsolicited one is dropped. Chunks are written in place
@@ -106,7 +106,7 @@ class Fetcher:
         self.device_id = device_id
         self.emit = emit or (lambda kind, message, data: None)
         self.chunks_topic = topics.chunks(prefix, device_id)
-        self.fetch_topic = topics.bundles_fetch(prefix)
+        self.fetch_topic = topics.fetch(prefix, device_id)
         self._inbox: queue.Queue = queue.Queue(maxsize=4 * cfg.window + 64)
         self._token = os.urandom(8)
         self._counter = 0
