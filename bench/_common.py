@@ -13,9 +13,10 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -58,6 +59,19 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "%.4g" % v
     return str(v)
+
+
+def run_clients(client: Callable[[int], None], concurrency: int, start: threading.Barrier) -> float:
+    """Run `client(k)` for k in range(concurrency) on threads that all wait on `start` (a barrier for
+    concurrency + 1 parties); the wall-clock seconds from the moment they are released until the last ends."""
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def print_table(figures: List[Dict[str, Any]], title: str = "") -> None:

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import environment, figure, parser, print_table, write_json
+from bench._common import environment, figure, parser, print_table, run_clients, write_json
 
 DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
 
@@ -80,14 +80,7 @@ def _drive(svc, x: np.ndarray, y: np.ndarray, *, concurrency: int, passes: int, 
             correct[k] += int(r.output["top"][0]["index"] == y[i])
             large[k] += int(r.route == "large")
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, concurrency, start)
     all_lat = np.concatenate([np.array(v) for v in lat])
     return {
         "rps": n / wall,
@@ -117,14 +110,7 @@ def _drive_many(svc, x: np.ndarray, y: np.ndarray, shares: List[np.ndarray], ite
             correct[k] += sum(int(r.output["top"][0]["index"] == y[i]) for r, i in zip(rs, part))
             large[k] += sum(int(r.route == "large") for r in rs)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, concurrency, start)
     n = sum(len(s) for s in shares)
     all_lat = np.concatenate([np.array(v) for v in lat])
     return {
@@ -149,14 +135,8 @@ def _latencies(svc, x: np.ndarray, idx: np.ndarray, concurrency: int) -> Tuple[L
             svc.infer_tensor(x[i], timeout_s=60)
             lat[k].append((time.perf_counter() - t0) * 1000.0)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return [v for part in lat for v in part], time.perf_counter() - t0
+    wall = run_clients(client, concurrency, start)
+    return [v for part in lat for v in part], wall
 
 
 def _shadow_pair(svc, shadowed, x: np.ndarray, *, concurrency: int, chunks: int) -> Dict[str, Any]:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "samples"))
 
 import harness  # noqa: E402  (samples/harness.py)
 
-from bench._common import environment, figure, parser, print_table, write_json  # noqa: E402
+from bench._common import environment, figure, parser, print_table, run_clients, write_json  # noqa: E402
 
 MAX_DROP_PTS = 0.5
 ENGINE_BATCH = 16
@@ -110,14 +110,7 @@ def http_drive(port: int, bodies: List[bytes], labels: np.ndarray, *, concurrenc
             large[k] += int(ans["route"] == "large")
         conn.close()
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, concurrency, start)
     n = len(bodies)
     return {"rps": n / wall, "accuracy": sum(correct) / n, "large_fraction": sum(large) / n,
             "failed": float(sum(failed))}
@@ -132,14 +125,7 @@ def inproc_drive(svc: Any, x: np.ndarray, *, concurrency: int) -> float:
         for i in range(k, len(x), concurrency):
             svc.infer_tensor(x[i], timeout_s=60)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return len(x) / (time.perf_counter() - t0)
+    return len(x) / run_clients(client, concurrency, start)
 
 
 def engine_gain(engine: Any, *, iterations: int) -> float:
