@@ -22,13 +22,14 @@ from edge_agent.mqtt.session import MqttSession
 from edge_agent.protocol.messages import BundleRef
 from fleet.config import IngestSection, RpcSection
 from fleet.device_query import fleet_summary, page_devices
-from fleet.ingest import HealthPolicy, Ingest
+from fleet.ingest import Ingest
 from fleet.leases import RolloutLeases
 from fleet.registry import Registry
 from fleet.rollouts.record import RolloutParams
 from fleet.rollouts.runner import RolloutRunner, SendCommand
 from fleet.rollouts.states import RolloutError
 from fleet.rpc import RpcServer
+from fleet.telemetry_view import HealthPolicy
 
 log = logging.getLogger(__name__)
 

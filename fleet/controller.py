@@ -90,9 +90,9 @@ class Controller:
 
     def _init_control(self, cfg: FleetConfig) -> None:
         from fleet.control_plane import ControlPlane
-        from fleet.ingest import HealthPolicy
         from fleet.registry import Registry
         from fleet.rollouts.record import RolloutParams
+        from fleet.telemetry_view import HealthPolicy
 
         r = cfg.rollouts
         # Device reports on a connection of their own (see ControlPlane).

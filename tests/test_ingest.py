@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from edge_agent.protocol.messages import BundleRef, DeployState, Event, Status, Telemetry
-from fleet.ingest import HealthPolicy, Ingest
+from fleet.ingest import Ingest
 from fleet.registry import Registry
+from fleet.telemetry_view import HealthPolicy
 
 P = "edge/v1"
 

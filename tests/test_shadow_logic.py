@@ -451,7 +451,7 @@ def test_shadow_figures_reach_prometheus_and_the_fleet_summary():
     from prometheus_client.parser import text_string_to_metric_families
 
     from edge_agent.telemetry.prometheus import render_prometheus
-    from fleet.ingest import telemetry_summary
+    from fleet.telemetry_view import telemetry_summary
 
     t = _shadow_telemetry("ab")
     fams = {f.name: f for f in text_string_to_metric_families(render_prometheus(t))}
@@ -469,7 +469,7 @@ def test_shadow_figures_reach_prometheus_and_the_fleet_summary():
 
 def test_rollout_status_shows_candidate_against_active_per_device():
     from fleet.commands.rollout import render_rollout
-    from fleet.ingest import telemetry_summary
+    from fleet.telemetry_view import telemetry_summary
 
     for mode, expect in (("shadow", ("AGREEMENT", "0.9750", "3.00", "2.50")), ("ab", ("CAND SHARE", "12.5%",
                                                                                      "0.125"))):

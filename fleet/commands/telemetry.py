@@ -21,7 +21,7 @@ from edge_agent.protocol import topics
 from edge_agent.protocol.messages import MessageError, Telemetry
 from fleet._table import age, bundle_text, percent, render_table
 from fleet.commands._connect import add_connection_args, mqtt_config, rpc_call
-from fleet.ingest import telemetry_summary
+from fleet.telemetry_view import telemetry_summary
 
 HEADERS = (
     "DEVICE",
@@ -45,7 +45,7 @@ HEADERS = (
 
 
 def summary_row(device_id: str, t: Dict[str, Any], now: float) -> List[Any]:
-    """A table row from a telemetry summary (see `fleet.ingest.telemetry_summary`)."""
+    """A table row from a telemetry summary (see `fleet.telemetry_view.telemetry_summary`)."""
     power = t.get("power_mw")
     return [
         device_id,
