@@ -315,35 +315,29 @@ class RolloutRunner(SharedRollouts):
             raise RolloutError("no rollout %s" % rollout_id)
         return r
 
-    def pause(self, rollout_id: str) -> Dict[str, Any]:
-        """Pause a running rollout."""
-        fwd = self._forward_op(rollout_id, "pause", {})
+    def _operate(self, rollout_id: str, op: str, params: Dict[str, Any],
+                 step: Callable[[Rollout], Any]) -> Dict[str, Any]:
+        """Run an operator request: forwarded to the owning controller, or `step` on the active rollout."""
+        fwd = self._forward_op(rollout_id, op, params)
         if fwd is not None:
             return fwd
         with self._lock:
             r = self._get(rollout_id)
-            self._apply(r, r.pause(self.clock()))
+            self._apply(r, step(r))
             return r.summary()
+
+    def pause(self, rollout_id: str) -> Dict[str, Any]:
+        """Pause a running rollout."""
+        return self._operate(rollout_id, "pause", {}, lambda r: r.pause(self.clock()))
 
     def resume(self, rollout_id: str) -> Dict[str, Any]:
         """Resume a paused rollout or push a stalled one onwards."""
-        fwd = self._forward_op(rollout_id, "resume", {})
-        if fwd is not None:
-            return fwd
-        with self._lock:
-            r = self._get(rollout_id)
-            self._apply(r, r.resume(self.clock()))
-            return r.summary()
+        return self._operate(rollout_id, "resume", {}, lambda r: r.resume(self.clock()))
 
     def abort(self, rollout_id: str, *, rollback: bool = True) -> Dict[str, Any]:
         """Abort a rollout (rolling back the devices that took it unless `rollback` is False)."""
-        fwd = self._forward_op(rollout_id, "abort", {"rollback": rollback})
-        if fwd is not None:
-            return fwd
-        with self._lock:
-            r = self._get(rollout_id)
-            self._apply(r, r.abort(self.clock(), rollback=rollback))
-            return r.summary()
+        return self._operate(rollout_id, "abort", {"rollback": rollback},
+                             lambda r: r.abort(self.clock(), rollback=rollback))
 
     def promote(self, rollout_id: str, *, accept: bool = True) -> Dict[str, Any]:
         """Promote (or drop) a shadow/A-B rollout's candidate on its devices."""
