@@ -163,7 +163,7 @@ class Watcher:
         self.session.subscribe("%s/devices/+/events" % prefix, self._on_event)
         self.session.subscribe("%s/devices/+/status" % prefix, self._on_status)
         self.session.start()
-        assert self.session.wait_connected(10)
+        assert self.session.wait_connected(10) and self.session.wait_subscribed(10), self.session.last_error
 
     def _on_event(self, msg) -> None:
         with self._cond:

@@ -120,10 +120,12 @@ def test_unsigned_and_replayed_commands_refused_and_nothing_changes(rig, bundles
     rig.publish_raw_command("dev1", second)
     rig.publish_raw_command("dev1", second)
     rig.publish_raw_command("dev1", first)
+    rig.publish_raw_command("dev1", first)  # a barrier: refused again, after the duplicate was handled
     w = rig.watcher
-    w.wait_for(lambda: len(w.find("dev1", "command-refused")) >= 3, 20, "three refusals")
-    time.sleep(0.5)
-    assert len(w.find("dev1", "command-refused")) == 3  # the duplicate of `second` was not refused
+    w.wait_for(lambda: len(w.find("dev1", "command-refused")) >= 4, 20, "four refusals")
+    # Commands are handled in order, so by the barrier's refusal the duplicate of `second` was handled:
+    # it was not refused (4 = unsigned, untrusted, replayed `first`, the barrier).
+    assert len(w.find("dev1", "command-refused")) == 4
     seqs = [json.loads(c)["signed"]["seq"] for c in (first, second)]
     accepted = [e["command_seq"] for e in w.find("dev1", "command-accepted") if e["command_seq"] in seqs]
     assert accepted == seqs  # each executed exactly once
@@ -140,7 +142,7 @@ def test_manifest_over_size_limit_refused_before_download(rig, bundles):
     rig.start_agent("dev1", extra="[limits]\nmax_manifest_bytes = 1024")
     requests = []
     rig.watcher.session.subscribe("edge/v1/devices/+/fetch", requests.append)
-    time.sleep(0.3)
+    assert rig.watcher.session.wait_subscribed(10, "edge/v1/devices/+/fetch")
     res = rig.push(bundles["v1"], ["dev1"], wait=TIMEOUT)
     assert res.returncode == 1
     refused = rig.watcher.find("dev1", "bundle-refused")

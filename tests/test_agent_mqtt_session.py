@@ -82,14 +82,12 @@ def test_reconnects_and_resubscribes_after_broker_restart(broker):
         assert _wait_until(lambda: not sub.connected.is_set(), 10), "the session did not notice the broker stop"
         broker.start()
         assert sub.wait_connected(10) and pub.wait_connected(10)
-        # the subscription is made again in the connect callback: publish until it is in place
-        deadline = time.monotonic() + 10
-        while not ev.is_set() and time.monotonic() < deadline:
-            d = pub.publish("t/x", b"after", qos=1, user_properties={"k": "v"}, correlation_data=b"c1",
-                            response_topic="t/reply")
-            assert d.wait(10)
-            ev.wait(0.1)
-        assert ev.is_set()
+        # the subscription is made again in the connect callback; its SUBACK says when it is in place
+        assert sub.wait_subscribed(10), sub.last_error
+        d = pub.publish("t/x", b"after", qos=1, user_properties={"k": "v"}, correlation_data=b"c1",
+                        response_topic="t/reply")
+        assert d.wait(10)
+        assert ev.wait(10)
         m = got[-1]
         assert (m.payload, m.user_properties, m.correlation_data, m.response_topic) == (
             b"after", {"k": "v"}, b"c1", "t/reply")
@@ -111,13 +109,11 @@ def test_oversize_message_never_reaches_the_client(broker):
     pub.start()
     try:
         assert small.wait_connected(10) and pub.wait_connected(10)
-        # the subscription is made in the connect callback: publish a probe until it is in place
-        assert _wait_until(lambda: pub.publish("t/big", b"probe", qos=1).wait(10) and _wait_until(
-            lambda: bool(got), 0.1), 10), "the subscription was never made"
+        assert small.wait_subscribed(10, "t/big"), small.last_error
         assert pub.publish("t/big", b"x" * (200 * 1024), qos=1).wait(10)
         assert pub.publish("t/big", b"ok", qos=1).wait(10)
         assert _wait_until(lambda: any(m.payload == b"ok" for m in got), 5)
-        assert [m.payload for m in got if m.payload != b"probe"] == [b"ok"]  # probes may still be arriving
+        assert [m.payload for m in got] == [b"ok"]
         assert small.connected.is_set() and small.stats["disconnects"] == 0
         # And the session refuses to send one over its own limit, without touching the network.
         d = small.publish("t/out", b"y" * (65 * 1024), qos=1)
@@ -125,6 +121,28 @@ def test_oversize_message_never_reaches_the_client(broker):
     finally:
         small.stop()
         pub.stop()
+
+
+@pytest.mark.mqtt
+def test_wait_subscribed_follows_each_connection_suback(broker):
+    """wait_subscribed is True only after the broker's SUBACK on the current connection: a subscription
+    added after connecting is waited for by name, and after a broker restart the wait is for the new one."""
+    sub = MqttSession(_cfg(broker), client_id="waiter")
+    sub.subscribe("t/a", lambda m: None)
+    assert not sub.wait_subscribed(0.2)  # not started: no SUBACK can have come
+    sub.start()
+    try:
+        assert sub.wait_connected(10) and sub.wait_subscribed(10)
+        sub.subscribe("t/b/#", lambda m: None)
+        assert sub.wait_subscribed(10, "t/b/#") and sub.wait_subscribed(0.0)
+        broker.stop()
+        assert _wait_until(lambda: not sub.connected.is_set(), 10)
+        assert not sub.wait_subscribed(0.0)  # the old connection's grants are gone with it
+        broker.start()
+        assert sub.wait_connected(10) and sub.wait_subscribed(10)
+        assert sub.stats["subscribe_refused"] == 0
+    finally:
+        sub.stop()
 
 
 def test_outgoing_queue_is_bounded_while_not_started(tmp_path):

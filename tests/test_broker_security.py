@@ -298,6 +298,28 @@ def test_device_cannot_steal_the_controllers_shared_subscription_turns(clients):
         _nothing_more(t, [])
 
 
+def test_refused_subscription_is_reported_by_the_session(tls_broker, pki):
+    """A filter the broker's rules refuse (SUBACK 135) is not silent in the product's session: waiting for
+    it says no, the refusal is counted and `last_error` names the filter; its own filter is granted."""
+    from edge_agent.config import MqttConfig, TlsConfig
+    from edge_agent.mqtt.session import MqttSession
+
+    tls = TlsConfig(ca_file=pki / "ca.crt", cert_file=pki / "dev-a.crt", key_file=pki / "dev-a.key")
+    dev = MqttSession(MqttConfig(host=tls_broker.host, port=tls_broker.port, tls=tls), client_id="dev-a")
+    dev.subscribe(_dev("dev-a", "commands"), lambda m: None)
+    dev.subscribe(_dev("dev-b", "commands"), lambda m: None)
+    dev.start()
+    try:
+        assert dev.wait_connected(5)
+        assert dev.wait_subscribed(5, _dev("dev-a", "commands")), dev.last_error
+        assert not dev.wait_subscribed(5, _dev("dev-b", "commands"))
+        assert not dev.wait_subscribed(0.0)
+        assert dev.stats["subscribe_refused"] == 1
+        assert _dev("dev-b", "commands") in (dev.last_error or "") and "authori" in dev.last_error.lower()
+    finally:
+        dev.stop(timeout_s=1)
+
+
 def test_operator_cannot_join_the_controllers_shared_subscriptions(clients):
     op = clients(OPERATOR)
     for flt in CONTROLLER_GROUPS:
@@ -555,7 +577,7 @@ def test_small_request_reply_is_not_delayed_by_nagle(tls_broker, pki):
     op.start()
     try:
         assert ctl.wait_connected(5) and op.wait_connected(5)
-        time.sleep(0.3)  # both subscriptions made
+        assert ctl.wait_subscribed(5) and op.wait_subscribed(5), (ctl.last_error, op.last_error)
         rtt = []
         for _ in range(30):
             got.clear()

@@ -64,6 +64,10 @@ class MqttSession:
         self._subs: List[Tuple[str, Tuple[int, bool], Handler]] = []
         self._subs_lock = threading.Lock()
         self._router = TopicRouter()
+        # SUBACKs of the current connection: filter -> granted (True) or refused (False); mids in flight.
+        self._suback_cond = threading.Condition()
+        self._subacks: Dict[str, bool] = {}
+        self._sub_mids: Dict[int, str] = {}
         self._on_connect_hooks: List[Callable[[], None]] = []
         self._pending: Dict[int, Delivery] = {}
         self._running = threading.Event()
@@ -80,6 +84,7 @@ class MqttSession:
         self.stats: Dict[str, int] = {
             "connects": 0, "disconnects": 0, "connect_failures": 0, "published": 0, "publish_failures": 0,
             "received": 0, "oversize_dropped": 0, "handler_errors": 0, "queue_full": 0,
+            "subscribe_refused": 0,
         }
         self.last_error: Optional[str] = None
 
@@ -95,7 +100,26 @@ class MqttSession:
             self._subs.append((topic_filter, how, handler))
             self._router.add(topic_filter, handler)
         if self.connected.is_set():
-            self._call_in_loop(lambda: _subscribe(self._client, topic_filter, how))
+            self._call_in_loop(lambda: self._send_subscribe(self._client, topic_filter, how))
+
+    def wait_subscribed(self, timeout_s: float, topic_filter: Optional[str] = None) -> bool:
+        """True once the broker granted `topic_filter` (default: every registered filter) on the current
+        connection, within `timeout_s`. False on timeout or when the broker refused one (``last_error``
+        says which): a publish that must reach a handler is only safe to send after this."""
+        with self._subs_lock:
+            wanted = [topic_filter] if topic_filter is not None else [f for f, _, _ in self._subs]
+        deadline = time.monotonic() + timeout_s
+        with self._suback_cond:
+            while True:
+                states = [self._subacks.get(f) for f in wanted]
+                if False in states:
+                    return False
+                if all(states):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._suback_cond.wait(left)
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run `hook` in the network thread after every successful connect (e.g. publish status)."""
@@ -174,6 +198,7 @@ class MqttSession:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         return client
 
     # ------------------------------------------------------------------------------------ the loop
@@ -356,8 +381,11 @@ class MqttSession:
         self.last_error = None
         with self._subs_lock:
             subs = list(self._subs)
+        with self._suback_cond:
+            self._subacks.clear()
+            self._sub_mids.clear()
         for topic_filter, how, _ in subs:
-            _subscribe(client, topic_filter, how)
+            self._send_subscribe(client, topic_filter, how)
         self.connected.set()
         log.info("%s connected to %s:%d as %s", self.name, self.cfg.host, self.cfg.port, self.client_id)
         for hook in self._on_connect_hooks:
@@ -373,6 +401,31 @@ class MqttSession:
             (log.warning if self._running.is_set() else log.info)(
                 "%s disconnected from %s:%d (%s)", self.name, self.cfg.host, self.cfg.port, reason_code)
         self.connected.clear()
+        with self._suback_cond:
+            self._subacks.clear()
+            self._sub_mids.clear()
+
+    def _send_subscribe(self, client, topic_filter: str, how: Tuple[int, bool]) -> None:
+        mid = _subscribe(client, topic_filter, how)
+        if mid is not None:
+            with self._suback_cond:
+                self._sub_mids[mid] = topic_filter
+
+    def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
+        with self._suback_cond:
+            topic_filter = self._sub_mids.pop(mid, None)
+            if topic_filter is None:
+                return
+            codes = list(reason_code_list or [])
+            granted = bool(codes) and not any(getattr(rc, "is_failure", False) for rc in codes)
+            self._subacks[topic_filter] = granted
+            self._suback_cond.notify_all()
+        if not granted:
+            # An ACL that forbids a filter is silent otherwise: the handler simply never runs.
+            self.stats["subscribe_refused"] += 1
+            self.last_error = "broker refused the subscription to %s: %s" % (
+                topic_filter, ", ".join(str(rc) for rc in codes) or "no reason code")
+            log.warning("%s: %s", self.name, self.last_error)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         d = self._pending.pop(mid, None)
@@ -410,14 +463,16 @@ def _tls_pending(sock) -> int:
         return 0
 
 
-def _subscribe(client, topic_filter: str, how: Tuple[int, bool]) -> None:
+def _subscribe(client, topic_filter: str, how: Tuple[int, bool]) -> Optional[int]:
+    """Send SUBSCRIBE; the message id its SUBACK will carry (None when paho could not send it)."""
     qos, retain_as_published = how
     if retain_as_published:
         from paho.mqtt.subscribeoptions import SubscribeOptions
 
-        client.subscribe(topic_filter, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+        rc, mid = client.subscribe(topic_filter, options=SubscribeOptions(qos=qos, retainAsPublished=True))
     else:
-        client.subscribe(topic_filter, qos)
+        rc, mid = client.subscribe(topic_filter, qos)
+    return mid if rc == 0 else None
 
 
 def _set_nodelay(sock) -> None:
