@@ -301,12 +301,14 @@ class Agent(AgentCommands, AgentServing):
         """Main loop until `stop_event`: systemd readiness, status and watchdog (edge_agent.watchdog).
 
         READY=1 once connected to the broker or serving a model; WATCHDOG=1 only while the worker thread's
-        heartbeat is fresh. Returns 0 after a requested stop, 1 when the worker thread died on an
-        unexpected error (so systemd's `Restart=on-failure` starts the agent again)."""
+        heartbeat is fresh and no engine call has run past `runtime.engine_hang_s`. Returns 0 after a
+        requested stop, 1 when the worker thread died on an unexpected error (so systemd's
+        `Restart=on-failure` starts the agent again)."""
         self.start()
         sn = None
         if self.notifier is not None:
-            sn = ServiceNotifier(self.notifier, self.heartbeat, describe=self.status_line, is_up=self._is_up)
+            sn = ServiceNotifier(self.notifier, self.heartbeat, describe=self.status_line, is_up=self._is_up,
+                                 engine_call_age=self._engine_call_age, engine_hang_s=self.cfg.runtime.engine_hang_s)
             sn.tick()
         tick = min(self.heartbeat.max_age_s / 2, 1.0)
         while not self.stop_event.wait(tick):
@@ -314,6 +316,12 @@ class Agent(AgentCommands, AgentServing):
                 sn.tick()
         self.shutdown()
         return 1 if self.worker_failed else 0
+
+    def _engine_call_age(self) -> float:
+        """Seconds the longest engine call in progress has run, over the serving models (0.0: none)."""
+        svc = self._service
+        age = getattr(svc, "engine_call_age_s", None)
+        return float(age()) if age is not None else 0.0
 
     def _is_up(self) -> bool:
         """READY=1 condition: connected to the broker, or serving a model while the broker is away."""

@@ -118,6 +118,9 @@ class RuntimeConfig(_Section):
     inline_when_idle: bool = Field(
         True, description="a request finding its model idle runs in the caller's thread (no hand-off); it then "
         "waits for the engine call itself, so a hung engine is not cut at request_timeout_s for that request")
+    engine_hang_s: float = Field(
+        120.0, gt=0, description="seconds one engine call may run before it counts as hung: under systemd the "
+        "watchdog pings then stop and the service is restarted (a hung driver call cannot be cut short)")
 
 
 class ApiConfig(_Section):

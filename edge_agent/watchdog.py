@@ -13,6 +13,11 @@ legitimately block longer without a beat and has its own bound (a TensorRT engin
 ``engine.build_timeout_s``) runs inside ``Heartbeat.allow(seconds, what)``, which raises the allowed
 age for its duration only.
 
+Serving is watched too: an engine call (a batch on the small or large model, of the active bundle or a
+candidate) that has run longer than ``runtime.engine_hang_s`` counts as a hung engine, and the pings
+stop the same way. A hung driver call cannot be interrupted from Python, and each request behind it
+would only get a 504 at ``request_timeout_s``: a restart is the one recovery.
+
 ``READY=1`` is sent at the first tick at which the agent is connected to the broker or serving a model
 (whichever comes first: a device with a complete active bundle serves while the broker is away).
 """
@@ -113,9 +118,12 @@ class ServiceNotifier:
     """Readiness, watchdog and status for systemd, driven by `tick()` from the main loop."""
 
     def __init__(self, notifier: Any, heartbeat: Heartbeat, *, is_up: Callable[[], bool],
-                 describe: Callable[[], str]) -> None:
+                 describe: Callable[[], str], engine_call_age: Callable[[], float] = lambda: 0.0,
+                 engine_hang_s: float = float("inf")) -> None:
         self.notifier = notifier
         self.heartbeat = heartbeat
+        self._engine_call_age = engine_call_age
+        self.engine_hang_s = engine_hang_s
         self._is_up = is_up
         self._describe = describe
         self.ready_sent = False
@@ -139,12 +147,27 @@ class ServiceNotifier:
             self._last_status = status
         if not self.watchdog_enabled:
             return
-        if self.heartbeat.fresh():
+        problem = self._problem()
+        if problem is None:
             if self._stalled:
-                logger.warning("worker thread progressing again; watchdog pings resumed")
+                logger.warning("agent progressing again; watchdog pings resumed")
                 self._stalled = False
             self.notifier.watchdog()
         elif not self._stalled:
             self._stalled = True
-            logger.error("worker thread made no progress for %.0f s (limit %.0f s): watchdog pings stopped, "
-                         "systemd will restart the agent", self.heartbeat.age_s(), self.heartbeat.limit_s())
+            logger.error("%s: watchdog pings stopped, systemd will restart the agent", problem)
+
+    def _problem(self) -> Optional[str]:
+        """Why the agent counts as hung now, or None."""
+        if not self.heartbeat.fresh():
+            return "worker thread made no progress for %.0f s (limit %.0f s)" % (
+                self.heartbeat.age_s(), self.heartbeat.limit_s())
+        try:
+            age = self._engine_call_age()
+        except Exception:  # a service being swapped out: judge again at the next tick
+            logger.debug("engine call age unavailable", exc_info=True)
+            return None
+        if age > self.engine_hang_s:
+            return "an engine call has been running for %.0f s (runtime.engine_hang_s %.0f s)" % (
+                age, self.engine_hang_s)
+        return None

@@ -13,6 +13,7 @@ import pytest
 from agent_helpers import inprocess_agent
 
 from edge_agent.agent import Agent
+from edge_agent.engines.base import Engine, TensorSpec
 from edge_agent.sdnotify import Notifier
 from edge_agent.watchdog import Heartbeat, ServiceNotifier, status_line
 
@@ -192,3 +193,102 @@ def test_status_line_names_connection_bundle_and_progress():
                        percent=None) == "connecting to the broker; no model serving; deploying digits v4 (preparing)"
     assert status_line(connected=True, serving="digits v4", deploy_state="active", deploy_bundle="digits v4",
                        percent=None) == "connected; serving digits v4"
+
+
+class _HangingEngine(Engine):
+    """An engine whose call blocks until released (a hung driver call, as the watchdog sees it)."""
+
+    backend = "hang"
+
+    def __init__(self) -> None:
+        super().__init__(inputs=[TensorSpec("x", "float32", (-1, 2))], outputs=[TensorSpec("y", "float32", (-1, 2))],
+                         max_batch=4)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def _infer_impl(self, feed):
+        self.entered.set()
+        self.release.wait(30)
+        return {"y": feed["x"]}
+
+
+def test_engine_call_past_engine_hang_s_stops_the_pings_and_they_resume_when_it_returns():
+    """A real DynamicBatcher over an engine that never returns: the main loop's ticks stop WATCHDOG=1 once
+    the call is older than runtime.engine_hang_s (the worker itself is fine), and ping again after it."""
+    import numpy as np
+
+    from edge_agent.runtime.batcher import DynamicBatcher
+
+    clock = FakeClock()
+    engine = _HangingEngine()
+    batcher = DynamicBatcher(engine, name="large", max_batch=4, max_queue_delay_ms=0, max_queue=8, clock=clock)
+    rec = Recorder()
+    sn = ServiceNotifier(rec, Heartbeat(1.0, clock=clock), is_up=lambda: True, describe=lambda: "serving",
+                         engine_call_age=batcher.engine_call_age_s, engine_hang_s=60.0)
+    try:
+        assert batcher.engine_call_age_s() == 0.0
+        ticket = batcher.submit({"x": np.zeros(2, np.float32)})
+        assert engine.entered.wait(10)
+        sn.heartbeat.beat()
+        clock.now += 59.0
+        sn.heartbeat.beat()
+        sn.tick()
+        assert rec.sent[-1] == "WATCHDOG=1" and batcher.engine_call_age_s() == 59.0
+        clock.now += 2.0
+        sn.heartbeat.beat()  # the worker thread is healthy: only the engine call is hung
+        before = len(rec.sent)
+        sn.tick()
+        sn.tick()
+        assert rec.sent[before:] == []
+        engine.release.set()
+        assert ticket.result(10).outputs["y"].shape == (2,)
+        assert batcher.engine_call_age_s() == 0.0
+        sn.tick()
+        assert rec.sent[-1] == "WATCHDOG=1"
+    finally:
+        engine.release.set()
+        batcher.close()
+
+
+def test_candidate_engine_counts_for_the_watchdog_too():
+    """With a shadow / A-B candidate serving, the age is the longest over the active service and the candidate."""
+    from edge_agent.runtime.mirror import _Delegating
+
+    class Svc:
+        def __init__(self, age):
+            self.age = age
+
+        def engine_call_age_s(self):
+            return self.age
+
+    wrapped = _Delegating()
+    wrapped.active, wrapped.candidate = Svc(0.0), Svc(75.0)
+    assert wrapped.engine_call_age_s() == 75.0
+
+
+@pytest.mark.mqtt
+def test_agent_main_loop_watches_the_serving_engines(tmp_path, broker, listener):
+    """The agent wires its serving service into the watchdog: a service reporting an engine call older than
+    runtime.engine_hang_s (120 s by default) stops the pings while the worker thread stays healthy."""
+    agent = _agent(tmp_path, broker, listener.sock.getsockname())
+
+    class StuckService:
+        def engine_call_age_s(self):
+            return 500.0
+
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        listener.wait_for(lambda m: m == "READY=1", 30)
+        listener.wait_for(lambda m: m == "WATCHDOG=1", 5)
+        agent._service = StuckService()
+        stuck_at = time.monotonic()
+        while time.monotonic() < stuck_at + 2 * WATCHDOG_SEC:
+            time.sleep(0.05)
+        late = listener.pings(stuck_at + 1.5)  # a tick in flight when the service changed may still ping
+        assert late == [], "WATCHDOG=1 kept coming with a hung engine call"
+        assert agent.heartbeat.fresh()
+    finally:
+        agent._service = None
+        agent.stop_event.set()
+        runner.join(30)

@@ -150,6 +150,7 @@ class DynamicBatcher:
         self._errors = 0
         self._total_refused = 0
         self._busy_s = 0.0
+        self._call_started: Optional[float] = None  # when the engine call in progress began (None: idle)
         self._thread = threading.Thread(target=self._run, name="batcher-%s" % name, daemon=True)
         self._thread.start()
 
@@ -215,6 +216,13 @@ class DynamicBatcher:
             % (self.name, depth, self.max_queue),
             retry_after_s=max(0.1, self.max_queue_delay_s * 4),
         )
+
+    def engine_call_age_s(self) -> float:
+        """Seconds the engine call in progress has been running (0.0 when the engine is idle). A call that
+        never returns (a hung driver) cannot be cut short from Python; the agent's watchdog check uses
+        this to stop the systemd pings so the service is restarted."""
+        started = self._call_started
+        return 0.0 if started is None else max(0.0, self._clock() - started)
 
     def queue_depth(self) -> int:
         """Items waiting (not counting the batch running now)."""
@@ -307,7 +315,11 @@ class DynamicBatcher:
                     k: np.concatenate([t.item[k][None] if t.single else t.item[k] for t in batch])
                     for k in batch[0].item
                 }
-            out = self.engine.infer(feed)
+            self._call_started = t0
+            try:
+                out = self.engine.infer(feed)
+            finally:
+                self._call_started = None
         except Exception as e:  # one bad batch must not stop the worker
             err = e if isinstance(e, EdgeAgentError) else InferenceError("%s model failed: %s" % (self.name, e))
             if not isinstance(e, EdgeAgentError):

@@ -49,6 +49,11 @@ class _Delegating:
             raise AttributeError(name)
         return getattr(self.active, name)
 
+    def engine_call_age_s(self) -> float:
+        """The longest engine call in progress, of the active service or the candidate."""
+        ages = [getattr(svc, "engine_call_age_s", lambda: 0.0)() for svc in (self.active, self.candidate)]
+        return max(ages)
+
 
 class ShadowService(_Delegating):
     """The active service plus a mirror of a fraction of its traffic to the candidate."""

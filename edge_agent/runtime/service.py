@@ -132,6 +132,10 @@ class InferenceService(BatchServing):
         """The large model's batcher."""
         return self._batchers["large"]
 
+    def engine_call_age_s(self) -> float:
+        """Seconds the longest engine call in progress has run (0.0 when both engines are idle)."""
+        return max(b.engine_call_age_s() for b in self._batchers.values())
+
     def infer_tensor(self, x: np.ndarray, timeout_s: Optional[float] = None) -> InferResult:
         """Serve one input tensor (without the batch axis, or with a batch axis of 1)."""
         t0 = time.monotonic()
