@@ -13,7 +13,9 @@ its owner every tick, and an inbox for what reaches a controller that does not o
   requests (pause, abort, … arrive at whichever controller the CLI's RPC reached) for a rollout owned
   elsewhere are written here; the owner takes them every inbox poll and writes operator results back.
 
-Lease times come from the controllers' clocks: keep them in NTP sync, well within `lease_s`.
+Lease times are the database's clock (``now()`` on PostgreSQL, the host's clock in SQLite), read in
+the statement that sets or compares them: controllers whose own clocks disagree still agree on when a
+lease expires. (The inbox's `created` and the controllers' heartbeats use the controller's clock.)
 """
 
 from __future__ import annotations
@@ -54,16 +56,18 @@ class RolloutLeases:
 
     # ------------------------------------------------------------------------------------ leases
 
-    def acquire(self, rollout_id: str) -> bool:
-        """Take the lease when it is free, expired or already ours; True when we hold it now."""
-        now = self.clock()
+    def acquire(self, rollout_id: str, *, settled_too: bool = False) -> bool:
+        """Take the lease when it is free, expired or already ours (or, with `settled_too`, settled: an
+        ended rollout's operator step); True when we hold it now."""
 
         def write(tx: Any) -> bool:
+            now = tx.dialect.now
             tx.execute(
-                "INSERT INTO rollout_leases (rollout_id, owner, expires_at, epoch) VALUES (?, ?, ?, 1) "
+                "INSERT INTO rollout_leases (rollout_id, owner, expires_at, epoch) VALUES (?, ?, %s + ?, 1) "
                 "ON CONFLICT(rollout_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at, "
-                "epoch = rollout_leases.epoch + 1 WHERE rollout_leases.owner = ? OR rollout_leases.expires_at < ?",
-                (rollout_id, self.owner, now + self.lease_s, self.owner, now),
+                "epoch = rollout_leases.epoch + 1 WHERE rollout_leases.owner = ? OR rollout_leases.expires_at < %s "
+                "OR rollout_leases.owner = ?" % (now, now),
+                (rollout_id, self.owner, self.lease_s, self.owner, SETTLED_OWNER if settled_too else self.owner),
             )
             rows = tx.fetchall("SELECT owner FROM rollout_leases WHERE rollout_id = ?", (rollout_id,))
             return bool(rows) and rows[0]["owner"] == self.owner
@@ -79,8 +83,9 @@ class RolloutLeases:
 
         def write(tx: Any) -> Set[str]:
             tx.execute(
-                "UPDATE rollout_leases SET expires_at = ? WHERE owner = ? AND rollout_id IN (%s)" % marks,
-                (self.clock() + self.lease_s, self.owner, *ids),
+                "UPDATE rollout_leases SET expires_at = %s + ? WHERE owner = ? AND rollout_id IN (%s)"
+                % (tx.dialect.now, marks),
+                (self.lease_s, self.owner, *ids),
             )
             rows = tx.fetchall(
                 "SELECT rollout_id FROM rollout_leases WHERE owner = ? AND rollout_id IN (%s)" % marks,
@@ -96,24 +101,29 @@ class RolloutLeases:
             "UPDATE rollout_leases SET owner = ?, expires_at = ? WHERE rollout_id = ? AND owner = ?",
             (SETTLED_OWNER, SETTLED, rollout_id, self.owner)))
 
+    def drop(self, rollout_id: str) -> None:
+        """Remove our lease of a rollout that was never saved (its start was refused)."""
+        self.registry.write(lambda tx: tx.execute(
+            "DELETE FROM rollout_leases WHERE rollout_id = ? AND owner = ?", (rollout_id, self.owner)))
+
     def orphans(self, states: Sequence[str]) -> List[str]:
         """Rollouts in `states` whose lease is missing or expired (their owner is gone)."""
         marks = ",".join("?" * len(states))
         rows = self.registry.read(
             "SELECT r.rollout_id FROM rollouts r LEFT JOIN rollout_leases l ON l.rollout_id = r.rollout_id "
-            "WHERE r.state IN (%s) AND (l.rollout_id IS NULL OR l.expires_at < ?) ORDER BY r.created" % marks,
-            (*states, self.clock()),
+            "WHERE r.state IN (%s) AND (l.rollout_id IS NULL OR l.expires_at < %s) ORDER BY r.created"
+            % (marks, self.registry.dialect.now),
+            states,
         )
         return [r["rollout_id"] for r in rows]
 
     def holder(self, rollout_id: str) -> Optional[str]:
         """Who holds a live lease on the rollout (None when nobody does)."""
         rows = self.registry.read(
-            "SELECT owner, expires_at FROM rollout_leases WHERE rollout_id = ?", (rollout_id,)
+            "SELECT owner FROM rollout_leases WHERE rollout_id = ? AND expires_at >= %s AND owner <> ?"
+            % self.registry.dialect.now, (rollout_id, SETTLED_OWNER)
         )
-        if not rows or rows[0]["expires_at"] < self.clock() or rows[0]["owner"] == SETTLED_OWNER:
-            return None
-        return str(rows[0]["owner"])
+        return str(rows[0]["owner"]) if rows else None
 
     # ------------------------------------------------------------------------------------- inbox
 

@@ -85,6 +85,11 @@ class Registry(RolloutTables):
         """True when other controllers may use the same database (PostgreSQL)."""
         return self.engine == "postgresql"
 
+    @property
+    def dialect(self) -> Any:
+        """How this registry's engine spells things (`fleet.registry_db.Dialect`; `.now` is its clock)."""
+        return self._db.dialect
+
     def close(self) -> None:
         """Close the database connection(s)."""
         self._db.close()

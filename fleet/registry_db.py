@@ -48,8 +48,11 @@ def redact_url(url: str) -> str:
 class Dialect:
     """How one engine spells the few things that differ."""
 
-    def __init__(self, name: str, types: Dict[str, str], placeholder: str, greatest: str, least: str) -> None:
+    def __init__(self, name: str, types: Dict[str, str], placeholder: str, greatest: str, least: str, *,
+                 now: str) -> None:
         self.name = name
+        #: The database's clock as unix seconds (a float), for lease times every controller agrees on.
+        self.now = now
         self.types = types
         self.placeholder = placeholder
         self.greatest = greatest
@@ -77,6 +80,7 @@ SQLITE = Dialect(
     "?",
     "MAX",
     "MIN",
+    now="((julianday('now') - 2440587.5) * 86400.0)",
 )
 POSTGRES = Dialect(
     "postgresql",
@@ -84,6 +88,7 @@ POSTGRES = Dialect(
     "%s",
     "GREATEST",
     "LEAST",
+    now="CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)",
 )
 
 

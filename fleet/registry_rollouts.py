@@ -8,7 +8,21 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from edge_agent.errors import EdgeAgentError
 from fleet.registry_db import Tx, dumps_json, loads_json
+
+#: `save_rollout(claims=...)`: claim every device of the rollout (its first save) or release them.
+TAKE_CLAIMS = "take"
+RELEASE_CLAIMS = "release"
+
+
+class DevicesClaimed(EdgeAgentError):
+    """Some of a new rollout's devices are claimed by another rollout (nothing was saved)."""
+
+    def __init__(self, rollout_id: str, devices: Sequence[str]) -> None:
+        self.rollout_id = rollout_id
+        self.devices = list(devices)
+        super().__init__("device(s) %s are already in rollout %s" % (", ".join(self.devices[:5]), rollout_id))
 
 
 def _write_row(db: Tx, rollout: Dict[str, Any]) -> None:
@@ -42,12 +56,16 @@ class RolloutTables:
         devices: Optional[Sequence[Dict[str, Any]]] = None,
         *,
         owner: Optional[str] = None,
+        claims: Optional[str] = None,
     ) -> None:
         """Store a rollout (a `Rollout.to_dict()`) and append `history` (ts, kind, device, message) atomically.
 
         `devices`: only these device entries are written (the ones that changed); default: the rollout's
         own ``devices`` list. `owner`: with several controllers, the lease holder this save is made for;
-        when another controller holds the lease now, nothing is written and `LeaseLost` is raised."""
+        when another controller holds the lease now, nothing is written and `LeaseLost` is raised.
+        `claims`: `TAKE_CLAIMS` claims every device of the rollout's waves in the same transaction (when
+        another rollout holds one, nothing is written and `DevicesClaimed` is raised); `RELEASE_CLAIMS`
+        frees them (the rollout will send nothing more)."""
         entries = rollout.get("devices", []) if devices is None else devices
         rid = rollout["rollout_id"]
         # The body (with the waves: every device id) is rewritten only when more than `updated` changed
@@ -59,6 +77,10 @@ class RolloutTables:
         def write(db: Tx) -> None:
             if owner is not None:
                 _check_lease(db, rid, owner)
+            if claims == TAKE_CLAIMS:
+                _take_claims(db, rid, [d for w in rollout["waves"] for d in w], rollout["created"])
+            elif claims == RELEASE_CLAIMS:
+                db.execute("DELETE FROM rollout_claims WHERE rollout_id = ?", (rid,))
             if unchanged:
                 db.execute("UPDATE rollouts SET updated = ? WHERE rollout_id = ?", (rollout["updated"], rid))
             else:
@@ -160,6 +182,38 @@ class RolloutTables:
             (device_id, int(limit)),
         )
         return [dict(r) for r in rows]
+
+
+def _take_claims(db: Tx, rollout_id: str, devices: Sequence[str], now: float) -> None:
+    """Claim `devices` for the rollout, or raise `DevicesClaimed` (rolling the transaction back).
+
+    The device id is the claims table's primary key: of two transactions claiming one device at once,
+    PostgreSQL makes the second wait for the first and then skip the row (SQLite runs one writer at a
+    time), so exactly one rollout gets each device."""
+    wanted = sorted(set(devices))  # one lock order for every transaction: no deadlock between two
+    db.executemany(
+        "INSERT INTO rollout_claims (device_id, rollout_id, claimed_at) VALUES (?, ?, ?) "
+        "ON CONFLICT(device_id) DO NOTHING",
+        [(d, rollout_id, now) for d in wanted],
+    )
+    got = db.fetchall("SELECT COUNT(*) AS n FROM rollout_claims WHERE rollout_id = ?", (rollout_id,))[0]["n"]
+    if int(got) == len(wanted):
+        return
+    held: Dict[str, List[str]] = {}
+    for i in range(0, len(wanted), 500):
+        part = wanted[i:i + 500]
+        rows = db.fetchall(
+            "SELECT device_id, rollout_id FROM rollout_claims WHERE rollout_id <> ? AND device_id IN (%s)"
+            % ",".join("?" * len(part)), (rollout_id, *part))
+        for r in rows:
+            held.setdefault(r["rollout_id"], []).append(r["device_id"])
+    other = sorted(held)[0] if held else "(unknown)"
+    raise DevicesClaimed(other, sorted(held.get(other, [])))
+
+
+def release_claims(registry: Any, rollout_id: str) -> None:
+    """Free the devices of a rollout that will send nothing more (see `save_rollout(claims=...)`)."""
+    registry.write(lambda db: db.execute("DELETE FROM rollout_claims WHERE rollout_id = ?", (rollout_id,)))
 
 
 def _check_lease(db: Tx, rollout_id: str, owner: str) -> None:

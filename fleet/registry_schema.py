@@ -13,6 +13,9 @@ Tables:
   ``bundle_chunks`` (the shared bundle store).
 * (3) ``controllers``: the controllers sharing the registry, their last heartbeat and counters.
 * (4) ``fetch_entitlements``: which device may fetch which bundle (a deploy command was sent to it).
+* (5) per-device telemetry accounting columns of ``devices``.
+* (6) ``rollout_claims``: which rollout may command each device (one row per device, so two rollouts
+  started at once on two controllers cannot both take a device).
 
 The registry itself (`fleet.registry`) applies the missing migrations when it opens a database.
 """
@@ -161,6 +164,25 @@ MIGRATIONS: Tuple[str, ...] = (
     ALTER TABLE devices ADD COLUMN tel_seq_max {bigint};
     ALTER TABLE devices ADD COLUMN tel_received {bigint};
     ALTER TABLE devices ADD COLUMN tel_lost_prior {bigint} NOT NULL DEFAULT 0;
+    """,
+    # 6: the rollout that may command each device. Written in the transaction that creates the rollout
+    # (the device's primary key refuses a second rollout, whichever controller starts it), removed when
+    # the rollout can send nothing more. Rollouts running when this migration is applied take theirs.
+    """
+    CREATE TABLE rollout_claims (
+        device_id  TEXT PRIMARY KEY,
+        rollout_id TEXT NOT NULL,
+        claimed_at {float} NOT NULL
+    );
+    CREATE INDEX rollout_claims_rollout ON rollout_claims(rollout_id);
+    INSERT INTO rollout_claims (device_id, rollout_id, claimed_at)
+        SELECT d.device_id, d.rollout_id, r.created FROM rollout_devices d
+        JOIN rollouts r ON r.rollout_id = d.rollout_id
+        WHERE r.state IN ('running', 'paused', 'stalled') OR (r.state IN ('halted', 'aborted')
+            AND EXISTS (SELECT 1 FROM rollout_devices o WHERE o.rollout_id = r.rollout_id
+                        AND o.state = 'rollback-sent'))
+        ORDER BY r.created DESC
+        ON CONFLICT (device_id) DO NOTHING;
     """,
 )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 from bundle_helpers import FILES, body_dict, good_members, signed_bytes, write_tar
@@ -100,20 +101,26 @@ def _rollout_body(rid="r1"):
             "created": 1.0, "updated": 1.0, "reason": "", "waves": [["a"]], "devices": []}
 
 
+def _age_leases(reg, seconds):
+    """Time passes for every lease (on the database's clock, which is what leases compare)."""
+    reg.write(lambda tx: tx.execute("UPDATE rollout_leases SET expires_at = expires_at - ?", (seconds,)))
+
+
 def test_leases_renew_expire_and_fence_the_old_owner(target):
     reg = Registry(target)
-    now = {"t": 100.0}
-    a = RolloutLeases(reg, "ctl-a", lease_s=10, clock=lambda: now["t"])
-    b = RolloutLeases(reg, "ctl-b", lease_s=10, clock=lambda: now["t"])
+    # Controller clocks are not used for leases: b's clock an hour ahead does not let it steal a's lease.
+    a = RolloutLeases(reg, "ctl-a", lease_s=10)
+    b = RolloutLeases(reg, "ctl-b", lease_s=10, clock=lambda: time.time() + 3600)
     reg.save_rollout(_rollout_body())
     assert b.orphans(["running"]) == ["r1"]
     assert a.acquire("r1") and not b.acquire("r1")
     assert b.orphans(["running"]) == [] and b.holder("r1") == "ctl-a"
-    now["t"] = 105.0
-    assert a.renew(["r1"]) == {"r1"}
-    now["t"] = 114.0
-    assert not b.acquire("r1")  # renewed at 105: still a's until 115
-    now["t"] = 116.0
+    _age_leases(reg, 5)
+    assert a.renew(["r1"]) == {"r1"}  # back to 10 s left
+    _age_leases(reg, 9)
+    assert not b.acquire("r1") and b.holder("r1") == "ctl-a"  # renewed: 1 s left
+    _age_leases(reg, 2)
+    assert b.holder("r1") is None
     assert b.orphans(["running"]) == ["r1"] and b.acquire("r1")
     # The old owner comes back: it cannot renew, and its saves are refused (no command follows them).
     assert a.renew(["r1"]) == set()
@@ -122,8 +129,19 @@ def test_leases_renew_expire_and_fence_the_old_owner(target):
     reg.save_rollout(_rollout_body(), [(116.0, "y", None, "new owner")], owner="ctl-b")
     assert [h["kind"] for h in reg.rollout_history("r1")] == ["y"]
     b.settle("r1")
-    now["t"] = 1e9
+    _age_leases(reg, 1e9)
     assert a.orphans(["running"]) == [] and a.holder("r1") is None
+    # An ended rollout's lease is taken for one operator step only when asked for (settled_too).
+    assert not a.acquire("r1") and a.acquire("r1", settled_too=True) and a.holder("r1") == "ctl-a"
+    reg.close()
+
+
+def test_lease_times_are_the_database_clock(target):
+    reg = Registry(target)
+    a = RolloutLeases(reg, "ctl-a", lease_s=10, clock=lambda: 0.0)  # a controller clock far in the past
+    assert a.acquire("r1")
+    expires = reg.read("SELECT expires_at FROM rollout_leases")[0]["expires_at"]
+    assert abs(expires - (time.time() + 10)) < 5  # the database's now() + lease_s, not the controller's
     reg.close()
 
 

@@ -36,6 +36,7 @@ from edge_agent.protocol.messages import (
 )
 from fleet.leases import LeaseLost, RolloutLeases
 from fleet.registry import Registry
+from fleet.registry_rollouts import RELEASE_CLAIMS, TAKE_CLAIMS, DevicesClaimed, release_claims
 from fleet.rollouts.actions import Action, Note
 from fleet.rollouts.classify import classify_event, classify_status
 from fleet.rollouts.commands import command_for
@@ -45,6 +46,7 @@ from fleet.rollouts.sharing import OWNED_STATES, SharedRollouts
 from fleet.rollouts.states import (
     D_ROLLBACK_SENT,
     DEFAULT_WAVES,
+    SUCCEEDED,
     RolloutError,
 )
 from fleet.rollouts.waves import check_explicit_waves, resolve_waves
@@ -162,7 +164,9 @@ class RolloutRunner(SharedRollouts):
         if body is None:
             return False
         r = Rollout.from_dict(body)
-        if r.final and not any(e.state == D_ROLLBACK_SENT for e in r.devices.values()):
+        if r.final and not rollbacks_outstanding(r):
+            if not holds_devices(r):
+                release_claims(self.registry, rollout_id)  # (normally released by its final save)
             if self.leases is not None:
                 self.leases.settle(rollout_id)
             return False  # ended, nothing outstanding
@@ -215,15 +219,6 @@ class RolloutRunner(SharedRollouts):
         except TypeError as e:
             raise RolloutError("bad rollout parameter: %s" % e)
         with self._lock:
-            busy = {d: r.rollout_id for r in self._active.values() if not r.final for d in r.devices}
-            if self.leases is not None:
-                busy.update(self._busy_elsewhere())
-            clash = sorted(d for w in waves for d in w if d in busy)
-            if clash:
-                raise RolloutError(
-                    "device(s) %s are already in rollout %s; pause or abort it first"
-                    % (", ".join(clash[:5]), busy[clash[0]])
-                )
             r = Rollout.create(
                 rollout_id=new_rollout_id(now),
                 bundle=bref,
@@ -239,7 +234,15 @@ class RolloutRunner(SharedRollouts):
             if self.leases is not None and not self.leases.acquire(r.rollout_id):
                 raise RolloutError("rollout %s: could not take its lease" % r.rollout_id)
             self._active[r.rollout_id] = r
-            self._apply(r, r.start(now))
+            try:
+                # Its devices are claimed in the transaction that first saves it (before any command).
+                self._apply(r, r.start(now), claims=TAKE_CLAIMS)
+            except DevicesClaimed as e:
+                self._active.pop(r.rollout_id, None)
+                if self.leases is not None:
+                    self.leases.drop(r.rollout_id)
+                raise RolloutError("device(s) %s are already in rollout %s; wait for it to end or abort it first"
+                                   % (", ".join(e.devices[:5]), e.rollout_id))
             return r.summary()
 
     # ------------------------------------------------------------------------------------- inputs
@@ -323,7 +326,8 @@ class RolloutRunner(SharedRollouts):
             return fwd
         with self._lock:
             r = self._get(rollout_id)
-            self._apply(r, step(r))
+            if not self._apply(r, step(r)):
+                raise _moved(rollout_id)
             return r.summary()
 
     def pause(self, rollout_id: str) -> Dict[str, Any]:
@@ -340,18 +344,31 @@ class RolloutRunner(SharedRollouts):
                              lambda r: r.abort(self.clock(), rollback=rollback))
 
     def promote(self, rollout_id: str, *, accept: bool = True) -> Dict[str, Any]:
-        """Promote (or drop) a shadow/A-B rollout's candidate on its devices."""
+        """Promote (or drop) a shadow/A-B rollout's candidate on its devices (also once it ended: an A/B
+        rollout that succeeded keeps its devices until this is done)."""
         fwd = self._forward_op(rollout_id, "promote", {"accept": accept})
         if fwd is not None:
             return fwd
         with self._lock:
             r = self._active.get(rollout_id)
+            borrowed = False
             if r is None:
                 body = self.registry.load_rollout(rollout_id)
                 if body is None:
                     raise RolloutError("no rollout %s" % rollout_id)
                 r = Rollout.from_dict(body)
-            self._apply(r, r.promote(self.clock(), accept=accept))
+                if self.leases is not None:
+                    # Ended: its lease is settled; take it for this one step (fenced like any other).
+                    if not self.leases.acquire(rollout_id, settled_too=True):
+                        raise _moved(rollout_id)
+                    borrowed = True
+            acts = r.promote(self.clock(), accept=accept)
+            done = r.final and not rollbacks_outstanding(r)
+            saved = self._apply(r, acts, claims=RELEASE_CLAIMS if done else None)
+            if borrowed and saved and self.leases is not None:
+                self.leases.settle(rollout_id)
+            if not saved:
+                raise _moved(rollout_id)
             return r.summary()
 
     def rollback_devices(
@@ -411,8 +428,11 @@ class RolloutRunner(SharedRollouts):
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _apply(self, r: Rollout, acts: List[Action]) -> None:
-        """Persist the rollout with its history, then send the commands the actions ask for."""
+    def _apply(self, r: Rollout, acts: List[Action], *, claims: Optional[str] = None) -> bool:
+        """Persist the rollout with its history, then send the commands the actions ask for. False when
+        another controller took the rollout over (nothing was saved or sent). `claims`: TAKE_CLAIMS on
+        the first save (DevicesClaimed when another rollout holds a device); released here once the
+        rollout can send nothing more."""
         now = self.clock()
         history = []
         for a in acts:
@@ -423,12 +443,14 @@ class RolloutRunner(SharedRollouts):
                 )
         dirty = r.take_dirty()
         if not acts and not dirty:
-            return  # e.g. a progress detail: nothing a restart would need
+            return True  # e.g. a progress detail: nothing a restart would need
+        if claims is None and not holds_devices(r):
+            claims = RELEASE_CLAIMS
         try:
-            self.registry.save_rollout(r.row_dict(), history, devices=dirty, owner=self._owner())
+            self.registry.save_rollout(r.row_dict(), history, devices=dirty, owner=self._owner(), claims=claims)
         except LeaseLost as e:
             self._lost(r.rollout_id, e)  # another controller drives it now; send nothing
-            return
+            return False
         for a in acts:
             if isinstance(a, Note):
                 continue
@@ -437,14 +459,29 @@ class RolloutRunner(SharedRollouts):
                 self._outbox.put(item)
             else:
                 self._send(*item)
-        if (
-            r.final
-            and r.rollout_id in self._active
-            and not any(e.state == D_ROLLBACK_SENT for e in r.devices.values())
-        ):
+        if r.final and r.rollout_id in self._active and not rollbacks_outstanding(r):
             # Keep a stopped rollout in memory while rollbacks are outstanding, so their results
             # (and late activations) are still tracked; otherwise it lives on in the registry only.
             del self._active[r.rollout_id]
             if self.leases is not None:
                 self.leases.settle(r.rollout_id)
+        return True
 
+
+def _moved(rollout_id: str) -> RolloutError:
+    return RolloutError("rollout %s was taken over by another controller while this request ran; nothing was "
+                        "done here, try again" % rollout_id)
+
+
+def rollbacks_outstanding(r: Rollout) -> bool:
+    """True while some device of the rollout has been sent a rollback it has not confirmed."""
+    return any(e.state == D_ROLLBACK_SENT for e in r.devices.values())
+
+
+def holds_devices(r: Rollout) -> bool:
+    """True while the rollout may still command its devices (so they stay claimed): until it ends and
+    its rollbacks are confirmed, and an A/B rollout that succeeded until the operator promotes or drops
+    its candidate."""
+    if not r.final or rollbacks_outstanding(r):
+        return True
+    return r.mode == "ab" and r.state == SUCCEEDED

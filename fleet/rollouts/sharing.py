@@ -38,14 +38,6 @@ class SharedRollouts:
                                      deploy_state=deploy.get("state"), deploy_bundle=deploy.get("bundle"),
                                      deploy_rollout_id=deploy.get("rollout_id"), detail=deploy.get("detail"))
 
-    def _busy_elsewhere(self) -> Dict[str, str]:
-        """Devices in an active rollout of any controller (the shared registry's view)."""
-        marks = ",".join("?" * len(ACTIVE_STATES))
-        rows = self.registry.read(
-            "SELECT d.device_id, d.rollout_id FROM rollout_devices d JOIN rollouts r ON r.rollout_id = d.rollout_id "
-            "WHERE r.state IN (%s)" % marks, ACTIVE_STATES)
-        return {row["device_id"]: row["rollout_id"] for row in rows}
-
     def _forward_event(self, event: Event, mine: Set[str]) -> None:
         """Shared subscriptions gave us an event of a device in a rollout another controller owns:
         leave it in that rollout's inbox."""
