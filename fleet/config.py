@@ -60,6 +60,8 @@ class RolloutSection(_Section):
     device_timeout_s: float = Field(1800.0, gt=0, description="time to pass self-test and probation")
     unhealthy_error_rate: float = Field(0.05, ge=0, le=1, description="telemetry error rate shown as unhealthy")
     tick_interval_s: float = Field(1.0, gt=0, le=60, description="how often rollout timeouts are checked")
+    resend_grace_s: float = Field(15.0, ge=0, le=3600, description="after a restart or takeover: wait for a "
+                                  "device to show it got its last command, then send it again")
     telemetry_flush_s: float = Field(5.0, gt=0, le=3600, description="telemetry summaries to the registry")
     ingest_backlog: int = Field(20000, ge=100, description="telemetry messages waiting to be parsed; more dropped")
 

@@ -51,6 +51,7 @@ class ControlPlane:
         default_waves: Optional[List[float]] = None,
         health: Optional[HealthPolicy] = None,
         tick_interval_s: float = 1.0,
+        resend_grace_s: float = 15.0,
         telemetry_flush_s: float = 5.0,
         ingest_backlog: int = 20000,
         history_interval_s: float = 300.0,
@@ -72,7 +73,8 @@ class ControlPlane:
         self.registry = registry
         self.resolve_bundle = resolve_bundle
         self.runner = RolloutRunner(registry, send_command, defaults=defaults, default_waves=default_waves,
-                                    leases=leases, forward_timeout_s=forward_timeout_s)
+                                    leases=leases, forward_timeout_s=forward_timeout_s,
+                                    resend_grace_s=resend_grace_s)
         self.inbox_poll_s = inbox_poll_s
         self.ingest = Ingest(
             registry,
