@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -88,6 +88,7 @@ class IngestSection(_Section):
     device_reports_per_s: float = Field(20.0, gt=0, description="reports per second per device, all channels")
     device_report_burst: int = Field(200, ge=1, description="reports a device may send at once")
     backlog_bytes: int = Field(32 * MIB, ge=1 * MIB, description="bytes of reports waiting to be parsed")
+    receiver: Literal["native", "paho"] = Field("native", description="the reports connection's MQTT client")
 
 
 class RpcSection(_Section):

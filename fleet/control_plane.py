@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from edge_agent.mqtt.packets import Inbound
 from edge_agent.mqtt.session import MqttSession
@@ -23,6 +23,7 @@ from edge_agent.protocol.messages import BundleRef
 from fleet.config import IngestSection, RpcSection
 from fleet.device_query import fleet_summary, page_devices
 from fleet.ingest import Ingest
+from fleet.ingest_link import IngestLink
 from fleet.leases import RolloutLeases
 from fleet.registry import Registry
 from fleet.rollouts.record import RolloutParams
@@ -62,7 +63,7 @@ class ControlPlane:
         forward_timeout_s: float = 5.0,
         ingest_limits: Optional[IngestSection] = None,
         rpc_limits: Optional[RpcSection] = None,
-        ingest_session: Optional[MqttSession] = None,
+        ingest_session: Union[MqttSession, IngestLink, None] = None,
     ) -> None:
         il = ingest_limits or IngestSection()
         self.session = session
@@ -109,8 +110,15 @@ class ControlPlane:
         self.runner.start_sender()
         self.runner.resume_from_registry()
         self.ingest.start()
-        for f in self.ingest.subscriptions(self.share_group):
-            self.ingest_session.subscribe(f, self._on_device_message, qos=1)
+        if isinstance(self.ingest_session, IngestLink):
+            # The controller's own receiver: each read's reports handed over as one batch.
+            self.ingest_session.on_batch = self.ingest.submit_batch
+            self.ingest.link_stats = self.ingest_session.stats
+            for f in self.ingest.subscriptions(self.share_group):
+                self.ingest_session.subscribe(f, qos=1)
+        else:
+            for f in self.ingest.subscriptions(self.share_group):
+                self.ingest_session.subscribe(f, self._on_device_message, qos=1)
         self.rpc.start()
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick_loop, name="fleet-ticker", daemon=True)

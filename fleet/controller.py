@@ -64,7 +64,7 @@ class Controller:
         self.client_id = client_id or cfg.controller.client_id
         self.session = MqttSession(cfg.mqtt, client_id=self.client_id, outgoing_queue=8192,
                                    name="controller", max_inbound_bytes=max_inbound_bytes(cfg))
-        self.ingest_session: Optional[MqttSession] = None
+        self.ingest_session: Any = None
         # Who may fetch what: in the shared registry when there is one, else next to the store.
         self.entitlements: Any = (RegistryEntitlements(self.registry) if self.registry is not None
                                   else Entitlements(state / "entitlements.sqlite"))
@@ -97,7 +97,14 @@ class Controller:
         r = cfg.rollouts
         # Device reports on a connection of their own (see ControlPlane).
         # (Ingest drops reports over ingest.max_report_bytes itself, and counts them.)
-        self.ingest_session = MqttSession(cfg.mqtt, client_id=self.client_id[:56] + "-ingest", name="controller-ingest")
+        ingest_id = self.client_id[:56] + "-ingest"
+        if cfg.ingest.receiver == "native":
+            from fleet.ingest_link import IngestLink
+
+            self.ingest_session: Any = IngestLink(cfg.mqtt, client_id=ingest_id,
+                                                  max_packet_bytes=cfg.ingest.max_report_bytes + 1024)
+        else:
+            self.ingest_session = MqttSession(cfg.mqtt, client_id=ingest_id, name="controller-ingest")
         if self.registry is None:
             self.registry = Registry(r.registry_file or cfg.controller.state_dir / "registry.sqlite")
         self.control = ControlPlane(
@@ -201,8 +208,9 @@ class Controller:
         for s in self.sessions():
             s.start()
 
-    def sessions(self) -> List[MqttSession]:
-        """Every MQTT connection of this controller (main, then fetch and reports when it has them)."""
+    def sessions(self) -> List[Any]:
+        """Every MQTT connection of this controller (main, then fetch and reports when it has them: an
+        `MqttSession`, or the report receiver `fleet.ingest_link.IngestLink`)."""
         return [s for s in (self.session, self.fetch_session, self.ingest_session) if s is not None]
 
     def wait_connected(self, timeout_s: float) -> bool:

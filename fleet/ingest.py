@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -45,6 +46,10 @@ from fleet.telemetry_view import HealthPolicy, health_of, parse_telemetry, telem
 log = logging.getLogger(__name__)
 
 CHANNELS = ("status", "telemetry", "events")
+# A device id in a topic, as edge_agent.protocol.topics.parse_device_topic checks it.
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Devices whose shed telemetry is noted one by one (beyond: counted in the totals only).
+MAX_SHED_DEVICES = 200000
 
 
 def _merge_run(acct: Dict[str, List[Any]], device_id: str, run: List[Any]) -> None:
@@ -116,12 +121,19 @@ class Ingest:
         self._bytes_in = 0
         self._bytes_out = 0
         self._rate = KeyedRate(device_rate_per_s, device_burst)
+        # Telemetry shed here per device (network thread only), so the registry's count of telemetry lost
+        # before any controller does not include what this controller received and shed (counted apart).
+        self._shed_dev: Dict[str, int] = {}
+        self._shed_flushed: Dict[str, int] = {}
+        self._dev_head = prefix + "/devices/"
         self._q_telemetry: collections.deque = collections.deque()
         self.dropped: Dict[str, int] = {c: 0 for c in CHANNELS}
         self._stop = threading.Event()
         self._worker: Optional[threading.Thread] = None
         self._busy = False
         self._idle = False
+        #: The report connection's counters (`fleet.ingest_link.IngestLink.stats`), when it has its own.
+        self.link_stats: Optional[Dict[str, int]] = None
         #: Largest batch the worker takes from a queue at once.
         self.batch = 256
 
@@ -153,19 +165,23 @@ class Ingest:
         are checked first, before anything is parsed."""
         if len(payload) > self.max_payload_bytes:
             self.oversize += 1
+            self._shed(topic)
             return
         # One budget per device for all its channels (the topic names the device; the broker lets a
         # device publish only under its own id).
         if not self._rate.allow(topic.rsplit("/", 1)[0]):
             self.rate_limited += 1
+            self._shed(topic)
             return
         channel = "telemetry" if topic.endswith("/telemetry") else "events" if topic.endswith("/events") else "status"
         if self._bytes_in - self._bytes_out + len(payload) > self.max_backlog_bytes:
             self.dropped[channel] += 1
+            self._shed(topic)
             return
         if channel == "telemetry":
             if len(self._q_telemetry) >= self.max_backlog:
                 self.dropped["telemetry"] += 1
+                self._shed(topic)
                 return
             self._q_telemetry.append((topic, payload))
         else:
@@ -178,6 +194,31 @@ class Ingest:
         if self._idle:
             with self._cv:
                 self._cv.notify()
+
+    def submit_batch(self, items: List[Tuple[str, bytes]]) -> None:
+        """`submit` each (topic, payload) of one read of the report connection (`fleet.ingest_link`)."""
+        submit = self.submit
+        for topic, payload in items:
+            submit(topic, payload)
+
+    def _shed(self, topic: str) -> None:
+        """Note a shed telemetry message against its device (when the topic names one)."""
+        if topic.endswith("/telemetry") and topic.startswith(self._dev_head):
+            device_id = topic[len(self._dev_head):-10]
+            shed = self._shed_dev
+            if device_id in shed or len(shed) < MAX_SHED_DEVICES:
+                shed[device_id] = shed.get(device_id, 0) + 1
+
+    def _shed_since_flush(self, acct: Dict[str, List[Any]]) -> None:
+        """Add each device's telemetry shed here since the last flush to its run's message count, so the
+        registry counts as lost upstream only what reached no controller (devices without a run in
+        `acct` keep theirs for a later flush)."""
+        for device_id, n in list(self._shed_dev.items()):
+            a = acct.get(device_id)
+            done = self._shed_flushed.get(device_id, 0)
+            if a is not None and n > done:
+                a[3] += n - done
+                self._shed_flushed[device_id] = n
 
     def drain(self, timeout_s: float = 5.0) -> bool:
         """Wait until everything submitted so far was processed; False on timeout."""
@@ -221,8 +262,7 @@ class Ingest:
                 self.handle(*item)
             return
         latest: Dict[str, Telemetry] = {}
-        for topic, payload in items:
-            self.handle(topic, payload, into=latest)
+        self._telemetry_batch(items, latest)
         if latest:
             acct, self._batch_acct = self._batch_acct, {}
             with self._lock:
@@ -231,6 +271,46 @@ class Ingest:
                     _merge_run(self._acct, d, a)
 
     # ---------------------------------------------------------------------------------- handling
+
+    def _telemetry_batch(self, items: List[Tuple[str, bytes]], latest: Dict[str, Any]) -> None:
+        """`handle` for a batch of telemetry, with the per-message work kept to the parse and the run
+        accounting (the same checks and counters; anything unusual goes through `handle`)."""
+        head, cut = self._dev_head, len(self._dev_head)
+        acct, max_bytes, valid_id = self._batch_acct, self.max_telemetry_bytes, _DEVICE_ID.match
+        taken = 0
+        for topic, payload in items:
+            device_id = topic[cut:-10]
+            if not (topic.startswith(head) and topic.endswith("/telemetry")) or "/" in device_id \
+                    or not valid_id(device_id):
+                self.handle(topic, payload, into=latest)
+                continue
+            taken += 1
+            try:
+                t = parse_telemetry(payload, max_bytes=max_bytes)
+                if t.device_id != device_id:
+                    self._check_sender(device_id, t.device_id, "telemetry")
+            except MessageError as e:
+                self._bad("telemetry", "telemetry from %s: %s" % (device_id, e))
+                continue
+            except Exception as e:  # one message's failure must not end the worker
+                self.listener_errors += 1
+                self.last_error = "telemetry from %s: %s" % (device_id, e)
+                log.exception("handling telemetry from %s failed", device_id)
+                continue
+            latest[device_id] = t
+            seq, boot = t.seq, t.ts - t.uptime_s
+            a = acct.get(device_id)
+            if a is None or boot > a[0] + BOOT_SLACK_S:
+                acct[device_id] = [boot, seq, seq, 1]
+            elif boot >= a[0] - BOOT_SLACK_S:
+                if seq < a[1]:
+                    a[1] = seq
+                elif seq > a[2]:
+                    a[2] = seq
+                a[3] += 1
+        if taken:
+            self.received["telemetry"] += taken
+            self.last_message_at = time.time()
 
     def subscriptions(self, share_group: Optional[str] = "fleet") -> Tuple[str, ...]:
         """Topic filters to subscribe. Telemetry and events go through MQTT 5 shared subscriptions when
@@ -328,6 +408,7 @@ class Ingest:
             acct, self._acct = self._acct, {}
         if not batch:
             return 0
+        self._shed_since_flush(acct)
         try:
             rows = [(d, t.ts, telemetry_summary(t), health_of(t, self.health), acct.get(d)) for d, t in batch.items()]
             n = self.registry.record_telemetry(rows, now=self.clock())
@@ -375,7 +456,9 @@ class Ingest:
             "pending_telemetry": len(self._pending),
             "queued": len(self._q_control) + len(self._q_telemetry),
             "dropped": dict(self.dropped),
-            "oversize": self.oversize,
+            # Dropped for their size: here, and unread by the report connection (`link`).
+            "oversize": self.oversize + int((self.link_stats or {}).get("oversize_dropped", 0)),
+            "link": dict(self.link_stats) if self.link_stats is not None else None,
             "rate_limited": self.rate_limited,
             "queued_bytes": self._bytes_in - self._bytes_out,
             "last_message_at": self.last_message_at,

@@ -11,6 +11,13 @@ from pydantic import ValidationError
 
 from edge_agent.protocol.messages import MessageError, Telemetry
 
+try:
+    from fleet.telemetry_fast import fast_telemetry
+except ImportError:  # msgspec missing (an install from an older lock): pydantic decides every message
+    def fast_telemetry(payload: bytes) -> Any:  # type: ignore[misc]
+        """No shortcut without msgspec."""
+        return None
+
 
 @dataclass(frozen=True)
 class HealthPolicy:
@@ -77,27 +84,37 @@ def shadow_summary(t: Telemetry) -> Optional[Dict[str, Any]]:
 MAX_TELEMETRY_SEQ = (1 << 62) - 1
 
 
-def parse_telemetry(payload: bytes, *, max_bytes: int) -> Telemetry:
+def parse_telemetry(payload: bytes, *, max_bytes: int) -> Any:
     """Validate a telemetry payload in one pass (pydantic-core's JSON parser), bounded first.
 
     Refused (MessageError): over `max_bytes`; a NaN/Infinity token (strict JSON has none; checked on
     the bytes, so a string holding them is refused too, which no telemetry field needs); invalid JSON;
     nesting deeper than pydantic-core's limit or an integer over its 4,300 digits (parsed in linear
     time there); a `seq` over `MAX_TELEMETRY_SEQ` (the registry keeps it in a 64-bit column); anything
-    the `Telemetry` model refuses. Other large integers stay inside the JSON summary."""
+    the `Telemetry` model refuses. Other large integers stay inside the JSON summary.
+
+    The msgspec mirror (`fleet.telemetry_fast`) tries first; what it does not accept, the pydantic
+    model decides. The result is a `FastTelemetry` or a `Telemetry`: the same attributes and values."""
     if len(payload) > max_bytes:
         raise MessageError("Telemetry payload is %d bytes, over the %d allowed" % (len(payload), max_bytes))
     if b"NaN" in payload or b"Infinity" in payload:
         raise MessageError("Telemetry payload holds a NaN or Infinity number")
+    t: Any = fast_telemetry(payload)
+    if t is None:
+        t = _pydantic_telemetry(payload)
+    if t.seq > MAX_TELEMETRY_SEQ:
+        raise MessageError("Telemetry: seq %.20s… is over the %d allowed" % (t.seq, MAX_TELEMETRY_SEQ))
+    return t
+
+
+def _pydantic_telemetry(payload: bytes) -> Telemetry:
+    """The `Telemetry` model's own verdict (and its one-line reason)."""
     try:
-        t = Telemetry.model_validate_json(payload)
+        return Telemetry.model_validate_json(payload)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise MessageError("Telemetry: %s: %s" % (loc, first["msg"]))
-    if t.seq > MAX_TELEMETRY_SEQ:
-        raise MessageError("Telemetry: seq %.20s… is over the %d allowed" % (t.seq, MAX_TELEMETRY_SEQ))
-    return t
 
 
 def health_of(t: Telemetry, policy: HealthPolicy) -> str:

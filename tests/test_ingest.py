@@ -152,3 +152,31 @@ def test_telemetry_that_reached_no_controller_is_counted_from_sequence_gaps(tmp_
     ing.handle(P + "/devices/a/telemetry", telemetry("a", seq=10))
     ing.flush()
     assert reg.telemetry_loss() == {"received": 6, "lost": 4}
+
+
+def test_telemetry_shed_here_is_not_counted_as_lost_upstream(tmp_path):
+    """Rate-limited or backlog-dropped telemetry reached this controller: it is counted as shed
+    (`rate_limited`, `dropped`), and the registry's upstream loss counts only what reached no controller."""
+    from fleet.ratelimit import KeyedRate
+
+    reg = Registry(tmp_path / "r.sqlite")
+    now = {"t": 0.0}
+    ing = Ingest(reg, prefix=P, max_backlog=3)
+    ing._rate = KeyedRate(1.0, 5, clock=lambda: now["t"])
+    topic = P + "/devices/a/telemetry"
+    for seq in range(1, 11):  # 6..10 over the device's rate; of 1..5, 4 and 5 over the backlog of 3
+        ing.submit(topic, telemetry("a", seq=seq))
+    assert ing.rate_limited == 5 and ing.dropped["telemetry"] == 2
+    ing.start()
+    try:
+        assert ing.drain(10)
+        now["t"] = 100.0
+        for seq in (11, 13):  # 12 never arrived
+            ing.submit(topic, telemetry("a", seq=seq))
+        assert ing.drain(10)
+    finally:
+        ing.stop()
+    ing.flush()
+    assert ing.received["telemetry"] == 5
+    assert reg.telemetry_loss()["lost"] == 1  # only seq 12: the 7 shed here are counted as shed instead
+    assert reg.get_device("a")["telemetry"]["seq"] == 13
