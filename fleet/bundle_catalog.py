@@ -41,7 +41,7 @@ def show_bundle(store: ControllerStore, name: str, version: int, *, max_manifest
     """One stored bundle: its record, manifest body (models, files, router), and signatures' key ids."""
     rec = store.record(name, int(version))
     try:
-        raw = store.object_path(str(rec["manifest_sha256"])).read_bytes()
+        raw = store.read_object(str(rec["manifest_sha256"]))
     except OSError as e:
         raise BundleRecordError("the controller does not store bundle %s v%d: its manifest object is unreadable "
                                 "(%s)" % (name, int(version), e.strerror))

@@ -106,7 +106,7 @@ class ControllerStore:
             return hit
         rec = self.record(name, version)
         msha = str(rec["manifest_sha256"])
-        raw = self.object_path(msha).read_bytes()
+        raw = self.read_object(msha)
         body = read_unverified(raw, max_manifest_bytes=len(raw) + 1)
         allowed = {msha: len(raw)}
         for entry in body.files.values():
@@ -118,3 +118,24 @@ class ControllerStore:
     def object_path(self, sha256: str) -> Path:
         """Where an object lives."""
         return self.objects / sha256
+
+    def open_object(self, sha256: str) -> int:
+        """A read-only file descriptor of an object, for serving; give it back with `release_object`
+        (a store with a bounded cache never evicts an object while a descriptor of it is out)."""
+        return os.open(str(self.object_path(sha256)), os.O_RDONLY)
+
+    def release_object(self, sha256: str, fd: int) -> None:
+        """Close a descriptor from `open_object`."""
+        os.close(fd)
+
+    def touch(self, sha256: str) -> None:
+        """The object was just served (a bounded cache keeps recently served objects longest)."""
+
+    def read_object(self, sha256: str) -> bytes:
+        """An object's bytes (small objects: manifests)."""
+        fd = self.open_object(sha256)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read()
+        finally:
+            self.release_object(sha256, fd)

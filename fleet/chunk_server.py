@@ -121,14 +121,13 @@ class ChunkServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._close_fds()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             msg = self._q.get(timeout_s=0.2)
             if msg is None:
+                self._close_fds()  # nothing waiting: a bounded store may evict what we served
                 continue
             try:
                 self.serve(msg)
@@ -189,6 +188,7 @@ class ChunkServer:
             return
         self._rate.take(req.length, self._stop)
         data = os.pread(self._fd(req.sha256), req.length, req.offset)
+        self.store.touch(req.sha256)
         props["total"] = str(total)
         props["length"] = str(len(data))
         d = self.session.publish(
@@ -216,9 +216,13 @@ class ChunkServer:
         fd = self._fds.get(sha256)
         if fd is None:
             if len(self._fds) > 64:
-                for old in list(self._fds.values()):
-                    os.close(old)
-                self._fds.clear()
-            fd = os.open(str(self.store.object_path(sha256)), os.O_RDONLY)
+                self._close_fds()
+            fd = self.store.open_object(sha256)
             self._fds[sha256] = fd
         return fd
+
+    def _close_fds(self) -> None:
+        """Give back every open object (the worker's; it keeps them open while requests keep coming)."""
+        for sha256, fd in list(self._fds.items()):
+            self.store.release_object(sha256, fd)
+        self._fds.clear()

@@ -79,6 +79,8 @@ class RegistrySection(_Section):
     forward_timeout_s: float = Field(5.0, gt=0, le=60, description="wait for the owner's answer to a forward")
     history_interval_s: float = Field(300.0, ge=1, le=86400, description="seconds between history points")
     history_retention_s: float = Field(7 * 86400.0, ge=0, description="telemetry history kept; 0 = none kept")
+    store_cache_bytes: int = Field(8192 * MIB, ge=1 * MIB, description="local copies of shared bundle objects; "
+                                   "least recently used evicted beyond it")
 
 
 class IngestSection(_Section):

@@ -53,7 +53,8 @@ class Controller:
             from fleet.bundle_store_db import SharedBundleStore
             from fleet.command_seq import RegistrySeqCounter
 
-            self.store: ControllerStore = SharedBundleStore(state / "store", self.registry)
+            self.store: ControllerStore = SharedBundleStore(state / "store", self.registry,
+                                                            cache_bytes=cfg.registry.store_cache_bytes)
             self.seq: Any = RegistrySeqCounter(self.registry)
         else:
             self.store = ControllerStore(state / "store")

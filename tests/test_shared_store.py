@@ -160,3 +160,117 @@ def test_inbox_carries_an_operator_request_and_its_answer(target):
     assert answers == [{"result": {"state": "paused"}}]
     assert owner.take(["r1"]) == [] and reg.read("SELECT COUNT(*) AS n FROM rollout_inbox")[0]["n"] == 0
     reg.close()
+
+
+# ------------------------------------------------------------------------------ bounded local cache
+
+BLOB = 400_000
+
+
+def _pushed(tmp_path, pg_url):
+    """Three bundles (v3, v4, v5) pushed through one controller; their big objects by version."""
+    reg = Registry(pg_url)
+    pusher = SharedBundleStore(tmp_path / "pusher", reg)
+    blobs = {}
+    for v in (3, 4, 5):
+        blobs[v] = os.urandom(BLOB)
+        path, _ = _bundle(tmp_path, version=v, blob=blobs[v])
+        pusher.add_bundle(path, max_manifest_bytes=1 << 20, max_bundle_bytes=1 << 30)
+    return reg, {v: (hashlib.sha256(b).hexdigest(), b) for v, b in blobs.items()}
+
+
+def _cached(store, sha):
+    return (store.objects / sha).is_file()
+
+
+def test_the_local_cache_evicts_the_least_recently_used_object_and_serves_it_again_later(tmp_path, pg_url):
+    reg, objs = _pushed(tmp_path, pg_url)
+    (x, xb), (y, yb), (z, zb) = objs[3], objs[4], objs[5]
+    server = SharedBundleStore(tmp_path / "server", reg, cache_bytes=1_000_000)  # two of them fit
+    assert server.read_object(x) == xb and server.read_object(y) == yb
+    assert server.read_object(x) == xb  # x used again: y is now the least recently used
+    assert server.read_object(z) == zb
+    assert not _cached(server, y) and _cached(server, x) and _cached(server, z)
+    assert server.evicted == 1 and server.cached_bytes() <= 1_000_000
+    # Asked for again: copied again from the database (x, now the oldest, makes room).
+    assert server.read_object(y) == yb and server.materialized == 4
+    assert not _cached(server, x) and server.evicted == 2
+    # A restarted controller finds its copies and keeps the bound (oldest modification goes first).
+    again = SharedBundleStore(tmp_path / "server", reg, cache_bytes=BLOB + 1000)
+    assert again.cached_bytes() <= BLOB + 1000 and _cached(again, y) and not _cached(again, z)
+    reg.close()
+
+
+def test_an_object_being_served_is_never_evicted(tmp_path, pg_url):
+    reg, objs = _pushed(tmp_path, pg_url)
+    (x, xb), (y, _), (z, _) = objs[3], objs[4], objs[5]
+    server = SharedBundleStore(tmp_path / "server", reg, cache_bytes=1_000_000)
+    fd = server.open_object(x)  # x being served (the least recently used from now on)
+    server.read_object(y)
+    server.read_object(z)  # over the bound: y goes, not x
+    assert _cached(server, x) and not _cached(server, y) and _cached(server, z)
+    assert os.pread(fd, 100, BLOB - 100) == xb[-100:]
+    server.release_object(x, fd)
+    server.read_object(y)  # now x, the least recently used and no longer served, goes
+    assert not _cached(server, x) and _cached(server, y) and _cached(server, z)
+    reg.close()
+
+
+def test_a_damaged_cached_copy_is_never_served(tmp_path, pg_url):
+    reg, objs = _pushed(tmp_path, pg_url)
+    x, xb = objs[3]
+    server = SharedBundleStore(tmp_path / "server", reg)
+    assert server.read_object(x) == xb
+    cached = server.objects / x
+    st = cached.stat()
+    cached.write_bytes(b"\0" * BLOB)  # damaged after it was checked (same size, new mtime)
+    os.utime(str(cached), ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert server.read_object(x) == xb and server.corrupt == 1
+    # Damage that keeps the metadata is caught by the next process to serve the copy.
+    st = cached.stat()
+    with open(str(cached), "r+b") as f:
+        f.write(b"\xff" * 10)
+    os.utime(str(cached), ns=(st.st_atime_ns, st.st_mtime_ns))
+    restarted = SharedBundleStore(tmp_path / "server", reg)
+    fd = restarted.open_object(x)
+    try:
+        assert os.pread(fd, 10, 0) == xb[:10] and restarted.corrupt == 1
+    finally:
+        restarted.release_object(x, fd)
+    reg.close()
+
+
+def test_the_chunk_server_serves_an_object_again_after_its_eviction(tmp_path, pg_url):
+    from edge_agent.config import MqttConfig
+    from edge_agent.mqtt.packets import Inbound
+    from edge_agent.mqtt.session import MqttSession
+    from edge_agent.protocol import topics
+    from edge_agent.protocol.messages import ChunkRequest
+    from fleet.chunk_server import ChunkServer
+    from fleet.config import ChunkServerSection
+
+    reg, objs = _pushed(tmp_path, pg_url)
+    (x, xb), (y, _), (z, _) = objs[3], objs[4], objs[5]
+    store = SharedBundleStore(tmp_path / "server", reg, cache_bytes=1_000_000)
+    session = MqttSession(MqttConfig(), client_id="controller", outgoing_queue=1 << 16)
+    server = ChunkServer(session, store, prefix="edge/v1", cfg=ChunkServerSection(), entitled=lambda *a: True)
+
+    def fetch(offset):
+        req = ChunkRequest(device_id="dev-a", bundle={"name": "digits", "version": 3}, sha256=x, offset=offset,
+                           length=4096)
+        server.serve(Inbound(topics.fetch("edge/v1", "dev-a"), req.to_json(), 1, False, {},
+                             topics.chunks("edge/v1", "dev-a"), b"c"))
+        out = session._out.get_nowait()
+        assert "error" not in out.user_properties, out.user_properties
+        return out.payload
+
+    assert fetch(0) == xb[:4096]
+    store.read_object(y)
+    store.read_object(z)
+    assert _cached(store, x)  # its descriptor is still out: not evicted
+    server._close_fds()  # what the worker does when no request is waiting
+    store.read_object(y)
+    assert not _cached(store, x)
+    assert fetch(8192) == xb[8192:12288] and _cached(store, x)  # copied again, served
+    server._close_fds()
+    reg.close()
