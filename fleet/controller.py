@@ -9,6 +9,7 @@ devices. The pieces it owns live beside it: ``fleet/bundle_store.py``, ``fleet/c
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -60,6 +61,9 @@ class Controller:
             self.store = ControllerStore(state / "store")
             self.seq = SeqCounter(state / "command-seq.json")
         self.key = key
+        # A device refuses a command numbered below one it already took: commands are numbered and queued
+        # for the broker under one lock, so they leave this controller in the order of their numbers.
+        self._send_lock = threading.Lock()
         # Nothing a device or an operator sends the controller is large (reports, fetch and CLI requests):
         # anything bigger is dropped before a handler sees it.
         self.client_id = client_id or cfg.controller.client_id
@@ -188,9 +192,10 @@ class Controller:
         the device to fetch that bundle from the chunk server (before the device can ask)."""
         if isinstance(args, DeployArgs):
             self.entitlements.grant(device_id, args.bundle.name, args.bundle.version)
-        return self.session.publish(
-            topics.commands(self.prefix, device_id), self.sign(device_id, args), qos=1, block_s=5.0
-        )
+        with self._send_lock:
+            return self.session.publish(
+                topics.commands(self.prefix, device_id), self.sign(device_id, args), qos=1, block_s=5.0
+            )
 
     def deploy_args(self, name: str, version: int, rollout_id: Optional[str] = None):
         """DeployArgs for a stored bundle."""

@@ -90,3 +90,40 @@ def test_unreadable_state_file_falls_back_to_the_clock(tmp_path):
     now_ms = int(time.time() * 1000)
     assert SeqCounter(path).next("dev1") >= now_ms
     assert json.loads(path.read_text())["ceiling"] > now_ms
+
+
+def test_commands_sent_from_several_threads_leave_in_the_order_of_their_numbers(tmp_path, pg_url):
+    """The rollout sender and RPC handlers command one device at once: the device refuses a number
+    below one it already took, so the queue to the broker must hold them in number order (shared
+    registry counter: each number is a database round trip, plenty of room to interleave)."""
+    import threading
+
+    from agent_helpers import write_key
+
+    from edge_agent.protocol.messages import RollbackArgs
+    from fleet.config import FleetConfig
+    from fleet.controller import Controller
+
+    key = write_key(tmp_path / "keys", "controller")
+    cfg = FleetConfig(controller={"state_dir": tmp_path / "state", "key_file": tmp_path / "keys" / "controller.key"},
+                      registry={"url": pg_url})
+    c = Controller(cfg, key=key, serve_chunks=False, manage_fleet=False)
+    try:
+        gate = threading.Barrier(3)
+
+        def send():
+            gate.wait()
+            for _ in range(40):
+                c.send_command("dev-1", RollbackArgs(reason="x"))
+
+        threads = [threading.Thread(target=send) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        seqs = []
+        while not c.session._out.empty():
+            seqs.append(json.loads(c.session._out.get_nowait().payload)["signed"]["seq"])
+        assert len(seqs) == 120 and seqs == sorted(set(seqs))
+    finally:
+        c.stop()

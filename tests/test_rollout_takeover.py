@@ -61,3 +61,24 @@ def test_resend_grace_is_a_rollouts_setting_passed_to_the_runner(tmp_path):
         assert c.control.runner.resend_grace_s == 4.5
     finally:
         c.stop()
+
+
+def test_a_controller_that_lost_a_rollout_answers_with_the_new_owners_view(pg_url):
+    reg_a, reg_b = Registry(pg_url), Registry(pg_url)
+    reg_a.record_status({"device_id": "dev-1", "online": True, "ts": 1.0}, now=time.time())
+    a = _runner(reg_a, "ctl-a", [], grace_s=15.0)
+    b = _runner(reg_b, "ctl-b", [], grace_s=15.0)
+    try:
+        rid = a.start(bundle=BUNDLE, manifest_sha256="ab" * 32, manifest_size=100,
+                      wave_devices=[["dev-1"]])["rollout_id"]
+        reg_a.write(lambda tx: tx.execute("UPDATE rollout_leases SET expires_at = expires_at - 3600"))
+        b.tick()
+        b.pause(rid)
+        # a still holds its copy in memory (it notices the loss at its next tick), yet answers like b.
+        assert a.active_ids() == [rid]
+        view_a, view_b = a.get(rid, devices=True), b.get(rid, devices=True)
+        assert view_a["state"] == view_b["state"] == "paused"
+        assert view_a == view_b
+    finally:
+        reg_a.close()
+        reg_b.close()

@@ -405,7 +405,9 @@ class RolloutRunner(SharedRollouts):
                 if not rows:
                     raise RolloutError("no rollouts yet")
                 rollout_id = rows[0]["rollout_id"]
-            r = self._active.get(rollout_id)
+            # With several controllers the registry is the view every controller answers with (ours in
+            # memory may be stale for a moment after another controller took the rollout over).
+            r = self._active.get(rollout_id) if self.leases is None else None
             if r is None:
                 body = self.registry.load_rollout(rollout_id)
                 if body is None:
