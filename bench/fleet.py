@@ -3,16 +3,21 @@
 Everything runs on loopback against a real mosquitto (tests/mqtt_broker.py):
 
 1. **Ingest.** Publisher processes play N devices, each sending one real `Telemetry` message per second
-   on its own topic (QoS 0, as agents do), for `--seconds`. The same traffic is received twice, one
-   after the other in the same run:
-   * *baseline*: a raw paho subscriber process that only counts messages (the broker's raw rate for
-     this traffic on this machine);
+   on its own topic (QoS 0, as agents do), for `--seconds`: pre-built PUBLISH packets over a few raw
+   sockets, each 50 ms slice of a second in one write per socket, each device's seq rising 1, 2, …
+   (bench/_mqtt_load.py; its own CPU per 1,000 messages and lag behind schedule are figures too). The same
+   traffic is received twice, one after the other in the same run:
+   * *baseline*: a raw-socket subscriber process that only counts PUBLISH packets (the broker's raw
+     delivery of this traffic on this machine);
    * the real controller, `fleet serve` in its own process (shared subscription, parse, validate,
      batched registry writes), whose counters are read over the RPC afterwards.
+   Around the controller's measured window every device sends one more message at QoS 1 (seq 0 before,
+   seq S+1 after), so every message the broker dropped is a gap the controllers can see; their own count
+   of telemetry that reached none of them is set against the bench's exact count.
    Figures: messages/s received, messages lost (sent − received − shed: neither handled nor shed
-   and counted by the controller's bounded backlog; target 0), shed messages (counted), CPU (percent
-   of one core and per 1,000 messages, from /proc), peak resident memory, and the worst RPC round trip
-   while the traffic runs.
+   and counted by the controller — bounded backlog, per-device rate limit, size; target 0), shed messages
+   (counted), CPU (percent of one core and per 1,000 messages, from /proc), peak resident memory, the worst
+   RPC round trip while the traffic runs, and the load average (other work on the machine).
    At fleet scale (20,000 devices; --quick: 2,000) the same traffic is taken in by one and then by two
    `fleet serve` processes in one shared-subscription group on a PostgreSQL registry (a throw-away
    cluster, tests/pg_server.py), against the raw subscriber's rate in the same run.
@@ -27,7 +32,8 @@ Everything runs on loopback against a real mosquitto (tests/mqtt_broker.py):
    how many commands devices refused (a replayed or out-of-order sequence number; target 0).
 
     python bench/fleet.py                 # 1,000, 10,000 and 20,000 devices, rollout to 10,000
-    python bench/fleet.py --quick         # 200 and 2,000 devices, rollout to 200 (a few minutes)
+    python bench/fleet.py --quick         # 2,000 devices, rollout to 200
+    python bench/fleet.py --phases scale  # only the 20,000-device phase (ingest, scale, failover, rollout)
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bench._common import environment, figure, parser, print_table, write_json  # noqa: E402
 
 PREFIX = "bench/v1"
+SHARED_TELEMETRY = "$share/fleet/%s/devices/+/telemetry" % PREFIX
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -102,94 +109,32 @@ def _telemetry_template(device_id: str) -> bytes:
             .replace(b'"uptime_s":100.0', b'"uptime_s":%(up)s'))
 
 
-def publisher_main(job: Dict[str, Any], out: Any) -> None:
-    """One publisher process: every device in ``job["ids"]`` sends one telemetry message per second."""
-    host, port, ids, seconds, start_at = job["host"], job["port"], job["ids"], job["seconds"], job["start_at"]
-    import paho.mqtt.client as mqtt
-
+def device_templates(n: int) -> List[Tuple[bytes, bytes]]:
+    """(topic, body template) of `n` simulated devices (ids sim-00000 …)."""
     from edge_agent.protocol import topics
 
-    c = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="pub-%d" % os.getpid(), protocol=mqtt.MQTTv5
-    )
-    c.max_queued_messages_set(0)
-    c.connect(host, port, keepalive=60)
-    for _ in range(50):
-        c.loop(timeout=0.05)
-        if c.is_connected():
-            break
-    tmpl = [(topics.telemetry(PREFIX, d), _telemetry_template(d)) for d in ids]
-    while time.time() < start_at:
-        c.loop(timeout=min(0.05, max(0.0, start_at - time.time())))
-    sent = 0
-    boot = start_at - 100.0  # every simulated agent started 100 s before the run
-    slices = 20  # spread each second's messages over 50 ms slices
-    per_slice = (len(ids) + slices - 1) // slices
-    t0 = time.monotonic()
-    for second in range(int(seconds)):
-        for s in range(slices):
-            due = t0 + second + s / float(slices)
-            while True:
-                now = time.monotonic()
-                if now >= due:
-                    break
-                c.loop(timeout=min(0.01, due - now))
-            now_ts = time.time()
-            for i in range(s * per_slice, min(len(ids), (s + 1) * per_slice)):
-                topic, body = tmpl[i]
-                c.publish(topic, body % {b"ts": b"%.3f" % now_ts, b"seq": second + 1,
-                                         b"up": b"%.3f" % (now_ts - boot)}, qos=0)
-                sent += 1
-            c.loop(timeout=0)
-    behind = time.monotonic() - (t0 + seconds)
-    for _ in range(40):
-        c.loop(timeout=0.05)
-        if not c.want_write():
-            break
-    c.disconnect()
-    out.put({"sent": sent, "behind_s": behind})
+    base = _telemetry_template("sim-XXXXX")
+    out = []
+    for i in range(n):
+        d = "sim-%05d" % i
+        out.append((topics.telemetry(PREFIX, d).encode(), base.replace(b"sim-XXXXX", d.encode())))
+    return out
 
 
-def raw_subscriber_main(host: str, port: int, ready: Any, out: Any, stop: Any) -> None:
-    """The baseline: count telemetry messages, nothing else."""
-    import paho.mqtt.client as mqtt
+def run_publishers(host: str, port: int, devices: List[Tuple[bytes, bytes]], seconds: float, processes: int, *,
+                   boot: float) -> Dict[str, float]:
+    """Start publisher processes (bench/_mqtt_load.py), wait for them: messages sent, monotonic time of the
+    first publish, worst lag behind schedule (s), and their CPU seconds."""
+    from bench._mqtt_load import publisher_main
 
-    state = {"n": 0, "first": None, "last": None}
-
-    def on_message(client, userdata, msg) -> None:
-        now = time.monotonic()
-        if state["first"] is None:
-            state["first"] = now
-        state["n"] += 1
-        state["last"] = now
-
-    c = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="raw-%d" % os.getpid(), protocol=mqtt.MQTTv5
-    )
-    c.on_message = on_message
-    c.connect(host, port, keepalive=60)
-    c.subscribe("$share/fleet/%s/devices/+/telemetry" % PREFIX, qos=0)
-    for _ in range(40):
-        c.loop(timeout=0.05)
-    ready.set()
-    while not stop.is_set():
-        c.loop(timeout=0.1)
-    out.put({"received": state["n"], "first": state["first"], "last": state["last"]})
-
-
-def run_publishers(host: str, port: int, n: int, seconds: float, processes: int) -> Tuple[int, float, float]:
-    """Start publisher processes, wait for them; (sent, monotonic time of the first publish, worst lag
-    behind schedule in seconds)."""
-    ids = ["sim-%05d" % i for i in range(n)]
     q: Any = mp.Queue()
-    delay = 2.0 + n / 4000.0  # time to start the processes and build the payloads
+    delay = 1.0 + len(devices) / 20000.0  # time to start the processes
     start_at = time.time() + delay
     mono_start = time.monotonic() + delay
     procs = [
-        mp.Process(
-            target=publisher_main,
-            args=({"host": host, "port": port, "ids": ids[k::processes], "seconds": seconds, "start_at": start_at}, q),
-        )
+        mp.Process(target=publisher_main, args=({"host": host, "port": port, "devices": devices[k::processes],
+                                                 "seconds": seconds, "start_at": start_at, "boot": boot,
+                                                 "sockets": 2}, q))
         for k in range(processes)
     ]
     for p in procs:
@@ -197,7 +142,8 @@ def run_publishers(host: str, port: int, n: int, seconds: float, processes: int)
     results = [q.get(timeout=seconds + 60) for _ in procs]
     for p in procs:
         p.join(10)
-    return sum(r["sent"] for r in results), mono_start, max(r["behind_s"] for r in results)
+    return {"sent": sum(r["sent"] for r in results), "mono_start": mono_start,
+            "behind_s": max(r["behind_s"] for r in results), "cpu_s": sum(r["cpu_s"] for r in results)}
 
 
 # ------------------------------------------------------------------------------------------ controller
@@ -318,42 +264,85 @@ class ServeProcess:
 # ----------------------------------------------------------------------------------------------- phases
 
 
+def _load() -> List[float]:
+    """The 1, 5 and 15 minute load averages (what `uptime` prints)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def ingest_baseline(broker, n: int, seconds: float, procs: int) -> Dict[str, float]:
-    """The raw subscriber's view of the traffic."""
+    """The raw subscriber's view of the traffic (bench/_mqtt_load.py: counts PUBLISH packets, nothing else)."""
+    from bench._mqtt_load import raw_subscriber_main
+
     ready, stop = mp.Event(), mp.Event()
     q: Any = mp.Queue()
-    sub = mp.Process(target=raw_subscriber_main, args=(broker.host, broker.port, ready, q, stop))
+    sub = mp.Process(target=raw_subscriber_main, args=(broker.host, broker.port, SHARED_TELEMETRY, ready, q, stop))
     sub.start()
     ready.wait(10)
+    time.sleep(0.3)  # the SUBACK
+    load0 = _load()
     cpu0 = _cpu_seconds(sub.pid)
-    sent, mono_start, behind = run_publishers(broker.host, broker.port, n, seconds, procs)
+    pub = run_publishers(broker.host, broker.port, device_templates(n), seconds, procs, boot=time.time() - 100.0)
     time.sleep(2.0)  # let the subscriber drain
     cpu = _cpu_seconds(sub.pid) - cpu0
     stop.set()
     r = q.get(timeout=30)
     sub.join(10)
     # CLOCK_MONOTONIC is system-wide on Linux, so the subscriber's timestamps compare with ours.
-    elapsed = max(1e-9, (r["last"] or mono_start) - mono_start)
+    elapsed = max(1e-9, (r["last"] or pub["mono_start"]) - pub["mono_start"])
     return {
-        "sent": sent,
+        "sent": pub["sent"],
         "received": r["received"],
         "rate": r["received"] / elapsed,
         "elapsed_s": elapsed,
         "cpu_pct": 100.0 * cpu / elapsed,
-        "behind_s": behind,
+        "behind_s": pub["behind_s"],
+        "publisher_cpu_ms_per_1000": 1e6 * pub["cpu_s"] / max(1, pub["sent"]),
+        "load_avg": [load0, _load()],
     }
+
+
+def _wait_received(counters, target: int, timeout_s: float) -> Dict[str, Any]:
+    """Poll the controllers' counters until `received` reaches `target` or stops moving for 5 s."""
+    deadline = time.monotonic() + timeout_s
+    last, last_change = None, time.monotonic()
+    while True:
+        st = counters()
+        got = st["received"] + st["dropped"]
+        if got >= target or time.monotonic() > deadline or time.monotonic() - last_change > 5.0:
+            return st
+        if got != last:
+            last, last_change = got, time.monotonic()
+        time.sleep(0.25)
+
+
+def _wait_flushed(counters, timeout_s: float = 30.0) -> Dict[str, Any]:
+    """Poll until every controller has nothing queued and nothing waiting for the registry (a flush ran)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = counters()
+        if (st["queued"] == 0 and st["pending"] == 0) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.25)
 
 
 def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int, *, controllers: int = 1,
                       pg_url: Optional[str] = None) -> Dict[str, float]:
     """The real controller(s)' view of the same traffic, and how fast the CLI is answered meanwhile.
-    With `pg_url`, the controllers share a PostgreSQL registry and report their counters there."""
+    With `pg_url`, the controllers share a PostgreSQL registry and report their counters there.
+
+    Around the measured window every device sends one more message (QoS 1, paced: all of them reach the
+    broker): seq 0 before, seq S+1 after. Messages the broker dropped at the start or the end of the window
+    are then sequence gaps like the ones in the middle, so the controllers' own count of messages that
+    reached none of them covers the whole window, and is set against the bench's exact count."""
     import threading
 
+    from bench._mqtt_load import send_round
     from fleet.rpc import RpcTimeout
 
     serves = [ServeProcess(broker, workdir / ("c%d" % k), pg_url=pg_url, client_id="bench-ctl-%d" % k)
               for k in range(controllers)]
+    devices = device_templates(n)
+    boot = time.time() - 100.0  # every simulated agent started 100 s before the run
     try:
         rpc = serves[0].connect()
         for sv in serves[1:]:
@@ -362,9 +351,12 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int,
         def counters() -> Dict[str, Any]:
             return _ingest_counters(serves, rpc, pg_url)
 
-        before = counters()
+        zero = counters()
+        send_round(broker.host, broker.port, devices, 0, boot)
+        _wait_received(counters, zero["received"] + zero["dropped"] + n, 60)
+        before = _wait_flushed(counters)
+        load0 = _load()
         cpu0 = [_cpu_seconds(sv.proc.pid) for sv in serves]
-        t0 = time.monotonic()
         rpc_ms: List[float] = []
         publishing = threading.Event()
         publishing.set()
@@ -382,23 +374,23 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int,
 
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
-        sent, mono_start, behind = run_publishers(broker.host, broker.port, n, seconds, procs)
+        pub = run_publishers(broker.host, broker.port, devices, seconds, procs, boot=boot)
+        sent, mono_start = pub["sent"], pub["mono_start"]
         publishing.clear()
         prober.join(70)
         wall_start = time.time() - (time.monotonic() - mono_start)
         # Wait until the controllers have taken in everything they are going to get.
-        last, last_change = None, time.monotonic()
-        while time.monotonic() - last_change < 3.0 and time.monotonic() - t0 < seconds + 180:
-            got = counters()["received"] - before["received"]
-            if got != last:
-                last, last_change = got, time.monotonic()
-            time.sleep(0.25)
-        st = counters()
+        st = _wait_received(counters, before["received"] + before["dropped"] + sent, seconds + 180)
+        cpu = sum(_cpu_seconds(sv.proc.pid) - c for sv, c in zip(serves, cpu0))
+        load1 = _load()
         received = st["received"] - before["received"]
         # The controllers stamp the wall-clock time of the last message they handled.
         done_at = mono_start + (st["last_message_at"] - wall_start)
-        cpu = sum(_cpu_seconds(sv.proc.pid) - c for sv, c in zip(serves, cpu0))
         elapsed = max(1e-9, done_at - mono_start)
+        send_round(broker.host, broker.port, devices, int(seconds) + 1, boot)
+        end = _wait_received(counters, st["received"] + st["dropped"] + n, 60)
+        end = _wait_flushed(counters)
+        shed = st["dropped"] - before["dropped"]
         return {
             "controllers": controllers,
             "registry": "postgresql" if pg_url else "sqlite",
@@ -410,15 +402,20 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int,
             "cpu_ms_per_1000": 1000.0 * cpu / max(1, received) * 1000.0,
             "rss_mib": max(_mem_kib(sv.proc.pid).get("VmHWM", 0) for sv in serves) / 1024.0,
             "malformed": st["malformed"] - before["malformed"],
+            # Neither handled nor shed-and-counted by a controller: lost between the devices and them.
+            "lost": sent - received - shed,
             # What the controllers themselves count as sent by the devices but never received (sequence
-            # gaps), to set against the bench's own sent - received.
-            "counted_upstream_lost": (st["upstream_lost"] or 0) - (before["upstream_lost"] or 0),
-            "dropped_overload": st["dropped"] - before["dropped"],
+            # gaps, their own shedding excluded), to set against `lost`.
+            "counted_upstream_lost": (end["upstream_lost"] or 0) - (before["upstream_lost"] or 0),
+            "dropped_overload": shed,
+            "closing_round_received": end["received"] + end["dropped"] - st["received"] - st["dropped"],
             "devices": st["devices"],
             "drain_s": max(0.0, done_at - (mono_start + seconds)),
-            "behind_s": behind,
+            "behind_s": pub["behind_s"],
+            "publisher_cpu_ms_per_1000": 1e6 * pub["cpu_s"] / max(1, sent),
             "rpc_ms_max": max(rpc_ms) if rpc_ms else None,
             "rpc_ms_median": sorted(rpc_ms)[len(rpc_ms) // 2] if rpc_ms else None,
+            "load_avg": [load0, load1],
         }
     finally:
         for sv in serves:
@@ -446,6 +443,8 @@ def _ingest_counters(serves: List[ServeProcess], rpc, pg_url: Optional[str]) -> 
         "malformed": sum(sum(i["malformed"].values()) for i in ing),
         # Shed and counted: the bounded backlog, the per-device rate limit, oversize reports.
         "dropped": sum(i["dropped"]["telemetry"] + i.get("rate_limited", 0) + i.get("oversize", 0) for i in ing),
+        "queued": sum(i.get("queued", 0) for i in ing),
+        "pending": sum(i.get("pending_telemetry", 0) for i in ing),
         "last_message_at": max((i["last_message_at"] or 0.0) for i in ing) if ing else 0.0,
         "devices": devices,
     }
@@ -621,8 +620,8 @@ def _ingest_figures(n: int, label: str, base: Dict[str, float], ctl: Dict[str, A
     out = [
         figure("ingest rate, %d devices x 1 msg/s%s" % (n, label), round(ctl["rate"], 1), "msg/s",
                baseline=round(base["rate"], 1), target=0.95 * n),
-        figure("messages lost, %d devices%s" % (n, label), ctl["sent"] - ctl["received"] - ctl["dropped_overload"],
-               "messages", baseline=base["sent"] - base["received"], target=0, higher_is_better=False),
+        figure("messages lost, %d devices%s" % (n, label), ctl["lost"], "messages",
+               baseline=base["sent"] - base["received"], target=0, higher_is_better=False),
         figure("controller CPU, %d devices%s" % (n, label), round(ctl["cpu_pct"], 1), "% of one core",
                baseline=round(base["cpu_pct"], 1), higher_is_better=False),
         figure("controller CPU per 1,000 messages, %d devices%s" % (n, label), round(ctl["cpu_ms_per_1000"], 1),
@@ -632,25 +631,83 @@ def _ingest_figures(n: int, label: str, base: Dict[str, float], ctl: Dict[str, A
         figure("dropped by the bounded ingest backlog, %d devices%s" % (n, label), ctl["dropped_overload"],
                "messages", target=0, higher_is_better=False),
         figure("lost upstream as counted by the controllers (sequence gaps), %d devices%s" % (n, label),
-               ctl["counted_upstream_lost"], "messages",
-               baseline=ctl["sent"] - ctl["received"] - ctl["dropped_overload"], higher_is_better=False),
+               ctl["counted_upstream_lost"], "messages", baseline=ctl["lost"], higher_is_better=False),
         figure("RPC round trip under load (max), %d devices%s" % (n, label), ctl["rpc_ms_max"], "ms", target=1000,
                higher_is_better=False),
+        figure("messages the controllers received (counted or shed), %d devices%s" % (n, label),
+               ctl["received"] + ctl["dropped_overload"], "messages", baseline=base["received"], target=ctl["sent"]),
+        figure("load generator behind schedule, %d devices%s" % (n, label), round(ctl["behind_s"], 2), "s",
+               baseline=round(base["behind_s"], 2), target=0.5, higher_is_better=False),
+        figure("load generator CPU per 1,000 messages, %d devices%s" % (n, label),
+               round(ctl["publisher_cpu_ms_per_1000"], 1), "ms", baseline=round(base["publisher_cpu_ms_per_1000"], 1),
+               higher_is_better=False),
+        figure("load average (1 min) after the measurement, %d devices%s" % (n, label), ctl["load_avg"][1][0],
+               "runnable tasks (2 cores)", baseline=base["load_avg"][1][0], higher_is_better=False),
     ]
     return out
+
+
+def _scale_phase(broker, pg, work: Path, n: int, seconds: float,  # noqa: PLR0917
+                 details: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """`n` devices taken in by one and by two controllers on one PostgreSQL registry, vs raw delivery."""
+    procs = 1 if n <= 10000 else 2
+    base = ingest_baseline(broker, n, seconds, procs)
+    details["scale_%d" % n] = {"baseline": base}
+    out = []
+    for k in (1, 2):
+        ctl = ingest_controller(broker, work / ("scale-%d-%d" % (n, k)), n, seconds, procs, controllers=k,
+                                pg_url=_fresh_pg_db(pg))
+        details["scale_%d" % n]["controllers_%d" % k] = ctl
+        _progress("scale_%d_controllers_%d" % (n, k), {"baseline": base, "controller": ctl})
+        label = ", %d controller%s, PostgreSQL" % (k, "s" if k > 1 else "")
+        out += _ingest_figures(n, label, base, ctl)
+    return out
+
+
+def _failover_figures(broker, pg, work: Path, n: int, details: Dict[str, Any]) -> List[Dict[str, Any]]:
+    fo = failover_phase(broker, work / "failover", _fresh_pg_db(pg), n, lease_s=5.0)
+    details["failover"] = fo
+    _progress("failover", fo)
+    return [
+        figure("failover after kill -9 of the rollout owner (%d devices, lease 5 s, tick 0.2 s)" % n,
+               None if fo["failover_s"] is None else round(fo["failover_s"], 2), "s", target=5.2,
+               higher_is_better=False),
+        figure("rollout finished after the owner's kill -9", round(fo["finished_after_kill_s"], 2), "s",
+               higher_is_better=False),
+        figure("devices refusing a command during failover", fo["refused_commands"], "commands", target=0,
+               higher_is_better=False),
+    ]
+
+
+def _rollout_figures(broker, work: Path, n: int, details: Dict[str, Any]) -> List[Dict[str, Any]]:
+    ro = rollout_phase(broker, work / "rollout", n)
+    details["rollout"] = ro
+    _progress("rollout", ro)
+    return [
+        figure("rollout to %d devices (waves %s), until all passed probation"
+               % (n, "/".join(str(w) for w in ro["waves"])), round(ro["rollout_s"], 2), "s",
+               baseline=round(ro["direct_s"], 2), higher_is_better=False),
+        figure("rollout devices succeeded", ro["succeeded"], "devices", target=n),
+    ]
 
 
 def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=None, help="telemetry duration per measurement")
+    p.add_argument("--phases", default="ingest,scale,failover,rollout",
+                   help="comma-separated subset of: ingest, scale, failover, rollout")
+    p.add_argument("--scale-devices", type=int, default=None, help="devices of the scale phase")
     args = p.parse_args()
+    phases = set(args.phases.split(","))
     from mqtt_broker import Broker
 
-    sizes = (200, 2000) if args.quick else (1000, 10000)
-    scale_n = 2000 if args.quick else 20000  # one and two controllers on a shared PostgreSQL registry
+    sizes = (2000,) if args.quick else (1000, 10000)
+    sizes = sizes if "ingest" in phases else ()
+    scale_n = args.scale_devices or (2000 if args.quick else 20000)  # 1 and 2 controllers, PostgreSQL registry
     rollout_n = 200 if args.quick else 10000
     failover_n = 50 if args.quick else 500
-    seconds = args.seconds or (5.0 if args.quick else 15.0)
+    seconds = args.seconds or (3.0 if args.quick else 15.0)
+    load_start = _load()
     figures = []
     details: Dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
@@ -660,53 +717,25 @@ def main() -> int:
     try:
         with Broker(work / "broker", extra_conf="max_queued_messages 100000\n") as broker:
             for n in sizes:
-                procs = 1 if n <= 2000 else 2
+                procs = 1 if n <= 10000 else 2
                 base = ingest_baseline(broker, n, seconds, procs)
                 ctl = ingest_controller(broker, work / ("ingest-%d" % n), n, seconds, procs)
                 details["ingest_%d" % n] = {"baseline": base, "controller": ctl}
                 _progress("ingest_%d" % n, details["ingest_%d" % n])
                 figures += _ingest_figures(n, "", base, ctl)
-            procs = 1 if scale_n <= 2000 else 2
-            base = ingest_baseline(broker, scale_n, seconds, procs)
-            details["scale_%d" % scale_n] = {"baseline": base}
-            for k in (1, 2):
-                ctl = ingest_controller(broker, work / ("scale-%d-%d" % (scale_n, k)), scale_n, seconds, procs,
-                                        controllers=k, pg_url=_fresh_pg_db(pg))
-                details["scale_%d" % scale_n]["controllers_%d" % k] = ctl
-                _progress("scale_%d_controllers_%d" % (scale_n, k), {"baseline": base, "controller": ctl})
-                label = ", %d controller%s, PostgreSQL" % (k, "s" if k > 1 else "")
-                figures += _ingest_figures(scale_n, label, base, ctl)
-            fo = failover_phase(broker, work / "failover", _fresh_pg_db(pg), failover_n, lease_s=5.0)
-            details["failover"] = fo
-            _progress("failover", fo)
-            figures += [
-                figure("failover after kill -9 of the rollout owner (%d devices, lease 5 s, tick 0.2 s)" % failover_n,
-                       None if fo["failover_s"] is None else round(fo["failover_s"], 2), "s", target=5.2,
-                       higher_is_better=False),
-                figure("rollout finished after the owner's kill -9", round(fo["finished_after_kill_s"], 2), "s",
-                       higher_is_better=False),
-                figure("devices refusing a command during failover", fo["refused_commands"], "commands", target=0,
-                       higher_is_better=False),
-            ]
-            ro = rollout_phase(broker, work / "rollout", rollout_n)
-            details["rollout"] = ro
-            figures.append(
-                figure(
-                    "rollout to %d devices (waves %s), until all passed probation"
-                    % (rollout_n, "/".join(str(w) for w in ro["waves"])),
-                    round(ro["rollout_s"], 2),
-                    "s",
-                    baseline=round(ro["direct_s"], 2),
-                    higher_is_better=False,
-                )
-            )
-            figures.append(figure("rollout devices succeeded", ro["succeeded"], "devices", target=rollout_n))
+            if "scale" in phases:
+                figures += _scale_phase(broker, pg, work, scale_n, seconds, details)
+            if "failover" in phases:
+                figures += _failover_figures(broker, pg, work, failover_n, details)
+            if "rollout" in phases:
+                figures += _rollout_figures(broker, work, rollout_n, details)
     finally:
         pg.close()
     print_table(figures, "fleet controller (%s)" % ("quick" if args.quick else "full"))
     for k, v in details.items():
         print("%s: %s" % (k, json.dumps(v, sort_keys=True)))
-    write_json(args.json, figures, environment(seconds_per_measurement=seconds, details=details))
+    write_json(args.json, figures, environment(seconds_per_measurement=seconds, details=details,
+                                               load_avg_start=load_start, load_avg_end=_load()))
     return 0
 
 
