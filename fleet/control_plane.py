@@ -170,8 +170,7 @@ class ControlPlane:
         self._last_heartbeat = now
         stats = {"ingest": self.ingest.stats(), "driven_here": self.runner.active_ids(),
                  "takeovers": self.runner.takeovers, "forwarded_events": self.runner.forwarded}
-        self.registry.controller_heartbeat(leases.owner, leases.owner.split("@", 1)[0], self.started_at, stats,
-                                           now=now)
+        self.registry.controller_heartbeat(leases.owner, leases.owner.split("@", 1)[0], self.started_at, stats)
 
     # ------------------------------------------------------------------------------------ RPC methods
 
@@ -198,8 +197,7 @@ class ControlPlane:
         out = self._own_status()
         if self.runner.leases is not None:
             # Every live controller of the fleet (heartbeat within three lease periods), whichever answered.
-            since = time.time() - 3 * self.runner.leases.lease_s
-            out["controllers"] = self.registry.list_controllers(since=since)
+            out["controllers"] = self.registry.list_controllers(within_s=3 * self.runner.leases.lease_s)
             out["answered_by"] = self.runner.leases.owner
         return out
 

@@ -15,7 +15,7 @@ its owner every tick, and an inbox for what reaches a controller that does not o
 
 Lease times are the database's clock (``now()`` on PostgreSQL, the host's clock in SQLite), read in
 the statement that sets or compares them: controllers whose own clocks disagree still agree on when a
-lease expires. (The inbox's `created` and the controllers' heartbeats use the controller's clock.)
+lease expires. (The inbox's `created` uses the controller's clock.)
 """
 
 from __future__ import annotations
@@ -96,10 +96,15 @@ class RolloutLeases:
         return set(self.registry.write(write))
 
     def settle(self, rollout_id: str) -> None:
-        """The rollout ended with nothing outstanding: nobody needs to own it any more."""
-        self.registry.write(lambda tx: tx.execute(
-            "UPDATE rollout_leases SET owner = ?, expires_at = ? WHERE rollout_id = ? AND owner = ?",
-            (SETTLED_OWNER, SETTLED, rollout_id, self.owner)))
+        """The rollout ended with nothing outstanding: nobody needs to own it any more (events forwarded
+        to it meanwhile are dropped: nobody will take them)."""
+
+        def write(tx: Any) -> None:
+            tx.execute("UPDATE rollout_leases SET owner = ?, expires_at = ? WHERE rollout_id = ? AND owner = ?",
+                       (SETTLED_OWNER, SETTLED, rollout_id, self.owner))
+            tx.execute("DELETE FROM rollout_inbox WHERE rollout_id = ? AND kind = 'event'", (rollout_id,))
+
+        self.registry.write(write)
 
     def drop(self, rollout_id: str) -> None:
         """Remove our lease of a rollout that was never saved (its start was refused)."""

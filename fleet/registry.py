@@ -147,18 +147,18 @@ class Registry(RolloutTables):
 
     # -------------------------------------------------------------------------------- controllers
 
-    def controller_heartbeat(self, owner: str, client_id: str, started: float, stats: Dict[str, Any],
-                             *, now: float) -> None:
-        """Record that controller `owner` is alive, with its own counters."""
+    def controller_heartbeat(self, owner: str, client_id: str, started: float, stats: Dict[str, Any]) -> None:
+        """Record that controller `owner` is alive (at the database's clock), with its own counters."""
         self._write(lambda db: db.execute(
-            "INSERT INTO controllers (owner, client_id, started, heartbeat, stats) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(owner) DO UPDATE SET heartbeat = excluded.heartbeat, stats = excluded.stats",
-            (owner, client_id, started, now, dumps_json(stats))))
+            "INSERT INTO controllers (owner, client_id, started, heartbeat, stats) VALUES (?, ?, ?, %s, ?) "
+            "ON CONFLICT(owner) DO UPDATE SET heartbeat = excluded.heartbeat, stats = excluded.stats"
+            % db.dialect.now, (owner, client_id, started, dumps_json(stats))))
 
-    def list_controllers(self, *, since: float) -> List[Dict[str, Any]]:
-        """Controllers whose last heartbeat is at or after `since`, with their counters."""
-        rows = self._read("SELECT owner, client_id, started, heartbeat, stats FROM controllers WHERE heartbeat >= ? "
-                          "ORDER BY owner", (since,))
+    def list_controllers(self, *, within_s: float) -> List[Dict[str, Any]]:
+        """Controllers whose last heartbeat is at most `within_s` old (the database's clock, so every
+        controller lists the same ones), with their counters."""
+        rows = self._read("SELECT owner, client_id, started, heartbeat, stats FROM controllers WHERE heartbeat >= "
+                          "%s - ? ORDER BY owner" % self.dialect.now, (float(within_s),))
         return [{"owner": r["owner"], "client_id": r["client_id"], "started": r["started"],
                  "heartbeat": r["heartbeat"], "stats": loads_json(r["stats"])} for r in rows]
 

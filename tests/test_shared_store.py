@@ -274,3 +274,24 @@ def test_the_chunk_server_serves_an_object_again_after_its_eviction(tmp_path, pg
     assert fetch(8192) == xb[8192:12288] and _cached(store, x)  # copied again, served
     server._close_fds()
     reg.close()
+
+
+def test_live_controllers_are_judged_by_the_database_clock(target):
+    reg = Registry(target)
+    reg.controller_heartbeat("ctl-a@host:1:ab", "ctl-a", 1.0, {"takeovers": 0})
+    reg.controller_heartbeat("ctl-b@host:2:cd", "ctl-b", 1.0, {"takeovers": 1})
+    assert [c["client_id"] for c in reg.list_controllers(within_s=30)] == ["ctl-a", "ctl-b"]
+    reg.write(lambda tx: tx.execute("UPDATE controllers SET heartbeat = heartbeat - 60 WHERE client_id = 'ctl-a'"))
+    assert [c["client_id"] for c in reg.list_controllers(within_s=30)] == ["ctl-b"]
+    reg.close()
+
+
+def test_events_forwarded_to_a_rollout_that_ended_are_dropped_when_it_settles(target):
+    reg = Registry(target)
+    owner, other = RolloutLeases(reg, "ctl-a"), RolloutLeases(reg, "ctl-b")
+    assert owner.acquire("r1")
+    other.post("r1", "event", {"kind": "probation-passed"})
+    other.post("r2", "event", {"kind": "probation-passed"})
+    owner.settle("r1")
+    assert [r["rollout_id"] for r in reg.read("SELECT rollout_id FROM rollout_inbox")] == ["r2"]
+    reg.close()
