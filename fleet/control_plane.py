@@ -169,7 +169,8 @@ class ControlPlane:
             return
         self._last_heartbeat = now
         stats = {"ingest": self.ingest.stats(), "driven_here": self.runner.active_ids(),
-                 "takeovers": self.runner.takeovers, "forwarded_events": self.runner.forwarded}
+                 "takeovers": self.runner.takeovers, "forwarded_events": self.runner.forwarded,
+                 "rpc": dict(self.rpc.stats)}
         self.registry.controller_heartbeat(leases.owner, leases.owner.split("@", 1)[0], self.started_at, stats)
 
     # ------------------------------------------------------------------------------------ RPC methods

@@ -101,3 +101,58 @@ def test_operator_request_reaches_the_owner_from_either_controller(rig, capsys):
         rig.wait(lambda w=want: rig.rollout_state(rid) in (w, "succeeded"), 10, "rollout %s" % want)
     rig.wait(lambda: rig.rollout_state(rid) == "succeeded", 60, "rollout finished")
     assert all(d.refused == [] for d in rig.fleet.devices.values())
+
+
+def test_rollouts_started_at_once_through_both_controllers_never_share_a_device(rig):
+    """`rollout start` for overlapping devices sent twice at the same instant; the shared RPC group hands
+    the two requests to the two controllers. Each time exactly one rollout gets the devices."""
+    import threading
+
+    from fleet_helpers import mqtt_cfg
+
+    from fleet.rpc import RpcClient, RpcError
+
+    insert_bundle_record(rig.pg_url, "digits", 2)
+    clients = [RpcClient.connect(mqtt_cfg(rig.broker)) for _ in range(2)]
+    halves = [rig.device_ids[:8], rig.device_ids[4:]]  # four devices in both
+    winners = []
+    try:
+        for _ in range(4):
+            gate = threading.Barrier(2)
+            out = [None, None]
+
+            def go(k, gate=gate, out=out):
+                gate.wait()
+                try:
+                    out[k] = clients[k].call("rollout.start", {"bundle": {"name": "digits", "version": 2},
+                                                               "devices": halves[k]}, timeout_s=20)
+                except RpcError as e:
+                    out[k] = e
+
+            threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            won = [o for o in out if isinstance(o, dict)]
+            lost = [o for o in out if isinstance(o, RpcError)]
+            assert len(won) == 1 and len(lost) == 1, out
+            rid = won[0]["rollout_id"]
+            assert "are already in rollout %s" % rid in str(lost[0])
+            winners.append((rid, rig.lease_owner(rid)))
+            try:
+                clients[0].call("rollout.abort", {"rollout_id": rid, "rollback": False}, timeout_s=20)
+            except RpcError as e:
+                assert "already ended" in str(e)  # it finished first
+            rig.wait(lambda: rig.registry_count("rollout_claims") == 0, 20, "devices released")
+    finally:
+        for c in clients:
+            c.close()
+    ids = {rid for rid, _ in winners}
+    assert rig.registry_count("rollouts") == 4
+    # Both controllers answered requests of the race (their own counters, in their heartbeats).
+    rig.wait(lambda: all(json.loads(s)["rpc"]["requests"] > 0 for (s,) in rig.query("SELECT stats FROM controllers"))
+             and rig.registry_count("controllers") == 2, 10, "requests answered by both controllers")
+    for dev_id, d in rig.fleet.devices.items():
+        assert d.refused == [], (dev_id, d.refused)
+        assert {a.rollout_id for a in d.deploys} <= ids
