@@ -173,6 +173,35 @@ class Ingest:
             self.rate_limited += 1
             self._shed(topic)
             return
+        self._enqueue(topic, payload)
+        self._wake()
+
+    def submit_batch(self, items: List[Tuple[str, bytes]]) -> None:
+        """`submit` for each (topic, payload) of one read of the report connection (`fleet.ingest_link`):
+        the same checks in the same order, the rate limit taken for the whole batch at once."""
+        limit = self.max_payload_bytes
+        allowed = self._rate.allow_batch([t.rsplit("/", 1)[0] if len(p) <= limit else None for t, p in items])
+        enqueue = self._enqueue
+        for (topic, payload), ok in zip(items, allowed):
+            if ok:
+                enqueue(topic, payload)
+                continue
+            if len(payload) > limit:
+                self.oversize += 1
+            else:
+                self.rate_limited += 1
+            self._shed(topic)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the worker if it sleeps (it sets `_idle` under the condition, then looks at the queues
+        once more before waiting, so a wake-up after the appends is never lost)."""
+        if self._idle:
+            with self._cv:
+                self._cv.notify()
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        """Queue one message that passed the size and rate checks (bounded: shed and counted beyond)."""
         channel = "telemetry" if topic.endswith("/telemetry") else "events" if topic.endswith("/events") else "status"
         if self._bytes_in - self._bytes_out + len(payload) > self.max_backlog_bytes:
             self.dropped[channel] += 1
@@ -191,15 +220,6 @@ class Ingest:
                 return
             self._q_control.append((topic, payload))
         self._bytes_in += len(payload)
-        if self._idle:
-            with self._cv:
-                self._cv.notify()
-
-    def submit_batch(self, items: List[Tuple[str, bytes]]) -> None:
-        """`submit` each (topic, payload) of one read of the report connection (`fleet.ingest_link`)."""
-        submit = self.submit
-        for topic, payload in items:
-            submit(topic, payload)
 
     def _shed(self, topic: str) -> None:
         """Note a shed telemetry message against its device (when the topic names one)."""
@@ -261,22 +281,22 @@ class Ingest:
             for item in items:
                 self.handle(*item)
             return
-        latest: Dict[str, Telemetry] = {}
-        self._telemetry_batch(items, latest)
-        if latest:
-            acct, self._batch_acct = self._batch_acct, {}
-            with self._lock:
-                self._pending.update(latest)
+        # Straight into what `flush` takes (the lock is contended only by a flush swapping them out).
+        with self._lock:
+            self._telemetry_batch(items, self._pending, self._acct)
+            if self._batch_acct:  # messages that went through `handle`
+                acct, self._batch_acct = self._batch_acct, {}
                 for d, a in acct.items():
                     _merge_run(self._acct, d, a)
 
     # ---------------------------------------------------------------------------------- handling
 
-    def _telemetry_batch(self, items: List[Tuple[str, bytes]], latest: Dict[str, Any]) -> None:
+    def _telemetry_batch(self, items: List[Tuple[str, bytes]], latest: Dict[str, Any],
+                         acct: Dict[str, List[Any]]) -> None:
         """`handle` for a batch of telemetry, with the per-message work kept to the parse and the run
         accounting (the same checks and counters; anything unusual goes through `handle`)."""
         head, cut = self._dev_head, len(self._dev_head)
-        acct, max_bytes, valid_id = self._batch_acct, self.max_telemetry_bytes, _DEVICE_ID.match
+        max_bytes, valid_id = self.max_telemetry_bytes, _DEVICE_ID.match
         taken = 0
         for topic, payload in items:
             device_id = topic[cut:-10]

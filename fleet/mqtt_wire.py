@@ -156,8 +156,11 @@ class PacketReader:
         limit = self.max_packet_bytes
         while start < end:
             first = buf[start]
-            if start + 1 < end and not buf[start + 1] & 0x80:  # one-byte Remaining Length (most acks)
-                length, pos = buf[start + 1], start + 2
+            b1 = buf[start + 1] if start + 1 < end else 0x80
+            if b1 < 0x80:  # one-byte Remaining Length (acks, small messages)
+                length, pos = b1, start + 2
+            elif start + 2 < end and buf[start + 2] < 0x80:  # two bytes: up to 16 KiB (telemetry)
+                length, pos = (b1 & 0x7F) | buf[start + 2] << 7, start + 3
             else:
                 length, pos = read_varint(buf, start + 1, end)
                 if length < 0:

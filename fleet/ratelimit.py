@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 
 class RateLimit:
@@ -63,3 +63,30 @@ class KeyedRate:
                 return False
             b[0] -= cost
             return True
+
+    def allow_batch(self, keys: Sequence[Optional[str]]) -> List[bool]:
+        """`allow(key)` for each key in turn, under one lock and one clock reading (the keys of one
+        network read); a None key is refused without taking anything."""
+        now = self.clock()
+        out = []
+        with self._lock:
+            buckets, burst, per_s = self._buckets, self.burst, self.per_s
+            for key in keys:
+                if key is None:
+                    out.append(False)
+                    continue
+                b = buckets.get(key)
+                if b is None:
+                    if len(buckets) >= self.max_keys:
+                        buckets.popitem(last=False)
+                    b = buckets[key] = [burst, now]
+                else:
+                    buckets.move_to_end(key)
+                    b[0] = min(burst, b[0] + (now - b[1]) * per_s)
+                    b[1] = now
+                if b[0] < 1.0:
+                    out.append(False)
+                else:
+                    b[0] -= 1.0
+                    out.append(True)
+        return out

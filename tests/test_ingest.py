@@ -180,3 +180,27 @@ def test_telemetry_shed_here_is_not_counted_as_lost_upstream(tmp_path):
     assert ing.received["telemetry"] == 5
     assert reg.telemetry_loss()["lost"] == 1  # only seq 12: the 7 shed here are counted as shed instead
     assert reg.get_device("a")["telemetry"]["seq"] == 13
+
+
+def test_a_batch_from_the_report_connection_is_checked_exactly_as_one_message_at_a_time(tmp_path):
+    """`submit_batch` (one network read) and `submit` (one message) shed and queue the same messages."""
+    from fleet.ratelimit import KeyedRate
+
+    msgs = []
+    for i in range(60):
+        dev = "d%d" % (i % 3)
+        body = b"x" * 5000 if i % 11 == 0 else telemetry(dev, seq=i)
+        msgs.append((P + "/devices/%s/%s" % (dev, "events" if i % 7 == 0 else "telemetry"), body))
+    results = []
+    for batched in (False, True):
+        ing = Ingest(Registry(tmp_path / ("r%d.sqlite" % batched)), prefix=P, max_payload_bytes=4096, max_backlog=100)
+        ing._rate = KeyedRate(1.0, 12, clock=lambda: 5.0)
+        if batched:
+            ing.submit_batch(msgs)
+        else:
+            for t, p in msgs:
+                ing.submit(t, p)
+        results.append((ing.oversize, ing.rate_limited, dict(ing.dropped), list(ing._q_telemetry),
+                        list(ing._q_control), dict(ing._shed_dev)))
+    assert results[0] == results[1]
+    assert results[0][0] == 6 and results[0][1] > 0 and results[0][3]
