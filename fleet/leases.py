@@ -47,12 +47,15 @@ class RolloutLeases:
     """Leases and inbox rows of one controller (`owner`)."""
 
     def __init__(self, registry: Registry, owner: str, *, lease_s: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.owner = owner
         self.lease_s = lease_s
         self.clock = clock
         self.takeovers = 0
+        self.monotonic = monotonic
+        #: rollout id -> this process's monotonic time just before the last acquire/renew that succeeded.
+        self._renewed: Dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------ leases
 
@@ -72,7 +75,11 @@ class RolloutLeases:
             rows = tx.fetchall("SELECT owner FROM rollout_leases WHERE rollout_id = ?", (rollout_id,))
             return bool(rows) and rows[0]["owner"] == self.owner
 
-        return bool(self.registry.write(write))
+        started = self.monotonic()
+        held = bool(self.registry.write(write))
+        if held:
+            self._renewed[rollout_id] = started
+        return held
 
     def renew(self, rollout_ids: Sequence[str]) -> Set[str]:
         """Extend our leases; returns the ids we still hold (a missing one was taken over)."""
@@ -93,7 +100,22 @@ class RolloutLeases:
             )
             return {r["rollout_id"] for r in rows}
 
-        return set(self.registry.write(write))
+        started = self.monotonic()
+        held = set(self.registry.write(write))
+        for rid in ids:
+            if rid in held:
+                self._renewed[rid] = started
+            else:
+                self._renewed.pop(rid, None)
+        return held
+
+    def fresh(self, rollout_id: str) -> bool:
+        """True while our lease of the rollout is surely unexpired: less than `lease_s` since just before
+        our last successful acquire or renew (the database set the expiry later than that). A command
+        is published only while this holds: one queued before a pause longer than the lease is dropped,
+        and the rollout resends it once the lease is renewed (or its new owner does)."""
+        at = self._renewed.get(rollout_id)
+        return at is not None and self.monotonic() - at < self.lease_s
 
     def settle(self, rollout_id: str) -> None:
         """The rollout ended with nothing outstanding: nobody needs to own it any more (events forwarded

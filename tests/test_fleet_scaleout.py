@@ -48,10 +48,15 @@ def test_any_controller_answers_with_the_same_view(rig, capsys):
     rpc = RpcClient.connect(mqtt_cfg(rig.broker))
     try:
         answered = set()
-        for _ in range(6):
+
+        def ask():
+            # Until both answered (a controller that is still connecting joins the group a moment later).
             st = rpc.call("controller.status", timeout_s=10)
             answered.add(st["answered_by"].split("@")[0])
             assert st["registry"] == "postgresql" and st["devices"] == len(rig.device_ids)
+            return answered == set(rig.names)
+
+        rig.wait(ask, 20, "both controllers answering")
         rig.wait(lambda: sorted(c["client_id"] for c in rpc.call("controller.status", timeout_s=10)["controllers"])
                  == rig.names, 10, "both controllers listed")
     finally:

@@ -82,3 +82,28 @@ def test_a_controller_that_lost_a_rollout_answers_with_the_new_owners_view(pg_ur
     finally:
         reg_a.close()
         reg_b.close()
+
+
+def test_a_command_queued_across_a_stall_longer_than_the_lease_is_held_back(pg_url):
+    """A controller stalls (stopped VM, swapping) between saving a step and publishing its commands:
+    once the lease may have expired it publishes nothing; if it still owns the rollout at its next tick
+    it sends the command then, otherwise the new owner does."""
+    reg = Registry(pg_url)
+    for d in ("dev-1", "dev-2"):
+        reg.record_status({"device_id": d, "online": True, "ts": 1.0}, now=time.time())
+    mono = {"t": 1000.0}
+    sent = []
+    leases = RolloutLeases(reg, "ctl-a", lease_s=10, monotonic=lambda: mono["t"])
+    a = RolloutRunner(reg, lambda d, args: sent.append((d, args.kind)), leases=leases, resend_grace_s=15.0)
+    try:
+        rid = a.start(bundle=BUNDLE, manifest_sha256="ab" * 32, manifest_size=100,
+                      wave_devices=[["dev-1", "dev-2"]])["rollout_id"]
+        assert sorted(sent) == [("dev-1", "deploy"), ("dev-2", "deploy")]
+        sent.clear()
+        mono["t"] += 10.5  # stalled past the lease (the database has not handed it to anyone yet)
+        a.abort(rid)  # saved (still ours in the database), but the rollbacks are not published
+        assert sent == [] and a.held_back == 2
+        a.tick()  # renewed: ours after all, so the held-back rollbacks go out now
+        assert sorted(sent) == [("dev-1", "rollback"), ("dev-2", "rollback")]
+    finally:
+        reg.close()

@@ -45,6 +45,7 @@ from fleet.rollouts.record import RolloutParams
 from fleet.rollouts.sharing import OWNED_STATES, SharedRollouts
 from fleet.rollouts.states import (
     D_ROLLBACK_SENT,
+    D_SENT,
     DEFAULT_WAVES,
     SUCCEEDED,
     RolloutError,
@@ -100,6 +101,8 @@ class RolloutRunner(SharedRollouts):
         self.forward_timeout_s = forward_timeout_s
         self.takeovers = 0
         self.forwarded = 0
+        #: Commands not published because the lease may have expired meanwhile (see `_hold_back`).
+        self.held_back = 0
 
     def start_sender(self) -> None:
         """Send commands from a background thread from now on (otherwise they are sent inline)."""
@@ -122,6 +125,9 @@ class RolloutRunner(SharedRollouts):
             self._send(*item)
 
     def _send(self, rollout_id: str, device_id: str, args: CommandArgs) -> None:
+        if self.leases is not None and not self.leases.fresh(rollout_id):
+            self._hold_back(rollout_id, device_id, args)
+            return
         try:
             self.send_command(device_id, args)
         except EdgeAgentError as e:
@@ -140,6 +146,17 @@ class RolloutRunner(SharedRollouts):
                         )
                     except LeaseLost as lost:
                         self._lost(rollout_id, lost)
+
+    def _hold_back(self, rollout_id: str, device_id: str, args: CommandArgs) -> None:
+        """A command whose rollout's lease may have expired since it was saved (this process stalled):
+        not published; sent again at the next tick once the lease is renewed (or by the new owner)."""
+        self.held_back += 1
+        log.warning("rollout %s: %s to %s held back: the lease may have expired", rollout_id, args.kind, device_id)
+        with self._lock:
+            r = self._active.get(rollout_id)
+            e = r.devices.get(device_id) if r is not None else None
+            if e is not None and e.state in (D_SENT, D_ROLLBACK_SENT):
+                e.resend_at = self.clock()
 
     # ------------------------------------------------------------------------------------ lifecycle
 
