@@ -232,3 +232,21 @@ def test_an_ab_rollout_keeps_its_devices_until_promoted_from_any_controller(targ
         a.close()
         b.close()
         reg.close()
+
+
+def test_a_start_whose_first_save_fails_leaves_nothing_behind(pair, monkeypatch):
+    from fleet.registry_db import RegistryError
+
+    a, b = pair
+    real = a.registry.save_rollout
+
+    def broken(*args, **kw):
+        raise RegistryError("registry: write failed: connection lost")
+
+    monkeypatch.setattr(a.registry, "save_rollout", broken)
+    with pytest.raises(RegistryError):
+        a.start(DEVICES[:2])
+    assert a.runner.active_ids() == [] and a.sent == [] and _claims(a) == {}
+    assert a.registry.read("SELECT COUNT(*) AS n FROM rollout_leases")[0]["n"] == 0
+    monkeypatch.setattr(a.registry, "save_rollout", real)
+    assert b.start(DEVICES[:2])["state"] == "running"

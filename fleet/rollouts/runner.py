@@ -36,6 +36,7 @@ from edge_agent.protocol.messages import (
 )
 from fleet.leases import LeaseLost, RolloutLeases
 from fleet.registry import Registry
+from fleet.registry_db import RegistryError
 from fleet.registry_rollouts import RELEASE_CLAIMS, TAKE_CLAIMS, DevicesClaimed, release_claims
 from fleet.rollouts.actions import Action, Note
 from fleet.rollouts.classify import classify_event, classify_status
@@ -255,12 +256,23 @@ class RolloutRunner(SharedRollouts):
                 # Its devices are claimed in the transaction that first saves it (before any command).
                 self._apply(r, r.start(now), claims=TAKE_CLAIMS)
             except DevicesClaimed as e:
-                self._active.pop(r.rollout_id, None)
-                if self.leases is not None:
-                    self.leases.drop(r.rollout_id)
+                self._forget_new(r.rollout_id)
                 raise RolloutError("device(s) %s are already in rollout %s; wait for it to end or abort it first"
                                    % (", ".join(e.devices[:5]), e.rollout_id))
+            except BaseException:
+                # Not saved, or saved with the connection lost before we heard (then, its lease dropped, it
+                # is an orphan that the next tick of any controller adopts from the registry).
+                self._forget_new(r.rollout_id)
+                raise
             return r.summary()
+
+    def _forget_new(self, rollout_id: str) -> None:
+        self._active.pop(rollout_id, None)
+        if self.leases is not None:
+            try:
+                self.leases.drop(rollout_id)
+            except RegistryError as e:
+                log.warning("rollout %s: lease not dropped: %s", rollout_id, e)  # it expires after lease_s
 
     # ------------------------------------------------------------------------------------- inputs
 
