@@ -215,6 +215,8 @@ class ControlPlane:
             "telemetry_upstream": self.registry.telemetry_loss(),
             "rpc": dict(self.rpc.stats),
             "command_send_failures": self.runner.send_failures,
+            # Commands not published because the lease may have expired meanwhile (sent again later).
+            "commands_held_back": self.runner.held_back,
             "registry_schema": self.registry.schema_version(),
         }
 
