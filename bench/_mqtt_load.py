@@ -51,8 +51,10 @@ def fill(tmpl: bytes, now_ts: float, seq: int, boot: float) -> bytes:
 
 
 def publisher_main(job: Dict[str, Any], out: Any) -> None:
-    """One publisher process: every device in ``job["ids"]`` sends seq 1, 2, … one per second for
-    ``job["seconds"]``, spread over 20 slices a second, over ``job["sockets"]`` raw connections."""
+    """One publisher process: every device in ``job["devices"]`` sends seq 1, 2, … one per second for
+    ``job["seconds"]``, spread over 20 slices a second, over ``job["sockets"]`` raw connections. With
+    ``job["drop_every"]`` = k, one message in k (spread over devices and seconds) is counted as sent but
+    never written: a lossy link between the device and the broker."""
     host, port, seconds, start_at = job["host"], job["port"], job["seconds"], job["start_at"]
     devices: List[Tuple[bytes, bytes]] = job["devices"]  # (topic, body template)
     socks = [connect_raw(host, port, "pub-%d-%d" % (os.getpid(), k)) for k in range(job["sockets"])]
@@ -61,7 +63,8 @@ def publisher_main(job: Dict[str, Any], out: Any) -> None:
     boot = job["boot"]
     slices = 20
     per_slice = (len(devices) + slices - 1) // slices
-    sent = 0
+    sent = link_lost = 0
+    drop_every = job.get("drop_every", 0)
     t0 = time.monotonic()
     cpu0 = time.process_time()
     for second in range(int(seconds)):
@@ -74,16 +77,20 @@ def publisher_main(job: Dict[str, Any], out: Any) -> None:
             now_ts = time.time()
             chunk = devices[s * per_slice:(s + 1) * per_slice]
             packets = [publish_packet(topic, fill(tmpl, now_ts, seq, boot)) for topic, tmpl in chunk]
+            sent += len(packets)
+            if drop_every:  # simulated loss on the devices' links: sent by the device, never by the broker
+                keep = [p for i, p in enumerate(packets) if (s * per_slice + i + seq) % drop_every]
+                link_lost += len(packets) - len(keep)
+                packets = keep
             k = len(socks)
             for i, sock in enumerate(socks):
                 sock.sendall(b"".join(packets[i::k]))
-            sent += len(packets)
     behind = time.monotonic() - (t0 + seconds)
     cpu = time.process_time() - cpu0
     for sock in socks:
         sock.sendall(wire.DISCONNECT_BYTES)
         sock.close()
-    out.put({"sent": sent, "behind_s": behind, "cpu_s": cpu})
+    out.put({"sent": sent, "link_lost": link_lost, "behind_s": behind, "cpu_s": cpu})
 
 
 def send_round(host: str, port: int, devices: Sequence[Tuple[bytes, bytes]], seq: int, boot: float, *,

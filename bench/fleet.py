@@ -20,7 +20,11 @@ Everything runs on loopback against a real mosquitto (tests/mqtt_broker.py):
    RPC round trip while the traffic runs, and the load average (other work on the machine).
    At fleet scale (20,000 devices; --quick: 2,000) the same traffic is taken in by one and then by two
    `fleet serve` processes in one shared-subscription group on a PostgreSQL registry (a throw-away
-   cluster, tests/pg_server.py), against the raw subscriber's rate in the same run.
+   cluster, tests/pg_server.py), against the raw subscriber's rate in the same run; the busiest
+   controller's CPU and share of the messages show the second one taking half the work.
+   *Loss accounting*: one message in 50 never leaves its device (the load generator counts it as sent and
+   does not write it); the controller's own count of telemetry that reached no controller must equal
+   the bench's exact count.
 2. **Rollout.** `fleet serve` + simulated devices (tests/sim_devices.py: one MQTT session playing every
    device; each verifies the signed command and reports the events and statuses of a healthy deploy,
    without fetching bytes) — the time from `rollout.start` (waves 10/30/100) until every device passed
@@ -32,7 +36,7 @@ Everything runs on loopback against a real mosquitto (tests/mqtt_broker.py):
    how many commands devices refused (a replayed or out-of-order sequence number; target 0).
 
     python bench/fleet.py                 # 1,000, 10,000 and 20,000 devices, rollout to 10,000
-    python bench/fleet.py --quick         # 2,000 devices, rollout to 200
+    python bench/fleet.py --quick         # 2,000 devices, rollout to 200, no failover (< 1 minute)
     python bench/fleet.py --phases scale  # only the 20,000-device phase (ingest, scale, failover, rollout)
 """
 
@@ -122,7 +126,7 @@ def device_templates(n: int) -> List[Tuple[bytes, bytes]]:
 
 
 def run_publishers(host: str, port: int, devices: List[Tuple[bytes, bytes]], seconds: float, processes: int, *,
-                   boot: float) -> Dict[str, float]:
+                   boot: float, drop_every: int = 0) -> Dict[str, float]:
     """Start publisher processes (bench/_mqtt_load.py), wait for them: messages sent, monotonic time of the
     first publish, worst lag behind schedule (s), and their CPU seconds."""
     from bench._mqtt_load import publisher_main
@@ -134,7 +138,7 @@ def run_publishers(host: str, port: int, devices: List[Tuple[bytes, bytes]], sec
     procs = [
         mp.Process(target=publisher_main, args=({"host": host, "port": port, "devices": devices[k::processes],
                                                  "seconds": seconds, "start_at": start_at, "boot": boot,
-                                                 "sockets": 2}, q))
+                                                 "sockets": 2, "drop_every": drop_every}, q))
         for k in range(processes)
     ]
     for p in procs:
@@ -142,7 +146,8 @@ def run_publishers(host: str, port: int, devices: List[Tuple[bytes, bytes]], sec
     results = [q.get(timeout=seconds + 60) for _ in procs]
     for p in procs:
         p.join(10)
-    return {"sent": sum(r["sent"] for r in results), "mono_start": mono_start,
+    return {"sent": sum(r["sent"] for r in results), "link_lost": sum(r["link_lost"] for r in results),
+            "mono_start": mono_start,
             "behind_s": max(r["behind_s"] for r in results), "cpu_s": sum(r["cpu_s"] for r in results)}
 
 
@@ -178,7 +183,8 @@ class ServeProcess:
     """`fleet serve` in its own process, with a fresh state dir and key."""
 
     def __init__(self, broker, workdir: Path, *, tick_s: float = 1.0, pg_url: Optional[str] = None,
-                 client_id: str = "fleet-controller", key=None, lease_s: float = 10.0) -> None:
+                 client_id: str = "fleet-controller", key=None, lease_s: float = 10.0,
+                 flush_s: float = 5.0) -> None:
         from edge_agent.signing import PrivateKey
 
         self.workdir = workdir
@@ -200,7 +206,8 @@ class ServeProcess:
         self.config.write_text(
             '[mqtt]\nhost = "%s"\nport = %d\nprefix = "%s"\nmax_queued_messages = 100000\n'
             '[controller]\nkey_file = "%s"\nstate_dir = "%s"\nclient_id = "%s"\n[rollouts]\ntick_interval_s = %g\n'
-            % (broker.host, broker.port, PREFIX, key_file, self.state, client_id, tick_s)
+            'telemetry_flush_s = %g\n'
+            % (broker.host, broker.port, PREFIX, key_file, self.state, client_id, tick_s, flush_s)
             + ('[registry]\nurl = "%s"\nlease_s = %g\n' % (pg_url, lease_s) if pg_url else "")
         )
         if pg_url:
@@ -326,7 +333,7 @@ def _wait_flushed(counters, timeout_s: float = 30.0) -> Dict[str, Any]:
 
 
 def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int, *, controllers: int = 1,
-                      pg_url: Optional[str] = None) -> Dict[str, float]:
+                      pg_url: Optional[str] = None, flush_s: float = 5.0, drop_every: int = 0) -> Dict[str, float]:
     """The real controller(s)' view of the same traffic, and how fast the CLI is answered meanwhile.
     With `pg_url`, the controllers share a PostgreSQL registry and report their counters there.
 
@@ -339,8 +346,8 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int,
     from bench._mqtt_load import send_round
     from fleet.rpc import RpcTimeout
 
-    serves = [ServeProcess(broker, workdir / ("c%d" % k), pg_url=pg_url, client_id="bench-ctl-%d" % k)
-              for k in range(controllers)]
+    serves = [ServeProcess(broker, workdir / ("c%d" % k), pg_url=pg_url, client_id="bench-ctl-%d" % k,
+                           flush_s=flush_s) for k in range(controllers)]
     devices = device_templates(n)
     boot = time.time() - 100.0  # every simulated agent started 100 s before the run
     try:
@@ -374,14 +381,15 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int,
 
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
-        pub = run_publishers(broker.host, broker.port, devices, seconds, procs, boot=boot)
+        pub = run_publishers(broker.host, broker.port, devices, seconds, procs, boot=boot, drop_every=drop_every)
         sent, mono_start = pub["sent"], pub["mono_start"]
         publishing.clear()
         prober.join(70)
         wall_start = time.time() - (time.monotonic() - mono_start)
         # Wait until the controllers have taken in everything they are going to get.
         st = _wait_received(counters, before["received"] + before["dropped"] + sent, seconds + 180)
-        cpu = sum(_cpu_seconds(sv.proc.pid) - c for sv, c in zip(serves, cpu0))
+        cpu_each = [_cpu_seconds(sv.proc.pid) - c for sv, c in zip(serves, cpu0)]
+        cpu = sum(cpu_each)
         load1 = _load()
         received = st["received"] - before["received"]
         # The controllers stamp the wall-clock time of the last message they handled.
@@ -400,6 +408,10 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int,
             "elapsed_s": elapsed,
             "cpu_pct": 100.0 * cpu / elapsed,
             "cpu_ms_per_1000": 1000.0 * cpu / max(1, received) * 1000.0,
+            # The busiest controller: its CPU and its share of the messages (with two, each takes about half).
+            "busiest_cpu_pct": 100.0 * max(cpu_each) / elapsed,
+            "busiest_share": max(a - b for a, b in zip(st["received_each"], before["received_each"]))
+            / max(1, received) if len(st["received_each"]) == len(before["received_each"]) else None,
             "rss_mib": max(_mem_kib(sv.proc.pid).get("VmHWM", 0) for sv in serves) / 1024.0,
             "malformed": st["malformed"] - before["malformed"],
             # Neither handled nor shed-and-counted by a controller: lost between the devices and them.
@@ -408,6 +420,7 @@ def ingest_controller(broker, workdir: Path, n: int, seconds: float, procs: int,
             # gaps, their own shedding excluded), to set against `lost`.
             "counted_upstream_lost": (end["upstream_lost"] or 0) - (before["upstream_lost"] or 0),
             "dropped_overload": shed,
+            "link_lost_simulated": pub["link_lost"],
             "closing_round_received": end["received"] + end["dropped"] - st["received"] - st["dropped"],
             "devices": st["devices"],
             "drain_s": max(0.0, done_at - (mono_start + seconds)),
@@ -432,14 +445,15 @@ def _ingest_counters(serves: List[ServeProcess], rpc, pg_url: Optional[str]) -> 
         upstream = st.get("telemetry_upstream", {}).get("lost")
     else:
         since = time.time() - 30
-        rows = _pg_exec(pg_url, "SELECT stats FROM controllers WHERE heartbeat >= %s", (since,))
-        ing = [json.loads(r[0])["ingest"] for r in rows]
+        rows = _pg_exec(pg_url, "SELECT client_id, stats FROM controllers WHERE heartbeat >= %s", (since,))
+        ing = [json.loads(r[1])["ingest"] for r in sorted(rows)]
         devices = int(_pg_exec(pg_url, "SELECT COUNT(*) FROM devices")[0][0])
         upstream = int(_pg_exec(pg_url, "SELECT COALESCE(SUM(tel_lost_prior + GREATEST(0, tel_seq_max - "
                                 "tel_seq_min + 1 - tel_received)), 0) FROM devices WHERE tel_boot IS NOT NULL")[0][0])
     return {
         "upstream_lost": upstream,
         "received": sum(i["received"]["telemetry"] for i in ing),
+        "received_each": [i["received"]["telemetry"] for i in ing],
         "malformed": sum(sum(i["malformed"].values()) for i in ing),
         # Shed and counted: the bounded backlog, the per-device rate limit, oversize reports.
         "dropped": sum(i["dropped"]["telemetry"] + i.get("rate_limited", 0) + i.get("oversize", 0) for i in ing),
@@ -641,14 +655,19 @@ def _ingest_figures(n: int, label: str, base: Dict[str, float], ctl: Dict[str, A
         figure("load generator CPU per 1,000 messages, %d devices%s" % (n, label),
                round(ctl["publisher_cpu_ms_per_1000"], 1), "ms", baseline=round(base["publisher_cpu_ms_per_1000"], 1),
                higher_is_better=False),
+        figure("busiest controller CPU, %d devices%s" % (n, label), round(ctl["busiest_cpu_pct"], 1), "% of one core",
+               higher_is_better=False),
+        figure("busiest controller's share of the messages, %d devices%s" % (n, label),
+               None if ctl["busiest_share"] is None else round(ctl["busiest_share"], 3), "fraction",
+               higher_is_better=False),
         figure("load average (1 min) after the measurement, %d devices%s" % (n, label), ctl["load_avg"][1][0],
                "runnable tasks (2 cores)", baseline=base["load_avg"][1][0], higher_is_better=False),
     ]
     return out
 
 
-def _scale_phase(broker, pg, work: Path, n: int, seconds: float,  # noqa: PLR0917
-                 details: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _scale_phase(broker, pg, work: Path, n: int, seconds: float, *, details: Dict[str, Any],
+                 flush_s: float) -> List[Dict[str, Any]]:
     """`n` devices taken in by one and by two controllers on one PostgreSQL registry, vs raw delivery."""
     procs = 1 if n <= 10000 else 2
     base = ingest_baseline(broker, n, seconds, procs)
@@ -656,12 +675,27 @@ def _scale_phase(broker, pg, work: Path, n: int, seconds: float,  # noqa: PLR091
     out = []
     for k in (1, 2):
         ctl = ingest_controller(broker, work / ("scale-%d-%d" % (n, k)), n, seconds, procs, controllers=k,
-                                pg_url=_fresh_pg_db(pg))
+                                pg_url=_fresh_pg_db(pg), flush_s=flush_s)
         details["scale_%d" % n]["controllers_%d" % k] = ctl
         _progress("scale_%d_controllers_%d" % (n, k), {"baseline": base, "controller": ctl})
         label = ", %d controller%s, PostgreSQL" % (k, "s" if k > 1 else "")
         out += _ingest_figures(n, label, base, ctl)
     return out
+
+
+def _loss_figures(broker, work: Path, n: int, seconds: float, *, details: Dict[str, Any],
+                  flush_s: float) -> List[Dict[str, Any]]:
+    """One message in 50 never leaves its device (a lossy link, simulated by the load generator): the
+    controller's own count of telemetry that reached no controller, against the bench's exact count."""
+    ctl = ingest_controller(broker, work / "loss", n, seconds, 1, flush_s=flush_s, drop_every=50)
+    details["loss_%d" % n] = ctl
+    _progress("loss_%d" % n, ctl)
+    return [
+        figure("lost upstream as counted by the controller, %d devices, 1 in 50 messages never published" % n,
+               ctl["counted_upstream_lost"], "messages", baseline=ctl["lost"], target=ctl["lost"]),
+        figure("messages lost beyond the simulated link loss, %d devices" % n,
+               ctl["lost"] - ctl["link_lost_simulated"], "messages", target=0, higher_is_better=False),
+    ]
 
 
 def _failover_figures(broker, pg, work: Path, n: int, details: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -694,11 +728,13 @@ def _rollout_figures(broker, work: Path, n: int, details: Dict[str, Any]) -> Lis
 def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=None, help="telemetry duration per measurement")
-    p.add_argument("--phases", default="ingest,scale,failover,rollout",
-                   help="comma-separated subset of: ingest, scale, failover, rollout")
+    p.add_argument("--phases", default=None,
+                   help="comma-separated subset of: ingest, scale, loss, failover, rollout (default: all; "
+                        "--quick: scale, loss, rollout — failover waits out a 15 s resend grace)")
     p.add_argument("--scale-devices", type=int, default=None, help="devices of the scale phase")
     args = p.parse_args()
-    phases = set(args.phases.split(","))
+    phases = set((args.phases or ("scale,loss,rollout" if args.quick else
+                                  "ingest,scale,loss,failover,rollout")).split(","))
     from mqtt_broker import Broker
 
     sizes = (2000,) if args.quick else (1000, 10000)
@@ -706,7 +742,10 @@ def main() -> int:
     scale_n = args.scale_devices or (2000 if args.quick else 20000)  # 1 and 2 controllers, PostgreSQL registry
     rollout_n = 200 if args.quick else 10000
     failover_n = 50 if args.quick else 500
+    loss_n = 2000 if args.quick else 5000
     seconds = args.seconds or (3.0 if args.quick else 15.0)
+    # --quick: summaries written every second instead of every 5 s, so the waits for a flush are short.
+    flush_s = 1.0 if args.quick else 5.0
     load_start = _load()
     figures = []
     details: Dict[str, Any] = {}
@@ -719,12 +758,14 @@ def main() -> int:
             for n in sizes:
                 procs = 1 if n <= 10000 else 2
                 base = ingest_baseline(broker, n, seconds, procs)
-                ctl = ingest_controller(broker, work / ("ingest-%d" % n), n, seconds, procs)
+                ctl = ingest_controller(broker, work / ("ingest-%d" % n), n, seconds, procs, flush_s=flush_s)
                 details["ingest_%d" % n] = {"baseline": base, "controller": ctl}
                 _progress("ingest_%d" % n, details["ingest_%d" % n])
                 figures += _ingest_figures(n, "", base, ctl)
             if "scale" in phases:
-                figures += _scale_phase(broker, pg, work, scale_n, seconds, details)
+                figures += _scale_phase(broker, pg, work, scale_n, seconds, details=details, flush_s=flush_s)
+            if "loss" in phases:
+                figures += _loss_figures(broker, work, loss_n, seconds, details=details, flush_s=flush_s)
             if "failover" in phases:
                 figures += _failover_figures(broker, pg, work, failover_n, details)
             if "rollout" in phases:
