@@ -4,14 +4,18 @@ on ONNX Runtime (CPU, one intra-op thread per model, engine batch 16).
 
 1. Model cost: ms per item of each model alone at batch 1 and batch 16 (what one CPU core pays).
 2. Router vs large-only over the HTTP API (`ApiServer`, loopback, one `.npy` item per POST, keep-alive
-   connections) at concurrency C: τ is calibrated on the calib split (point estimate within 0.5 points
-   of large-only), the held-out split is served once per round with the router and once with every
-   request sent to the large model. Figures: throughput ratio (target >= 2.5x) and the accuracy
-   difference on held-out data in points (target <= 0.5).
+   connections) at concurrency C: τ is the one `fleet router calibrate` recommends for the bundle on the
+   generated calib split (3,000 items; its defaults: 0.5-point budget met by the exact 95 % bound,
+   30 % of the data held out to check it), the generated held-out split (3,000 other items, glyphs
+   never trained on) is served once per round with the router and once with every request sent to the
+   large model. Figures: throughput ratio (target >= 2.5x) and the accuracy difference on held-out data
+   in points (target <= 0.5; one item is 0.033 points).
 3. Dynamic batching: the large model (all requests routed to it) at concurrency 16 through
    `infer_tensor`, batched (engine batch 16, max queue delay 2 ms) against one request at a time (engine
-   batch 1, no queue delay). The figure is that serving gain as a share of the large engine's own gain
-   from batch 16 over batch 1 (the engine alone, measured in the same rounds): target >= 0.9.
+   batch 1, no queue delay), and the same two engines alone (batch 16 calls on the batched service's
+   engine, batch 1 calls on the one-at-a-time service's engine, same items, one intra-op thread). Each
+   round measures all four back to back over the same number of items, in an order that alternates;
+   the figure is the median over rounds of that round's served gain / engine gain: target >= 0.9.
 4. Detector through a source: the shapes held-out folder read by `SourceRunner` (OpenCV decode), served
    by the router, by the small model only and by the large model only; frames/s and matched-box F1
    against the scene ground truth (IoU >= 0.5, same class).
@@ -74,15 +78,29 @@ def model_costs(models: Any, x: np.ndarray, *, iterations: int) -> Dict[str, flo
     return out
 
 
-def calibrate_tau(models: Any, xc: np.ndarray, yc: np.ndarray) -> Tuple[float, Dict[str, float]]:
-    """The confidence τ with the fewest large calls whose calib accuracy (point estimate) is within
-    MAX_DROP_PTS of large-only."""
-    from edge_agent.runtime import calibration
+def calibrate_tau(bundle_dir: Path, xc: np.ndarray, yc: np.ndarray, work: Path) -> Tuple[float, Dict[str, Any]]:
+    """The τ `fleet router calibrate` recommends for the bundle on (xc, yc) with its default settings
+    (0.5-point budget, exact 95 % bound, 30 % held out); the bundle's tau_max (all but certain items go
+    large) when it recommends none."""
+    import contextlib
+    import json
 
-    data = calibration.collect(models.small, models.large, xc, yc, gate="confidence", batch=ENGINE_BATCH)
-    rows = calibration.sweep(data, calibration.candidate_taus(data.scores, 0.5, 0.999))
-    best = calibration.recommend(rows, max_drop_pts=MAX_DROP_PTS, key="drop_pts")
-    return (best["tau"], best) if best else (0.999, rows[-1])
+    from fleet.cli import main as fleet_main
+
+    data, out = work / "calib96.npz", work / "calib96.json"
+    np.savez(data, x=xc, y=yc)
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = fleet_main(["router", "calibrate", str(bundle_dir), "--data", str(data), "--json", str(out),
+                         "--max-accuracy-drop", str(MAX_DROP_PTS)])
+    data.unlink()
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    best = doc.get("recommended")
+    if rc != 0 or not best:
+        return 0.999, {"refused": True, "rc": rc}
+    check = doc.get("heldout_check") or {}
+    return float(best["tau"]), {"large_fraction": best["large_fraction"], "drop_upper_pts": best["drop_upper_pts"],
+                                "drop_pts": best["drop_pts"], "items": doc["calibration_items"],
+                                "check_drop_pts": check.get("drop_pts"), "check_items": doc["heldout_items"]}
 
 
 def http_drive(port: int, bodies: List[bytes], labels: np.ndarray, *, concurrency: int) -> Dict[str, float]:
@@ -128,12 +146,27 @@ def inproc_drive(svc: Any, x: np.ndarray, *, concurrency: int) -> float:
     return len(x) / run_clients(client, concurrency, start)
 
 
-def engine_gain(engine: Any, *, iterations: int) -> float:
-    """Items/s of the engine alone at ENGINE_BATCH over batch 1."""
-    from edge_agent.engines.tuner import measure_batches
+def engine_drive(engine: Any, x: np.ndarray, batch: int) -> float:
+    """Items/s of the engine alone over x in calls of `batch` items (the caller's thread)."""
+    name = engine.inputs[0].name
+    t0 = time.perf_counter()
+    for s in range(0, len(x) - batch + 1, batch):
+        engine.infer({name: x[s : s + batch]})
+    return (len(x) // batch * batch) / (time.perf_counter() - t0)
 
-    by = {m.batch: m.items_per_s for m in measure_batches(engine, [1, ENGINE_BATCH], iterations=iterations)}
-    return by[ENGINE_BATCH] / by[1]
+
+def batching_round(svc: Any, svc_one: Any, models: Any, one: Any, x: np.ndarray, *, rnd: int) -> Dict[str, float]:
+    """One round: served batched / one-at-a-time and the engines alone at batch 16 / 1, on the same items,
+    back to back (order alternating by round). Returns the four items/s and both gains."""
+    steps = [("batched", lambda: inproc_drive(svc, x, concurrency=16)),
+             ("single", lambda: inproc_drive(svc_one, x, concurrency=16)),
+             ("engine_b16", lambda: engine_drive(models.large, x, ENGINE_BATCH)),
+             ("engine_b1", lambda: engine_drive(one.large, x, 1))]
+    out = {k: f() for k, f in (steps if rnd % 2 == 0 else steps[::-1])}
+    out["served_gain"] = out["batched"] / out["single"]
+    out["engine_gain"] = out["engine_b16"] / out["engine_b1"]
+    out["share"] = out["served_gain"] / out["engine_gain"]
+    return out
 
 
 def source_run(svc: Any, folder: Path, truth: Dict[str, Any]) -> Dict[str, float]:
@@ -163,6 +196,11 @@ def _ratio(a: List[Dict[str, float]], b: List[Dict[str, float]], key: str) -> fl
     return float(np.median([x[key] / y[key] for x, y in zip(a, b)]))
 
 
+def batching_rounds_per_round(args: Any) -> int:
+    """Batching measurements after each HTTP round (short ones, so more of them)."""
+    return 1 if args.quick else 3
+
+
 def classifier_part(work: Path, args: Any, rounds: int) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Parts 1-3 on digits96."""
     from edge_agent.config import ApiConfig, RuntimeConfig
@@ -175,36 +213,34 @@ def classifier_part(work: Path, args: Any, rounds: int) -> Tuple[List[Dict[str, 
     models = harness.ort_models(bdir, manifest, batch=ENGINE_BATCH)
     one = harness.ort_models(bdir, manifest, batch=1)
     iters = 5 if args.quick else 30
-    costs = model_costs(models, xc, iterations=iters)
-    tau, cal = calibrate_tau(models, xc, yc)
-    print("digits96: tau %.4f from %d calib items (calib large fraction %.3f, drop %.2f points); CPU ms per item "
-          "on one core: small %.3f (batch 1) / %.3f (batch 16), large %.3f / %.3f"
-          % (tau, len(yc), cal["large_fraction"], cal["drop_pts"], costs["small_b1_cpu_ms"],
-             costs["small_b16_cpu_ms"], costs["large_b1_cpu_ms"], costs["large_b16_cpu_ms"]), flush=True)
-    cfg = RuntimeConfig(max_queue_delay_ms=2.0, max_queue=256)
-    svc = InferenceService(models, manifest, bdir, cfg)
+    costs = model_costs(models, xc[:64], iterations=iters)
+    tau, cal = calibrate_tau(bdir, xc, yc, work)
+    print("digits96: tau %.4f recommended by `fleet router calibrate` on %d calib items (%s); CPU ms per item on one "
+          "core: small %.3f (batch 1) / %.3f (batch 16), large %.3f / %.3f"
+          % (tau, len(yc), cal, costs["small_b1_cpu_ms"], costs["small_b16_cpu_ms"], costs["large_b1_cpu_ms"],
+             costs["large_b16_cpu_ms"]), flush=True)
+    svc = InferenceService(models, manifest, bdir, RuntimeConfig(max_queue_delay_ms=2.0, max_queue=256))
     svc_one = InferenceService(one, manifest, bdir, RuntimeConfig(max_queue_delay_ms=0.0, max_queue=256))
-    svc.set_router(gate="confidence", tau=tau)
     api = ApiServer(ApiConfig(host="127.0.0.1", port=0), get_service=lambda: svc, is_ready=lambda: True,
                     metrics_text=lambda: "")
     api.start()
-    n = 64 if args.quick else len(yh)
+    n = 160 if args.quick else len(yh)
     bodies = [_npy(x) for x in xh[:n]]
-    per: Dict[str, List[Dict[str, float]]] = {"router": [], "large": [], "batched": [], "single": [], "engine": []}
+    xb = xh[: 96 if args.quick else 320]  # items per batching measurement
+    per: Dict[str, List[Dict[str, float]]] = {"router": [], "large": [], "batching": []}
     try:
         svc.set_router(gate="large-only")
+        svc_one.set_router(gate="large-only")
         http_drive(api.port, bodies[:32], yh, concurrency=args.concurrency)  # warm-up
+        batching_round(svc, svc_one, models, one, xb[:32], rnd=0)
         for rnd in range(rounds):
             for gate in (("confidence", "large-only") if rnd % 2 == 0 else ("large-only", "confidence")):
-                svc.set_router(gate=gate)
+                svc.set_router(gate=gate, tau=tau)
                 per["router" if gate == "confidence" else "large"].append(
                     http_drive(api.port, bodies, yh[:n], concurrency=args.concurrency))
             svc.set_router(gate="large-only")
-            svc_one.set_router(gate="large-only")
-            pair = (("batched", svc), ("single", svc_one)) if rnd % 2 == 0 else (("single", svc_one), ("batched", svc))
-            for key, s in pair:
-                per[key].append({"rps": inproc_drive(s, xh[:n], concurrency=16)})
-            per["engine"].append({"gain": engine_gain(models.large, iterations=iters)})
+            for k in range(batching_rounds_per_round(args)):
+                per["batching"].append(batching_round(svc, svc_one, models, one, xb, rnd=rnd + k))
     finally:
         api.stop()
         svc.close()
@@ -212,8 +248,7 @@ def classifier_part(work: Path, args: Any, rounds: int) -> Tuple[List[Dict[str, 
         models.close()
         one.close()
     r, lo = _median(per["router"]), _median(per["large"])
-    served_gain = _ratio(per["batched"], per["single"], "rps")
-    model_gain = float(np.median([g["gain"] for g in per["engine"]]))
+    bat = _median(per["batching"])
     c = args.concurrency
     figures = [
         figure("digits96 small: CPU ms per item, batch 1, one core", costs["small_b1_cpu_ms"], "ms",
@@ -229,13 +264,14 @@ def classifier_part(work: Path, args: Any, rounds: int) -> Tuple[List[Dict[str, 
         figure("router large fraction (heldout)", r["large_fraction"], "fraction", baseline=1.0,
                higher_is_better=False),
         figure("router throughput over HTTP, c=%d" % c, r["rps"], "items/s", baseline=lo["rps"]),
-        figure("batching gain served (c=16, batched / one-at-a-time)", served_gain, "x", baseline=1.0),
-        figure("large engine alone: batch 16 / batch 1 items/s", model_gain, "x", baseline=1.0),
-        figure("served batching gain / engine batching gain", served_gain / model_gain, "x", baseline=1.0,
-               target=0.9),
+        figure("batching gain served (c=16, batched / one-at-a-time)", bat["served_gain"], "x", baseline=1.0),
+        figure("large engine alone: batch 16 / batch 1 items/s", bat["engine_gain"], "x", baseline=1.0),
+        figure("served batching gain / engine batching gain", bat["share"], "x", baseline=1.0, target=0.9),
+        figure("router accuracy (heldout)", r["accuracy"], "fraction", baseline=lo["accuracy"]),
+        figure("router tau recommended by fleet router calibrate", tau, "tau"),
     ]
     env = {"digits96_tau": tau, "digits96_costs_ms": costs, "digits96_calib": cal, "http_runs": {"router": r,
-           "large": lo}, "batching_runs": {k: _median(per[k]) for k in ("batched", "single")},
+           "large": lo}, "batching_rounds": per["batching"], "calib_items": len(yc),
            "heldout_items": n, "failed_requests": r["failed"] + lo["failed"]}
     return figures, env
 

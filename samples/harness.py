@@ -4,12 +4,16 @@
   the agent's `unpack_bundle` -- the manifest and files a device would serve from.
 * `ort_models`: both models of an unpacked bundle on ONNX Runtime (CPU), one intra-op thread each by
   default, in the `PreparedModels` shape `InferenceService` takes.
+* `glyph_splits` / `load_split`: the digits96 splits, rendered at run time from scikit-learn's bundled
+  8x8 glyphs by `synth.digit_item` with fixed seeds (calib and heldout: `SPLIT_ITEMS` items each from
+  glyphs never trained on), cached in the process.
 * `scene_truth` / `detection_counts`: the ground truth of a shapes split and matched-box counts of
   answers against it (F1 via `synth.f1_score`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -24,6 +28,13 @@ import synth  # noqa: E402
 
 DIGITS96 = SAMPLES / "digits96"
 SHAPES = SAMPLES / "shapes"
+#: Seed of the digits96 glyph split and renderings (train.py uses the same).
+DIGITS_SEED = 20240601
+#: Items in the generated calib and heldout splits by default: 0.5 points is 15 items, and the
+#: calibration's exact 95 % bound can certify a 0.5-point budget (it needs >= 598 items with no loss).
+SPLIT_ITEMS = 3000
+#: The rendering seed of each split (offset from DIGITS_SEED).
+_SPLIT_SEEDS = {"calib": 100, "heldout": 101}
 
 
 class OrtModels:
@@ -56,6 +67,25 @@ def build_unpacked(sample_dir: Path, work: Path) -> Tuple[Path, Any]:
     return dest, manifest
 
 
+def count_flops(path: Path) -> int:
+    """Multiply-adds x 2 of every Conv and Gemm for ONE item, read from an ONNX graph (needs onnx)."""
+    import onnx
+    from onnx import shape_inference
+
+    m = shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        shapes[vi.name] = [d.dim_value if d.dim_value else 1 for d in vi.type.tensor_type.shape.dim]
+    weights = {t.name: list(t.dims) for t in m.graph.initializer}
+    flops = 0
+    for node in m.graph.node:
+        if node.op_type == "Conv":
+            flops += 2 * int(np.prod(shapes[node.output[0]])) * int(np.prod(weights[node.input[1]][1:]))
+        elif node.op_type == "Gemm":
+            flops += 2 * int(np.prod(weights[node.input[1]]))
+    return flops
+
+
 def ort_models(bundle_dir: Path, manifest: Any, *, batch: int = 16, threads: int = 1) -> OrtModels:
     """Both models on ONNX Runtime with engine batch `batch` and `threads` intra-op threads each."""
     from edge_agent.engines.ort import OrtEngine
@@ -66,10 +96,39 @@ def ort_models(bundle_dir: Path, manifest: Any, *, batch: int = 16, threads: int
     return OrtModels(one("small"), one("large"), batch)
 
 
-def load_split(name: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(x float32 (N, 1, 96, 96) in [0, 1], y int64) of a digits96 split."""
-    with np.load(str(DIGITS96 / ("%s.npz" % name))) as z:
-        return z["x"].astype(np.float32) / 255.0, z["y"].astype(np.int64)
+@functools.lru_cache(maxsize=1)
+def glyph_splits() -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's 8x8 digit glyphs (0..16) and labels split stratified with a fixed seed: 60 % train,
+    20 % calib, 20 % heldout (as samples/digits splits them)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x, y = d.images.astype(np.float32), d.target.astype(np.int64)
+    x_rest, x_held, y_rest, y_held = train_test_split(x, y, test_size=0.2, stratify=y, random_state=DIGITS_SEED)
+    x_tr, x_cal, y_tr, y_cal = train_test_split(x_rest, y_rest, test_size=0.25, stratify=y_rest,
+                                                random_state=DIGITS_SEED + 1)
+    return {"train": (x_tr, y_tr), "calib": (x_cal, y_cal), "heldout": (x_held, y_held)}
+
+
+@functools.lru_cache(maxsize=4)
+def rendered_split(name: str, items: int = SPLIT_ITEMS) -> Tuple[np.ndarray, np.ndarray]:
+    """(x uint8 (items, 1, 96, 96), y int64) of the calib or heldout split: its glyphs in their
+    (stratified, shuffled) order, cycled, each rendering a fresh draw of one seeded generator."""
+    if name not in _SPLIT_SEEDS:
+        raise ValueError("no generated split %r (calib or heldout)" % name)
+    g, y = glyph_splits()[name]
+    order = np.arange(items) % len(y)
+    rng = np.random.default_rng(DIGITS_SEED + _SPLIT_SEEDS[name])
+    x = np.stack([synth.digit_item(g[i], rng, 96) for i in order])[:, None]
+    x.setflags(write=False)
+    return x, y[order]
+
+
+def load_split(name: str, items: int = SPLIT_ITEMS) -> Tuple[np.ndarray, np.ndarray]:
+    """(x float32 (N, 1, 96, 96) in [0, 1], y int64) of a generated digits96 split."""
+    x, y = rendered_split(name, items)
+    return x.astype(np.float32) / 255.0, y.copy()
 
 
 def scene_truth(split: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:

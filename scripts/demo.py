@@ -32,6 +32,8 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "digits96"
+#: Held-out items the traffic clients cycle through (rendered at start-up, about 0.5 ms each).
+DEMO_ITEMS = 600
 PY = sys.executable
 
 
@@ -206,10 +208,13 @@ class Traffic:
         import cv2
         import numpy as np
 
-        data = np.load(SAMPLES / "heldout.npz")
-        self.labels = [int(y) for y in data["y"]]
+        sys.path.insert(0, str(SAMPLES.parent))
+        import harness  # samples/harness.py: the held-out split, rendered from the bundled glyphs
+
+        xs, ys = harness.rendered_split("heldout", DEMO_ITEMS)
+        self.labels = [int(y) for y in ys]
         self.images = []
-        for x in data["x"]:
+        for x in xs:
             ok, png = cv2.imencode(".png", np.asarray(x[0], np.uint8))  # 96x96 gray camera crops
             assert ok
             self.images.append(png.tobytes())

@@ -10,7 +10,7 @@ output `detections` is (N, 256, 8) rows of cx, cy, w, h (input pixels), objectne
 the layout `edge_agent.runtime.postprocess.decode_yolo` reads (score = objectness x class score):
     cx, cy = (cell centre + 4 * sigmoid(t) - 2) * 8,   w, h = 96 * sigmoid(t)^2,
     objectness = sigmoid, class scores = softmax.
-* small: Conv 3->16 s2, 16->32 s2, 32->48 s2, 48->48 (each + ReLU), 1x1 heads.
+* small: Conv 3->16 s2, 16->32 s2, 32->48 s2, 48->48, 48->48 (each + ReLU), 1x1 heads.
 * large: Conv 3->24 s2, 24->48 s2, 48->64 s2, two residual blocks at 64 channels, Conv 64->96, 1x1 heads.
 A ground-truth box is assigned to the cell holding its centre and to the neighbouring cells whose centres
 fall in the middle half of the box. Losses: objectness BCE over all cells, L1 on the decoded box (in
@@ -128,7 +128,7 @@ def build_models():
         def forward(self, x):
             return self.head(self.body(x))
 
-    small = Det(nn.Sequential(cbr(3, 16, 2), cbr(16, 32, 2), cbr(32, 48, 2), cbr(48, 48)), 48)
+    small = Det(nn.Sequential(cbr(3, 16, 2), cbr(16, 32, 2), cbr(32, 48, 2), cbr(48, 48), cbr(48, 48)), 48)
     large = Det(nn.Sequential(cbr(3, 24, 2), cbr(24, 48, 2), cbr(48, 64, 2), Block(64), Block(64), cbr(64, 96)), 96)
     return small, large
 
@@ -333,8 +333,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--scenes", type=int, default=4000, help="training scenes (default 4000)")
-    ap.add_argument("--epochs-small", type=int, default=4, help="passes over the training scenes (default 4)")
-    ap.add_argument("--epochs-large", type=int, default=4, help="passes over the training scenes (default 4)")
+    ap.add_argument("--epochs-small", type=int, default=8, help="passes over the training scenes (default 8)")
+    ap.add_argument("--epochs-large", type=int, default=8, help="passes over the training scenes (default 8)")
+    ap.add_argument("--skip-large", action="store_true", help="keep the large.onnx already in --out (training is "
+                    "seeded and deterministic, so it is the one a full run writes) and train the small only")
     ap.add_argument("--threads", type=int, default=1, help="PyTorch threads (default 1)")
     args = ap.parse_args(argv)
     import onnx
@@ -354,18 +356,21 @@ def main(argv=None) -> int:
     print("generated %d training scenes (%.0f s)" % (len(pool), time.time() - t0), flush=True)
     print("training small detector", flush=True)
     train_model(small, pool, tg, epochs=args.epochs_small, lr=5e-3, seed=SEED)
-    print("training large detector", flush=True)
-    train_model(large, pool, tg, epochs=args.epochs_large, lr=4e-3, seed=SEED + 1)
+    if not args.skip_large:
+        print("training large detector", flush=True)
+        train_model(large, pool, tg, epochs=args.epochs_large, lr=4e-3, seed=SEED + 1)
     gold = {}
     print("\nmodel  FLOPs/item  size(bytes)  max|ort-torch|  calib-best thr  heldout F1")
     for name, model in (("small", small), ("large", large)):
         path = out / ("%s.onnx" % name)
-        onnx.save(to_onnx(model, "shapes_" + name), str(path))
+        kept = name == "large" and args.skip_large
+        if not kept:
+            onnx.save(to_onnx(model, "shapes_" + name), str(path))
         onnx.checker.check_model(onnx.load(str(path)))
         xc, bc, cc = splits["calib"]
         got = run_onnx(path, as_x(xc))
         with torch.no_grad():
-            ref = decode_torch(model(torch.from_numpy(as_x(xc))))[0].numpy()
+            ref = got if kept else decode_torch(model(torch.from_numpy(as_x(xc))))[0].numpy()
         thr = max((round(t, 2) for t in np.arange(0.2, 0.8, 0.05)), key=lambda t: f1_at(got, bc, cc, t))
         xh, bh, ch = splits["heldout"]
         f1 = f1_at(run_onnx(path, as_x(xh)), bh, ch, thr)
