@@ -212,7 +212,7 @@ class RpcServer:
             return RpcResponse(ok=False, error=str(e))
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             # OverflowError: a number too big for the registry (SQLite integers are 64-bit).
-            return RpcResponse(ok=False, error="bad parameters for %s: %s" % (method, e))
+            return RpcResponse(ok=False, error="bad parameters for %s: %s" % (method, _one_line(e)))
         except Exception as e:  # never let a handler bug kill the worker
             self.stats["errors"] += 1
             log.exception("RPC %s failed", method)
@@ -310,3 +310,16 @@ class RpcClient:
         if not resp.ok:
             raise RpcError(resp.error or "the controller refused %s" % method)
         return resp.result
+
+
+def _one_line(e: Exception) -> str:
+    """An error as one line: a pydantic ValidationError's first error (where: what), else the message with
+    its whitespace collapsed."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            return "%s: %s" % (".".join(str(p) for p in first["loc"]) or "(top level)", first["msg"])
+        except (TypeError, LookupError, AttributeError):
+            pass
+    return " ".join(str(e).split())
