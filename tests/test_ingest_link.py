@@ -257,3 +257,36 @@ def test_the_reader_takes_any_bytes_split_anywhere_and_fails_only_with_wire_erro
     rest = reader.feed(memoryview(buf), rest, len(buf), out, acks, control)
     assert rest == len(buf)
     assert out == [("a/b", data[:50]), ("c", data[50:120])] and acks == [3] and control == [(13, 0, b"")]
+
+
+@pytest.mark.parametrize("receiver", ["native", "paho"])
+def test_the_controller_takes_reports_with_either_receiver(tmp_path, receiver):
+    """`[ingest] receiver`: the controller's own client or paho on the reports connection, same result."""
+    from edge_agent.protocol.messages import Telemetry
+    from edge_agent.signing import PrivateKey
+    from fleet.config import ControllerSection, FleetConfig, IngestSection
+    from fleet.controller import Controller
+
+    with Broker(tmp_path / "b") as broker:
+        mqtt = MqttConfig(host=broker.host, port=broker.port, prefix="t")
+        cfg = FleetConfig(mqtt=mqtt, controller=ControllerSection(client_id="ctl", state_dir=tmp_path / "state"),
+                          ingest=IngestSection(receiver=receiver))
+        ctl = Controller(cfg, key=PrivateKey.generate("controller"))
+        dev = MqttSession(mqtt, client_id="dev", name="dev")
+        ctl.start()
+        dev.start()
+        try:
+            assert ctl.wait_connected(10) and dev.wait_connected(10)
+            assert isinstance(ctl.ingest_session, IngestLink) == (receiver == "native")
+            body = Telemetry(device_id="cam-1", ts=time.time(), seq=3, period_s=1.0, uptime_s=9.0).to_json()
+
+            def landed() -> bool:
+                dev.publish("t/devices/cam-1/telemetry", body, qos=1)
+                ctl.control.ingest.flush()
+                d = ctl.registry.get_device("cam-1")
+                return bool(d and d["telemetry"] and d["telemetry"]["seq"] == 3)
+
+            assert _wait(landed, 10), ctl.control.ingest.stats()
+        finally:
+            dev.stop()
+            ctl.stop()
