@@ -203,7 +203,7 @@ class Registry(RolloutTables):
     def record_telemetry(self, items: Iterable[Sequence[Any]], *, now: float) -> int:
         """Store the latest telemetry summary of many devices in one transaction.
 
-        `items`: (device_id, telemetry ts, summary dict, health[, accounting]); `accounting` is
+        `items`: (device_id, telemetry ts, summary dict or its JSON text, health[, accounting]); `accounting` is
         (boot time, lowest seq, highest seq, messages) of what this controller received from the device
         since its last flush (see `telemetry_loss`). A summary older than the stored one (another
         controller flushed a newer one first) does not replace it. Returns the number of rows written.
@@ -211,7 +211,8 @@ class Registry(RolloutTables):
         rows = []
         for item in items:
             acct = tuple(item[4]) if len(item) > 4 and item[4] is not None else (None, None, None, None)
-            rows.append((item[0], now, now, item[1], dumps_json(item[2]), item[3], *acct))
+            text = item[2] if isinstance(item[2], str) else dumps_json(item[2])  # str: JSON text already
+            rows.append((item[0], now, now, item[1], text, item[3], *acct))
         if not rows:
             return 0
 
@@ -249,7 +250,8 @@ class Registry(RolloutTables):
         interval stays, later ones for the same interval are ignored."""
         if not points:
             return 0
-        rows = [(d, int(b), ts, dumps_json(summary)) for d, b, ts, summary in points]
+        rows = [(d, int(b), ts, summary if isinstance(summary, str) else dumps_json(summary))
+                for d, b, ts, summary in points]
 
         def write(db: Tx) -> int:
             sql = "INSERT INTO telemetry_history (device_id, bucket, ts, summary) "

@@ -114,3 +114,12 @@ def fast_telemetry(payload: bytes) -> Optional[FastTelemetry]:
             or (t.bundle is not None and (t.bundle.version < 1 or _NAME.fullmatch(t.bundle.name) is None))):
         return None
     return t
+
+
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def summary_json(summary: Dict[str, object]) -> str:
+    """A telemetry summary as the registry's JSON text: compact, keys sorted, UTF-8 (about six times
+    cheaper than `json.dumps`; a non-finite float, which strict JSON has no spelling for, becomes null)."""
+    return _encoder.encode(summary).decode("utf-8")

@@ -141,3 +141,14 @@ def test_generated_reports_get_the_same_answer_from_both(changes, dropped):
 def test_device_ids_the_model_allows_take_the_shortcut(text):
     p = json.dumps(dict(BASE, device_id=text)).encode()
     assert fast_telemetry(p) is not None and parse_telemetry(p, max_bytes=4096).device_id == text
+
+
+def test_summary_text_reads_back_as_the_summary():
+    """The registry's JSON text of a summary (msgspec, sorted keys) reads back to the same values."""
+    from fleet.telemetry_fast import summary_json
+    from fleet.telemetry_view import telemetry_summary
+
+    for doc in (BASE, dict(BASE, engine={"név": "é", "n": 1e16}, bundle=None)):
+        s = telemetry_summary(parse_telemetry(json.dumps(doc).encode(), max_bytes=1 << 20))
+        text = summary_json(s)
+        assert json.loads(text) == json.loads(json.dumps(s)) and list(json.loads(text)) == sorted(s)
