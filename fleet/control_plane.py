@@ -217,6 +217,8 @@ class ControlPlane:
             "command_send_failures": self.runner.send_failures,
             # Commands not published because the lease may have expired meanwhile (sent again later).
             "commands_held_back": self.runner.held_back,
+            # Deploys still queued when their rollout stopped, not published.
+            "deploys_dropped_stopped": self.runner.stale_dropped,
             "registry_schema": self.registry.schema_version(),
         }
 

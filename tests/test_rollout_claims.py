@@ -250,3 +250,21 @@ def test_a_start_whose_first_save_fails_leaves_nothing_behind(pair, monkeypatch)
     assert a.registry.read("SELECT COUNT(*) AS n FROM rollout_leases")[0]["n"] == 0
     monkeypatch.setattr(a.registry, "save_rollout", real)
     assert b.start(DEVICES[:2])["state"] == "running"
+
+
+def test_deploys_still_queued_when_a_rollout_stops_are_not_published(pair):
+    """A wave's deploys wait in the sender's queue; the operator aborts (devices freed at once when no
+    rollback is asked for): none of the queued deploys may reach a device after that, since another
+    controller may already be deploying another rollout to it."""
+    a, _b = pair
+    a.runner._sender = True  # queue commands as the sender thread would find them; sent by hand below
+    rid = a.start(DEVICES[:4])["rollout_id"]
+    queued = []
+    while not a.runner._outbox.empty():
+        queued.append(a.runner._outbox.get_nowait())
+    assert len(queued) == 4 and a.sent == []
+    a.runner.abort(rid, rollback=False)
+    assert _claims(a) == {}
+    for item in queued:
+        a.runner._send(*item)
+    assert a.sent == [] and a.runner.stale_dropped == 4

@@ -104,6 +104,8 @@ class RolloutRunner(SharedRollouts):
         self.forwarded = 0
         #: Commands not published because the lease may have expired meanwhile (see `_hold_back`).
         self.held_back = 0
+        #: Deploys still queued when their rollout stopped, not published.
+        self.stale_dropped = 0
 
     def start_sender(self) -> None:
         """Send commands from a background thread from now on (otherwise they are sent inline)."""
@@ -126,9 +128,20 @@ class RolloutRunner(SharedRollouts):
             self._send(*item)
 
     def _send(self, rollout_id: str, device_id: str, args: CommandArgs) -> None:
-        if self.leases is not None and not self.leases.fresh(rollout_id):
-            self._hold_back(rollout_id, device_id, args)
-            return
+        # Checked and published under the lock: once a step that stops the rollout (and may free its
+        # devices for another rollout) has run, none of its deploys still queued here goes out.
+        with self._lock:
+            r = self._active.get(rollout_id)
+            if args.kind == "deploy" and (r is None or r.final):
+                self.stale_dropped += 1
+                log.info("rollout %s: queued deploy to %s dropped: the rollout has stopped", rollout_id, device_id)
+                return
+            if self.leases is not None and not self.leases.fresh(rollout_id):
+                self._hold_back(rollout_id, device_id, args)
+                return
+            self._publish(rollout_id, device_id, args)
+
+    def _publish(self, rollout_id: str, device_id: str, args: CommandArgs) -> None:
         try:
             self.send_command(device_id, args)
         except EdgeAgentError as e:
