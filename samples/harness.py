@@ -17,7 +17,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -133,9 +133,36 @@ def load_split(name: str, items: int = SPLIT_ITEMS) -> Tuple[np.ndarray, np.ndar
 
 def scene_truth(split: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """{file name: (boxes (M, 4) x1 y1 x2 y2 pixels, class ids (M,))} of a shapes split."""
-    doc = json.loads((SHAPES / split / "labels.json").read_text())
+    return folder_truth(SHAPES / split)
+
+
+def folder_truth(folder: Path) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """The ground truth of a scene folder's labels.json, as `scene_truth` returns it."""
+    doc = json.loads((Path(folder) / "labels.json").read_text())
     return {name: (np.array(v["boxes"], np.float32).reshape(-1, 4), np.array(v["classes"], np.int64))
             for name, v in doc["scenes"].items()}
+
+
+def write_scenes(folder: Path, n: int, seed: int, *, size: int = 128, quality: int = 90) -> List[str]:
+    """Render n shape scenes (`synth.shape_scene`, one seeded generator) into `folder` as
+    scene-NNN.jpg (JPEG `quality`) with their labels.json (boxes rounded to 0.01 px); earlier .jpg files
+    there are removed. Returns the file names in order. samples/shapes/train.py writes its splits so."""
+    import cv2
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.jpg"):
+        old.unlink()
+    rng = np.random.default_rng(seed)
+    labels = {}
+    for i in range(n):
+        img, b, c = synth.shape_scene(rng, size)
+        fname = "scene-%03d.jpg" % i
+        cv2.imwrite(str(folder / fname), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+        labels[fname] = {"boxes": np.round(b, 2).tolist(), "classes": c.tolist()}
+    (folder / "labels.json").write_text(json.dumps({"classes": list(synth.SHAPES), "scenes": labels}, indent=1)
+                                        + "\n")
+    return list(labels)
 
 
 def detection_counts(answers: Iterable[Tuple[str, Mapping[str, Any]]],
@@ -154,17 +181,20 @@ def detection_counts(answers: Iterable[Tuple[str, Mapping[str, Any]]],
     return tp, fp, fn
 
 
-def detection_gate_table(bundle_dir: Path, manifest: Any, split: str = "calib") -> Dict[str, Any]:
-    """Per scene of a shapes split: the gate score of the small detector (the service's
-    `detection_certainty`) and the matched-box counts of the small and the large detector's answers."""
+def detection_gate_table(bundle_dir: Path, manifest: Any, split: str = "calib",
+                         folder: Optional[Path] = None) -> Dict[str, Any]:
+    """Per scene of a shapes split (or of a scene `folder` with its labels.json): the gate score of the
+    small detector (the service's `detection_certainty`) and the matched-box counts of the small and the
+    large detector's answers."""
     import cv2
 
     from edge_agent.runtime.postprocess import Postprocessor, decode_yolo, nms_per_class
     from edge_agent.runtime.router import DETECTION_FLOOR_RATIO, detection_certainty
 
-    truth = scene_truth(split)
+    folder = Path(folder) if folder is not None else SHAPES / split
+    truth = folder_truth(folder)
     names = sorted(truth)
-    x = np.stack([cv2.imread(str(SHAPES / split / n), cv2.IMREAD_COLOR)[:, :, ::-1] for n in names])
+    x = np.stack([cv2.imread(str(folder / n), cv2.IMREAD_COLOR)[:, :, ::-1] for n in names])
     x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     models = ort_models(bundle_dir, manifest, batch=len(names))
     post = Postprocessor(manifest.postprocessing, ["detections"])

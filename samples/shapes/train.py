@@ -26,7 +26,6 @@ Usage (PyTorch in its own venv, see samples/digits96/train.py):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import harness  # noqa: E402
 import synth  # noqa: E402
 
 SEED = 20240607
@@ -305,27 +305,14 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def write_split(out: Path, name: str, n: int, seed: int):
-    """Render n scenes into out/name/*.jpg with labels.json; returns (images as decoded, boxes, classes)."""
+    """Render n scenes into out/name/*.jpg with labels.json (`harness.write_scenes`); returns (images as
+    decoded, boxes, classes)."""
     import cv2
 
-    folder = out / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.jpg"):
-        old.unlink()
-    rng = np.random.default_rng(seed)
-    labels = {}
-    imgs, boxes, classes = [], [], []
-    for i in range(n):
-        img, b, c = synth.shape_scene(rng, SIZE)
-        fname = "scene-%03d.jpg" % i
-        cv2.imwrite(str(folder / fname), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        imgs.append(cv2.imread(str(folder / fname), cv2.IMREAD_COLOR)[:, :, ::-1])
-        boxes.append(b)
-        classes.append(c)
-        labels[fname] = {"boxes": np.round(b, 2).tolist(), "classes": c.tolist()}
-    (folder / "labels.json").write_text(json.dumps({"classes": list(synth.SHAPES), "scenes": labels}, indent=1)
-                                        + "\n")
-    return np.stack(imgs), boxes, classes
+    names = harness.write_scenes(out / name, n, seed, size=SIZE, quality=JPEG_QUALITY)
+    truth = harness.folder_truth(out / name)
+    imgs = [cv2.imread(str(out / name / f), cv2.IMREAD_COLOR)[:, :, ::-1] for f in names]
+    return np.stack(imgs), [truth[f][0] for f in names], [truth[f][1] for f in names]
 
 
 def main(argv=None) -> int:
