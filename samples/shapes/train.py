@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--scenes", type=int, default=4000, help="training scenes (default 4000)")
-    ap.add_argument("--epochs-small", type=int, default=8, help="passes over the training scenes (default 8)")
+    ap.add_argument("--epochs-small", type=int, default=10, help="passes over the training scenes (default 10)")
     ap.add_argument("--epochs-large", type=int, default=8, help="passes over the training scenes (default 8)")
     ap.add_argument("--skip-large", action="store_true", help="keep the large.onnx already in --out (training is "
                     "seeded and deterministic, so it is the one a full run writes) and train the small only")
