@@ -129,7 +129,11 @@ def test_identical_candidate_is_promoted_automatically_and_the_shadow_rollout_ad
     from fleet.cli import main
 
     devs = ["edge-a", "edge-b"]
-    ports = {d: start_agent(rig, d, "mirror_fraction = 0.5\nreport_interval_s = 1.0\n") for d in devs}
+    # The candidate is identical, so the verdict must come from agreement; the latency gate (tested in
+    # test_shadow_logic) gets a wide slack: on a shared CI machine a 2 s window's p99 of a sub-millisecond
+    # model spiked to 5.5 ms once (vs 0.9 ms active) and refused the twin.
+    ports = {d: start_agent(rig, d, "mirror_fraction = 0.5\nreport_interval_s = 1.0\nlatency_slack_ms = 50.0\n")
+             for d in devs}
     key = rig.release_key
     v1 = build_sample_bundle(tmp_path / "b", key, version=1)
     res = push(rig, v1, devs)
