@@ -178,7 +178,10 @@ class Campaign:
 
     # ------------------------------------------------------------------------------------ one trial
 
-    def trial(self, rng: random.Random, phase: Optional[str] = None) -> str:
+    def trial(self, rng: random.Random, phase: Optional[str] = None, *, immediate: bool = False) -> str:
+        """One deploy killed in `phase` (random when None) after a seeded delay; `immediate`: kill as soon
+        as the phase is reported (a phase of a few milliseconds, such as preparing an 8x8 model, is
+        usually over before a random delay ends)."""
         if self.proc is None:
             self.start_agent()
         if self.version == 0:
@@ -193,6 +196,8 @@ class Campaign:
         self.publish_bundle(v)
         phase = phase or rng.choice(PHASES)
         delay = rng.uniform(0, {"fetching": 0.4, "probation": 1.2, "timer": 3.0}.get(phase, 0.05))
+        if immediate and phase != "timer":
+            delay = 0.0
         w = self.watch
         with w._cond:
             mark = len(w.history)
@@ -257,10 +262,11 @@ def campaign(tmp_path_factory):
         c.close()
 
 
-def _run(campaign: Campaign, rng: random.Random, phases: List[Optional[str]]) -> None:
+def _run(campaign: Campaign, rng: random.Random, phases: List[Optional[str]], *, targeted: int = 0) -> None:
+    """Run a trial per entry; the first `targeted` ones kill as soon as their phase is reported."""
     for i, phase in enumerate(phases):
         try:
-            campaign.trial(rng, phase)
+            campaign.trial(rng, phase, immediate=i < targeted)
         except BaseException:
             print("crash campaign seed %d, trial %d; trials so far:\n  %s" % (SEED, i, "\n  ".join(campaign.log)))
             print("agent log tail:\n%s" % campaign.rig.logs(DEVICE))
@@ -272,7 +278,7 @@ def _run(campaign: Campaign, rng: random.Random, phases: List[Optional[str]]) ->
 def test_kill_9_during_fetch_prepare_and_probation_then_restart_converges(campaign):
     """Quick suite: one kill in the fetch, engine-preparation and probation phases each."""
     rng = random.Random(SEED)
-    _run(campaign, rng, ["fetching", "preparing", "probation"])
+    _run(campaign, rng, ["fetching", "preparing", "probation"], targeted=3)
 
 
 @pytest.mark.slow
@@ -282,11 +288,12 @@ def test_kill_9_at_random_moments_campaign(campaign):
     rng = random.Random(SEED + 1)
     phases: List[Optional[str]] = [PHASES[i % len(PHASES)] for i in range(len(PHASES))]  # each phase once
     phases += [None] * max(0, FULL_TRIALS - len(phases))  # the rest: random phase and delay
-    _run(campaign, rng, phases[:max(FULL_TRIALS, 1)])
+    _run(campaign, rng, phases[:max(FULL_TRIALS, 1)], targeted=len(PHASES))
     hits: Dict[str, int] = dict(campaign.hits)
     assert sum(hits.values()) >= FULL_TRIALS
     if FULL_TRIALS >= 20:
-        # Kills landed in every phase the campaign is about (short phases may be passed by the time the
-        # kill arrives; the seeded delays still hit each of them at least once).
+        # Kills landed in every phase the campaign is about. The first pass kills each phase as soon as it
+        # is reported (a short phase is usually over before a random delay ends: a loaded run once had no
+        # kill in `preparing` in 50 trials); the seeded random moments follow.
         assert {"fetching", "preparing", "probation"} <= set(hits), hits
         assert set(hits) & {"verifying", "self-testing", "activating"}, hits
