@@ -68,7 +68,7 @@ def build_unpacked(sample_dir: Path, work: Path) -> Tuple[Path, Any]:
 
 
 def count_flops(path: Path) -> int:
-    """Multiply-adds x 2 of every Conv and Gemm for ONE item, read from an ONNX graph (needs onnx)."""
+    """Multiply-adds x 2 of every Conv and Gemm/MatMul for ONE item, read from an ONNX graph (needs onnx)."""
     import onnx
     from onnx import shape_inference
 
@@ -81,7 +81,7 @@ def count_flops(path: Path) -> int:
     for node in m.graph.node:
         if node.op_type == "Conv":
             flops += 2 * int(np.prod(shapes[node.output[0]])) * int(np.prod(weights[node.input[1]][1:]))
-        elif node.op_type == "Gemm":
+        elif node.op_type in ("Gemm", "MatMul"):
             flops += 2 * int(np.prod(weights[node.input[1]]))
     return flops
 

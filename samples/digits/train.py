@@ -19,11 +19,15 @@ Needs numpy, scikit-learn and onnx (onnxruntime to check the export).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import count_flops
 
 SEED = 20240601
 HERE = Path(__file__).resolve().parent
@@ -332,28 +336,6 @@ def params_from_onnx(path: Path) -> Dict[str, np.ndarray]:
 
     m = onnx.load(str(path))
     return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-
-
-def count_flops(path: Path) -> int:
-    """Multiply-adds x 2 of every Conv and Gemm/MatMul for ONE input item, read from the ONNX graph."""
-    import onnx
-    from onnx import shape_inference
-
-    m = shape_inference.infer_shapes(onnx.load(str(path)))
-    shapes = {}
-    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
-        shapes[vi.name] = [d.dim_value if d.dim_value else 1 for d in vi.type.tensor_type.shape.dim]
-    weights = {t.name: list(t.dims) for t in m.graph.initializer}
-    flops = 0
-    for node in m.graph.node:
-        if node.op_type == "Conv":
-            o = shapes[node.output[0]]  # (1, O, Ho, Wo)
-            w = weights[node.input[1]]  # (O, C/g, kh, kw)
-            flops += 2 * int(np.prod(o)) * int(np.prod(w[1:]))
-        elif node.op_type in ("Gemm", "MatMul"):
-            w = weights[node.input[1]]
-            flops += 2 * int(np.prod(w))
-    return flops
 
 
 def check_onnx(path: Path, forward, params: Dict[str, np.ndarray], x: np.ndarray) -> float:
