@@ -149,7 +149,7 @@ def _wait_status(rig, capsys, rid, pred, *, timeout_s, what):
             last = None
         if last is not None and pred(last):
             return last
-        time.sleep(0.3)
+        time.sleep(0.2)
     raise AssertionError("timed out waiting for %s; last: %s" % (what, last and last["state"]))
 
 

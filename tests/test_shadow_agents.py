@@ -120,8 +120,20 @@ def telemetry_listener(rig: FleetRig):
     s = MqttSession(MqttConfig(host=rig.broker.host, port=rig.broker.port), client_id="tele-%d" % time.time())
     s.subscribe("edge/v1/devices/+/telemetry", lambda m: got.append(json.loads(m.payload)))
     s.start()
-    assert s.wait_connected(10)
+    assert s.wait_connected(10) and s.wait_subscribed(10)
     return s, got
+
+
+def _wait_until(pred, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.05)
+
+
+def _wait_telemetry_after(tele: List[dict], t: float) -> None:
+    """Until a telemetry message of a period ending after wall time `t` arrived (it counts the last requests)."""
+    _wait_until(lambda: any(m["ts"] > t for m in list(tele)), 15, "a telemetry period after the load")
 
 
 def test_identical_candidate_is_promoted_automatically_and_the_shadow_rollout_advances_its_waves(
@@ -231,9 +243,9 @@ def test_ab_split_serves_the_share_with_the_candidate_until_promoted(rig, tmp_pa
     sess, tele = telemetry_listener(rig)
     client = Client(port)
     client.start(threads=3)
-    time.sleep(4.0)
+    _wait_until(lambda: len(client.answers) >= 400, 60, "400 answers")
     client.stop()
-    time.sleep(1.5)  # one more telemetry period
+    _wait_telemetry_after(tele, time.time())
     sess.stop()
     n = len(client.answers)
     share = 100.0 * sum(a["bundle"]["version"] == 2 for a in client.answers) / n
@@ -243,10 +255,17 @@ def test_ab_split_serves_the_share_with_the_candidate_until_promoted(rig, tmp_pa
     act = sum(a["active"]["requests"] for a in arms)
     assert cand + act >= n and abs(100.0 * cand / (cand + act) - 30.0) <= 3.0
     assert rig.state(dev)["active"]["version"] == 1
-    capsys.readouterr()
-    assert main(["rollout", "status", rid, "--config", str(rig.fleet_toml)]) == 0
-    table = capsys.readouterr()[0]
-    assert "CAND SHARE" in table and "30%" in table, table
+    table = ""
+
+    def status_shows_the_share() -> bool:  # once the controller has ingested the arms' telemetry
+        nonlocal table
+        capsys.readouterr()
+        assert main(["rollout", "status", rid, "--config", str(rig.fleet_toml)]) == 0
+        table = capsys.readouterr()[0]
+        return "CAND SHARE" in table
+
+    _wait_until(status_shows_the_share, 20, "the candidate's share in rollout status")
+    assert "30%" in table, table
     assert main(["rollout", "promote", rid, "--config", str(rig.fleet_toml)]) == 0
     rig.watcher.wait_for(lambda: rig.watcher.find(dev, "promoted"), 30, "promoted")
     assert rig.watcher.find(dev, "promoted")[0]["rollout_id"] == rid
@@ -269,9 +288,11 @@ def test_shadow_traffic_is_shed_first_under_overload(rig, tmp_path):
     sess, tele = telemetry_listener(rig)
     client = Client(port)
     client.start(threads=8)
-    time.sleep(4.0)
+    # Load until the live traffic is well past the assertion below and telemetry shows shedding.
+    _wait_until(lambda: client.codes.get(200, 0) > 400 and any(
+        (t.get("shadow") or {}).get("dropped", 0) for t in list(tele)), 60, "live answers and dropped mirrors")
     client.stop()
-    time.sleep(1.5)
+    _wait_telemetry_after(tele, time.time())
     sess.stop()
     shadow = [t for t in tele if t.get("shadow")]
     dropped = sum(t["shadow"]["dropped"] for t in shadow)

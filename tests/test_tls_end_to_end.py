@@ -187,7 +187,7 @@ def test_operator_follows_telemetry_with_the_fleet_cli_over_tls(broker, pki, tmp
             t = Telemetry(device_id=DEVICE, ts=time.time(), seq=1, period_s=1.0, uptime_s=5.0, requests=7)
             # 16 = "no matching subscribers": the CLI has not subscribed yet.
             assert dev.publish(topics.telemetry(P, DEVICE), t.to_json(), qos=1) in (0, 16)
-            time.sleep(0.3)
+            time.sleep(0.1)  # a retry pace while the CLI starts and subscribes, not a wait for it
         out, err = cli.communicate(timeout=10)
     finally:
         if cli.poll() is None:
