@@ -48,8 +48,8 @@ class Controller:
         self.registry.close()
 
 
-@pytest.fixture
-def pair(target):
+def _online_pair(target):
+    """Two controllers on one registry in which every device of DEVICES is online."""
     reg = Registry(target)
     for d in DEVICES:
         reg.record_status({"device_id": d, "online": True, "ts": 1.0}, now=time.time())
@@ -58,6 +58,17 @@ def pair(target):
     yield a, b
     a.close()
     b.close()
+
+
+@pytest.fixture
+def pair(target):
+    yield from _online_pair(target)
+
+
+@pytest.fixture
+def pg_pair(pg_url):
+    """`pair` on PostgreSQL only (the tests of leases moving between controllers)."""
+    yield from _online_pair(pg_url)
 
 
 def _claims(ctl):
@@ -140,30 +151,23 @@ def test_a_rollout_that_succeeds_releases_its_devices(pair):
     assert b.start(DEVICES[:2])["state"] == "running"
 
 
-def test_claims_follow_the_rollout_when_another_controller_takes_its_lease(pg_url):
-    reg = Registry(pg_url)
-    for d in DEVICES[:4]:
-        reg.record_status({"device_id": d, "online": True, "ts": 1.0}, now=time.time())
-    a, b = Controller(pg_url, "ctl-a"), Controller(pg_url, "ctl-b")
-    try:
-        rid = a.start(DEVICES[:4])["rollout_id"]
-        # ctl-a dies: its lease runs out (moved into the past on the database's clock).
-        reg.write(lambda tx: tx.execute("UPDATE rollout_leases SET expires_at = expires_at - 3600"))
-        b.runner.tick()
-        assert b.runner.active_ids() == [rid] and b.runner.takeovers == 1
-        with pytest.raises(RolloutError, match="already in rollout %s" % rid):
-            b.start(DEVICES[3:4])
-        assert set(_claims(b)) == set(DEVICES[:4])
-        b.runner.abort(rid, rollback=False)
-        assert _claims(b) == {}
-        # The old owner comes back: it cannot start anything on a stale view, and its next step is fenced.
-        a.runner.tick()
-        assert a.runner.active_ids() == []
-        assert a.start(DEVICES[:1])["state"] == "running"
-    finally:
-        a.close()
-        b.close()
-        reg.close()
+def test_claims_follow_the_rollout_when_another_controller_takes_its_lease(pg_pair):
+    a, b = pg_pair
+    reg = b.registry
+    rid = a.start(DEVICES[:4])["rollout_id"]
+    # ctl-a dies: its lease runs out (moved into the past on the database's clock).
+    reg.write(lambda tx: tx.execute("UPDATE rollout_leases SET expires_at = expires_at - 3600"))
+    b.runner.tick()
+    assert b.runner.active_ids() == [rid] and b.runner.takeovers == 1
+    with pytest.raises(RolloutError, match="already in rollout %s" % rid):
+        b.start(DEVICES[3:4])
+    assert set(_claims(b)) == set(DEVICES[:4])
+    b.runner.abort(rid, rollback=False)
+    assert _claims(b) == {}
+    # The old owner comes back: it cannot start anything on a stale view, and its next step is fenced.
+    a.runner.tick()
+    assert a.runner.active_ids() == []
+    assert a.start(DEVICES[:1])["state"] == "running"
 
 
 def test_a_registry_upgraded_with_a_running_rollout_claims_its_devices(tmp_path, monkeypatch):
@@ -188,50 +192,36 @@ def test_a_registry_upgraded_with_a_running_rollout_claims_its_devices(tmp_path,
     reg.close()
 
 
-def test_an_operator_request_on_a_rollout_taken_over_meanwhile_is_an_error_not_a_false_success(pg_url):
-    reg = Registry(pg_url)
-    for d in DEVICES[:2]:
-        reg.record_status({"device_id": d, "online": True, "ts": 1.0}, now=time.time())
-    a, b = Controller(pg_url, "ctl-a"), Controller(pg_url, "ctl-b")
-    try:
-        rid = a.start(DEVICES[:2])["rollout_id"]
-        reg.write(lambda tx: tx.execute("UPDATE rollout_leases SET expires_at = expires_at - 3600"))
-        b.runner.tick()  # b takes it over; a has not noticed yet (no tick since)
-        with pytest.raises(RolloutError, match="taken over by another controller"):
-            a.runner.pause(rid)
-        assert reg.load_rollout(rid)["state"] == "running" and a.runner.active_ids() == []
-        assert b.runner.pause(rid)["state"] == "paused"
-    finally:
-        a.close()
-        b.close()
-        reg.close()
+def test_an_operator_request_on_a_rollout_taken_over_meanwhile_is_an_error_not_a_false_success(pg_pair):
+    a, b = pg_pair
+    reg = b.registry
+    rid = a.start(DEVICES[:2])["rollout_id"]
+    reg.write(lambda tx: tx.execute("UPDATE rollout_leases SET expires_at = expires_at - 3600"))
+    b.runner.tick()  # b takes it over; a has not noticed yet (no tick since)
+    with pytest.raises(RolloutError, match="taken over by another controller"):
+        a.runner.pause(rid)
+    assert reg.load_rollout(rid)["state"] == "running" and a.runner.active_ids() == []
+    assert b.runner.pause(rid)["state"] == "paused"
 
 
-def test_an_ab_rollout_keeps_its_devices_until_promoted_from_any_controller(target):
-    reg = Registry(target)
-    for d in DEVICES[:2]:
-        reg.record_status({"device_id": d, "online": True, "ts": 1.0}, now=time.time())
-    a, b = Controller(target, "ctl-a"), Controller(target, "ctl-b")
-    try:
-        rid = a.runner.start(bundle=BUNDLE, manifest_sha256="ab" * 32, manifest_size=100,
-                             wave_devices=[DEVICES[:2]], mode="ab", ab_split=20)["rollout_id"]
-        for i, d in enumerate(DEVICES[:2]):
-            a.runner.on_event(Event(device_id=d, ts=time.time(), seq=i, kind="shadow-started", message="split",
-                                    bundle=BUNDLE, rollout_id=rid))
-        assert reg.load_rollout(rid)["state"] == "succeeded" and a.runner.active_ids() == []
-        # Serving the split: nobody else may deploy to them until the candidate is promoted or dropped.
-        with pytest.raises(RolloutError, match="already in rollout %s" % rid):
-            b.start(DEVICES[:1])
-        b.runner.promote(rid)  # from the controller that did not drive it
-        assert sorted(d for d, kind, _ in b.sent if kind == "promote") == DEVICES[:2]
-        assert _claims(b) == {}
-        if reg.shared:
-            assert reg.read("SELECT owner FROM rollout_leases WHERE rollout_id = ?", (rid,))[0]["owner"] == "(settled)"
-        assert b.start(DEVICES[:1])["state"] == "running"
-    finally:
-        a.close()
-        b.close()
-        reg.close()
+def test_an_ab_rollout_keeps_its_devices_until_promoted_from_any_controller(pair):
+    a, b = pair
+    reg = b.registry
+    rid = a.runner.start(bundle=BUNDLE, manifest_sha256="ab" * 32, manifest_size=100,
+                         wave_devices=[DEVICES[:2]], mode="ab", ab_split=20)["rollout_id"]
+    for i, d in enumerate(DEVICES[:2]):
+        a.runner.on_event(Event(device_id=d, ts=time.time(), seq=i, kind="shadow-started", message="split",
+                                bundle=BUNDLE, rollout_id=rid))
+    assert reg.load_rollout(rid)["state"] == "succeeded" and a.runner.active_ids() == []
+    # Serving the split: nobody else may deploy to them until the candidate is promoted or dropped.
+    with pytest.raises(RolloutError, match="already in rollout %s" % rid):
+        b.start(DEVICES[:1])
+    b.runner.promote(rid)  # from the controller that did not drive it
+    assert sorted(d for d, kind, _ in b.sent if kind == "promote") == DEVICES[:2]
+    assert _claims(b) == {}
+    if reg.shared:
+        assert reg.read("SELECT owner FROM rollout_leases WHERE rollout_id = ?", (rid,))[0]["owner"] == "(settled)"
+    assert b.start(DEVICES[:1])["state"] == "running"
 
 
 def test_a_start_whose_first_save_fails_leaves_nothing_behind(pair, monkeypatch):
