@@ -10,19 +10,7 @@ from typing import Any, Dict, Optional
 from pydantic import ValidationError
 
 from edge_agent.protocol.messages import MessageError, Telemetry
-
-try:
-    from fleet.telemetry_fast import fast_telemetry, summary_json
-except ImportError:  # msgspec missing (an install from an older lock): pydantic decides every message
-    def fast_telemetry(payload: bytes) -> Any:  # type: ignore[misc]
-        """No shortcut without msgspec."""
-        return None
-
-    def summary_json(summary: Dict[str, Any]) -> str:  # type: ignore[misc]
-        """Compact JSON text, keys sorted."""
-        import json
-
-        return json.dumps(summary, separators=(",", ":"), sort_keys=True)
+from fleet.telemetry_fast import fast_telemetry
 
 
 @dataclass(frozen=True)
