@@ -41,7 +41,8 @@ from edge_agent.protocol import topics
 from edge_agent.protocol.messages import Event, MessageError, Status, Telemetry
 from fleet.ratelimit import KeyedRate
 from fleet.registry import BOOT_SLACK_S, Registry
-from fleet.telemetry_view import HealthPolicy, health_of, parse_telemetry, summary_json, telemetry_summary
+from fleet.telemetry_fast import summary_json
+from fleet.telemetry_view import HealthPolicy, health_of, parse_telemetry, telemetry_summary
 
 log = logging.getLogger(__name__)
 
